@@ -1,0 +1,145 @@
+"""The ``raysc`` command: one subcommand per library call. ``main(argv) -> int``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from . import __version__
+from .errors import RayscError
+
+log = logging.getLogger("raysc")
+
+EXIT_OK, EXIT_ERROR, EXIT_INTERRUPTED = 0, 2, 130
+
+
+def _cmd_synth(args: argparse.Namespace) -> int:
+    from .synth import DEV_METADATA, EVAL_METADATA, synthesize
+
+    s = synthesize(
+        args.out,
+        clips=args.clips,
+        eval_clips=args.eval_clips,
+        labelled_fraction=args.labelled_fraction,
+        sample_rate=args.sample_rate,
+        clip_seconds=args.clip_seconds,
+        cities=args.cities,
+        unseen_cities=args.unseen_cities,
+        session_size=args.session_size,
+        pretrain_clips=args.pretrain_clips,
+        seed=args.seed,
+        workers=args.workers,
+    )
+    print(
+        f"wrote {s.dev_clips} dev clips ({s.labelled} labelled, {s.dev_sessions} sessions, "
+        f"{len(s.dev_cities)} cities) and {s.eval_clips} eval clips ({s.eval_sessions} sessions, "
+        f"{len(s.unseen_cities)} unseen cities) to {s.out}\n"
+        f"  dev metadata:  {s.out / DEV_METADATA}\n  eval metadata: {s.out / EVAL_METADATA}"
+    )
+    return EXIT_OK
+
+
+def _cmd_prepare(args: argparse.Namespace) -> int:
+    from .prepare import prepare
+
+    result = prepare(
+        dev_meta=args.dev_meta,
+        eval_meta=args.eval_meta,
+        audio_dirs=args.audio,
+        out=args.out,
+        sample_rate=args.sample_rate,
+        clip_seconds=args.clip_seconds,
+        folds=args.folds,
+        split=args.split,
+        seed=args.seed,
+        workers=args.workers,
+        tau=args.tau,
+        cochlscene=args.cochlscene,
+        label_map=args.label_map,
+        overwrite=args.overwrite,
+    )
+    counts = result.info["counts"]
+    spec = result.store.spec
+    print(
+        f"prepared {len(result.manifest)} clips in {result.out}: "
+        + ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
+        + f"\n  {result.info['sessions']} sessions, {args.folds} folds by {args.split}, "
+        f"{len(result.cities) - 1} dev cities; eval-only cities: {result.info['eval_cities_not_in_dev'] or 'none'}"
+        f"\n  feature store: {spec.count} x {spec.num_samples} int16 at {spec.sample_rate} Hz "
+        f"({spec.padded} padded, {spec.trimmed} trimmed, {spec.clipped} clipped)"
+    )
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="raysc",
+        description="City- and time-aware semi-supervised acoustic scene classification on Ray.",
+    )
+    parser.add_argument("--version", action="version", version=f"raysc {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("synth", help="write a synthetic dataset in the challenge's format")
+    p.add_argument("out", type=Path, help="output folder")
+    p.add_argument("--clips", type=int, default=2000, help="development clips (default 2000)")
+    p.add_argument("--eval-clips", type=int, default=400, help="evaluation clips (default 400)")
+    p.add_argument("--labelled-fraction", type=float, default=0.2, help="labelled share of dev clips (default 0.2)")
+    p.add_argument("--sample-rate", type=int, default=16000, help="Hz (default 16000)")
+    p.add_argument("--clip-seconds", type=float, default=10.0, help="clip length (default 10)")
+    p.add_argument("--cities", type=int, default=8, help="dev cities (default 8)")
+    p.add_argument("--unseen-cities", type=int, default=3, help="eval-only cities (default 3)")
+    p.add_argument("--session-size", type=int, default=8, help="mean clips per recording session (default 8)")
+    p.add_argument("--pretrain-clips", type=int, default=0, help="also write N TAU- and N CochlScene-format clips")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=1, help="processes rendering audio (default 1)")
+    p.set_defaults(func=_cmd_synth)
+
+    p = sub.add_parser("prepare", help="challenge metadata + audio -> manifest + feature store")
+    p.add_argument("--dev-meta", type=Path, required=True, help="development metadata CSV")
+    p.add_argument("--eval-meta", type=Path, required=True, help="evaluation metadata CSV")
+    p.add_argument("--audio", type=Path, action="append", required=True, help="audio folder (repeatable)")
+    p.add_argument("--out", type=Path, required=True, help="data folder to write")
+    p.add_argument("--sample-rate", type=int, default=44100, help="target rate in Hz (default 44100)")
+    p.add_argument("--clip-seconds", type=float, default=10.0, help="pad or trim to this length (default 10)")
+    p.add_argument("--folds", type=int, default=5, help="validation folds (default 5)")
+    p.add_argument(
+        "--split",
+        choices=["session", "city"],
+        default="session",
+        help="group folds by recording session (default) or hold out whole cities",
+    )
+    p.add_argument("--seed", type=int, default=0, help="fold assignment seed")
+    p.add_argument("--workers", type=int, default=None, help="decoding processes (default: all cores)")
+    p.add_argument("--tau", type=Path, help="TAU Urban Acoustic Scenes 2020 Mobile folder (pretraining)")
+    p.add_argument("--cochlscene", type=Path, help="CochlScene folder (pretraining)")
+    p.add_argument("--label-map", type=Path, help="YAML mapping of pretraining labels (default: ALPS table)")
+    p.add_argument("--overwrite", action="store_true", help="replace a data folder prepared from other inputs")
+    p.set_defaults(func=_cmd_prepare)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
+    try:
+        return args.func(args)
+    except RayscError as exc:
+        log.error("%s", exc)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        log.error("interrupted")
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,161 @@
+"""``raysc prepare``: challenge metadata + audio folders -> a data folder (Manifest + FeatureStore).
+
+Everything is validated before anything is decoded, and every problem is reported at once.
+The manifest is written last, so a data folder with a ``manifest.csv`` is a finished one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from . import __version__
+from .audio import FeatureStore, build_store, check_audio_header, index_audio
+from .data import CLASSES, SourceRows, SplitMode, build_manifest, parse_metadata
+from .errors import DataError, RayscError
+from .fileio import write_csv, write_json
+from .pretraining import load_label_map, read_cochlscene, read_tau
+
+log = logging.getLogger(__name__)
+
+MAX_EXTRA_LISTED = 5
+
+
+@dataclass(frozen=True)
+class PreparedData:
+    out: Path
+    manifest: pd.DataFrame
+    store: FeatureStore
+    cities: list[str]
+    info: dict
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def prepare(
+    *,
+    dev_meta: str | Path,
+    eval_meta: str | Path,
+    audio_dirs: list[str | Path],
+    out: str | Path,
+    sample_rate: int = 44100,
+    clip_seconds: float = 10.0,
+    folds: int = 5,
+    split: SplitMode = "session",
+    seed: int = 0,
+    workers: int | None = None,
+    tau: str | Path | None = None,
+    cochlscene: str | Path | None = None,
+    label_map: str | Path | None = None,
+    overwrite: bool = False,
+) -> PreparedData:
+    """Validate the inputs, then write ``out/manifest.csv``, ``out/dataset.json`` and ``out/store``."""
+    out = Path(out)
+    workers = workers or os.cpu_count() or 1
+    if sample_rate < 1000 or clip_seconds <= 0:
+        raise RayscError(f"sample rate must be >= 1000 Hz and clip length > 0 s (got {sample_rate}, {clip_seconds})")
+    dev_meta, eval_meta = Path(dev_meta), Path(eval_meta)
+
+    # 1. Metadata, audio index, pretraining sources: collect every problem before deciding.
+    dev, problems = parse_metadata(dev_meta, subset="dev")
+    ev, eval_problems = parse_metadata(eval_meta, subset="eval")
+    problems += eval_problems
+    dev_lines = dict(zip(dev["filename"], dev["line"], strict=True))
+    problems += [
+        f"{eval_meta}:{line}: filename {name!r} is also in {dev_meta} (line {dev_lines[name]})"
+        for name, line in zip(ev["filename"], ev["line"], strict=True)
+        if name in dev_lines
+    ]
+    audio, audio_problems = index_audio(audio_dirs)
+    problems += audio_problems
+    for meta, rows in ((dev_meta, dev), (eval_meta, ev)):
+        problems += [
+            f"{meta}:{line}: no audio file {name}.wav under {', '.join(map(str, audio_dirs))}"
+            for name, line in zip(rows["filename"], rows["line"], strict=True)
+            if name not in audio
+        ]
+    extra = sorted(set(audio) - set(dev["filename"]) - set(ev["filename"]))
+    if extra:
+        log.warning(
+            "%d audio file(s) have no metadata row and are ignored, e.g. %s",
+            len(extra),
+            [str(audio[n]) for n in extra[:MAX_EXTRA_LISTED]],
+        )
+
+    pretrain, dropped = None, Counter()
+    if tau or cochlscene:
+        mapping = load_label_map(label_map)
+        parts = []
+        for root, reader, key in ((tau, read_tau, "tau"), (cochlscene, read_cochlscene, "cochlscene")):
+            if root:
+                res = reader(root, mapping[key])
+                problems += res.problems
+                dropped.update({f"{key}:{k}": v for k, v in res.dropped.items()})
+                parts.append(res.rows)
+        pretrain = pd.concat(parts, ignore_index=True)
+        if dropped:
+            log.info("pretraining clips dropped (label not in the mapping): %s", dict(dropped))
+
+    # 2. Audio headers: catches corrupt and empty files before hours of decoding.
+    paths = [audio[n] for n in (*dev["filename"], *ev["filename"]) if n in audio]
+    if pretrain is not None:
+        paths += list(pretrain["audio_path"])
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        problems += [p for p in pool.map(check_audio_header, paths) if p]
+    if problems:
+        raise DataError(problems, what="the inputs (nothing was written)")
+
+    # 3. Manifest and store.
+    if pretrain is not None:
+        audio = {**audio, **dict(zip(pretrain["filename"], pretrain["audio_path"], strict=True))}
+    src = SourceRows(dev=dev, eval=ev, audio_paths=audio, pretrain=pretrain)
+    manifest, cities = build_manifest(src, n_folds=folds, split=split, seed=seed)
+    num_samples = round(sample_rate * clip_seconds)
+    files = list(zip(manifest["filename"], map(Path, manifest["audio_path"]), strict=True))
+    inputs = {
+        "dev_meta_sha256": _sha256(dev_meta),
+        "eval_meta_sha256": _sha256(eval_meta),
+        "folds": folds,
+        "split": split,
+        "seed": seed,
+        "sample_rate": sample_rate,
+        "num_samples": num_samples,
+        "pretrain": sorted(str(p) for p in (tau, cochlscene) if p),
+    }
+    info_path = out / "dataset.json"
+    if info_path.is_file() and not overwrite:
+        previous = json.loads(info_path.read_text()).get("inputs")
+        if previous != inputs:
+            raise RayscError(
+                f"{out} holds data prepared from other inputs or options; choose another --out or pass --overwrite"
+            )
+    store = build_store(out / "store", files, sample_rate=sample_rate, num_samples=num_samples, workers=workers)
+
+    unseen = sorted(set(ev["city"]) - set(cities))
+    labelled = manifest[manifest["subset"] == "labelled"]
+    info = {
+        "raysc_version": __version__,
+        "inputs": inputs,
+        "classes": list(CLASSES),
+        "cities": cities,
+        "eval_cities_not_in_dev": unseen,
+        "counts": manifest["subset"].value_counts().to_dict(),
+        "labelled_per_class": {c: int((labelled["label"] == c).sum()) for c in CLASSES},
+        "sessions": int(manifest.loc[manifest["subset"] != "pretrain", "session"].nunique()),
+        "audio_without_metadata": len(extra),
+        "pretrain_dropped": dict(dropped),
+        "store": asdict(store.spec),
+    }
+    write_json(info_path, info)
+    write_csv(out / "manifest.csv", manifest)
+    return PreparedData(out=out, manifest=manifest, store=store, cities=cities, info=info)
