@@ -186,14 +186,14 @@ def time_features(record_times: pd.Series) -> pd.DataFrame:
     days_in_year = np.where(t.dt.is_leap_year, 366, 365)
     angles = {
         "tod": 2 * math.pi * seconds / 86400,
-        "dow": 2 * math.pi * t.dt.weekday / 7,
-        "doy": 2 * math.pi * (t.dt.dayofyear - 1) / days_in_year,
+        "dow": 2 * math.pi * t.dt.day_of_week / 7,
+        "doy": 2 * math.pi * (t.dt.day_of_year - 1) / days_in_year,
     }
     out = pd.DataFrame(index=record_times.index)
     for name, angle in angles.items():
         out[f"{name}_sin"] = np.sin(angle.astype(float))
         out[f"{name}_cos"] = np.cos(angle.astype(float))
-    out["weekend"] = (t.dt.weekday >= 5).astype(float)
+    out["weekend"] = (t.dt.day_of_week >= 5).astype(float)
     return out.fillna(0.0).astype(np.float32)[list(TIME_FEATURES)]
 
 

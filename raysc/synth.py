@@ -59,45 +59,31 @@ class Scene:
 _ABSENT = -math.inf
 SCENES: dict[str, Scene] = {
     "Bus": Scene(
-        {"bed": 0, "hum": -2, "passby": -8, "babble": -12, "chimes": -14}, -4.5, (80, 140), (8, 18), 0.25, 0.7, -20
+        {"bed": 0, "hum": -2, "passby": -8, "babble": -12, "chimes": -14}, -4.5, (80, 140), (8, 18), 0.1, 0.6, -20
     ),
     "Airport": Scene(
-        {"bed": -2, "hum": -12, "babble": -5, "chimes": -9, "passby": -14}, -2.5, (180, 400), (9, 16), 0.5, 1.0, -24
+        {"bed": -2, "hum": -12, "babble": -5, "chimes": -9, "passby": -14}, -2.5, (180, 400), (7, 14), 0.3, 1.0, -24
     ),
     "Metro": Scene(
-        {"bed": 0, "hum": -4, "chirps": -14, "chimes": -10, "babble": -10}, -4.0, (45, 75), (8, 18), 0.3, 0.6, -21
+        {"bed": 0, "hum": -4, "chirps": -14, "chimes": -10, "babble": -10}, -4.0, (45, 75), (8, 18), 0.1, 0.4, -21
     ),
     "Restaurant": Scene(
-        {"bed": -6, "babble": 0, "impulses": -8, "music": -14}, -2.0, (100, 200), (12, 19), 0.15, 1.2, -23
+        {"bed": -6, "babble": 0, "impulses": -8, "music": -14}, -2.0, (100, 200), (12.5, 19), 0.03, 1.2, -23
     ),
     "Shopping mall": Scene(
-        {"bed": -4, "babble": -3, "music": -8, "chimes": -16, "impulses": -16},
-        -2.5,
-        (120, 300),
-        (15, 20),
-        0.2,
-        1.6,
-        -25,
+        {"bed": -4, "babble": -3, "music": -8, "chimes": -16, "impulses": -16}, -2.5, (120, 300), (15,), 0.05, 2.5, -25
     ),
     "Public square": Scene(
-        {"bed": -3, "babble": -6, "chirps": -12, "passby": -10, "impulses": -14},
-        -3.0,
-        (60, 150),
-        (10, 20),
-        0.25,
-        1.4,
-        -26,
+        {"bed": -3, "babble": -6, "chirps": -12, "passby": -10, "impulses": -14}, -3.0, (60, 150), (20,), 0.05, 1.5, -26
     ),
-    "Urban park": Scene(
-        {"bed": -4, "chirps": -3, "babble": -12, "passby": -14}, -1.0, (60, 150), (8, 17), 0.2, 1.8, -29
-    ),
+    "Urban park": Scene({"bed": -4, "chirps": -3, "babble": -12, "passby": -14}, -1.0, (60, 150), (7,), 0.05, 3.0, -29),
     "Traffic street": Scene(
-        {"bed": -2, "passby": 0, "hum": -9, "chimes": -17}, -3.5, (70, 160), (8, 18), 0.3, 0.8, -19
+        {"bed": -2, "passby": 0, "hum": -9, "chimes": -17}, -3.5, (70, 160), (8, 17.5), 0.1, 0.7, -19
     ),
     "Construction site": Scene(
-        {"bed": -4, "impulses": 0, "hum": -4, "passby": -12}, -2.5, (90, 300), (10, 15), 0.05, 0.25, -18
+        {"bed": -4, "impulses": 0, "hum": -4, "passby": -12}, -2.5, (90, 300), (11,), 0.01, 0.1, -18
     ),
-    "Bar": Scene({"bed": -6, "music": 0, "babble": -4, "impulses": -12}, -3.0, (50, 120), (22,), 0.1, 1.6, -22),
+    "Bar": Scene({"bed": -6, "music": 0, "babble": -4, "impulses": -12}, -3.0, (50, 120), (23,), 0.01, 2.0, -22),
 }
 assert tuple(SCENES) == CLASSES
 
@@ -106,7 +92,8 @@ SESSION_LEVEL_DB = 6.0
 CLIP_LEVEL_DB = 2.0
 CITY_LEVEL_DB = 4.0
 CITY_EQ_DB = 6.0
-CITY_SCENE_PRIOR = 1.0  # Dirichlet concentration of a city's scene prior (lower = more peaked)
+ACTIVITY_HOURS = 2.0  # width of a scene's busy-hour bump
+CITY_SCENE_PRIOR = 0.35  # Dirichlet concentration of a city's scene prior (lower = more peaked)
 
 
 @dataclass(frozen=True)
@@ -134,7 +121,7 @@ def _make_city(name: str, rng: np.random.Generator, weight: float) -> City:
 
 def activity(scene: Scene, hour: float) -> float:
     """How busy a scene is at this hour, in [floor, 1]: circular bumps around its peak hours."""
-    bumps = [math.exp(-(((hour - p + 12) % 24 - 12) ** 2) / (2 * 2.5**2)) for p in scene.peaks]
+    bumps = [math.exp(-(((hour - p + 12) % 24 - 12) ** 2) / (2 * ACTIVITY_HOURS**2)) for p in scene.peaks]
     return scene.floor + (1 - scene.floor) * max(bumps)
 
 

@@ -1,0 +1,45 @@
+"""Shared helpers for benchmark scripts: where results go and how they are written."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from raysc import __version__
+from raysc.fileio import write_json, write_text
+
+RESULTS = Path(__file__).resolve().parent.parent / "results" / "bench"
+
+
+def machine() -> dict[str, Any]:
+    return {
+        "cpus": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "raysc": __version__,
+    }
+
+
+def write_results(name: str, result: dict[str, Any], markdown: str) -> Path:
+    """Write results/bench/<name>.json and .md; return the JSON path."""
+    path = RESULTS / f"{name}.json"
+    write_json(path, {**result, "machine": machine()})
+    write_text(RESULTS / f"{name}.md", markdown)
+    return path
+
+
+def md_table(header: list[str], rows: list[list[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def dumps(obj: Any) -> str:
+    return json.dumps(obj, indent=2, sort_keys=True)

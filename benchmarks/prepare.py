@@ -1,0 +1,114 @@
+"""Throughput of `raysc prepare` against the floor of decoding + resampling the same files.
+
+Synthesises clips at 48 kHz, then measures side by side on the same cores:
+- floor, 1 process: read + downmix + resample to 44.1 kHz in a bare loop, nothing written;
+- floor, N processes: the same loop split over N processes (what `prepare` could at best do);
+- `raysc prepare --workers N`: validation, audio header checks, folds, decoding into the
+  memory-mapped FeatureStore, hashing, manifest.
+
+    python benchmarks/prepare.py               # 200 clips of 10 s
+    python benchmarks/prepare.py --smoke-test
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+from raysc.audio import Decoder
+from raysc.prepare import prepare
+from raysc.synth import DEV_METADATA, EVAL_METADATA, synthesize
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import md_table, write_results  # noqa: E402
+
+TARGET_RATE = 44100
+
+
+def _decode_all(paths: list[str], num_samples: int) -> int:
+    import torch
+
+    torch.set_num_threads(1)
+    decode = Decoder(TARGET_RATE, num_samples)
+    for p in paths:
+        decode(p)
+    return len(paths)
+
+
+def floor(paths: list[str], num_samples: int, workers: int) -> float:
+    t = time.perf_counter()
+    if workers == 1:
+        _decode_all(paths, num_samples)
+    else:
+        parts = [paths[i::workers] for i in range(workers)]
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            list(pool.map(_decode_all, parts, [num_samples] * workers))
+    return time.perf_counter() - t
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--clips", type=int, default=200)
+    parser.add_argument("--clip-seconds", type=float, default=10.0)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--smoke-test", action="store_true")
+    args = parser.parse_args(argv)
+    if args.smoke_test:
+        args.clips, args.clip_seconds = 30, 1.0
+    eval_clips = max(1, args.clips // 5)
+    with tempfile.TemporaryDirectory() as tmp:
+        raw = Path(tmp) / "raw"
+        synthesize(raw, clips=args.clips, eval_clips=eval_clips, sample_rate=48000, clip_seconds=args.clip_seconds,
+                   workers=args.workers, seed=0)
+        paths = sorted(str(p) for p in (raw / "audio").rglob("*.wav"))
+        num_samples = round(TARGET_RATE * args.clip_seconds)
+        # Warm the page cache so every measurement reads from memory, as a rerun would.
+        for p in paths:
+            Path(p).read_bytes()
+        t_floor1 = floor(paths, num_samples, 1)
+        t_floorn = floor(paths, num_samples, args.workers)
+        t = time.perf_counter()
+        prepare(dev_meta=raw / DEV_METADATA, eval_meta=raw / EVAL_METADATA, audio_dirs=[raw / "audio"],
+                out=Path(tmp) / "data", sample_rate=TARGET_RATE, clip_seconds=args.clip_seconds, workers=args.workers)
+        t_prepare = time.perf_counter() - t
+        t = time.perf_counter()
+        prepare(dev_meta=raw / DEV_METADATA, eval_meta=raw / EVAL_METADATA, audio_dirs=[raw / "audio"],
+                out=Path(tmp) / "data", sample_rate=TARGET_RATE, clip_seconds=args.clip_seconds, workers=args.workers)
+        t_rerun = time.perf_counter() - t
+    n = len(paths)
+    result = {
+        "clips": n,
+        "clip_seconds": args.clip_seconds,
+        "source_rate": 48000,
+        "target_rate": TARGET_RATE,
+        "workers": args.workers,
+        "seconds": {"floor_1": t_floor1, f"floor_{args.workers}": t_floorn, "prepare": t_prepare, "rerun": t_rerun},
+        "clips_per_s": {"floor_1": n / t_floor1, f"floor_{args.workers}": n / t_floorn, "prepare": n / t_prepare},
+        "prepare_over_floor": t_prepare / t_floorn,
+    }
+    cmd = "python benchmarks/prepare.py" + (" --smoke-test" if args.smoke_test else "")
+    rows = [
+        ["bare decode + resample, 1 process", f"{t_floor1:.1f}", f"{n / t_floor1:.1f}", ""],
+        [f"bare decode + resample, {args.workers} processes", f"{t_floorn:.1f}", f"{n / t_floorn:.1f}", "1.00"],
+        [f"raysc prepare --workers {args.workers}", f"{t_prepare:.1f}", f"{n / t_prepare:.1f}",
+         f"{t_prepare / t_floorn:.2f}"],
+        ["raysc prepare again (same inputs: store reused)", f"{t_rerun:.1f}", "", ""],
+    ]
+    md = (
+        f"# `raysc prepare` throughput\n\n`{cmd}`: {n} clips of {args.clip_seconds:g} s, 48 kHz mono WAV -> "
+        f"{TARGET_RATE} Hz, measured in one run on this machine.\n\n"
+        + md_table(["what", "seconds", "clips/s", "time / floor"], rows)
+    )
+    path = write_results("prepare" + ("_smoke" if args.smoke_test else ""), result, md)
+    print(md)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

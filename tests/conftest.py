@@ -1,0 +1,93 @@
+"""Shared fixtures: a tiny synthetic dataset in the challenge format, and helpers to write
+hand-made metadata and audio for error cases."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from raysc.prepare import PreparedData, prepare
+from raysc.synth import DEV_METADATA, EVAL_METADATA, SynthSummary, synthesize
+
+SR = 8000
+
+
+@pytest.fixture(scope="session")
+def synth_dir(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, SynthSummary]:
+    out = tmp_path_factory.mktemp("synth")
+    summary = synthesize(
+        out,
+        clips=200,
+        eval_clips=60,
+        sample_rate=SR,
+        clip_seconds=1.0,
+        cities=4,
+        unseen_cities=2,
+        session_size=4,
+        pretrain_clips=12,
+        seed=0,
+    )
+    return out, summary
+
+
+@pytest.fixture(scope="session")
+def prepared(synth_dir, tmp_path_factory: pytest.TempPathFactory) -> PreparedData:
+    raw, _ = synth_dir
+    return prepare(
+        dev_meta=raw / DEV_METADATA,
+        eval_meta=raw / EVAL_METADATA,
+        audio_dirs=[raw / "audio"],
+        out=tmp_path_factory.mktemp("data"),
+        sample_rate=SR,
+        clip_seconds=1.0,
+        folds=3,
+        workers=1,
+    )
+
+
+def write_metadata(
+    path: Path, rows: Sequence[str], *, header: str = "filename,location,record_time,scene_label", bom: bool = True
+) -> Path:
+    """Write a metadata CSV the way the challenge does: UTF-8 with a BOM, one line per row."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(("\ufeff" if bom else "") + "\n".join([header, *rows]) + "\n", encoding="utf-8")
+    return path
+
+
+def write_wav(path: Path, seconds: float = 1.0, *, rate: int = SR, channels: int = 1, freq: float = 440.0) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    t = np.arange(int(seconds * rate)) / rate
+    wave = 0.5 * np.sin(2 * np.pi * freq * t)
+    sf.write(str(path), np.stack([wave] * channels, 1), rate, subtype="PCM_16")
+    return path
+
+
+@pytest.fixture
+def small_inputs(tmp_path: Path) -> dict:
+    """A valid hand-written dev/eval pair with audio: 6 dev clips in 3 sessions, 2 eval clips."""
+    dev_rows = [
+        "a1_1,Xi'an,2023-06-18 18:44:34,Airport",
+        "a2_1,Xi'an,2023-06-18 18:44:34,",
+        "b1_1,Jinan,2023-06-19 08:00:00,Bus",
+        "b2_1,Jinan,2023-06-19 08:00:00,Bus",
+        "c1_1,Hefei,2023-06-20 12:30:00,Metro",
+        "c2_1,Hefei,2023-06-20 12:30:00,",
+    ]
+    eval_rows = ["e1_1,Xi'an,2023-06-21 05:51:23,", "e2_1,Sanya,2023-06-22 10:00:00,"]
+    audio = tmp_path / "audio"
+    for row in dev_rows + eval_rows:
+        write_wav(audio / f"{row.split(',')[0]}.wav")
+    return {
+        "dev_meta": write_metadata(tmp_path / "dev.csv", dev_rows),
+        "eval_meta": write_metadata(tmp_path / "eval.csv", eval_rows),
+        "audio_dirs": [audio],
+        "out": tmp_path / "data",
+        "sample_rate": SR,
+        "clip_seconds": 1.0,
+        "folds": 2,
+        "workers": 1,
+    }

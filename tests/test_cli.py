@@ -1,0 +1,113 @@
+"""The `raysc` command line: version, help, synth -> prepare, errors as messages with exit 2."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from conftest import write_metadata
+
+from raysc import __version__
+from raysc.cli import main
+from raysc.data import read_manifest
+from raysc.synth import DEV_METADATA, EVAL_METADATA
+
+
+def test_version_and_help(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out.strip() == f"raysc {__version__}"
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert "synth" in out and "prepare" in out
+
+
+def test_console_script_is_installed():
+    out = subprocess.run([sys.executable, "-m", "raysc.cli", "--version"], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == f"raysc {__version__}"
+
+
+def test_synth_then_prepare(tmp_path, capsys):
+    raw, data = tmp_path / "raw", tmp_path / "data"
+    assert (
+        main(
+            [
+                "synth",
+                str(raw),
+                "--clips",
+                "40",
+                "--eval-clips",
+                "10",
+                "--sample-rate",
+                "8000",
+                "--clip-seconds",
+                "0.5",
+                "--cities",
+                "3",
+                "--unseen-cities",
+                "1",
+                "--session-size",
+                "3",
+            ]
+        )
+        == 0
+    )
+    assert "wrote 40 dev clips" in capsys.readouterr().out
+    rc = main(
+        [
+            "prepare",
+            "--dev-meta",
+            str(raw / DEV_METADATA),
+            "--eval-meta",
+            str(raw / EVAL_METADATA),
+            "--audio",
+            str(raw / "audio"),
+            "--out",
+            str(data),
+            "--sample-rate",
+            "8000",
+            "--clip-seconds",
+            "0.5",
+            "--folds",
+            "2",
+            "--workers",
+            "1",
+        ]
+    )
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "prepared 50 clips" in out and "2 folds by session" in out
+    assert len(read_manifest(data)) == 50
+
+
+def test_errors_are_messages_with_exit_code_2(tmp_path, caplog):
+    dev = write_metadata(tmp_path / "dev.csv", ["a_1,Jinan,2023-06-21 05:51:23,Bus"])
+    rc = main(
+        [
+            "prepare",
+            "--dev-meta",
+            str(dev),
+            "--eval-meta",
+            str(tmp_path / "missing.csv"),
+            "--audio",
+            str(tmp_path),
+            "--out",
+            str(tmp_path / "out"),
+        ]
+    )
+    assert rc == 2
+    text = caplog.text
+    assert f"{tmp_path / 'missing.csv'}: metadata file not found" in text
+    assert f"{dev}:2: no audio file a_1.wav" in text
+    assert "Traceback" not in text
+    assert main(["synth", str(tmp_path / "s"), "--clips", "3"]) == 2
+    assert "need at least 10 dev clips" in caplog.text
+
+
+def test_bad_arguments_exit_with_usage(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["prepare", "--dev-meta", "x"])
+    assert exit_.value.code == 2
+    assert "the following arguments are required" in capsys.readouterr().err

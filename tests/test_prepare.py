@@ -1,0 +1,172 @@
+"""`prepare`: validation before decoding, the data folder it writes, pretraining sources."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import SR, write_metadata, write_wav
+
+from raysc import audio
+from raysc.data import CLASSES, MANIFEST_COLUMNS, UNK_CITY, read_manifest
+from raysc.errors import ConfigError, DataError, RayscError
+from raysc.prepare import prepare
+from raysc.pretraining import load_label_map
+from raysc.synth import EVAL_LABELS
+
+
+def test_prepared_synthetic_data_is_complete_and_consistent(prepared, synth_dir):
+    raw, summary = synth_dir
+    m = read_manifest(prepared.out)
+    assert list(m.columns) == list(MANIFEST_COLUMNS)
+    assert len(m) == summary.dev_clips + summary.eval_clips
+    assert (m["subset"] == "labelled").sum() == summary.labelled
+    assert set(m.loc[m["subset"] == "eval", "fold"]) == {-1}
+    dev = m[m["subset"] != "eval"]
+    assert set(dev["fold"]) == {0, 1, 2}
+    assert (dev.groupby("session")["fold"].nunique() == 1).all()
+    # Eval-only cities get <unk>; every other city its own index.
+    unseen = m["city"].isin(summary.unseen_cities)
+    assert (m.loc[unseen, "city_idx"] == 0).all() and (m.loc[~unseen, "city_idx"] > 0).all()
+    info = json.loads((prepared.out / "dataset.json").read_text())
+    assert info["cities"][0] == UNK_CITY and sorted(info["eval_cities_not_in_dev"]) == sorted(summary.unseen_cities)
+    assert info["classes"] == list(CLASSES)
+    # The store holds every clip at the target rate; rows decode to the source audio.
+    store = prepared.store
+    assert len(store) == len(m) and store.spec.sample_rate == SR and store.spec.num_samples == SR
+    name, path = m.iloc[7][["filename", "audio_path"]]
+    expect, _ = audio.Decoder(SR, SR)(path)
+    assert np.allclose(store.load([name])[0], expect, atol=1 / 32768)
+    truth = pd.read_csv(raw / EVAL_LABELS)
+    assert set(truth["filename"]) == set(m.loc[m["subset"] == "eval", "filename"])
+
+
+def test_valid_small_inputs(small_inputs):
+    result = prepare(**small_inputs)
+    m = result.manifest.set_index("filename")
+    assert m.loc["e2_1", "city_idx"] == 0  # Sanya is eval-only
+    assert result.info["counts"] == {"labelled": 4, "unlabelled": 2, "eval": 2}
+    assert m.loc["a1_1", "fold"] == m.loc["a2_1", "fold"]
+
+
+def test_every_problem_is_reported_at_once_and_nothing_is_written(small_inputs, tmp_path):
+    write_metadata(
+        small_inputs["dev_meta"],
+        [
+            "a1_1,Xi'an,2023-06-18 18:44:34,Airport",
+            "a1_1,Xi'an,2023-06-18 18:44:34,Airport",
+            "b1_1,Jinan,2023-06-19 8:00:00,Bus",
+            "c1_1,Hefei,2023-06-20 12:30:00,Subway",
+            "zz_1,Hefei,2023-06-20 12:30:00,Metro",
+            "e1_1,Xi'an,2023-06-21 05:51:23,",
+        ],
+    )
+    (small_inputs["audio_dirs"][0] / "c2_1.wav").write_bytes(b"not a wav file")
+    write_metadata(small_inputs["eval_meta"], ["e1_1,Xi'an,2023-06-21 05:51:23,", "c2_1,Hefei,2023-06-21 05:51:23,"])
+    with pytest.raises(DataError) as err:
+        prepare(**small_inputs)
+    dev, ev = small_inputs["dev_meta"], small_inputs["eval_meta"]
+    problems = err.value.problems
+    assert f"{dev}:3: duplicate filename 'a1_1' (first on line 2)" in problems
+    assert f"{dev}:4: record_time '2023-06-19 8:00:00' is not in the format YYYY-MM-DD HH:MM:SS" in problems
+    assert any(p.startswith(f"{dev}:5: unknown scene_label 'Subway'") for p in problems)
+    assert f"{dev}:6: no audio file zz_1.wav under {small_inputs['audio_dirs'][0]}" in problems
+    assert f"{ev}:2: filename 'e1_1' is also in {dev} (line 7)" in problems
+    assert any(p.startswith(f"{small_inputs['audio_dirs'][0] / 'c2_1.wav'}: cannot be read as audio") for p in problems)
+    assert "nothing was written" in str(err.value)
+    assert not small_inputs["out"].exists()
+
+
+def test_audio_without_metadata_is_a_warning(small_inputs, caplog):
+    write_wav(small_inputs["audio_dirs"][0] / "stray_1.wav")
+    with caplog.at_level(logging.WARNING):
+        result = prepare(**small_inputs)
+    assert "stray_1" not in set(result.manifest["filename"])
+    assert result.info["audio_without_metadata"] == 1
+    assert any(
+        "1 audio file(s) have no metadata row" in r.getMessage() and "stray_1.wav" in r.getMessage()
+        for r in caplog.records
+    )
+
+
+def test_resampling_and_length_changes_are_counted(small_inputs):
+    write_wav(small_inputs["audio_dirs"][0] / "a1_1.wav", 0.5, rate=44100, channels=2)
+    write_wav(small_inputs["audio_dirs"][0] / "b1_1.wav", 2.0, rate=22050)
+    result = prepare(**small_inputs)
+    assert result.store.spec.padded == 1 and result.store.spec.trimmed == 1
+
+
+def test_rerun_reuses_and_other_inputs_need_overwrite(small_inputs):
+    first = prepare(**small_inputs)
+    again = prepare(**small_inputs)
+    assert again.store.spec == first.store.spec
+    assert again.manifest.equals(first.manifest)
+    with pytest.raises(
+        RayscError, match="prepared from other inputs or options; choose another --out or pass --overwrite"
+    ):
+        prepare(**{**small_inputs, "folds": 3})
+    assert read_manifest(small_inputs["out"])["fold"].max() == 1  # untouched
+    prepare(**{**small_inputs, "folds": 3, "overwrite": True})
+
+
+def test_bad_options_are_errors(small_inputs):
+    with pytest.raises(RayscError, match="sample rate must be >= 1000 Hz"):
+        prepare(**{**small_inputs, "sample_rate": 10})
+    with pytest.raises(DataError, match="unknown split 'clip'"):
+        prepare(**{**small_inputs, "split": "clip"})
+
+
+def test_city_held_out_split(small_inputs):
+    m = prepare(**{**small_inputs, "split": "city"}).manifest
+    dev = m[m["subset"] != "eval"]
+    assert (dev.groupby("city")["fold"].nunique() == 1).all()
+
+
+def test_pretraining_sources_are_mapped_and_unmapped_labels_counted(synth_dir, small_inputs):
+    raw, _ = synth_dir
+    result = prepare(**small_inputs, tau=raw / "pretrain" / "tau", cochlscene=raw / "pretrain" / "cochlscene")
+    pre = result.manifest[result.manifest["subset"] == "pretrain"]
+    # 12 TAU clips over 10 labels (2 unmapped: street_pedestrian, tram), 12 CochlScene clips
+    # over 13 scene folders (6 unmapped).
+    assert result.info["pretrain_dropped"] == {
+        "tau:street_pedestrian": 1,
+        "tau:tram": 1,
+        "cochlscene:Car": 1,
+        "cochlscene:CrowdedIndoor": 1,
+        "cochlscene:Elevator": 1,
+        "cochlscene:Kitchen": 1,
+        "cochlscene:ResidentialArea": 1,
+        "cochlscene:Restroom": 1,
+    }
+    assert len(pre) == 24 - 8
+    labels = dict(zip(pre["filename"], pre["label"], strict=True))
+    assert labels[next(f for f in labels if f.startswith("tau__metro_station-"))] == "Metro"
+    assert labels[next(f for f in labels if "__Cafe__" in f)] == "Bar"
+    assert (pre["city_idx"] == 0).all() and (pre["fold"] >= 0).all()
+    assert (pre[["tod_sin", "tod_cos", "weekend"]] == 0).all().all()
+    assert len(result.store) == len(result.manifest)
+
+
+def test_label_map_errors(tmp_path):
+    bad = tmp_path / "map.yaml"
+    bad.write_text("tau:\n  bus: Buss\nfreesound:\n  x: Bus\n")
+    with pytest.raises(ConfigError) as err:
+        load_label_map(bad)
+    assert "tau.bus: 'Buss' is not a challenge class" in str(err.value)
+    assert "unknown source 'freesound' (valid: tau, cochlscene)" in str(err.value)
+    bad.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="expected a mapping of sources"):
+        load_label_map(bad)
+    with pytest.raises(ConfigError, match="cannot read label mapping"):
+        load_label_map(tmp_path / "missing.yaml")
+    assert load_label_map()["tau"]["metro_station"] == "Metro"
+
+
+def test_missing_pretraining_folders_are_problems(small_inputs, tmp_path):
+    with pytest.raises(DataError) as err:
+        prepare(**small_inputs, tau=tmp_path / "no-tau", cochlscene=tmp_path / "no-cochl")
+    assert f"{tmp_path / 'no-tau' / 'meta.csv'}: TAU meta.csv not found" in err.value.problems
+    assert f"{tmp_path / 'no-cochl'}: CochlScene folder not found" in err.value.problems
