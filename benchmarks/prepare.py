@@ -14,18 +14,16 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing
-import sys
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+from common import md_table, write_results  # the script folder is on sys.path
+
 from raysc.audio import Decoder
 from raysc.prepare import prepare
 from raysc.synth import DEV_METADATA, EVAL_METADATA, synthesize
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import md_table, write_results  # noqa: E402
 
 TARGET_RATE = 44100
 
@@ -63,8 +61,15 @@ def main(argv: list[str] | None = None) -> int:
     eval_clips = max(1, args.clips // 5)
     with tempfile.TemporaryDirectory() as tmp:
         raw = Path(tmp) / "raw"
-        synthesize(raw, clips=args.clips, eval_clips=eval_clips, sample_rate=48000, clip_seconds=args.clip_seconds,
-                   workers=args.workers, seed=0)
+        synthesize(
+            raw,
+            clips=args.clips,
+            eval_clips=eval_clips,
+            sample_rate=48000,
+            clip_seconds=args.clip_seconds,
+            workers=args.workers,
+            seed=0,
+        )
         paths = sorted(str(p) for p in (raw / "audio").rglob("*.wav"))
         num_samples = round(TARGET_RATE * args.clip_seconds)
         # Warm the page cache so every measurement reads from memory, as a rerun would.
@@ -73,12 +78,26 @@ def main(argv: list[str] | None = None) -> int:
         t_floor1 = floor(paths, num_samples, 1)
         t_floorn = floor(paths, num_samples, args.workers)
         t = time.perf_counter()
-        prepare(dev_meta=raw / DEV_METADATA, eval_meta=raw / EVAL_METADATA, audio_dirs=[raw / "audio"],
-                out=Path(tmp) / "data", sample_rate=TARGET_RATE, clip_seconds=args.clip_seconds, workers=args.workers)
+        prepare(
+            dev_meta=raw / DEV_METADATA,
+            eval_meta=raw / EVAL_METADATA,
+            audio_dirs=[raw / "audio"],
+            out=Path(tmp) / "data",
+            sample_rate=TARGET_RATE,
+            clip_seconds=args.clip_seconds,
+            workers=args.workers,
+        )
         t_prepare = time.perf_counter() - t
         t = time.perf_counter()
-        prepare(dev_meta=raw / DEV_METADATA, eval_meta=raw / EVAL_METADATA, audio_dirs=[raw / "audio"],
-                out=Path(tmp) / "data", sample_rate=TARGET_RATE, clip_seconds=args.clip_seconds, workers=args.workers)
+        prepare(
+            dev_meta=raw / DEV_METADATA,
+            eval_meta=raw / EVAL_METADATA,
+            audio_dirs=[raw / "audio"],
+            out=Path(tmp) / "data",
+            sample_rate=TARGET_RATE,
+            clip_seconds=args.clip_seconds,
+            workers=args.workers,
+        )
         t_rerun = time.perf_counter() - t
     n = len(paths)
     result = {
@@ -95,8 +114,12 @@ def main(argv: list[str] | None = None) -> int:
     rows = [
         ["bare decode + resample, 1 process", f"{t_floor1:.1f}", f"{n / t_floor1:.1f}", ""],
         [f"bare decode + resample, {args.workers} processes", f"{t_floorn:.1f}", f"{n / t_floorn:.1f}", "1.00"],
-        [f"raysc prepare --workers {args.workers}", f"{t_prepare:.1f}", f"{n / t_prepare:.1f}",
-         f"{t_prepare / t_floorn:.2f}"],
+        [
+            f"raysc prepare --workers {args.workers}",
+            f"{t_prepare:.1f}",
+            f"{n / t_prepare:.1f}",
+            f"{t_prepare / t_floorn:.2f}",
+        ],
         ["raysc prepare again (same inputs: store reused)", f"{t_rerun:.1f}", "", ""],
     ]
     md = (

@@ -5,6 +5,8 @@ multinomial logistic regression on the labelled dev clips with
 - audio only: per-band mean and std of a 64-band log-mel spectrogram,
 - metadata only: one-hot city (``<unk>`` for eval-only cities) + the time features,
 - both,
+where the metadata models also train on a copy of every clip with its city replaced by
+``<unk>`` (city dropout, as raysc's models do), so eval-only cities get a trained fallback;
 and reports macro accuracy on the synthetic eval clips (overall, seen and unseen cities).
 
     python benchmarks/synth_difficulty.py            # 3 seeds, the `raysc synth` defaults
@@ -14,7 +16,6 @@ and reports macro accuracy on the synthetic eval clips (overall, seen and unseen
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -23,15 +24,13 @@ import numpy as np
 import pandas as pd
 import torch
 import torchaudio
+from common import md_table, write_results  # the script folder is on sys.path
 
 from raysc.audio import FeatureStore
 from raysc.data import CLASSES, TIME_FEATURES
 from raysc.metrics import macro_accuracy
 from raysc.prepare import prepare
 from raysc.synth import DEV_METADATA, EVAL_LABELS, EVAL_METADATA, synthesize
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import md_table, write_results  # noqa: E402
 
 
 def audio_features(store: FeatureStore, names: list[str]) -> np.ndarray:
@@ -56,7 +55,7 @@ def logistic_regression(x: np.ndarray, y: np.ndarray, x_test: np.ndarray, *, l2:
     mu, sd = x.mean(0), x.std(0) + 1e-6
     xt = torch.from_numpy((x - mu) / sd).float()
     xe = torch.from_numpy((x_test - mu) / sd).float()
-    yt = torch.as_tensor(y, dtype=torch.long)
+    yt = torch.from_numpy(np.array(y, dtype=np.int64))
     torch.manual_seed(0)
     lin = torch.nn.Linear(x.shape[1], len(CLASSES))
     opt = torch.optim.LBFGS(lin.parameters(), lr=0.5, max_iter=300, line_search_fn="strong_wolfe")
@@ -95,13 +94,18 @@ def run_seed(seed: int, work: Path, clips: int, eval_clips: int, clip_seconds: f
     a_tr, a_te = audio_features(data.store, list(train["filename"])), audio_features(data.store, list(test["filename"]))
     n_cities = len(data.cities)
     m_tr, m_te = meta_features(train, n_cities), meta_features(test, n_cities)
+    m_unk = meta_features(train.assign(city_idx=0), n_cities)
     out = {"seed": seed, "synth_s": round(t_synth, 1), "train_clips": len(train), "eval_clips": len(test)}
-    for name, (xtr, xte) in {
-        "audio": (a_tr, a_te),
-        "metadata": (m_tr, m_te),
-        "both": (np.concatenate([a_tr, m_tr], 1), np.concatenate([a_te, m_te], 1)),
+    for name, (xtr, ytr, xte) in {
+        "audio": (a_tr, y, a_te),
+        "metadata": (np.concatenate([m_tr, m_unk]), np.concatenate([y, y]), m_te),
+        "both": (
+            np.concatenate([np.concatenate([a_tr, m_tr], 1), np.concatenate([a_tr, m_unk], 1)]),
+            np.concatenate([y, y]),
+            np.concatenate([a_te, m_te], 1),
+        ),
     }.items():
-        pred = logistic_regression(xtr, y, xte)
+        pred = logistic_regression(xtr, ytr, xte)
         out[name] = macro_accuracy(y_test, pred, len(CLASSES))
         out[f"{name}_seen"] = macro_accuracy(y_test[~unseen], pred[~unseen], len(CLASSES))
         if unseen.any():

@@ -74,6 +74,28 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_models(args: argparse.Namespace) -> int:
+    from .models import list_models
+    from .models.summary import summarize
+
+    unknown = sorted(set(args.names) - set(list_models()))
+    if unknown:
+        raise RayscError(f"unknown backbone(s) {unknown} (valid: {', '.join(list_models())})")
+    rows = summarize(args.names or None, width=args.width, bench=args.bench, batch=args.batch)
+    header = f"{'backbone':<14}{'params':>12}{'MMACs/clip':>12}"
+    header += f"{'train clips/s':>15}" if args.bench else ""
+    print(header)
+    for r in rows:
+        line = f"{r.name:<14}{r.params:>12,}{r.macs / 1e6:>12,.0f}"
+        line += f"{r.train_clips_per_s:>15.2f}" if args.bench else ""
+        print(line)
+    print(
+        f"(width {args.width:g}; MACs of one forward pass on a 10 s clip, matmuls and convolutions only"
+        + (f"; training = forward + backward + SGD step, batch {args.batch}, on this machine)" if args.bench else ")")
+    )
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="raysc",
@@ -119,6 +141,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label-map", type=Path, help="YAML mapping of pretraining labels (default: ALPS table)")
     p.add_argument("--overwrite", action="store_true", help="replace a data folder prepared from other inputs")
     p.set_defaults(func=_cmd_prepare)
+
+    p = sub.add_parser("models", help="list the backbones with their size and cost")
+    p.add_argument("names", nargs="*", help="backbones to show (default: all)")
+    p.add_argument("--width", type=float, default=1.0, help="channel multiplier (default 1: the papers' sizes)")
+    p.add_argument("--bench", action="store_true", help="also measure training clips/s on this machine")
+    p.add_argument("--batch", type=int, default=8, help="batch size for --bench (default 8)")
+    p.set_defaults(func=_cmd_models)
     return parser
 
 

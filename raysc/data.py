@@ -260,6 +260,17 @@ def city_vocabulary(cities: Sequence[str]) -> list[str]:
     return [UNK_CITY, *sorted(set(cities) - {"", UNK_CITY})]
 
 
+def city_indices(cities: Sequence[str], vocabulary: Sequence[str]) -> tuple[np.ndarray, int]:
+    """Index of each city in ``vocabulary``; a city not in it gets 0 (``<unk>``), never another
+    city's index. Returns the indices and how many were unknown."""
+    index = {c: i for i, c in enumerate(vocabulary)}
+    out = np.fromiter((index.get(c, 0) for c in cities), dtype=np.int64, count=len(cities))
+    unknown = sum(c not in index for c in cities)
+    if unknown:
+        log.warning("%d clip(s) from cities outside the vocabulary map to %s", unknown, UNK_CITY)
+    return out, unknown
+
+
 def build_manifest(
     src: SourceRows, *, n_folds: int = 5, split: SplitMode = "session", seed: int = 0
 ) -> tuple[pd.DataFrame, list[str]]:
@@ -277,7 +288,7 @@ def build_manifest(
 
     vocab = city_vocabulary(dev["city"])
     index = {c: i for i, c in enumerate(vocab)}
-    m["city_idx"] = m["city"].map(index).fillna(0).astype(int)
+    m["city_idx"] = m["city"].map(index).fillna(0).astype(int)  # eval-only and pretraining: <unk>
     unseen = sorted(set(ev["city"]) - set(vocab))
     if unseen:
         log.info("%d eval city(ies) not in the development data map to %s: %s", len(unseen), UNK_CITY, unseen)

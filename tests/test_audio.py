@@ -177,6 +177,7 @@ def test_decode_errors_are_collected_across_files(tmp_path):
     assert not (tmp_path / "store").exists()
 
 
+@pytest.mark.slow
 def test_parallel_build_equals_serial_build(tmp_path):
     files = _files(tmp_path, 70)
     serial = build_store(tmp_path / "s", files, sample_rate=16000, num_samples=4000, workers=1)

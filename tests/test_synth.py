@@ -71,6 +71,7 @@ def test_same_seed_same_bytes_other_seed_other_data(tmp_path):
     assert all((a.out / w).read_bytes() == (b.out / w).read_bytes() for w in wavs)
 
 
+@pytest.mark.slow
 def test_workers_do_not_change_the_audio(tmp_path):
     kw = dict(clips=20, eval_clips=4, sample_rate=SR, clip_seconds=0.5, cities=2, unseen_cities=0, seed=1)
     a = synthesize(tmp_path / "a", workers=1, **kw)

@@ -1,0 +1,129 @@
+"""The front end: waveform -> log-mel spectrogram on the model's device, plus SpecAugment.
+
+Output layout is ``[B, 1, frames, mels]`` (time before frequency), as the official baseline feeds
+its network. SpecAugment runs only in training mode.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+import torchaudio
+from torch import nn
+
+
+@dataclass(frozen=True)
+class FrontendConfig:
+    """Log-mel settings. Defaults are the official baseline's (44.1 kHz, 64 Slaney mels)."""
+
+    sample_rate: int = 44100
+    n_fft: int = 2048
+    win_length: int = 1764  # 40 ms
+    hop_length: int = 882  # 20 ms
+    n_mels: int = 64
+    f_min: float = 50.0
+    f_max: float | None = 22050.0
+    power: float = 1.0  # 1 = magnitude (baseline), 2 = power (RM3)
+    mel_scale: str = "slaney"
+    mel_norm: str | None = "slaney"
+    log: str = "db"  # "db": 10*log10(max(x, 1e-10)) with a top_db floor; "eps": 10*log10(x + 1e-8)
+    top_db: float | None = 80.0
+    frames: int | None = 500  # keep the first N frames (None: all)
+    # SpecAugment: up to this many masks per clip, each up to this many bins/frames wide.
+    freq_masks: int = 0
+    freq_mask_width: int = 8
+    time_masks: int = 0
+    time_mask_width: int = 40
+
+    def num_frames(self, num_samples: int) -> int:
+        full = num_samples // self.hop_length + 1  # centred STFT
+        return min(full, self.frames) if self.frames else full
+
+
+FRONTENDS: dict[str, FrontendConfig] = {
+    "baseline": FrontendConfig(),
+    # RM3 (ICME 2024): 16 kHz, 128 HTK mels with Slaney norm on the power spectrogram.
+    "rm3": FrontendConfig(
+        sample_rate=16000,
+        n_fft=1024,
+        win_length=1024,
+        hop_length=512,
+        n_mels=128,
+        f_min=0.0,
+        f_max=8000.0,
+        power=2.0,
+        mel_scale="htk",
+        mel_norm="slaney",
+        log="eps",
+        top_db=None,
+        frames=None,
+    ),
+}
+
+
+def frontend_preset(name: str, **overrides) -> FrontendConfig:
+    if name not in FRONTENDS:
+        raise KeyError(f"unknown front end {name!r} (valid: {', '.join(FRONTENDS)})")
+    return replace(FRONTENDS[name], **overrides)
+
+
+class Frontend(nn.Module):
+    def __init__(self, cfg: FrontendConfig) -> None:
+        super().__init__()
+        if cfg.log not in ("db", "eps"):
+            raise ValueError(f"front end log must be 'db' or 'eps', got {cfg.log!r}")
+        self.cfg = cfg
+        self.mel = torchaudio.transforms.MelSpectrogram(
+            sample_rate=cfg.sample_rate,
+            n_fft=cfg.n_fft,
+            win_length=cfg.win_length,
+            hop_length=cfg.hop_length,
+            f_min=cfg.f_min,
+            f_max=cfg.f_max,
+            n_mels=cfg.n_mels,
+            power=cfg.power,
+            norm=cfg.mel_norm,
+            mel_scale=cfg.mel_scale,
+            center=True,
+            pad_mode="reflect",
+        )
+
+    def forward(self, wave: torch.Tensor) -> torch.Tensor:
+        """[B, samples] float waveform -> [B, 1, frames, mels] log-mel."""
+        cfg = self.cfg
+        # The STFT runs in fp32 even under autocast: bf16 spectra lose the quiet bands.
+        with torch.autocast(device_type=wave.device.type, enabled=False):
+            spec = self.mel(wave.float())  # [B, mels, frames]
+            if cfg.log == "db":
+                spec = 10.0 * torch.log10(spec.clamp_min(1e-10))
+                if cfg.top_db is not None:  # per clip, not per batch
+                    spec = torch.maximum(spec, spec.amax(dim=(-2, -1), keepdim=True) - cfg.top_db)
+            else:
+                spec = 10.0 * torch.log10(spec + 1e-8)
+        if cfg.frames:
+            spec = spec[..., : cfg.frames]
+        spec = spec.transpose(1, 2).unsqueeze(1)
+        if self.training and (cfg.freq_masks or cfg.time_masks):
+            spec = spec_augment(spec, cfg)
+        return spec
+
+
+def _masks(count: int, width: int, size: int, batch: int, device: torch.device) -> torch.Tensor:
+    """[batch, size] bool: up to ``count`` random stripes per row, each 0..width wide."""
+    widths = torch.randint(0, width + 1, (batch, count, 1), device=device)
+    starts = (torch.rand(batch, count, 1, device=device) * (size - widths + 1).clamp_min(1)).long()
+    pos = torch.arange(size, device=device).view(1, 1, size)
+    return ((pos >= starts) & (pos < starts + widths)).any(dim=1)
+
+
+def spec_augment(spec: torch.Tensor, cfg: FrontendConfig) -> torch.Tensor:
+    """Frequency and time masks (SpecAugment) on [B, 1, T, F], filled with each clip's mean."""
+    b, _, t, f = spec.shape
+    mask = torch.zeros(b, t, f, dtype=torch.bool, device=spec.device)
+    if cfg.freq_masks:
+        mask |= _masks(cfg.freq_masks, cfg.freq_mask_width, f, b, spec.device)[:, None, :]
+    if cfg.time_masks:
+        mask |= _masks(cfg.time_masks, cfg.time_mask_width, t, b, spec.device)[:, :, None]
+    fill = spec.mean(dim=(-2, -1), keepdim=True)
+    return torch.where(mask.unsqueeze(1), fill, spec)

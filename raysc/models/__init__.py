@@ -1,0 +1,32 @@
+"""The backbone zoo: ``create_model(name, **overrides)``, ``list_models()``, artefacts.
+
+Importing this package registers every backbone.
+"""
+
+from . import ascmamba, mobileascnet, resnet_cbam, rm3, setrans  # noqa: F401  (registration)
+from .base import ASCModel, ModelConfig, apply_overrides
+from .layers import FUSIONS, MetaConfig
+from .registry import (
+    count_macs,
+    count_parameters,
+    create_model,
+    list_models,
+    load_model,
+    model_class,
+    save_model,
+)
+
+__all__ = [
+    "FUSIONS",
+    "ASCModel",
+    "MetaConfig",
+    "ModelConfig",
+    "apply_overrides",
+    "count_macs",
+    "count_parameters",
+    "create_model",
+    "list_models",
+    "load_model",
+    "model_class",
+    "save_model",
+]

@@ -1,0 +1,111 @@
+"""The contract every backbone follows, and config handling (defaults, overrides, round trips)."""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from ..data import CLASSES, OFFICIAL_CITIES, UNK_CITY
+from ..errors import ConfigError
+from ..features import Frontend, FrontendConfig
+from .layers import FUSIONS, MetaConfig, MetaEncoder
+
+DEFAULT_CITIES: tuple[str, ...] = (UNK_CITY, *OFFICIAL_CITIES)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Fields every backbone config has. Backbone configs add their own, with paper defaults."""
+
+    classes: tuple[str, ...] = CLASSES
+    cities: tuple[str, ...] = DEFAULT_CITIES  # index 0 must be <unk>
+    frontend: FrontendConfig = field(default_factory=FrontendConfig)
+    meta: MetaConfig = field(default_factory=MetaConfig)
+    fusion: str = "concat"
+    width: float = 1.0  # channel multiplier: small, fast variants for tests and quick searches
+
+    def __post_init__(self) -> None:
+        if self.fusion not in FUSIONS:
+            raise ConfigError(f"unknown fusion {self.fusion!r} (valid: {', '.join(FUSIONS)})")
+        if not self.cities or self.cities[0] != UNK_CITY:
+            raise ConfigError(f"the city vocabulary must start with {UNK_CITY!r}")
+        if self.width <= 0:
+            raise ConfigError(f"width must be > 0, got {self.width}")
+
+
+class ASCModel(nn.Module, abc.ABC):
+    """waveform + city + time -> logits. Subclasses build ``embed`` and ``head``.
+
+    ``forward_features`` returns the embedding the head classifies; ``forward`` the logits.
+    ``target`` (soft or one-hot, [B, classes]) is used only by heads with a training-time
+    margin (RM3's ArcFace); other heads ignore it.
+    """
+
+    name: ClassVar[str]
+    config_class: ClassVar[type[ModelConfig]]
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.frontend = Frontend(cfg.frontend)
+        self.meta = MetaEncoder(len(cfg.cities), cfg.meta)
+
+    @abc.abstractmethod
+    def embed(self, spec: torch.Tensor, meta: torch.Tensor, wave: torch.Tensor) -> torch.Tensor:
+        """Log-mel [B, 1, T, F] (+ metadata vector, + waveform) -> fused embedding [B, D]."""
+
+    def forward_features(self, wave: torch.Tensor, city: torch.Tensor, time: torch.Tensor) -> torch.Tensor:
+        return self.embed(self.frontend(wave), self.meta(city, time), wave)
+
+    def forward(
+        self, wave: torch.Tensor, city: torch.Tensor, time: torch.Tensor, target: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return self.head(self.forward_features(wave, city, time))
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def apply_overrides(cfg: Any, overrides: Mapping[str, Any], *, where: str = "config") -> Any:
+    """A copy of dataclass ``cfg`` with ``overrides`` applied.
+
+    Keys may be dotted (``"meta.city_dropout"``) or nested mappings (``{"meta": {...}}``); lists
+    become tuples where the field holds a tuple. An unknown key raises a ConfigError that names it
+    and lists the valid ones.
+    """
+    nested: dict[str, dict[str, Any]] = {}
+    flat: dict[str, Any] = {}
+    for key, value in overrides.items():
+        head, _, rest = key.partition(".")
+        if rest:
+            nested.setdefault(head, {})[rest] = value
+        else:
+            flat[key] = value
+    names = {f.name for f in dataclasses.fields(cfg)}
+    unknown = sorted((set(flat) | set(nested)) - names)
+    if unknown:
+        raise ConfigError(f"unknown option(s) {unknown} for {where} (valid: {', '.join(sorted(names))})")
+    changes: dict[str, Any] = {}
+    for key, value in flat.items():
+        current = getattr(cfg, key)
+        if dataclasses.is_dataclass(current) and isinstance(value, Mapping):
+            value = apply_overrides(current, value, where=f"{where}.{key}")
+        elif isinstance(current, tuple) and isinstance(value, list):
+            value = tuple(value)
+        changes[key] = value
+    for key, sub in nested.items():
+        base = changes.get(key, getattr(cfg, key))
+        if not dataclasses.is_dataclass(base):
+            raise ConfigError(f"{where}.{key} has no sub-options (got {sorted(sub)})")
+        changes[key] = apply_overrides(base, sub, where=f"{where}.{key}")
+    try:
+        return dataclasses.replace(cfg, **changes)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{where}: {exc}") from exc

@@ -1,0 +1,103 @@
+"""The backbone registry, model artefacts (save/load), and size counters."""
+
+from __future__ import annotations
+
+import pickle
+import platform
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+
+from .. import __version__
+from ..errors import ConfigError, RayscError
+from ..fileio import atomic_path
+from .base import ASCModel, apply_overrides, config_to_dict
+
+ARTEFACT_FORMAT = 1
+_REGISTRY: dict[str, type[ASCModel]] = {}
+M = TypeVar("M", bound=type[ASCModel])
+
+
+def register(name: str) -> Callable[[M], M]:
+    def deco(cls: M) -> M:
+        if name in _REGISTRY:
+            raise ValueError(f"backbone {name!r} registered twice")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return deco
+
+
+def list_models() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def model_class(name: str) -> type[ASCModel]:
+    if name not in _REGISTRY:
+        raise ConfigError(f"unknown backbone {name!r} (valid: {', '.join(list_models())})")
+    return _REGISTRY[name]
+
+
+def create_model(name: str, /, **overrides: Any) -> ASCModel:
+    """The paper-default network ``name`` with ``overrides`` (dotted keys or nested dicts)."""
+    cls = model_class(name)
+    return cls(apply_overrides(cls.config_class(), overrides, where=name))
+
+
+def save_model(model: ASCModel, path: str | Path, **info: Any) -> None:
+    """Write one self-describing file: backbone, config (front end, classes, cities included),
+    weights, ``info`` (e.g. ``metrics=``) and versions. Written atomically."""
+    cfg = config_to_dict(model.cfg)
+    payload = {
+        "format": ARTEFACT_FORMAT,
+        "backbone": model.name,
+        "config": cfg,
+        "frontend": cfg["frontend"],
+        "classes": list(model.cfg.classes),
+        "cities": list(model.cfg.cities),
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "metrics": info.pop("metrics", {}),
+        "info": info,
+        "versions": {"raysc": __version__, "torch": str(torch.__version__), "python": platform.python_version()},
+    }
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+
+
+def load_model(path: str | Path, *, map_location: str | torch.device = "cpu") -> ASCModel:
+    """Rebuild the module saved by ``save_model`` (in eval mode); ``model.artefact`` holds the
+    rest of the file (metrics, info, versions). Loads with ``weights_only=True``."""
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as exc:
+        raise RayscError(f"{path}: not a readable raysc model file ({exc})") from exc
+    if not isinstance(payload, dict) or payload.get("format") != ARTEFACT_FORMAT:
+        raise RayscError(f"{path}: not a raysc model file of format {ARTEFACT_FORMAT}")
+    cls = model_class(payload["backbone"])
+    model = cls(apply_overrides(cls.config_class(), payload["config"], where=str(path)))
+    model.load_state_dict(payload["state_dict"])
+    model.artefact = {k: payload[k] for k in ("metrics", "info", "versions")}
+    return model.eval()
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def count_macs(model: ASCModel, *, seconds: float = 10.0) -> int:
+    """Multiply-accumulates of one forward pass on one clip (matmuls and convolutions, counted
+    by ``torch.utils.flop_counter``; the STFT and elementwise work are not counted)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    sr = model.cfg.frontend.sample_rate
+    wave = torch.zeros(1, round(sr * seconds))
+    city, time = torch.zeros(1, dtype=torch.long), torch.zeros(1, 7)
+    was_training = model.training
+    model.eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(wave, city, time)
+    model.train(was_training)
+    return counter.get_total_flops() // 2

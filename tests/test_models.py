@@ -1,0 +1,160 @@
+"""The backbone zoo: one parametrised test per behaviour over the whole registry."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from raysc.data import CLASSES, UNK_CITY, city_indices
+from raysc.errors import ConfigError, RayscError
+from raysc.models import FUSIONS, count_macs, count_parameters, create_model, list_models, load_model, save_model
+
+SR = 8000
+SMALL_FRONTEND = {"sample_rate": SR, "n_fft": 256, "win_length": 256, "hop_length": 128, "n_mels": 32,
+                  "f_min": 0.0, "f_max": 4000.0, "frames": None}  # fmt: skip
+# Tiny variants: the same networks at a fraction of the width, on 1 s of 8 kHz audio.
+TINY = {
+    "setrans": {"width": 0.25, "frontend": SMALL_FRONTEND},
+    "resnet_cbam": {"width": 0.125, "depths": [1, 1, 1, 1], "frontend": SMALL_FRONTEND},
+    "mobileascnet": {"width": 0.25, "frontend": SMALL_FRONTEND},
+    "ascmamba": {"width": 0.125, "blocks": 1, "expand": 2, "frontend": {**SMALL_FRONTEND, "n_mels": 16}},
+    "rm3": {"width": 0.25, "wavegram_kernel": 256, "gdc_size": [2, 4], "frontend": SMALL_FRONTEND},
+}
+# Parameter counts of the papers (RM3: 874k reported; ASCMamba: no published size, ours).
+PAPER_PARAMS = {"setrans": 0.36e6, "resnet_cbam": 21.6e6, "mobileascnet": 0.37e6, "rm3": 0.874e6}
+
+
+def test_registry_names_every_backbone():
+    assert list_models() == ["ascmamba", "mobileascnet", "resnet_cbam", "rm3", "setrans"]
+    assert set(TINY) == set(list_models())
+
+
+def tiny(name: str, **extra) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return create_model(name, **{**TINY[name], **extra})
+
+
+def batch(n: int = 3, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, SR, generator=g) * 0.1, torch.tensor([1, 2, 3][:n]), torch.randn(n, 7, generator=g)
+
+
+@pytest.fixture(params=list_models())
+def name(request) -> str:
+    return request.param
+
+
+def test_forward_backward_shapes_and_metadata_gradients(name):
+    model = tiny(name).train()
+    wave, city, time = batch()
+    target = torch.eye(len(CLASSES))[[0, 4, 9]]
+    logits = model(wave, city, time, target)
+    assert logits.shape == (3, len(CLASSES)) and torch.isfinite(logits).all()
+    emb = model.forward_features(wave, city, time)
+    assert emb.ndim == 2 and emb.shape[0] == 3
+    torch.nn.functional.cross_entropy(logits, target).backward()
+    assert model.meta.city.weight.grad[city].abs().sum() > 0
+    assert model.meta.city.weight.grad[5:].abs().sum() == 0  # cities not in the batch
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.meta.time.parameters())
+
+
+@pytest.mark.parametrize("fusion", FUSIONS)
+def test_logits_follow_city_and_time_unless_fusion_is_none(name, fusion):
+    model = tiny(name, fusion=fusion).eval()
+    wave, city, time = batch()
+    with torch.no_grad():
+        base = model(wave, city, time)
+        other_city = model(wave, city + 3, time)
+        other_time = model(wave, city, time + 1.0)
+    if fusion == "none":
+        assert torch.equal(base, other_city) and torch.equal(base, other_time)
+    else:
+        assert not torch.allclose(base, other_city) and not torch.allclose(base, other_time)
+
+
+def test_unseen_city_goes_to_unk(name):
+    model = tiny(name).eval()
+    idx, unknown = city_indices(["Jinan", "Atlantis", UNK_CITY], model.cfg.cities)
+    assert idx.tolist() == [model.cfg.cities.index("Jinan"), 0, 0] and unknown == 1
+    wave, _, time = batch(2)
+    with torch.no_grad():
+        atlantis = model(wave, torch.from_numpy(idx[[1, 1]]), time)
+        unk = model(wave, torch.zeros(2, dtype=torch.long), time)
+    assert torch.equal(atlantis, unk)
+
+
+def test_city_dropout_trains_the_unk_embedding(name):
+    model = tiny(name, meta={"city_dropout": 1.0}).train()
+    wave, city, time = batch()
+    model(wave, city, time, torch.eye(len(CLASSES))[[0, 1, 2]]).sum().backward()
+    grad = model.meta.city.weight.grad
+    assert grad[0].abs().sum() > 0 and grad[1:].abs().sum() == 0
+
+
+def test_save_load_gives_identical_outputs(name, tmp_path):
+    model = tiny(name).eval()
+    save_model(model, tmp_path / "m.pt", metrics={"macro_accuracy": 0.5}, fold=2)
+    loaded = load_model(tmp_path / "m.pt")
+    wave, city, time = batch()
+    with torch.no_grad():
+        assert torch.equal(model(wave, city, time), loaded(wave, city, time))
+    assert loaded.cfg == model.cfg and type(loaded) is type(model)
+    assert loaded.artefact["metrics"] == {"macro_accuracy": 0.5} and loaded.artefact["info"] == {"fold": 2}
+    raw = torch.load(tmp_path / "m.pt", weights_only=True)
+    assert raw["backbone"] == name and raw["classes"] == list(CLASSES) and raw["cities"][0] == UNK_CITY
+    assert raw["frontend"]["sample_rate"] == SR and "torch" in raw["versions"]
+
+
+@pytest.mark.slow
+def test_paper_sized_parameter_counts(name):
+    params = count_parameters(create_model(name))
+    if name in PAPER_PARAMS:
+        assert abs(params - PAPER_PARAMS[name]) / PAPER_PARAMS[name] < 0.10, params
+    else:
+        assert 0.5e6 < params < 3e6, params  # ASCMamba at C 64, 4 blocks, expand 4
+
+
+def test_width_multiplier_shrinks_the_network(name):
+    assert count_parameters(tiny(name)) < count_parameters(create_model(name, **{**TINY[name], "width": 1.0}))
+
+
+def test_macs_are_counted(name):
+    small = count_macs(tiny(name), seconds=1.0)
+    longer = count_macs(tiny(name), seconds=2.0)
+    assert 0 < small < longer
+
+
+def test_bad_overrides_are_named():
+    with pytest.raises(ConfigError, match=r"unknown option\(s\) \['widht'\] for setrans \(valid: .*width"):
+        create_model("setrans", widht=0.5)
+    with pytest.raises(ConfigError, match=r"unknown option\(s\) \['city_drop'\] for setrans.meta"):
+        create_model("setrans", **{"meta.city_drop": 0.1})
+    with pytest.raises(ConfigError, match="unknown backbone 'resnet' \\(valid: ascmamba, mobileascnet"):
+        create_model("resnet")
+    with pytest.raises(ConfigError, match="unknown fusion 'sum'"):
+        create_model("setrans", fusion="sum")
+    with pytest.raises(ConfigError, match="must start with '<unk>'"):
+        create_model("setrans", cities=["Jinan"])
+
+
+def test_load_model_rejects_other_files(tmp_path):
+    (tmp_path / "junk.pt").write_bytes(b"not a model")
+    with pytest.raises(RayscError, match="not a readable raysc model file"):
+        load_model(tmp_path / "junk.pt")
+    torch.save({"format": 99}, tmp_path / "other.pt")
+    with pytest.raises(RayscError, match="not a raysc model file of format 1"):
+        load_model(tmp_path / "other.pt")
+
+
+def test_paper_defaults():
+    assert create_model("mobileascnet").cfg.fusion == "gated"
+    assert create_model("ascmamba").cfg.fusion == "film"
+    rm3 = create_model("rm3").cfg
+    assert (rm3.frontend.sample_rate, rm3.frontend.n_mels, rm3.frontend.mel_scale) == (16000, 128, "htk")
+    assert (rm3.arcface_scale, rm3.arcface_margin) == (8.0, 0.2)
+    base = create_model("setrans").cfg
+    assert dataclasses.asdict(base.frontend)["hop_length"] == 882 and len(base.cities) == 23
+    assert np.isclose(create_model("resnet_cbam").cfg.fusion_dropout, 0.3)
