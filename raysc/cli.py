@@ -96,6 +96,30 @@ def _cmd_models(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .config import load_config, make_config, parse_sets
+    from .distributed import train
+
+    values = load_config(args.config) if args.config else {}
+    if args.backbone:
+        values["backbone"] = args.backbone
+    if "backbone" not in values:
+        raise RayscError("give --backbone NAME or a --config file that sets backbone")
+    values |= parse_sets(args.set)
+    for key in ("epochs", "fold"):
+        if getattr(args, key) is not None:
+            values[key] = getattr(args, key)
+    cfg = make_config(values, where=str(args.config or "options"))
+    metrics = train(cfg, args.data, args.out, workers=args.workers, gpus_per_worker=args.gpus_per_worker,
+                    address=args.address, max_failures=args.max_failures)  # fmt: skip
+    best = metrics["best"]
+    if best:
+        print(f"best epoch {best['epoch']}: macro accuracy {best['macro_accuracy']:.4f}, accuracy "
+              f"{best['accuracy']:.4f}, log loss {best['log_loss']:.4f}")  # fmt: skip
+    print(f"run written to {args.out} (model.pt, metrics.json, val_predictions.csv, config.json)")
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="raysc",
@@ -148,6 +172,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bench", action="store_true", help="also measure training clips/s on this machine")
     p.add_argument("--batch", type=int, default=8, help="batch size for --bench (default 8)")
     p.set_defaults(func=_cmd_models)
+
+    p = sub.add_parser("train", help="train one model with Ray Train (one or more workers)")
+    p.add_argument("--data", type=Path, required=True, help="prepared data folder")
+    p.add_argument("--out", type=Path, required=True, help="run folder to write (must not hold a finished run)")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--backbone", help="a registered backbone, with its paper defaults")
+    what.add_argument("--config", type=Path, help="training config YAML (TrainConfig keys)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. lr=3e-4 or model.width=0.5 (repeatable)",
+    )
+    p.add_argument("--epochs", type=int, help="shortcut for --set epochs=N")
+    p.add_argument("--fold", type=int, help="validation fold (-1: train on every labelled clip)")
+    p.add_argument("--workers", type=int, default=1, help="data-parallel workers (default 1)")
+    p.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs per worker (default 0: CPU)")
+    p.add_argument("--max-failures", type=int, default=1, help="worker restarts allowed (default 1)")
+    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    p.set_defaults(func=_cmd_train)
     return parser
 
 

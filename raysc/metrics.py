@@ -19,3 +19,50 @@ def macro_accuracy(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> fl
     if len(y_true) == 0:
         raise ValueError("macro accuracy of an empty set is undefined")
     return float(np.nanmean(per_class_accuracy(y_true, y_pred, n_classes)))
+
+
+def log_loss(probs: np.ndarray, y_true: np.ndarray, *, eps: float = 1e-7) -> float:
+    p = np.clip(probs[np.arange(len(y_true)), y_true], eps, 1.0)
+    return float(-np.mean(np.log(p)))
+
+
+def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> np.ndarray:
+    """[true, predicted] counts."""
+    return np.bincount(y_true * n_classes + y_pred, minlength=n_classes * n_classes).reshape(n_classes, n_classes)
+
+
+def classification_report(
+    probs: np.ndarray,
+    y_true: np.ndarray,
+    *,
+    classes: list[str],
+    cities: np.ndarray,
+    seen: np.ndarray,
+) -> dict:
+    """Every metric raysc reports for one set of predictions.
+
+    ``macro_accuracy`` (the challenge metric), ``accuracy``, ``log_loss``, per class, per city
+    (accuracy and clip count), and macro accuracy over clips from cities seen / not seen in
+    training (None when there are none).
+    """
+    n = len(classes)
+    y_true = np.asarray(y_true)
+    y_pred = np.asarray(probs).argmax(1)
+    per_class = per_class_accuracy(y_true, y_pred, n)
+    report = {
+        "macro_accuracy": macro_accuracy(y_true, y_pred, n),
+        "accuracy": float((y_true == y_pred).mean()),
+        "log_loss": log_loss(np.asarray(probs), y_true),
+        "per_class": {c: (None if np.isnan(a) else float(a)) for c, a in zip(classes, per_class, strict=True)},
+        "per_city": {},
+        "seen_city_macro_accuracy": None,
+        "unseen_city_macro_accuracy": None,
+        "clips": len(y_true),
+    }
+    for city in sorted(set(cities)):
+        mask = cities == city
+        report["per_city"][city] = {"accuracy": float((y_true[mask] == y_pred[mask]).mean()), "clips": int(mask.sum())}
+    for key, mask in (("seen_city_macro_accuracy", seen), ("unseen_city_macro_accuracy", ~seen)):
+        if mask.any():
+            report[key] = macro_accuracy(y_true[mask], y_pred[mask], n)
+    return report

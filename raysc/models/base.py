@@ -73,6 +73,16 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
+def _number(value: Any, kind: type, where: str) -> Any:
+    try:
+        number = float(value)
+        if kind is int and number != int(number):
+            raise ValueError
+        return kind(number)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where} must be {'an integer' if kind is int else 'a number'}, got {value!r}") from None
+
+
 def apply_overrides(cfg: Any, overrides: Mapping[str, Any], *, where: str = "config") -> Any:
     """A copy of dataclass ``cfg`` with ``overrides`` applied.
 
@@ -98,7 +108,11 @@ def apply_overrides(cfg: Any, overrides: Mapping[str, Any], *, where: str = "con
         if dataclasses.is_dataclass(current) and isinstance(value, Mapping):
             value = apply_overrides(current, value, where=f"{where}.{key}")
         elif isinstance(current, tuple) and isinstance(value, list):
-            value = tuple(value)
+            value = tuple(tuple(v) if isinstance(v, list) else v for v in value)
+        elif isinstance(current, float) and isinstance(value, int | str) and not isinstance(value, bool):
+            value = _number(value, float, f"{where}.{key}")  # YAML 1.1 reads '1e-4' as a string
+        elif type(current) is int and isinstance(value, str | float):
+            value = _number(value, int, f"{where}.{key}")
         changes[key] = value
     for key, sub in nested.items():
         base = changes.get(key, getattr(cfg, key))

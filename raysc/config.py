@@ -1,0 +1,181 @@
+"""TrainConfig: everything one training run needs, loaded strictly (an unknown key is an error)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError
+from .models import apply_overrides, model_class
+
+OPTIMIZERS = ("adam", "adamw", "sgd")
+SCHEDULES = ("step", "cosine", "constant")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One training run. Defaults follow the official baseline (Adam 1e-4, StepLR x0.9 / 2 epochs,
+    batch 64, patience 10); ``model`` holds overrides of the backbone's own config."""
+
+    backbone: str = "setrans"
+    model: Mapping[str, Any] = field(default_factory=dict)
+    # Optimisation
+    optimizer: str = "adam"
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    momentum: float = 0.9  # SGD only
+    schedule: str = "step"
+    step_size: int = 2  # epochs between StepLR decays
+    gamma: float = 0.9
+    min_lr: float = 0.0  # cosine floor
+    warmup_epochs: int = 0
+    epochs: int = 20
+    batch_size: int = 64
+    grad_clip: float | None = None
+    label_smoothing: float = 0.0
+    patience: int = 10  # epochs without a better validation macro accuracy before stopping
+    # Augmentation
+    mixup_alpha: float = 0.0  # 0 = off; lambda ~ Beta(alpha, alpha)
+    mixup_prob: float = 1.0  # share of batches that are mixed
+    time_shift: float = 0.0  # largest circular shift, seconds
+    spec_augment: int = 0  # masks per axis (frequency and time); widths come from the front end
+    city_dropout: float = 0.0
+    # Data
+    fold: int = 0  # validation fold; -1 trains on every labelled clip without validation
+    seed: int = 0
+    loader_workers: int = 0
+    # Pseudo-labels: a CSV (filename + one probability column per class) of unlabelled clips.
+    pseudo_labels: str | None = None
+    pseudo_threshold: float = 0.0
+    pseudo_weight: float = 1.0
+    # Initialisation from a model artefact (pretrain -> fine-tune)
+    init_from: str | None = None
+    reset_head: bool = False
+    freeze: tuple[str, ...] = ()  # parameter name prefixes kept fixed
+    amp: str = "auto"  # auto = bf16 autocast on CUDA, none on CPU; "bf16" or "none" to force
+
+    def __post_init__(self) -> None:
+        problems = []
+        model_class(self.backbone)  # raises on an unknown backbone, listing the valid ones
+        if self.optimizer not in OPTIMIZERS:
+            problems.append(f"optimizer {self.optimizer!r} (valid: {', '.join(OPTIMIZERS)})")
+        if self.schedule not in SCHEDULES:
+            problems.append(f"schedule {self.schedule!r} (valid: {', '.join(SCHEDULES)})")
+        if self.amp not in ("auto", "bf16", "none"):
+            problems.append(f"amp {self.amp!r} (valid: auto, bf16, none)")
+        for name in ("lr", "epochs", "batch_size", "step_size"):
+            if getattr(self, name) <= 0:
+                problems.append(f"{name} must be > 0, got {getattr(self, name)}")
+        for name in ("mixup_prob", "city_dropout", "label_smoothing", "pseudo_threshold"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                problems.append(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        for name in ("mixup_alpha", "time_shift", "weight_decay", "warmup_epochs", "pseudo_weight", "spec_augment"):
+            if getattr(self, name) < 0:
+                problems.append(f"{name} must be >= 0, got {getattr(self, name)}")
+        if problems:
+            raise ConfigError("invalid training config: " + "; ".join(problems))
+
+    def model_overrides(self, *, classes: Sequence[str], cities: Sequence[str], sample_rate: int) -> dict[str, Any]:
+        """Backbone overrides: the user's, plus the data's classes, cities and sample rate, and
+        the augmentation settings that live in the model (SpecAugment, city dropout)."""
+        cls = model_class(self.backbone)
+        user = apply_overrides(cls.config_class(), dict(self.model), where=f"model ({self.backbone})")
+        fe = user.frontend
+        if fe.sample_rate != sample_rate:
+            raise ConfigError(
+                f"the {self.backbone} front end expects {fe.sample_rate} Hz audio but the data is at {sample_rate} Hz: "
+                f"prepare the data with --sample-rate {fe.sample_rate} or set model.frontend.sample_rate"
+            )
+        frontend = {"freq_masks": self.spec_augment, "time_masks": self.spec_augment} if self.spec_augment else {}
+        return {
+            **dict(self.model),
+            "classes": list(classes),
+            "cities": list(cities),
+            "frontend": {**dict(self.model.get("frontend", {})), **frontend},
+            "meta": {**dict(self.model.get("meta", {})), "city_dropout": self.city_dropout},
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["model"] = _plain(self.model)
+        d["freeze"] = list(self.freeze)
+        return d
+
+
+def _plain(obj: Any) -> Any:
+    if isinstance(obj, Mapping):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+def make_config(values: Mapping[str, Any], *, where: str = "training config") -> TrainConfig:
+    """A TrainConfig from a mapping; unknown keys raise a ConfigError naming the valid ones."""
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    flat: dict[str, Any] = {}
+    model: dict[str, Any] = dict(values.get("model", {}) or {})
+    for key, value in values.items():
+        if key == "model":
+            continue
+        head, _, rest = key.partition(".")
+        if head == "model" and rest:
+            model[rest] = value
+        elif key in names:
+            flat[key] = _coerce(key, value, where)
+        else:
+            raise ConfigError(f"{where}: unknown key {key!r} (valid: {', '.join(sorted(names))})")
+    try:
+        return TrainConfig(**flat, model=model)
+    except TypeError as exc:
+        raise ConfigError(f"{where}: {exc}") from exc
+
+
+_FLOAT_FIELDS = {f.name for f in dataclasses.fields(TrainConfig) if isinstance(f.default, float)} | {"grad_clip"}
+_INT_FIELDS = {f.name for f in dataclasses.fields(TrainConfig) if type(f.default) is int}
+
+
+def _coerce(key: str, value: Any, where: str) -> Any:
+    """Numbers written as YAML 1.1 reads them ('1e-4' is a string there) become numbers."""
+    if value is None:
+        return value
+    try:
+        if key in _FLOAT_FIELDS and not isinstance(value, bool):
+            return float(value)
+        if key in _INT_FIELDS and not isinstance(value, bool):
+            if float(value) != int(float(value)):
+                raise ValueError
+            return int(float(value))
+    except (TypeError, ValueError):
+        kind = "a number" if key in _FLOAT_FIELDS else "an integer"
+        raise ConfigError(f"{where}: {key} must be {kind}, got {value!r}") from None
+    if key == "freeze":
+        return (value,) if isinstance(value, str) else tuple(value)
+    return value
+
+
+def load_config(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{path}: cannot read training config ({exc})") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of training options")
+    return raw
+
+
+def parse_sets(items: Sequence[str]) -> dict[str, Any]:
+    """``["lr=3e-4", "model.width=0.5"]`` -> {"lr": 0.0003, "model.width": 0.5} (YAML scalars)."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        out[key.strip()] = yaml.safe_load(value) if value.strip() else None
+    return out
