@@ -11,6 +11,7 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError
+from .fileio import read_yaml_mapping
 from .models import apply_overrides, model_class
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
@@ -160,14 +161,7 @@ def _coerce(key: str, value: Any, where: str) -> Any:
 
 
 def load_config(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as exc:
-        raise ConfigError(f"{path}: cannot read training config ({exc})") from exc
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping of training options")
-    return raw
+    return read_yaml_mapping(path, what="training options")
 
 
 def parse_sets(items: Sequence[str]) -> dict[str, Any]:

@@ -11,6 +11,9 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import yaml
+
+from .errors import ConfigError
 
 
 @contextmanager
@@ -48,3 +51,15 @@ def write_json(path: str | os.PathLike[str], obj: Any) -> None:
 def write_csv(path: str | os.PathLike[str], df: pd.DataFrame) -> None:
     with atomic_path(path) as tmp:
         df.to_csv(tmp, index=False, lineterminator="\n")
+
+
+def read_yaml_mapping(path: str | os.PathLike[str], *, what: str) -> dict:
+    """A YAML file whose top level is a mapping; anything else is a ConfigError naming ``what``."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{path}: cannot read {what} ({exc})") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of {what}")
+    return raw

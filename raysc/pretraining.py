@@ -16,10 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
-import yaml
 
 from .data import AUDIO_EXTENSIONS, CLASSES
 from .errors import ConfigError
+from .fileio import read_yaml_mapping
 
 log = logging.getLogger(__name__)
 
@@ -31,12 +31,7 @@ COLUMNS = ["filename", "label", "session", "audio_path"]
 def load_label_map(path: str | Path | None = None) -> dict[str, dict[str, str]]:
     """Read and check a source -> {source label: challenge class} mapping."""
     path = Path(path) if path else DEFAULT_LABEL_MAP
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as exc:
-        raise ConfigError(f"{path}: cannot read label mapping ({exc})") from exc
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping of sources ({', '.join(SOURCES)}) to label tables")
+    raw = read_yaml_mapping(path, what=f"label tables per source ({', '.join(SOURCES)})")
     problems = []
     for source, table in raw.items():
         if source not in SOURCES:

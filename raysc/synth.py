@@ -22,7 +22,7 @@ import math
 import multiprocessing
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -310,11 +310,8 @@ class ClipJob:
     seed: int
     sample_rate: int
     num_samples: int
-    params: dict
-    city_eq_db: np.ndarray
-    reverb_s: float
-    reverb_mix: float
-    level_shift: dict[str, float] = field(default_factory=dict)
+    params: dict  # the session's source settings
+    city: City
 
 
 def render_clip(job: ClipJob) -> np.ndarray:
@@ -323,19 +320,19 @@ def render_clip(job: ClipJob) -> np.ndarray:
     n, sr, p = job.num_samples, job.sample_rate, job.params
     mix = np.zeros(n)
     for source in SOURCES:
-        level = p["levels"][source] + job.level_shift.get(source, 0.0) + rng.normal(0, CLIP_LEVEL_DB)
+        level = p["levels"][source] + job.city.level_shift[source] + rng.normal(0, CLIP_LEVEL_DB)
         if not np.isfinite(level) or level < -30:
             continue
         x = _RENDER[source](rng, n, sr, p)
         mix += x / (np.sqrt(np.mean(x**2)) + 1e-12) * 10 ** (level / 20)
     # City signature: a smooth EQ over log frequency and an exponential-decay reverb, one FFT.
-    ir_len = int(min(job.reverb_s, n / sr / 2) * sr)
+    ir_len = int(min(job.city.reverb_s, n / sr / 2) * sr)
     ir = rng.standard_normal(ir_len) * np.exp(-6.9 * np.arange(ir_len) / max(ir_len, 1))
-    ir = ir / (np.sqrt(np.sum(ir**2)) + 1e-12) * job.reverb_mix
+    ir = ir / (np.sqrt(np.sum(ir**2)) + 1e-12) * job.city.reverb_mix
     size = _fast_size(n + int(min(1.0, n / sr / 2) * sr))  # one size per clip length: FFT plans are reused
     freqs = np.maximum(np.fft.rfftfreq(size, 1 / sr), 20.0)
-    anchors = np.geomspace(50, sr / 2, len(job.city_eq_db))
-    eq = 10 ** (np.interp(np.log(freqs), np.log(anchors), job.city_eq_db) / 20)
+    anchors = np.geomspace(50, sr / 2, len(job.city.eq_db))
+    eq = 10 ** (np.interp(np.log(freqs), np.log(anchors), job.city.eq_db) / 20)
     ir_full = np.zeros(size)
     ir_full[0] = 1.0
     ir_full[1 : ir_len + 1] += ir[: size - 1]
@@ -464,19 +461,7 @@ def _pretrain_jobs(out: Path, n: int, sample_rate: int, num_samples: int, rng: n
         meta.append(f"{name}\t{label}\t{identifier}\t{device}")
         c = places[city]
         params = _session_params(SCENES[TAU_SCENES[label]], 0.5, rng)
-        jobs.append(
-            ClipJob(
-                str(out / "tau" / name),
-                int(rng.integers(2**62)),
-                sample_rate,
-                num_samples,
-                params,
-                c.eq_db,
-                c.reverb_s,
-                c.reverb_mix,
-                c.level_shift,
-            )
-        )
+        jobs.append(ClipJob(str(out / "tau" / name), int(rng.integers(2**62)), sample_rate, num_samples, params, c))
     (out / "tau" / "audio").mkdir(parents=True, exist_ok=True)
     write_text(out / "tau" / "meta.csv", "\n".join(meta) + "\n")
     cochl_labels = list(COCHLSCENE_SCENES)
@@ -487,19 +472,8 @@ def _pretrain_jobs(out: Path, n: int, sample_rate: int, num_samples: int, rng: n
         folder.mkdir(parents=True, exist_ok=True)
         c = places[TAU_CITIES[int(rng.integers(len(TAU_CITIES)))]]
         params = _session_params(SCENES[COCHLSCENE_SCENES[label]], 0.5, rng)
-        jobs.append(
-            ClipJob(
-                str(folder / f"{label}_{i:04d}.wav"),
-                int(rng.integers(2**62)),
-                sample_rate,
-                num_samples,
-                params,
-                c.eq_db,
-                c.reverb_s,
-                c.reverb_mix,
-                c.level_shift,
-            )
-        )
+        path = str(folder / f"{label}_{i:04d}.wav")
+        jobs.append(ClipJob(path, int(rng.integers(2**62)), sample_rate, num_samples, params, c))
     return jobs
 
 
@@ -587,21 +561,9 @@ def synthesize(
             sub = np.random.default_rng(s.seed)
             for _ in range(s.size):
                 name = _clip_name(rng, taken)
-                c = s.city
-                jobs.append(
-                    ClipJob(
-                        str(out / "audio" / folder / f"{name}.wav"),
-                        int(sub.integers(2**62)),
-                        sample_rate,
-                        num_samples,
-                        s.params,
-                        c.eq_db,
-                        c.reverb_s,
-                        c.reverb_mix,
-                        c.level_shift,
-                    )
-                )
-                rows.append((name, c.name, s.when.strftime(TIME_FORMAT), s.scene))
+                path = str(out / "audio" / folder / f"{name}.wav")
+                jobs.append(ClipJob(path, int(sub.integers(2**62)), sample_rate, num_samples, s.params, s.city))
+                rows.append((name, s.city.name, s.when.strftime(TIME_FORMAT), s.scene))
         return rows
 
     dev_rows = expand(dev_sessions, "dev")

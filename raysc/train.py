@@ -284,6 +284,7 @@ def fit(
         start_epoch, bad_epochs = state["epoch"] + 1, state["bad_epochs"]
         best, history = json.loads(state["best"]), json.loads(state["history"])
         resumed = [*json.loads(state.get("resumed", "[]")), start_epoch + 1]
+        torch.set_rng_state(state["torch_rng"].cpu())  # dropout and mixup continue as if never stopped
         log.info("resuming at epoch %d from %s", start_epoch + 1, resume)
     out_dir = Path(out_dir) if out_dir else None
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir else (out_dir / "checkpoint" if out_dir else None)
@@ -374,7 +375,8 @@ def _write_checkpoint(path: Path, model: ASCModel, best_state: dict, opt, sched,
     save_model(model, path / "best.pt", metrics=_scalars(best), train_config=cfg.to_dict())
     model.load_state_dict(current)
     state = {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "epoch": epoch, "bad_epochs": bad_epochs,
-             "best": json.dumps(best), "history": json.dumps(history), "resumed": json.dumps(resumed)}  # fmt: skip
+             "best": json.dumps(best), "history": json.dumps(history), "resumed": json.dumps(resumed),
+             "torch_rng": torch.get_rng_state()}  # fmt: skip
     torch.save(state, path / "state.pt")
     return path
 

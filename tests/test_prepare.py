@@ -158,9 +158,9 @@ def test_label_map_errors(tmp_path):
     assert "tau.bus: 'Buss' is not a challenge class" in str(err.value)
     assert "unknown source 'freesound' (valid: tau, cochlscene)" in str(err.value)
     bad.write_text("- a\n- b\n")
-    with pytest.raises(ConfigError, match="expected a mapping of sources"):
+    with pytest.raises(ConfigError, match=r"expected a mapping of label tables per source \(tau, cochlscene\)"):
         load_label_map(bad)
-    with pytest.raises(ConfigError, match="cannot read label mapping"):
+    with pytest.raises(ConfigError, match="cannot read label tables per source"):
         load_label_map(tmp_path / "missing.yaml")
     assert load_label_map()["tau"]["metro_station"] == "Metro"
 

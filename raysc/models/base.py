@@ -121,5 +121,5 @@ def apply_overrides(cfg: Any, overrides: Mapping[str, Any], *, where: str = "con
         changes[key] = apply_overrides(base, sub, where=f"{where}.{key}")
     try:
         return dataclasses.replace(cfg, **changes)
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, ConfigError) as exc:  # the config's own checks, with where it came from
         raise ConfigError(f"{where}: {exc}") from exc

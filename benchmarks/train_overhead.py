@@ -1,0 +1,135 @@
+"""What raysc's training machinery costs over a bare PyTorch loop of the same model and data.
+
+Side by side in one run, the same backbone, clips, batch size and epochs:
+- bare: all training clips in one tensor, forward/backward/Adam step, a validation pass per
+  epoch; nothing else;
+- fit: ``raysc.train.fit`` in this process (loaders from the memory-mapped store, metrics,
+  checkpoints, outputs);
+- ray x1 / ray x2: ``raysc train`` through Ray Train with 1 and 2 workers (gloo on the CPU).
+Reported: wall time of the whole call (Ray's start-up included) and steady-state seconds per
+epoch (epochs 2.., from each run's own timing), with ratios to the bare loop.
+
+    python benchmarks/train_overhead.py
+    python benchmarks/train_overhead.py --smoke-test
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from common import md_table, write_results  # the script folder is on sys.path
+
+from raysc.config import make_config
+from raysc.data import CLASSES
+from raysc.distributed import init_ray, train
+from raysc.models import create_model
+from raysc.prepare import prepare
+from raysc.synth import DEV_METADATA, EVAL_METADATA, synthesize
+from raysc.train import fit, load_dataset, one_hot
+
+
+def bare_loop(cfg, data_dir: Path) -> tuple[float, list[float]]:
+    torch.manual_seed(cfg.seed)
+    data = load_dataset(data_dir)
+    m = data.manifest
+    lab = m[m["subset"] == "labelled"]
+    tr, va = lab[lab["fold"] != cfg.fold], lab[lab["fold"] == cfg.fold]
+    t0 = time.perf_counter()
+    model = create_model(cfg.backbone, **cfg.model_overrides(classes=data.classes, cities=data.cities,
+                                                             sample_rate=data.store.spec.sample_rate))  # fmt: skip
+    x = torch.from_numpy(data.store.load(tr["filename"]))
+    y = torch.from_numpy(one_hot(tr["label"], list(CLASSES)))
+    city = torch.from_numpy(tr["city_idx"].to_numpy())
+    tm = torch.from_numpy(
+        tr[[c for c in m.columns if c.startswith(("tod", "dow", "doy", "weekend"))]].to_numpy(np.float32)
+    )
+    xv = torch.from_numpy(data.store.load(va["filename"]))
+    cv = torch.from_numpy(va["city_idx"].to_numpy())
+    tv = torch.from_numpy(
+        va[[c for c in m.columns if c.startswith(("tod", "dow", "doy", "weekend"))]].to_numpy(np.float32)
+    )
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    epochs = []
+    for _ in range(cfg.epochs):
+        e0 = time.perf_counter()
+        model.train()
+        perm = torch.randperm(len(x))
+        for i in range(0, len(x), cfg.batch_size):
+            idx = perm[i : i + cfg.batch_size]
+            loss = torch.nn.functional.cross_entropy(model(x[idx], city[idx], tm[idx], y[idx]), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        model.eval()
+        with torch.no_grad():
+            for i in range(0, len(xv), cfg.batch_size):
+                model(xv[i : i + cfg.batch_size], cv[i : i + cfg.batch_size], tv[i : i + cfg.batch_size])
+        epochs.append(time.perf_counter() - e0)
+    return time.perf_counter() - t0, epochs
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--backbone", default="rm3")
+    parser.add_argument("--width", type=float, default=0.5)
+    parser.add_argument("--clips", type=int, default=800)
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--smoke-test", action="store_true")
+    args = parser.parse_args(argv)
+    seconds = 10.0
+    if args.smoke_test:
+        args.clips, args.epochs, seconds = 120, 2, 1.0
+    with tempfile.TemporaryDirectory() as tmp:
+        raw = Path(tmp) / "raw"
+        synthesize(raw, clips=args.clips, eval_clips=10, labelled_fraction=0.5, sample_rate=16000,
+                   clip_seconds=seconds, workers=2, seed=0)  # fmt: skip
+        data = Path(tmp) / "data"
+        prepare(dev_meta=raw / DEV_METADATA, eval_meta=raw / EVAL_METADATA, audio_dirs=[raw / "audio"], out=data,
+                sample_rate=16000, clip_seconds=seconds, folds=5, workers=2)  # fmt: skip
+        cfg = make_config({"backbone": args.backbone, "model": {"width": args.width}, "epochs": args.epochs,
+                           "batch_size": args.batch_size, "lr": 1e-3, "patience": 100})  # fmt: skip
+        runs = {}
+        total, epochs = bare_loop(cfg, data)
+        runs["bare PyTorch loop"] = (total, epochs)
+        t = time.perf_counter()
+        res = fit(cfg, data, out_dir=Path(tmp) / "fit")
+        runs["raysc fit (no Ray)"] = (time.perf_counter() - t, [h["epoch_seconds"] for h in res.history])
+        labelled = res.history[0]["train_clips"]
+        init_ray()
+        for workers in (1, 2):
+            t = time.perf_counter()
+            metrics = train(cfg, data, Path(tmp) / f"ray{workers}", workers=workers)
+            runs[f"raysc train --workers {workers}"] = (time.perf_counter() - t,
+                                                         [h["epoch_seconds"] for h in metrics["history"]])  # fmt: skip
+    base_total, base_epochs = runs["bare PyTorch loop"]
+    base_steady = float(np.mean(base_epochs[1:] or base_epochs))
+    rows, result = [], {}
+    for name, (total, epochs) in runs.items():
+        steady = float(np.mean(epochs[1:] or epochs))
+        result[name] = {"total_s": total, "epoch_s": epochs, "steady_epoch_s": steady,
+                        "train_clips_per_s": labelled / steady}  # fmt: skip
+        rows.append([name, f"{total:.1f}", f"{total / base_total:.2f}", f"{steady:.2f}", f"{steady / base_steady:.2f}",
+                     f"{labelled / steady:.1f}"])  # fmt: skip
+    cmd = "python benchmarks/train_overhead.py" + (" --smoke-test" if args.smoke_test else "")
+    md = (
+        f"# Training overhead: raysc vs a bare PyTorch loop\n\n`{cmd}`: {args.backbone} (width {args.width:g}), "
+        f"~{labelled} training clips of {seconds:g} s at 16 kHz, batch {args.batch_size}, {args.epochs} epochs, "
+        "on this machine's CPU cores, in one run.\n\n"
+        + md_table(["run", "wall s", "wall / bare", "s per epoch (steady)", "epoch / bare", "train clips/s"], rows)
+    )
+    path = write_results(
+        "train_overhead" + ("_smoke" if args.smoke_test else ""), {"args": vars(args), "runs": result}, md
+    )
+    print(md)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

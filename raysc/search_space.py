@@ -1,0 +1,232 @@
+"""Search spaces: ``search_spaces/*.yaml`` in Optuna's vocabulary, validated before any trial.
+
+A file names, per key of the training config (``lr``, ``model.width``, ...), either a fixed value
+or a distribution::
+
+    lr: {type: float, low: 1.0e-4, high: 3.0e-3, log: true}
+    batch_size: {type: categorical, choices: [16, 32, 64]}
+    spec_augment: {type: int, low: 0, high: 2}
+
+Sections: ``fixed`` (values for every trial), ``params`` (searched in every trial),
+``backbones`` (the candidates; each one's own fixed values and distributions, sampled only when
+that backbone is chosen: a conditional, define-by-run space), ``rounds`` (searched only in
+semi-supervised rounds >= 1: pseudo-label threshold and weight), ``resources`` and ``scheduler``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .config import TrainConfig, make_config
+from .errors import ConfigError
+from .fileio import read_yaml_mapping
+from .models import apply_overrides, list_models, model_class
+
+SECTIONS = ("name", "fixed", "params", "backbones", "rounds", "resources", "scheduler")
+DIST_KEYS = {"float": {"low", "high", "step", "log"}, "int": {"low", "high", "step", "log"}, "categorical": {"choices"}}
+TRAIN_KEYS = {f.name for f in dataclasses.fields(TrainConfig)} - {"model", "backbone"}
+
+
+@dataclass(frozen=True)
+class Distribution:
+    kind: str  # float | int | categorical
+    low: float | None = None
+    high: float | None = None
+    step: float | None = None
+    log: bool = False
+    choices: tuple[Any, ...] = ()
+
+    def suggest(self, trial: Any, name: str) -> Any:
+        """Ask an Optuna trial (define-by-run) for a value."""
+        if self.kind == "categorical":
+            return trial.suggest_categorical(name, list(self.choices))
+        if self.kind == "int":
+            return trial.suggest_int(name, int(self.low), int(self.high), step=int(self.step or 1), log=self.log)
+        return trial.suggest_float(name, self.low, self.high, step=self.step, log=self.log)
+
+    def extremes(self) -> list[Any]:
+        """Values that between them exercise the whole range (for validation)."""
+        if self.kind == "categorical":
+            return list(self.choices)
+        cast = int if self.kind == "int" else float
+        return [cast(self.low), cast(self.high)]
+
+
+@dataclass(frozen=True)
+class Resources:
+    workers: int = 1
+    gpus_per_worker: float = 0.0
+    cpus_per_worker: float = 1.0
+
+
+@dataclass(frozen=True)
+class Scheduler:
+    grace_period: int = 1
+    reduction_factor: int = 2
+    max_epochs: int = 20
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    name: str
+    path: Path
+    fixed: Mapping[str, Any]
+    params: Mapping[str, Distribution]
+    backbones: Mapping[str, tuple[Mapping[str, Any], Mapping[str, Distribution]]]  # name -> (fixed, searched)
+    rounds: Mapping[str, Distribution]
+    rounds_fixed: Mapping[str, Any] = field(default_factory=dict)
+    resources: Resources = field(default_factory=Resources)
+    scheduler: Scheduler = field(default_factory=Scheduler)
+
+    def suggest(self, trial: Any, *, round: int = 0) -> dict[str, Any]:
+        """One trial's training values, asked of ``trial`` define-by-run.
+
+        A backbone's own parameters are asked under ``<backbone>/<key>`` so that each keeps its
+        own distribution in the sampler's history, and only when that backbone is chosen.
+        """
+        names = list(self.backbones)
+        backbone = trial.suggest_categorical("backbone", names) if len(names) > 1 else names[0]
+        values: dict[str, Any] = {**self.fixed, "backbone": backbone, "epochs": self.scheduler.max_epochs}
+        values |= {k: d.suggest(trial, k) for k, d in self.params.items()}
+        own_fixed, own = self.backbones[backbone]
+        values |= dict(own_fixed)
+        values |= {k: d.suggest(trial, f"{backbone}/{k}") for k, d in own.items()}
+        if round >= 1:
+            values |= dict(self.rounds_fixed)
+            values |= {k: d.suggest(trial, k) for k, d in self.rounds.items()}
+        return values
+
+
+def _parse_distribution(spec: Any, where: str) -> Distribution:
+    if not isinstance(spec, Mapping) or "type" not in spec:
+        raise ConfigError(f"{where}: expected {{type: float|int|categorical, ...}}, got {spec!r}")
+    kind = spec["type"]
+    if kind not in DIST_KEYS:
+        raise ConfigError(f"{where}: unknown distribution type {kind!r} (valid: {', '.join(DIST_KEYS)})")
+    extra = set(spec) - DIST_KEYS[kind] - {"type"}
+    if extra:
+        raise ConfigError(f"{where}: unknown key(s) {sorted(extra)} for a {kind} (valid: {sorted(DIST_KEYS[kind])})")
+    if kind == "categorical":
+        choices = spec.get("choices")
+        if not isinstance(choices, list) or not choices:
+            raise ConfigError(f"{where}: categorical needs a non-empty list of choices")
+        return Distribution(kind, choices=tuple(choices))
+    try:
+        low, high = float(spec["low"]), float(spec["high"])
+        step = float(spec["step"]) if spec.get("step") is not None else None
+    except KeyError as exc:
+        raise ConfigError(f"{where}: a {kind} needs low and high (missing {exc})") from None
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}: low, high and step must be numbers") from None
+    log = bool(spec.get("log", False))
+    problems = []
+    if not low <= high:
+        problems.append(f"low {low:g} is above high {high:g}")
+    if log and low <= 0:
+        problems.append(f"log scale needs low > 0, got {low:g}")
+    if log and step is not None:
+        problems.append("step and log cannot be combined")
+    if kind == "int" and (low != int(low) or high != int(high)):
+        problems.append("an int distribution needs integer low and high")
+    if not (math.isfinite(low) and math.isfinite(high)):
+        problems.append("low and high must be finite")
+    if problems:
+        raise ConfigError(f"{where}: " + "; ".join(problems))
+    return Distribution(kind, low, high, step, log)
+
+
+def _split(section: Any, where: str) -> tuple[dict[str, Any], dict[str, Distribution]]:
+    """A section's entries: distributions (mappings with ``type``) and fixed values (the rest)."""
+    if section is None:
+        return {}, {}
+    if not isinstance(section, Mapping):
+        raise ConfigError(f"{where}: expected a mapping of training keys")
+    fixed, dists = {}, {}
+    for key, value in section.items():
+        if isinstance(value, Mapping) and "type" in value:
+            dists[key] = _parse_distribution(value, f"{where}.{key}")
+        else:
+            fixed[key] = value
+    return fixed, dists
+
+
+def _check_keys(keys: Any, where: str) -> None:
+    for key in keys:
+        head, _, rest = key.partition(".")
+        if head == "model" and rest:
+            continue  # checked against the backbone's config below
+        if key in ("backbone", "model"):
+            raise ConfigError(f"{where}.{key}: list backbones under 'backbones:' and model options as 'model.<key>'")
+        if key not in TRAIN_KEYS:
+            raise ConfigError(f"{where}: unknown key {key!r} (valid: {', '.join(sorted(TRAIN_KEYS))}, model.<key>)")
+
+
+def _section_dataclass(cls: type, raw: Any, where: str) -> Any:
+    if raw is None:
+        return cls()
+    names = {f.name for f in dataclasses.fields(cls)}
+    if not isinstance(raw, Mapping) or set(raw) - names:
+        extra = sorted(set(raw) - names) if isinstance(raw, Mapping) else raw
+        raise ConfigError(f"{where}: unknown key(s) {extra} (valid: {', '.join(sorted(names))})")
+    return cls(**raw)
+
+
+def load_search_space(path: str | Path) -> SearchSpace:
+    """Read and validate a search space; every error names the file and the key."""
+    path = Path(path)
+    raw = read_yaml_mapping(path, what="search space sections")
+    unknown = sorted(set(raw) - set(SECTIONS))
+    if unknown:
+        raise ConfigError(f"{path}: unknown section(s) {unknown} (valid: {', '.join(SECTIONS)})")
+    where = str(path)
+    fixed, fixed_dists = _split(raw.get("fixed"), f"{where}: fixed")
+    if fixed_dists:
+        raise ConfigError(f"{where}: fixed.{next(iter(fixed_dists))} is a distribution; put it under params")
+    params_fixed, params = _split(raw.get("params"), f"{where}: params")
+    if params_fixed:
+        raise ConfigError(f"{where}: params.{next(iter(params_fixed))} is not a distribution; put it under fixed")
+    rounds_fixed, rounds = _split(raw.get("rounds"), f"{where}: rounds")
+    for section, keys in (("fixed", fixed), ("params", params), ("rounds", [*rounds_fixed, *rounds])):
+        _check_keys(keys, f"{where}: {section}")
+    raw_backbones = raw.get("backbones")
+    if not isinstance(raw_backbones, Mapping) or not raw_backbones:
+        raise ConfigError(f"{where}: 'backbones' must map at least one backbone (valid: {', '.join(list_models())})")
+    backbones = {}
+    for name, section in raw_backbones.items():
+        if name not in list_models():
+            raise ConfigError(f"{where}: backbones.{name}: unknown backbone (valid: {', '.join(list_models())})")
+        own_fixed, own = _split(section, f"{where}: backbones.{name}")
+        _check_keys([*own_fixed, *own], f"{where}: backbones.{name}")
+        backbones[name] = (own_fixed, own)
+    space = SearchSpace(
+        name=str(raw.get("name") or path.stem),
+        path=path,
+        fixed=fixed,
+        params=params,
+        backbones=backbones,
+        rounds=rounds,
+        rounds_fixed=rounds_fixed,
+        resources=_section_dataclass(Resources, raw.get("resources"), f"{where}: resources"),
+        scheduler=_section_dataclass(Scheduler, raw.get("scheduler"), f"{where}: scheduler"),
+    )
+    _validate_points(space)
+    return space
+
+
+def _validate_points(space: SearchSpace) -> None:
+    """Build the training and model configs at every extreme of every distribution, per backbone,
+    so that a bad value (a width of 0, a fusion name typo) fails now, not in trial 17."""
+    for name, (own_fixed, own) in space.backbones.items():
+        searched = {**space.params, **own, **space.rounds}
+        base = {**space.fixed, **space.rounds_fixed, **own_fixed, "backbone": name}
+        points = [{}] + [{k: v} for k, d in searched.items() for v in d.extremes()]
+        for point in points:
+            values = {**base, **{k: d.extremes()[0] for k, d in searched.items()}, **point}
+            where = f"{space.path}: backbone {name} with {point or 'the low end'}"
+            cfg = make_config(values, where=where)
+            apply_overrides(model_class(name).config_class(), dict(cfg.model), where=f"{where}: model")

@@ -1,0 +1,105 @@
+"""Search spaces: every shipped file validates; conditional sampling; errors name file and key."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import optuna
+import pytest
+
+from raysc.config import make_config
+from raysc.errors import ConfigError
+from raysc.search_space import load_search_space
+
+SPACES = sorted((Path(__file__).resolve().parent.parent / "search_spaces").glob("*.yaml"))
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def test_one_space_per_backbone_and_one_over_all():
+    assert {p.stem for p in SPACES} == {"all_backbones", "setrans", "resnet_cbam", "mobileascnet", "ascmamba", "rm3"}
+
+
+@pytest.mark.parametrize("path", SPACES, ids=lambda p: p.stem)
+def test_shipped_spaces_load_and_sample_valid_configs(path):
+    space = load_search_space(path)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    for round_ in (0, 1):
+        for _ in range(5):
+            trial = study.ask()
+            values = space.suggest(trial, round=round_)
+            cfg = make_config(values)
+            assert cfg.backbone in space.backbones and cfg.epochs == space.scheduler.max_epochs
+            study.tell(trial, 0.5)
+    required = {"lr", "weight_decay", "mixup_alpha", "spec_augment", "city_dropout", "model.fusion", "batch_size"}
+    assert required <= set(space.params)
+    assert {"pseudo_threshold", "pseudo_weight"} <= set(space.rounds)
+
+
+def test_conditional_space_never_samples_another_backbones_parameters():
+    space = load_search_space(SPACES[[p.stem for p in SPACES].index("all_backbones")])
+    study = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=0, n_startup_trials=5))
+    chosen = set()
+    for i in range(40):
+        trial = study.ask()
+        values = space.suggest(trial)
+        backbone = values["backbone"]
+        chosen.add(backbone)
+        own = {k.split("/", 1)[0] for k in trial.params if "/" in k}
+        assert own <= {backbone}, (backbone, trial.params)
+        for other, (_, dists) in space.backbones.items():
+            if other != backbone:
+                assert not set(dists) & (set(values) - set(space.backbones[backbone][1]) - set(space.params))
+        study.tell(trial, float(i % 7))
+    assert len(chosen) == 5
+
+
+def test_round_parameters_only_from_round_one():
+    space = load_search_space(SPACES[[p.stem for p in SPACES].index("setrans")])
+    trial = optuna.create_study().ask()
+    assert "pseudo_threshold" not in space.suggest(trial, round=0)
+    values = space.suggest(optuna.create_study().ask(), round=1)
+    assert 0.5 <= values["pseudo_threshold"] <= 0.95 and 0.1 <= values["pseudo_weight"] <= 1.0
+
+
+BASE = """\
+backbones:
+  setrans:
+    model.dropout: {type: float, low: 0.0, high: 0.3}
+"""
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("params:\n  lrr: {type: float, low: 0.1, high: 0.2}\n", "params: unknown key 'lrr' (valid: amp,"),
+        ("params:\n  lr: {type: float, low: 0.2, high: 0.1}\n", "params.lr: low 0.2 is above high 0.1"),
+        ("params:\n  lr: {type: float, low: 0.0, high: 0.1, log: true}\n", "params.lr: log scale needs low > 0"),
+        ("params:\n  lr: {type: floaty, low: 0.0, high: 0.1}\n", "params.lr: unknown distribution type 'floaty'"),
+        ("params:\n  lr: {type: float, low: 0.1, hi: 0.2}\n", "params.lr: unknown key(s) ['hi'] for a float"),
+        ("params:\n  batch_size: {type: categorical, choices: []}\n", "needs a non-empty list of choices"),
+        ("params:\n  lr: 0.1\n", "params.lr is not a distribution; put it under fixed"),
+        ("fixed:\n  lr: {type: float, low: 0.1, high: 0.2}\n", "fixed.lr is a distribution; put it under params"),
+        ("sampler: tpe\n", "unknown section(s) ['sampler'] (valid: name, fixed, params"),
+        ("resources: {gpus: 1}\n", "resources: unknown key(s) ['gpus'] (valid: cpus_per_worker, gpus_per_worker"),
+        ("params:\n  model.width: {type: float, low: 0.0, high: 1.0}\n", "width must be > 0"),
+        ("params:\n  model.fusion: {type: categorical, choices: [concat, sum]}\n", "unknown fusion 'sum'"),
+        ("params:\n  model.widht: {type: float, low: 0.5, high: 1.0}\n", "unknown option(s) ['widht'] for"),
+    ],
+)
+def test_errors_name_the_file_and_key(tmp_path, text, message):
+    path = tmp_path / "space.yaml"
+    path.write_text(BASE + text)
+    with pytest.raises(ConfigError) as err:
+        load_search_space(path)
+    assert str(path) in str(err.value) and message in str(err.value)
+
+
+def test_unknown_or_missing_backbones(tmp_path):
+    path = tmp_path / "space.yaml"
+    path.write_text("backbones:\n  resnet50: {}\n")
+    with pytest.raises(ConfigError, match=re.escape("backbones.resnet50: unknown backbone (valid: ascmamba,")):
+        load_search_space(path)
+    path.write_text("params: {}\n")
+    with pytest.raises(ConfigError, match="'backbones' must map at least one backbone"):
+        load_search_space(path)

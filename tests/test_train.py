@@ -1,0 +1,221 @@
+"""fit / predict without Ray: outputs, determinism, resume, augmentation, pseudo-labels, errors."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from raysc.config import TrainConfig, load_config, make_config, parse_sets
+from raysc.data import CLASSES
+from raysc.errors import ConfigError, DataError, RayscError
+from raysc.loader import Batch
+from raysc.models import load_model
+from raysc.train import augment, check_run_dir, fit, lr_factor, soft_cross_entropy
+
+FRONTEND = {"sample_rate": 8000, "n_fft": 256, "win_length": 256, "hop_length": 128, "n_mels": 32,
+            "f_min": 0.0, "f_max": 4000.0, "frames": None}  # fmt: skip
+
+
+def tiny_config(**kw) -> TrainConfig:
+    values = {"backbone": "mobileascnet", "model": {"width": 0.25, "frontend": FRONTEND}, "epochs": 2,
+              "batch_size": 16, "lr": 3e-3, "seed": 0, **kw}  # fmt: skip
+    return make_config(values)
+
+
+def test_fit_writes_a_complete_run(prepared, tmp_path):
+    result = fit(tiny_config(epochs=3), prepared.out, out_dir=tmp_path / "run")
+    run = tmp_path / "run"
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert [h["epoch"] for h in metrics["history"]] == [1, 2, 3]
+    best = metrics["best"]
+    for key in ("macro_accuracy", "accuracy", "log_loss", "per_class", "per_city", "seen_city_macro_accuracy",
+                "confusion", "epoch"):  # fmt: skip
+        assert key in best
+    assert best["macro_accuracy"] == max(h["macro_accuracy"] for h in metrics["history"])
+    m = prepared.manifest
+    val = m[(m["subset"] == "labelled") & (m["fold"] == 0)]
+    preds = pd.read_csv(run / "val_predictions.csv")
+    assert list(preds.columns) == ["filename", *CLASSES]
+    assert sorted(preds["filename"]) == sorted(val["filename"])
+    assert np.allclose(preds[list(CLASSES)].sum(axis=1), 1.0, atol=1e-5)
+    assert np.array(best["confusion"]).sum() == len(val)
+    model = load_model(run / "model.pt")
+    assert model.artefact["metrics"]["macro_accuracy"] == best["macro_accuracy"]
+    assert json.loads((run / "config.json").read_text())["train"]["backbone"] == "mobileascnet"
+    assert result.best["epoch"] == best["epoch"]
+    with pytest.raises(RayscError, match="already holds a finished run"):
+        check_run_dir(run)
+
+
+def test_same_seed_same_metrics(prepared):
+    cfg = tiny_config(mixup_alpha=0.4, time_shift=0.1, spec_augment=1, city_dropout=0.2)
+    a, b = fit(cfg, prepared.out), fit(cfg, prepared.out)
+    strip = lambda h: [{k: v for k, v in e.items() if k != "epoch_seconds"} for e in h]  # noqa: E731
+    assert strip(a.history) == strip(b.history)
+    assert strip(a.history) != strip(fit(tiny_config(seed=1), prepared.out).history)
+
+
+def test_resume_continues_exactly(prepared, tmp_path):
+    straight = fit(tiny_config(epochs=4, mixup_alpha=0.4), prepared.out)
+    fit(tiny_config(epochs=2, mixup_alpha=0.4), prepared.out, checkpoint_dir=tmp_path / "ck")
+    (checkpoint,) = sorted((tmp_path / "ck").glob("epoch-*"))
+    assert checkpoint.name == "epoch-0002"  # only the latest is kept
+    resumed = fit(tiny_config(epochs=4, mixup_alpha=0.4), prepared.out, resume=checkpoint, out_dir=tmp_path / "run")
+    strip = lambda h: [{k: v for k, v in e.items() if k != "epoch_seconds"} for e in h]  # noqa: E731
+    assert strip(resumed.history) == strip(straight.history)
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["resumed_at_epochs"] == [3]
+
+
+def test_early_stopping(prepared):
+    result = fit(tiny_config(epochs=30, patience=1, lr=1e-6), prepared.out)
+    assert len(result.history) < 30
+    assert len(result.history) == result.best["epoch"] + 1
+
+
+def _batch(n=6, length=100):
+    wave = torch.arange(n * length, dtype=torch.float32).reshape(n, length)
+    target = torch.eye(len(CLASSES))[torch.arange(n) % len(CLASSES)]
+    return Batch(
+        wave, torch.zeros(n, dtype=torch.long), torch.zeros(n, 7), target, torch.ones(n), [str(i) for i in range(n)]
+    )
+
+
+def test_mixup_mixes_inputs_targets_and_weights():
+    b = _batch()
+    out = augment(b, tiny_config(mixup_alpha=1.0, mixup_prob=1.0), 8000, torch.Generator().manual_seed(0))
+    assert not torch.equal(out.wave, b.wave)
+    lam = out.target.max(dim=1).values
+    mixed = lam < 1  # a clip the permutation paired with itself stays as it was
+    assert mixed.sum() >= 4
+    assert torch.allclose(lam[mixed], lam[mixed][0].expand(int(mixed.sum()))) and lam[mixed][0] >= 0.5
+    partner = out.target.argsort(dim=1)[:, -2]  # the other clip's class; clip j has class j here
+    for i in range(6):
+        j = int(partner[i]) if mixed[i] else i
+        expect = lam[i] * b.wave[i] + (1 - lam[i]) * b.wave[j]
+        assert torch.allclose(out.wave[i], expect), i
+    assert torch.allclose(out.target.sum(1), torch.ones(6))
+    unchanged = augment(b, tiny_config(mixup_alpha=1.0, mixup_prob=0.0), 8000, torch.Generator().manual_seed(0))
+    assert torch.equal(unchanged.wave, b.wave)
+
+
+def test_time_shift_is_circular():
+    b = _batch()
+    out = augment(b, tiny_config(time_shift=0.005), 8000, torch.Generator().manual_seed(1))  # up to 40 samples
+    shifted = 0
+    for i in range(6):
+        rolls = [k for k in range(-40, 41) if torch.equal(torch.roll(b.wave[i], k), out.wave[i])]
+        assert len(rolls) == 1
+        shifted += rolls[0] != 0
+    assert shifted > 0
+
+
+def test_soft_cross_entropy_weights_and_soft_targets():
+    logits = torch.randn(4, 10)
+    hard = torch.eye(10)[[1, 2, 3, 4]]
+    assert torch.allclose(
+        soft_cross_entropy(logits, hard, torch.ones(4)), torch.nn.functional.cross_entropy(logits, hard.argmax(1))
+    )
+    w = torch.tensor([1.0, 0.0, 0.0, 0.0])
+    assert torch.allclose(
+        soft_cross_entropy(logits, hard, w), torch.nn.functional.cross_entropy(logits[:1], hard[:1].argmax(1))
+    )
+    soft = torch.full((4, 10), 0.1)
+    expected = -(torch.log_softmax(logits, -1) * 0.1).sum(-1).mean()
+    assert torch.allclose(soft_cross_entropy(logits, soft, torch.ones(4)), expected)
+
+
+def test_schedules():
+    step = tiny_config(schedule="step", step_size=2, gamma=0.9, epochs=10)
+    assert [round(lr_factor(step, e), 4) for e in range(5)] == [1.0, 1.0, 0.9, 0.9, 0.81]
+    cos = tiny_config(schedule="cosine", epochs=5, lr=1e-3, min_lr=1e-4)
+    assert lr_factor(cos, 0) == pytest.approx(1.0) and lr_factor(cos, 4) == pytest.approx(0.1)
+    warm = tiny_config(schedule="constant", warmup_epochs=3)
+    assert [lr_factor(warm, e) for e in range(5)] == [0.25, 0.5, 0.75, 1.0, 1.0]
+
+
+def _pseudo_csv(path, names, probs=None):
+    probs = np.full((len(names), len(CLASSES)), 1 / len(CLASSES)) if probs is None else probs
+    pd.DataFrame(probs, columns=list(CLASSES)).assign(filename=names)[["filename", *CLASSES]].to_csv(path, index=False)
+    return path
+
+
+def test_pseudo_labels_from_validation_sessions_never_train(prepared, tmp_path):
+    m = prepared.manifest
+    unl = m[m["subset"] == "unlabelled"]
+    probs = np.eye(len(CLASSES))[np.arange(len(unl)) % len(CLASSES)] * 0.9 + 0.01
+    path = _pseudo_csv(tmp_path / "p.csv", list(unl["filename"]), probs)
+    result = fit(tiny_config(epochs=1, pseudo_labels=str(path), pseudo_weight=0.5), prepared.out)
+    train_labelled = ((m["subset"] == "labelled") & (m["fold"] != 0)).sum()
+    assert result.history[0]["train_clips"] == train_labelled + (unl["fold"] != 0).sum()
+    high = fit(tiny_config(epochs=1, pseudo_labels=str(path), pseudo_threshold=0.95), prepared.out)
+    assert high.history[0]["train_clips"] == train_labelled  # 0.91 < 0.95: none kept
+    bad = _pseudo_csv(tmp_path / "bad.csv", [m[m["subset"] == "labelled"]["filename"].iloc[0], "nope"])
+    with pytest.raises(DataError) as err:
+        fit(tiny_config(epochs=1, pseudo_labels=str(bad)), prepared.out)
+    assert "is not an unlabelled development clip" in str(err.value) and "'nope'" in str(err.value)
+
+
+def test_init_from_reset_head_and_freeze(prepared, tmp_path):
+    fit(tiny_config(epochs=1), prepared.out, out_dir=tmp_path / "pre")
+    pre = load_model(tmp_path / "pre" / "model.pt").state_dict()
+    cfg = tiny_config(epochs=1, init_from=str(tmp_path / "pre" / "model.pt"), reset_head=True,
+                      freeze=["blocks.0", "blocks.1"], lr=0.1)  # fmt: skip
+    tuned = fit(cfg, prepared.out).model.state_dict()
+    for name in pre:
+        if name.startswith(("blocks.0.", "blocks.1.")) and "running" not in name and "num_batches" not in name:
+            assert torch.equal(tuned[name], pre[name]), name  # frozen
+    assert not torch.equal(tuned["blocks.2.entry.0.weight"], pre["blocks.2.entry.0.weight"])  # trained
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"backbone": "resnet50"}, "unknown backbone 'resnet50'"),
+        ({"backbone": "setrans", "learning_rate": 1e-3}, "unknown key 'learning_rate' (valid: amp, backbone"),
+        ({"backbone": "setrans", "optimizer": "lamb"}, "optimizer 'lamb' (valid: adam, adamw, sgd)"),
+        ({"backbone": "setrans", "lr": "fast"}, "lr must be a number, got 'fast'"),
+        ({"backbone": "setrans", "epochs": 2.5}, "epochs must be an integer, got 2.5"),
+        ({"backbone": "setrans", "mixup_prob": 1.5}, "mixup_prob must be in [0, 1], got 1.5"),
+    ],
+)
+def test_config_errors_name_the_key(values, message):
+    with pytest.raises(ConfigError) as err:
+        make_config(values)
+    assert message in str(err.value)
+
+
+def test_yaml_numbers_and_sets(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("backbone: rm3\nlr: 1e-4\nmodel:\n  width: 5e-1\nfreeze: blocks.0\n")
+    cfg = make_config(load_config(path))
+    assert cfg.lr == 1e-4 and cfg.freeze == ("blocks.0",)
+    assert parse_sets(["lr=3e-4", "model.width=0.5", "pseudo_labels="]) == {"lr": "3e-4", "model.width": 0.5,
+                                                                             "pseudo_labels": None}  # fmt: skip
+    assert make_config({"backbone": "rm3", **parse_sets(["lr=3e-4"])}).lr == 3e-4
+    with pytest.raises(ConfigError, match="--set expects key=value, got 'lr'"):
+        parse_sets(["lr"])
+    path.write_text("- a\n")
+    with pytest.raises(ConfigError, match="expected a mapping of training options"):
+        load_config(path)
+
+
+def test_data_problems_stop_before_training(prepared, tmp_path):
+    with pytest.raises(ConfigError, match="expects 44100 Hz audio but the data is at 8000 Hz"):
+        fit(make_config({"backbone": "setrans", "epochs": 1}), prepared.out)
+    with pytest.raises(ConfigError, match=r"fold 7 does not exist .* \(folds: \[0, 1, 2\], or -1\)"):
+        fit(tiny_config(fold=7), prepared.out)
+    with pytest.raises(ConfigError, match="freeze: no parameter of mobileascnet starts with 'encoder'"):
+        fit(tiny_config(freeze=["encoder"]), prepared.out)
+    with pytest.raises(DataError, match="not a prepared data folder"):
+        fit(tiny_config(), tmp_path)
+
+
+def test_fold_minus_one_trains_on_everything(prepared, tmp_path):
+    result = fit(tiny_config(fold=-1, epochs=1), prepared.out, out_dir=tmp_path / "all")
+    assert result.best == {} and result.predictions is None
+    assert result.history[0]["train_clips"] == (prepared.manifest["subset"] == "labelled").sum()
+    assert (tmp_path / "all" / "model.pt").is_file() and not (tmp_path / "all" / "val_predictions.csv").exists()
