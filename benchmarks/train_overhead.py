@@ -5,7 +5,8 @@ Side by side in one run, the same backbone, clips, batch size and epochs:
   epoch; nothing else;
 - fit: ``raysc.train.fit`` in this process (loaders from the memory-mapped store, metrics,
   checkpoints, outputs);
-- ray x1 / ray x2: ``raysc train`` through Ray Train with 1 and 2 workers (gloo on the CPU).
+- ray x1 / ray x2: ``raysc train`` through Ray Train with 1 worker on all cores and 2 workers
+  on half each (Ray gives a worker one torch thread per CPU it holds; gloo between workers).
 Reported: wall time of the whole call (Ray's start-up included) and steady-state seconds per
 epoch (epochs 2.., from each run's own timing), with ratios to the bare loop.
 
@@ -16,6 +17,7 @@ epoch (epochs 2.., from each run's own timing), with ratios to the bare loop.
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -44,12 +46,12 @@ def bare_loop(cfg, data_dir: Path) -> tuple[float, list[float]]:
                                                              sample_rate=data.store.spec.sample_rate))  # fmt: skip
     x = torch.from_numpy(data.store.load(tr["filename"]))
     y = torch.from_numpy(one_hot(tr["label"], list(CLASSES)))
-    city = torch.from_numpy(tr["city_idx"].to_numpy())
+    city = torch.from_numpy(tr["city_idx"].to_numpy().copy())
     tm = torch.from_numpy(
         tr[[c for c in m.columns if c.startswith(("tod", "dow", "doy", "weekend"))]].to_numpy(np.float32)
     )
     xv = torch.from_numpy(data.store.load(va["filename"]))
-    cv = torch.from_numpy(va["city_idx"].to_numpy())
+    cv = torch.from_numpy(va["city_idx"].to_numpy().copy())
     tv = torch.from_numpy(
         va[[c for c in m.columns if c.startswith(("tod", "dow", "doy", "weekend"))]].to_numpy(np.float32)
     )
@@ -102,9 +104,11 @@ def main(argv: list[str] | None = None) -> int:
         runs["raysc fit (no Ray)"] = (time.perf_counter() - t, [h["epoch_seconds"] for h in res.history])
         labelled = res.history[0]["train_clips"]
         init_ray()
+        cores = os.cpu_count() or 1
         for workers in (1, 2):
+            # Ray gives a worker as many torch threads as CPUs: split the cores as the bare loop uses them.
             t = time.perf_counter()
-            metrics = train(cfg, data, Path(tmp) / f"ray{workers}", workers=workers)
+            metrics = train(cfg, data, Path(tmp) / f"ray{workers}", workers=workers, cpus_per_worker=cores / workers)
             runs[f"raysc train --workers {workers}"] = (time.perf_counter() - t,
                                                          [h["epoch_seconds"] for h in metrics["history"]])  # fmt: skip
     base_total, base_epochs = runs["bare PyTorch loop"]

@@ -111,7 +111,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
             values[key] = getattr(args, key)
     cfg = make_config(values, where=str(args.config or "options"))
     metrics = train(cfg, args.data, args.out, workers=args.workers, gpus_per_worker=args.gpus_per_worker,
-                    address=args.address, max_failures=args.max_failures)  # fmt: skip
+                    cpus_per_worker=args.cpus_per_worker, address=args.address,
+                    max_failures=args.max_failures)  # fmt: skip
     best = metrics["best"]
     if best:
         print(f"best epoch {best['epoch']}: macro accuracy {best['macro_accuracy']:.4f}, accuracy "
@@ -190,6 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fold", type=int, help="validation fold (-1: train on every labelled clip)")
     p.add_argument("--workers", type=int, default=1, help="data-parallel workers (default 1)")
     p.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs per worker (default 0: CPU)")
+    p.add_argument(
+        "--cpus-per-worker", type=float, default=1.0, help="CPUs per worker; also its torch threads (default 1)"
+    )
     p.add_argument("--max-failures", type=int, default=1, help="worker restarts allowed (default 1)")
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
     p.set_defaults(func=_cmd_train)

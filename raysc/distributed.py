@@ -39,7 +39,10 @@ def init_ray(address: str | None = None, **kwargs: Any) -> None:
 def _train_worker(config: dict[str, Any]) -> None:
     """Runs in every Ray Train worker: ``fit`` with Ray's checkpoint and report plumbing."""
     import ray.train
+    import torch
 
+    # Ray Train workers start with one torch thread whatever CPUs they reserved: use them all.
+    torch.set_num_threads(config["threads"])
     ctx = ray.train.get_context()
     cfg = make_config(config["train"])
     checkpoint = ray.train.get_checkpoint()
@@ -93,7 +96,12 @@ def train(
     score = {"checkpoint_score_attribute": "macro_accuracy", "checkpoint_score_order": "max"} if cfg.fold != -1 else {}
     trainer = TorchTrainer(
         _train_worker,
-        train_loop_config={"train": cfg.to_dict(), "data_dir": str(Path(data_dir).resolve()), "out_dir": str(out_dir)},
+        train_loop_config={
+            "train": cfg.to_dict(),
+            "data_dir": str(Path(data_dir).resolve()),
+            "out_dir": str(out_dir),
+            "threads": max(1, int(cpus_per_worker)),
+        },  # fmt: skip
         scaling_config=scaled,
         run_config=ray.train.RunConfig(
             # A stable name: a restarted run finds its own checkpoints.
