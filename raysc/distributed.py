@@ -101,7 +101,7 @@ def train(
             "data_dir": str(Path(data_dir).resolve()),
             "out_dir": str(out_dir),
             "threads": max(1, int(cpus_per_worker)),
-        },  # fmt: skip
+        },
         scaling_config=scaled,
         run_config=ray.train.RunConfig(
             # A stable name: a restarted run finds its own checkpoints.
