@@ -27,12 +27,14 @@ def machine() -> dict[str, Any]:
     }
 
 
-def write_results(name: str, result: dict[str, Any], markdown: str) -> Path:
-    """Write results/bench/<name>.json and .md; return the JSON path."""
+def write_results(name: str, result: dict[str, Any], markdown: str) -> int:
+    """Write results/bench/<name>.json and .md, show the table; return the exit code 0."""
     path = RESULTS / f"{name}.json"
     write_json(path, {**result, "machine": machine()})
     write_text(RESULTS / f"{name}.md", markdown)
-    return path
+    print(markdown)
+    print(f"wrote {path}")
+    return 0
 
 
 def md_table(header: list[str], rows: list[list[Any]]) -> str:

@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("names", nargs="*", help="backbones (default: all)")
     parser.add_argument("--widths", type=float, nargs="+", default=[1.0, 0.25])
-    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--seconds", type=float, default=10.0, help="clip length")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--amp", choices=["bf16"], default=None)
@@ -72,14 +72,11 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.seconds:g} s clips; this machine's {precision} 2048x2048 matmul: {peak:.1f} GFLOP/s.\n\n"
         + md_table(["backbone", "width", "params", "GMACs/clip", "train clips/s", "GFLOP/s", "of matmul"], rows)
     )
-    path = write_results(
+    return write_results(
         f"models_{args.device}" + ("_bf16" if args.amp else "") + ("_smoke" if args.smoke_test else ""),
         {"args": vars(args), "matmul_gflops": peak, "runs": runs},
         md,
     )
-    print(md)
-    print(f"wrote {path}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -146,14 +146,11 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.eval_clips} eval clips of {args.clip_seconds:g} s. Chance is 0.100.\n\n"
         + md_table(["features", "eval macro acc (mean ± std)", "seen cities", "unseen cities"], rows)
     )
-    path = write_results(
+    return write_results(
         "synth_difficulty" + ("_smoke" if args.smoke_test else ""),
         {"args": vars(args), "runs": runs, "summary": summary},
         md,
     )
-    print(md)
-    print(f"wrote {path}")
-    return 0
 
 
 if __name__ == "__main__":

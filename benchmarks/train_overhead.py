@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--backbone", default="rm3")
     parser.add_argument("--width", type=float, default=0.5)
-    parser.add_argument("--clips", type=int, default=800)
+    parser.add_argument("--clips", type=int, default=480)
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--smoke-test", action="store_true")
@@ -127,12 +127,9 @@ def main(argv: list[str] | None = None) -> int:
         "on this machine's CPU cores, in one run.\n\n"
         + md_table(["run", "wall s", "wall / bare", "s per epoch (steady)", "epoch / bare", "train clips/s"], rows)
     )
-    path = write_results(
+    return write_results(
         "train_overhead" + ("_smoke" if args.smoke_test else ""), {"args": vars(args), "runs": result}, md
     )
-    print(md)
-    print(f"wrote {path}")
-    return 0
 
 
 if __name__ == "__main__":
