@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
                          f"{gflops / peak:.2f}"])  # fmt: skip
             print(rows[-1], flush=True)
     precision = "bf16 autocast" if args.amp else "fp32"
-    cmd = "python benchmarks/models.py" + (" --smoke-test" if args.smoke_test else "")
+    cmd = " ".join(["python benchmarks/models.py", *args.names] + (["--smoke-test"] if args.smoke_test else []))
     md = (
         f"# Backbone training speed ({args.device}, {precision})\n\n`{cmd}`: batch {args.batch}, "
         f"{args.seconds:g} s clips; this machine's {precision} 2048x2048 matmul: {peak:.1f} GFLOP/s.\n\n"
