@@ -32,6 +32,7 @@ from .fileio import write_csv, write_json
 from .loader import Batch, ClipTable, make_loader
 from .metrics import classification_report, confusion_matrix
 from .models import ASCModel, create_model, load_model, save_model
+from .models.base import config_to_dict
 
 log = logging.getLogger(__name__)
 
@@ -388,17 +389,11 @@ def _scalars(report: dict) -> dict:
 def _write_outputs(out_dir: Path, cfg: TrainConfig, model: ASCModel, metrics: dict,
                    predictions: pd.DataFrame | None) -> None:  # fmt: skip
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_json(out_dir / "config.json", {"train": cfg.to_dict(), "model": _config_json(model)})
+    write_json(out_dir / "config.json", {"train": cfg.to_dict(), "model": config_to_dict(model.cfg)})
     save_model(model, out_dir / "model.pt", metrics=_scalars(metrics["best"]), train_config=cfg.to_dict())
     write_json(out_dir / "metrics.json", metrics)
     if predictions is not None:
         write_csv(out_dir / "val_predictions.csv", predictions)
-
-
-def _config_json(model: ASCModel) -> dict:
-    import dataclasses
-
-    return json.loads(json.dumps(dataclasses.asdict(model.cfg)))
 
 
 def check_run_dir(out_dir: str | Path) -> None:

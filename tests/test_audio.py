@@ -110,6 +110,13 @@ def test_store_round_trip_matches_decoder(tmp_path):
         store.load(["nope"])
 
 
+def test_store_with_a_damaged_index_is_refused(tmp_path):
+    build_store(tmp_path / "store", _files(tmp_path, 3), sample_rate=SR, num_samples=SR // 4, workers=1)
+    (tmp_path / "store" / "index.txt").write_text("c000\n")
+    with pytest.raises(DataError, match=r"index\.txt: 1 names for 3 rows"):
+        FeatureStore.open(tmp_path / "store")
+
+
 def test_store_pickles_without_its_memory_map(tmp_path):
     store = build_store(tmp_path / "store", _files(tmp_path, 3), sample_rate=SR, num_samples=SR // 4, workers=1)
     store.load(["c000"])

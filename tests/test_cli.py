@@ -111,3 +111,15 @@ def test_bad_arguments_exit_with_usage(capsys):
         main(["prepare", "--dev-meta", "x"])
     assert exit_.value.code == 2
     assert "the following arguments are required" in capsys.readouterr().err
+
+
+def test_models_and_train_argument_errors(tmp_path, caplog):
+    assert main(["models", "resnet"]) == 2
+    assert "unknown backbone(s) ['resnet'] (valid: ascmamba" in caplog.text
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("epochs: 2\n")
+    assert main(["train", "--data", str(tmp_path), "--out", str(tmp_path / "run"), "--config", str(cfg)]) == 2
+    assert "give --backbone NAME or a --config file that sets backbone" in caplog.text
+    cfg.write_text("backbone: setrans\nlearning_rate: 0.1\n")
+    assert main(["train", "--data", str(tmp_path), "--out", str(tmp_path / "run"), "--config", str(cfg)]) == 2
+    assert "unknown key 'learning_rate'" in caplog.text and not (tmp_path / "run").exists()

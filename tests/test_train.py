@@ -153,6 +153,9 @@ def test_pseudo_labels_from_validation_sessions_never_train(prepared, tmp_path):
     assert result.history[0]["train_clips"] == train_labelled + (unl["fold"] != 0).sum()
     high = fit(tiny_config(epochs=1, pseudo_labels=str(path), pseudo_threshold=0.95), prepared.out)
     assert high.history[0]["train_clips"] == train_labelled  # 0.91 < 0.95: none kept
+    pd.DataFrame({"filename": ["x"], "Bus": [1.0]}).to_csv(tmp_path / "cols.csv", index=False)
+    with pytest.raises(DataError, match=r"cols.csv: missing column\(s\) \['Airport'"):
+        fit(tiny_config(epochs=1, pseudo_labels=str(tmp_path / "cols.csv")), prepared.out)
     bad = _pseudo_csv(tmp_path / "bad.csv", [m[m["subset"] == "labelled"]["filename"].iloc[0], "nope"])
     with pytest.raises(DataError) as err:
         fit(tiny_config(epochs=1, pseudo_labels=str(bad)), prepared.out)

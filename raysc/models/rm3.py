@@ -131,8 +131,7 @@ class RM3(ASCModel):
         # Global depthwise conv: its kernel covers the whole map of a 10 s clip; other lengths
         # are pooled to that size first (a no-op at 10 s).
         self.gdc_pool = nn.AdaptiveAvgPool2d(cfg.gdc_size)
-        self.gdc = _conv_bn(conv, conv, cfg.gdc_size[0], groups=conv, act=False)
-        self.gdc[0] = nn.Conv2d(conv, conv, cfg.gdc_size, groups=conv, bias=False)
+        self.gdc = nn.Sequential(nn.Conv2d(conv, conv, cfg.gdc_size, groups=conv, bias=False), nn.BatchNorm2d(conv))
         emb = scaled(cfg.embedding, cfg.width)
         self.embedding = nn.Sequential(nn.Linear(conv, emb, bias=False), nn.BatchNorm1d(emb))
         self.fusion = Fusion(cfg.fusion, emb, self.meta.out_dim, hidden=emb)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
@@ -76,12 +75,11 @@ def summarize(
     seconds: float = 10.0,
     bench: bool = False,
     batch: int = 8,
-    overrides: dict[str, Any] | None = None,
 ) -> list[ModelSummary]:
     out = []
     for name in names or list_models():
         torch.manual_seed(0)
-        model = create_model(name, width=width, **(overrides or {}))
+        model = create_model(name, width=width)
         tput = training_throughput(model, batch=batch, seconds=seconds) if bench else None
         out.append(
             ModelSummary(name, width, count_parameters(model), count_macs(model, seconds=seconds), seconds, tput)
