@@ -121,6 +121,18 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_search(args: argparse.Namespace) -> int:
+    from .search import describe, search
+
+    result = search(args.space, data=args.data, experiment=args.experiment, trials=args.trials,
+                    max_epochs=args.max_epochs, time_budget_minutes=args.time_budget, fold=args.fold,
+                    round=args.round, pseudo_candidates=args.pseudo_candidates, seed=args.seed,
+                    max_concurrent=args.max_concurrent, resume=args.resume, address=args.address,
+                    progress=lambda line: print(line, flush=True))  # fmt: skip
+    print(describe(result))
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="raysc",
@@ -197,6 +209,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-failures", type=int, default=1, help="worker restarts allowed (default 1)")
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
     p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("search", help="hyperparameter search: Ray Tune + Optuna (TPE) + ASHA, one round")
+    p.add_argument("space", type=Path, help="search space YAML (see search_spaces/)")
+    p.add_argument("--data", type=Path, required=True, help="prepared data folder")
+    p.add_argument("--experiment", type=Path, required=True, help="experiment folder (rounds, trials, ensembles)")
+    p.add_argument("--trials", type=int, default=8, help="trials to run (default 8)")
+    p.add_argument("--max-epochs", type=int, help="epochs of a trial that is never stopped (default: the space's)")
+    p.add_argument("--time-budget", type=float, metavar="MINUTES", help="start no trial after this long")
+    p.add_argument("--fold", type=int, default=0, help="validation fold (default 0)")
+    p.add_argument("--round", type=int, default=0, help="semi-supervised round (default 0: labelled clips only)")
+    p.add_argument("--pseudo-candidates", type=Path, metavar="CSV", help="pseudo-label candidates (round >= 1)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampler and of every trial (default 0)")
+    p.add_argument("--max-concurrent", type=int, help="trials at once (default: what the cluster's CPUs/GPUs fit)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted search in --experiment")
+    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    p.set_defaults(func=_cmd_search)
     return parser
 
 

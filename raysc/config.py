@@ -50,10 +50,15 @@ class TrainConfig:
     fold: int = 0  # validation fold; -1 trains on every labelled clip without validation
     seed: int = 0
     loader_workers: int = 0
-    # Pseudo-labels: a CSV (filename + one probability column per class) of unlabelled clips.
+    # Pseudo-labels: candidates (filename + one probability column per class) of unlabelled clips,
+    # selected per run (raysc.pseudo).
     pseudo_labels: str | None = None
     pseudo_threshold: float = 0.0
     pseudo_weight: float = 1.0
+    pseudo_adaptive: bool = False  # per-class thresholds scaled by each class's mean confidence
+    pseudo_balance: bool = False  # cap every class at the rarest kept class's count
+    pseudo_targets: str = "hard"  # hard (top class) or soft (the ensemble's probabilities)
+    pseudo_confidence_weight: bool = False  # weight each clip by its confidence
     # Initialisation from a model artefact (pretrain -> fine-tune)
     init_from: str | None = None
     reset_head: bool = False
@@ -67,6 +72,8 @@ class TrainConfig:
             problems.append(f"optimizer {self.optimizer!r} (valid: {', '.join(OPTIMIZERS)})")
         if self.schedule not in SCHEDULES:
             problems.append(f"schedule {self.schedule!r} (valid: {', '.join(SCHEDULES)})")
+        if self.pseudo_targets not in ("hard", "soft"):
+            problems.append(f"pseudo_targets {self.pseudo_targets!r} (valid: hard, soft)")
         if self.amp not in ("auto", "bf16", "none"):
             problems.append(f"amp {self.amp!r} (valid: auto, bf16, none)")
         for name in ("lr", "epochs", "batch_size", "step_size"):

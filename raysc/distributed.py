@@ -25,21 +25,37 @@ log = logging.getLogger(__name__)
 RAY_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
 
 
+# A custom resource for search drivers (one Tune trial = one small driver that launches a
+# TorchTrainer). Trials reserve it instead of a CPU, so workers get every CPU without deadlock;
+# cluster.yaml gives it to the head node only, which pins drivers there.
+DRIVER_RESOURCE = "raysc_driver"
+DRIVER_SLOTS = 1000
+
+
 def init_ray(address: str | None = None, **kwargs: Any) -> None:
     """Connect to ``address`` (or ``RAY_ADDRESS``), or start a local Ray; no-op when connected."""
     import ray
 
     if ray.is_initialized():
         return
-    for k, v in RAY_ENV.items():
-        os.environ.setdefault(k, v)  # for a local cluster started here
-    ray.init(address=address or os.environ.get("RAY_ADDRESS"), runtime_env={"env_vars": RAY_ENV}, **kwargs)
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if not address:
+        for k, v in RAY_ENV.items():
+            os.environ.setdefault(k, v)  # for a local cluster started here
+        kwargs.setdefault("resources", {DRIVER_RESOURCE: DRIVER_SLOTS})
+    ray.init(address=address, runtime_env={"env_vars": RAY_ENV}, **kwargs)
 
 
 def _train_worker(config: dict[str, Any]) -> None:
     """Runs in every Ray Train worker: ``fit`` with Ray's checkpoint and report plumbing."""
     import ray.train
     import torch
+
+    if config.get("log_file") and ray.train.get_context().get_world_rank() == 0:
+        handler = logging.FileHandler(config["log_file"])
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+        logging.getLogger("raysc").addHandler(handler)
+        logging.getLogger("raysc").setLevel(logging.INFO)
 
     # Ray Train workers start with one torch thread whatever CPUs they reserved: use them all.
     torch.set_num_threads(config["threads"])
@@ -82,35 +98,15 @@ def train(
     checkpoint, up to ``max_failures`` times.
     """
     import ray.train
-    from ray.train.torch import TorchTrainer
 
     out_dir = Path(out_dir).resolve()
     check_run_dir(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     init_ray(address)
-    scaled = ray.train.ScalingConfig(
-        num_workers=workers,
-        use_gpu=gpus_per_worker > 0,
-        resources_per_worker={"CPU": cpus_per_worker, **({"GPU": gpus_per_worker} if gpus_per_worker else {})},
-    )
-    score = {"checkpoint_score_attribute": "macro_accuracy", "checkpoint_score_order": "max"} if cfg.fold != -1 else {}
-    trainer = TorchTrainer(
-        _train_worker,
-        train_loop_config={
-            "train": cfg.to_dict(),
-            "data_dir": str(Path(data_dir).resolve()),
-            "out_dir": str(out_dir),
-            "threads": max(1, int(cpus_per_worker)),
-        },
-        scaling_config=scaled,
-        run_config=ray.train.RunConfig(
-            # A stable name: a restarted run finds its own checkpoints.
-            name=f"train-{out_dir.name}",
-            storage_path=storage_path or str(out_dir / "ray"),
-            failure_config=ray.train.FailureConfig(max_failures=max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=keep_checkpoints, **score),
-        ),
-    )
+    trainer = make_trainer(cfg, data_dir, out_dir, name=f"train-{out_dir.name}",
+                           storage_path=storage_path or str(out_dir / "ray"), workers=workers,
+                           gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker, max_failures=max_failures,
+                           keep_checkpoints=keep_checkpoints)  # fmt: skip
     try:
         result = trainer.fit()
     except ray.train.TrainingFailedError as exc:
@@ -121,3 +117,49 @@ def train(
     if not metrics_path.is_file():
         raise RayscError(f"training finished but wrote no {metrics_path}")
     return json.loads(metrics_path.read_text())
+
+
+def make_trainer(
+    cfg: TrainConfig,
+    data_dir: str | Path,
+    out_dir: Path,
+    *,
+    name: str,
+    storage_path: str,
+    workers: int,
+    gpus_per_worker: float,
+    cpus_per_worker: float,
+    max_failures: int,
+    keep_checkpoints: int = 2,
+    callbacks: list[Any] | None = None,
+    log_file: Path | None = None,
+) -> Any:
+    """The ``TorchTrainer`` that runs ``fit`` for ``cfg``; ``name`` must be stable so that a
+    restarted run finds its own checkpoints under ``storage_path``."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    scaled = ray.train.ScalingConfig(
+        num_workers=workers,
+        use_gpu=gpus_per_worker > 0,
+        resources_per_worker={"CPU": cpus_per_worker, **({"GPU": gpus_per_worker} if gpus_per_worker else {})},
+    )
+    score = {"checkpoint_score_attribute": "macro_accuracy", "checkpoint_score_order": "max"} if cfg.fold != -1 else {}
+    return TorchTrainer(
+        _train_worker,
+        train_loop_config={
+            "train": cfg.to_dict(),
+            "data_dir": str(Path(data_dir).resolve()),
+            "out_dir": str(out_dir),
+            "threads": max(1, int(cpus_per_worker)),
+            "log_file": str(log_file) if log_file else None,
+        },
+        scaling_config=scaled,
+        run_config=ray.train.RunConfig(
+            name=name,
+            storage_path=storage_path,
+            failure_config=ray.train.FailureConfig(max_failures=max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=keep_checkpoints, **score),
+            callbacks=callbacks or [],
+        ),
+    )

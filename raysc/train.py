@@ -33,6 +33,7 @@ from .loader import Batch, ClipTable, make_loader
 from .metrics import classification_report, confusion_matrix
 from .models import ASCModel, create_model, load_model, save_model
 from .models.base import config_to_dict
+from .pseudo import Selection, read_candidates, select
 
 log = logging.getLogger(__name__)
 
@@ -63,27 +64,18 @@ def one_hot(labels: pd.Series, classes: list[str]) -> np.ndarray:
 
 
 def read_pseudo_labels(path: str | Path, manifest: pd.DataFrame, cfg: TrainConfig, classes: list[str]) -> pd.DataFrame:
-    """Pseudo-labelled clips usable to train fold ``cfg.fold``: unlabelled dev clips outside the
-    validation fold, above the confidence threshold. Columns: filename, one per class, weight."""
-    table = pd.read_csv(path)
-    missing = [c for c in ["filename", *classes] if c not in table.columns]
-    if missing:
-        raise DataError([f"{path}: missing column(s) {missing}"], what="pseudo-labels")
-    rows = manifest.set_index("filename").reindex(table["filename"])
-    problems = [
-        f"{path}:{i + 2}: {name!r} is not an unlabelled development clip"
-        for i, (name, subset) in enumerate(zip(table["filename"], rows["subset"], strict=True))
-        if subset != "unlabelled"
-    ]
-    if problems:
-        raise DataError(problems, what="pseudo-labels")
-    probs = table[classes].to_numpy(np.float32)
-    keep = (rows["fold"].to_numpy() != cfg.fold) & (probs.max(1) >= cfg.pseudo_threshold)
-    weight = table["weight"].to_numpy(np.float32) if "weight" in table else np.ones(len(table), np.float32)
-    out = table.loc[keep, ["filename", *classes]].assign(weight=weight[keep] * cfg.pseudo_weight)
-    log.info("pseudo-labels: %d of %d clips kept (validation fold %d excluded, threshold %.2f)", keep.sum(),
-             len(table), cfg.fold, cfg.pseudo_threshold)  # fmt: skip
-    return out
+    """Pseudo-labelled clips usable to train fold ``cfg.fold``: candidates outside the validation
+    fold, selected with the run's settings. Columns: filename, one target per class, weight."""
+    table = read_candidates(path, manifest, classes)
+    folds = manifest.set_index("filename")["fold"].reindex(table["filename"]).to_numpy()
+    sel = Selection(threshold=cfg.pseudo_threshold, weight=cfg.pseudo_weight, adaptive=cfg.pseudo_adaptive,
+                    balance=cfg.pseudo_balance, targets=cfg.pseudo_targets,
+                    confidence_weight=cfg.pseudo_confidence_weight)  # fmt: skip
+    selected, summary = select(table, classes, sel, exclude=folds == cfg.fold)
+    log.info("pseudo-labels: %d of %d clips kept (validation fold %d excluded, threshold %.2f); per class: %s",
+             len(selected), len(table), cfg.fold, cfg.pseudo_threshold,
+             ", ".join(f"{r['class']} {r['kept']}/{r['candidates']}" for _, r in summary.iterrows()))  # fmt: skip
+    return selected
 
 
 def seed_everything(seed: int) -> None:
@@ -290,8 +282,11 @@ def fit(
     out_dir = Path(out_dir) if out_dir else None
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir else (out_dir / "checkpoint" if out_dir else None)
 
-    # ---- the loop
     best_predictions = None
+    if resume and (Path(resume) / "val_predictions.csv").is_file():
+        best_predictions = pd.read_csv(Path(resume) / "val_predictions.csv")
+
+    # ---- the loop
     for epoch in range(start_epoch, cfg.epochs):
         t0 = time.perf_counter()
         net.train()
@@ -317,8 +312,10 @@ def fit(
         sched.step()
         improved = False
         if val is not None:
+            t_pred = time.perf_counter()
             preds = gather_predictions(predict(net, val, data.store, batch_size=per_rank_batch, device=device,
                                                amp=use_amp))  # fmt: skip
+            predict_seconds = time.perf_counter() - t_pred
             preds = preds.set_index("filename").loc[val_rows["filename"]].reset_index()
             rep = classification_report(
                 preds[data.classes].to_numpy(), val_rows["label"].map(data.classes.index).to_numpy(),
@@ -326,7 +323,7 @@ def fit(
             )  # fmt: skip
             improved = not best or rep["macro_accuracy"] > best["macro_accuracy"]
             if improved:
-                best = {**rep, "epoch": epoch + 1}
+                best = {**rep, "epoch": epoch + 1, "predict_seconds": predict_seconds}
                 best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
                 best_predictions = preds
             bad_epochs = 0 if improved else bad_epochs + 1
@@ -341,10 +338,12 @@ def fit(
                  " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float)))  # fmt: skip
 
         stop = val is not None and bad_epochs >= cfg.patience
+        final = stop or epoch + 1 == cfg.epochs
+        metrics["final"] = final  # the run ends here (a scheduler's stop is not a final epoch)
         written = None
         if rank == 0 and ckpt_dir is not None:
             written = _write_checkpoint(ckpt_dir / f"epoch-{epoch + 1:04d}", model, best_state, opt, sched, epoch,
-                                        bad_epochs, best, history, resumed, cfg)  # fmt: skip
+                                        bad_epochs, best, history, resumed, cfg, best_predictions, final)  # fmt: skip
             for old in ckpt_dir.glob("epoch-*"):  # keep the latest only; a reporter has taken its copy
                 if old != written:
                     shutil.rmtree(old, ignore_errors=True)
@@ -368,8 +367,15 @@ def fit(
 
 
 def _write_checkpoint(path: Path, model: ASCModel, best_state: dict, opt, sched, epoch: int, bad_epochs: int,
-                      best: dict, history: list, resumed: list, cfg: TrainConfig) -> Path:  # fmt: skip
+                      best: dict, history: list, resumed: list, cfg: TrainConfig, best_predictions: pd.DataFrame | None,
+                      final: bool) -> Path:  # fmt: skip
+    """A checkpoint is also a readable run so far: metrics.json (``final`` says whether training
+    ended there) and the best epoch's val_predictions.csv, so a run stopped from outside (by a
+    scheduler) still leaves a usable result."""
     path.mkdir(parents=True, exist_ok=True)
+    write_json(path / "metrics.json", {"best": best, "history": history, "resumed_at_epochs": resumed, "final": final})
+    if best_predictions is not None:
+        write_csv(path / "val_predictions.csv", best_predictions)
     save_model(model, path / "model.pt", metrics={}, train_config=cfg.to_dict())
     current = {k: v.detach().clone() for k, v in model.state_dict().items()}
     model.load_state_dict(best_state)

@@ -3,6 +3,7 @@ hand-made metadata and audio for error cases."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -14,6 +15,36 @@ from raysc.prepare import PreparedData, prepare
 from raysc.synth import DEV_METADATA, EVAL_METADATA, SynthSummary, synthesize
 
 SR = 8000
+# A small front end for 1 s clips at 8 kHz.
+FRONTEND = {"sample_rate": SR, "n_fft": 256, "win_length": 256, "hop_length": 128, "n_mels": 32,
+            "f_min": 0.0, "f_max": 4000.0, "frames": None}  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def local_ray():
+    """One local Ray (2 CPUs) for every test that needs it, started the way raysc starts it."""
+    import ray
+
+    from raysc.distributed import init_ray
+
+    init_ray(num_cpus=2, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def resources_released(timeout: float = 30) -> bool:
+    """Every CPU and GPU back to its total and no placement group alive (polled: release is async)."""
+    import ray
+    from ray.util import placement_group_table
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        avail, total = ray.available_resources(), ray.cluster_resources()
+        alive = [p for p in placement_group_table().values() if p["state"] != "REMOVED"]
+        if all(avail.get(k, 0) == total.get(k, 0) for k in ("CPU", "GPU")) and not alive:
+            return True
+        time.sleep(0.5)
+    return False
 
 
 @pytest.fixture(scope="session")

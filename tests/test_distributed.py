@@ -9,40 +9,17 @@ import threading
 import time
 
 import pytest
+from conftest import FRONTEND, resources_released
 
 from raysc.config import make_config
 from raysc.errors import RayscError
 
-ray = pytest.importorskip("ray")
-
-FRONTEND = {"sample_rate": 8000, "n_fft": 256, "win_length": 256, "hop_length": 128, "n_mels": 32,
-            "f_min": 0.0, "f_max": 4000.0, "frames": None}  # fmt: skip
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    from raysc.distributed import RAY_ENV
-
-    for k, v in RAY_ENV.items():
-        os.environ.setdefault(k, v)
-    ray.init(num_cpus=2, runtime_env={"env_vars": RAY_ENV}, log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
 def _cfg(**kw):
     return make_config({"backbone": "mobileascnet", "model": {"width": 0.25, "frontend": FRONTEND}, "epochs": 3,
                         "batch_size": 16, "lr": 3e-3, **kw})  # fmt: skip
-
-
-def _resources_released():
-    deadline = time.time() + 30
-    while time.time() < deadline:
-        if ray.available_resources().get("CPU", 0) == ray.cluster_resources()["CPU"]:
-            return True
-        time.sleep(0.5)
-    return False
 
 
 def test_one_and_two_workers_reach_the_same_metrics(local_ray, prepared, tmp_path):
@@ -60,7 +37,7 @@ def test_one_and_two_workers_reach_the_same_metrics(local_ray, prepared, tmp_pat
     # Validation covers the whole fold, not rank 0's shard.
     val = prepared.manifest.query("subset == 'labelled' and fold == 0")
     assert two["best"]["clips"] == len(val)
-    assert _resources_released()
+    assert resources_released()
 
 
 def test_a_killed_worker_is_replaced_and_resumes_from_its_checkpoint(local_ray, prepared, tmp_path):
@@ -90,7 +67,7 @@ def test_a_killed_worker_is_replaced_and_resumes_from_its_checkpoint(local_ray, 
     assert metrics["resumed_at_epochs"] and 2 <= metrics["resumed_at_epochs"][0] <= 12
     assert [h["epoch"] for h in metrics["history"]] == list(range(1, 13))
     assert json.loads((out / "metrics.json").read_text())["best"]["macro_accuracy"] == metrics["best"]["macro_accuracy"]
-    assert _resources_released()
+    assert resources_released()
 
 
 def test_failures_beyond_the_limit_are_an_error(local_ray, prepared, tmp_path):
@@ -99,4 +76,4 @@ def test_failures_beyond_the_limit_are_an_error(local_ray, prepared, tmp_path):
     with pytest.raises(RayscError, match="training failed"):
         train(_cfg(pseudo_labels=str(tmp_path / "missing.csv")), prepared.out, tmp_path / "bad", workers=1,
               max_failures=0)  # fmt: skip
-    assert _resources_released()
+    assert resources_released()

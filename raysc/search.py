@@ -1,0 +1,461 @@
+"""`raysc search`: Ray Tune + OptunaSearch (TPE) + ASHA, each trial a Ray Train ``TorchTrainer``.
+
+One search is one round of an experiment folder::
+
+    EXP/round-R/search.json       the settings (a --resume must match them)
+    EXP/round-R/space.yaml        a copy of the search space
+    EXP/round-R/study.journal     the Optuna study (file journal: survives the driver)
+    EXP/round-R/tune/             Tune's own state, for --resume
+    EXP/round-R/train/            Ray Train checkpoints, one run per trial (storage_path)
+    EXP/round-R/trials/ID/        model.pt, metrics.json, val_predictions.csv, record.json, train.log
+    EXP/round-R/search.log        Ray's and Tune's log lines (the terminal gets the live view)
+    EXP/trials.csv                every TrialRecord of every round
+
+A trial is a small driver function (it reserves the ``raysc_driver`` resource, not a CPU) that
+starts a ``TorchTrainer`` sized by the space's resources; ASHA stops it between epochs. Whether a
+trial completed or was stopped, its result is read back from its latest Train checkpoint, which
+holds the best weights so far, their validation predictions and the history.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from .config import make_config
+from .distributed import DRIVER_RESOURCE, init_ray, make_trainer
+from .errors import ConfigError, RayscError
+from .fileio import write_csv, write_json
+from .models import count_macs, count_parameters, load_model
+from .search_space import SearchSpace, load_search_space
+
+log = logging.getLogger(__name__)
+
+METRIC = "best_macro_accuracy"  # the running best: ASHA and TPE both judge a trial by its best epoch
+RECORD_METRICS = ("macro_accuracy", "accuracy", "log_loss", "seen_city_macro_accuracy", "unseen_city_macro_accuracy")
+
+
+@dataclass(frozen=True)
+class TrialRecord:
+    """What a finished trial leaves behind (one row of the trials table)."""
+
+    trial_id: str
+    round: int
+    status: str  # completed | stopped (by ASHA) | failed
+    backbone: str
+    params: dict[str, Any]  # the sampled values, as Optuna named them
+    epochs: int  # epochs trained
+    best_epoch: int | None
+    metrics: dict[str, float | None]  # validation metrics of the best epoch
+    parameters: int | None
+    macs: int | None  # multiply-accumulates per 10 s clip
+    fit_seconds: float
+    predict_seconds: float | None  # validation inference at the best epoch
+    fold: int
+    model_path: str | None  # relative to the experiment folder
+    predictions_path: str | None
+    error: str | None = None
+
+    def row(self) -> dict[str, Any]:
+        """A flat row for CSV: params as JSON, metrics as columns."""
+        d = dataclasses.asdict(self)
+        d["params"] = json.dumps(self.params, sort_keys=True)
+        return {**{k: v for k, v in d.items() if k != "metrics"}, **self.metrics}
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    """Everything that defines a search; stored in ``search.json`` and checked on ``--resume``."""
+
+    space: str
+    data: str
+    round: int
+    trials: int
+    max_epochs: int
+    fold: int
+    seed: int
+    pseudo_candidates: str | None
+    time_budget_minutes: float | None
+    max_concurrent: int | None
+    startup_trials: int
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    round_dir: Path
+    records: list[TrialRecord]
+    best: TrialRecord | None
+    seconds: float
+
+
+def round_dir(experiment: str | Path, round: int) -> Path:
+    return Path(experiment) / f"round-{round}"
+
+
+def search(
+    space: str | Path | SearchSpace,
+    *,
+    data: str | Path,
+    experiment: str | Path,
+    trials: int = 8,
+    max_epochs: int | None = None,
+    time_budget_minutes: float | None = None,
+    fold: int = 0,
+    round: int = 0,
+    pseudo_candidates: str | Path | None = None,
+    seed: int = 0,
+    max_concurrent: int | None = None,
+    points_to_evaluate: list[dict[str, Any]] | None = None,
+    resume: bool = False,
+    address: str | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> SearchResult:
+    """Run (or resume) one round's search and return its trial records, best first.
+
+    ``points_to_evaluate``: configurations to try first (Optuna names, e.g. a paper's settings
+    ``{"backbone": "setrans", "lr": 1e-4}``); what they leave out is sampled.
+
+    Everything is checked before Ray starts: the space, the data folder, the fold, the
+    pseudo-label candidates (required from round 1), and that one trial fits the cluster.
+    """
+    exp = Path(experiment).resolve()
+    rdir = round_dir(exp, round)
+    sp = space if isinstance(space, SearchSpace) else load_search_space(space)
+    settings = SearchSettings(
+        space=str(sp.path.resolve()),
+        data=str(Path(data).resolve()),
+        round=round,
+        trials=trials,
+        max_epochs=max_epochs or sp.scheduler.max_epochs,
+        fold=fold,
+        seed=seed,
+        pseudo_candidates=str(Path(pseudo_candidates).resolve()) if pseudo_candidates else None,
+        time_budget_minutes=time_budget_minutes,
+        max_concurrent=max_concurrent,
+        startup_trials=min(10, max(1, trials // 3)),
+    )
+    _check_inputs(sp, settings)
+    settings_path = rdir / "search.json"
+    if resume:
+        if not settings_path.is_file():
+            raise RayscError(f"{rdir}: no search to resume (no search.json); run without --resume")
+        stored = json.loads(settings_path.read_text())
+        changed = {k: (stored.get(k), v) for k, v in dataclasses.asdict(settings).items() if stored.get(k) != v}
+        if changed:
+            what = ", ".join(f"{k}: was {a!r}, now {b!r}" for k, (a, b) in changed.items())
+            raise RayscError(f"{rdir}: --resume with different settings ({what}); give the original ones")
+    elif rdir.exists() and any(rdir.iterdir()):
+        raise RayscError(f"{rdir} already holds a search; pass --resume to continue it or choose another --experiment")
+    rdir.mkdir(parents=True, exist_ok=True)
+    write_json(settings_path, dataclasses.asdict(settings))
+    if not (rdir / "space.yaml").exists():
+        shutil.copyfile(sp.path, rdir / "space.yaml")
+
+    t0 = time.perf_counter()
+    _run_tune(sp, settings, rdir, resume=resume, address=address, points=points_to_evaluate,
+              progress=progress or log.info)  # fmt: skip
+    records = collect_records(rdir, sp, settings)
+    write_trials_table(exp)
+    done = [r for r in records if r.status != "failed"]
+    best = max(done, key=lambda r: r.metrics["macro_accuracy"] or -1.0) if done else None
+    return SearchResult(rdir, sorted(records, key=_rank_key), best, time.perf_counter() - t0)
+
+
+def _rank_key(r: TrialRecord) -> tuple:
+    return (r.status == "failed", -(r.metrics.get("macro_accuracy") or -1.0), r.trial_id)
+
+
+def _check_inputs(sp: SearchSpace, s: SearchSettings) -> None:
+    from .train import load_dataset
+
+    if s.trials < 1:
+        raise ConfigError(f"--trials must be >= 1, got {s.trials}")
+    if s.max_epochs < 1:
+        raise ConfigError(f"--max-epochs must be >= 1, got {s.max_epochs}")
+    if s.round >= 1 and not s.pseudo_candidates:
+        raise ConfigError(f"round {s.round} trains on pseudo-labels: give --pseudo-candidates CSV")
+    if s.round >= 1 and not sp.rounds and "pseudo_threshold" not in sp.rounds_fixed:
+        log.warning("%s has no 'rounds' section: round %d uses the default threshold and weight", sp.path, s.round)
+    if s.round == 0 and s.pseudo_candidates:
+        raise ConfigError("round 0 searches on labelled clips only: --pseudo-candidates needs --round >= 1")
+    data = load_dataset(s.data)
+    folds = sorted(set(data.manifest.loc[data.manifest["subset"] == "labelled", "fold"]))
+    if s.fold not in folds:
+        raise ConfigError(f"fold {s.fold} does not exist in {s.data} (folds: {folds}); a search needs validation")
+    spec = data.store.spec
+    for name, (own_fixed, _) in sp.backbones.items():
+        # Every backbone's front end must read this data: checked once here, not in every trial.
+        cfg = make_config({**sp.fixed, **dict(own_fixed), "backbone": name}, where=f"{sp.path}: backbones.{name}")
+        cfg.model_overrides(classes=data.classes, cities=data.cities, sample_rate=spec.sample_rate)
+    if s.pseudo_candidates:
+        from .pseudo import read_candidates
+
+        read_candidates(s.pseudo_candidates, data.manifest, data.classes)
+
+
+class Replay:
+    """A stand-in Optuna trial that answers with values already sampled (a trial's config)."""
+
+    def __init__(self, params: Mapping[str, Any]) -> None:
+        self.params = _flatten(params)
+
+    def _get(self, name: str, *_: Any, **__: Any) -> Any:
+        if name not in self.params:
+            raise RayscError(f"trial parameters {sorted(self.params)} lack {name!r}: was the search space changed?")
+        return self.params[name]
+
+    suggest_categorical = suggest_int = suggest_float = _get
+
+
+def _flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Undo Tune's nesting of ``<backbone>/<key>`` names into ``{backbone: {key: ...}}``."""
+    out: dict[str, Any] = {}
+    for k, v in params.items():
+        if isinstance(v, Mapping):
+            out |= _flatten(v, f"{prefix}{k}/")
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _define_by_run(trial: Any, *, space: SearchSpace, round: int) -> None:
+    space.suggest(trial, round=round)  # Optuna records every value asked; the trial replays them
+
+
+def _trial_values(space: SearchSpace, params: Mapping[str, Any], s: SearchSettings) -> dict[str, Any]:
+    values = space.suggest(Replay(params), round=s.round)
+    values |= {"epochs": s.max_epochs, "fold": s.fold, "seed": s.seed}
+    if s.pseudo_candidates:
+        values["pseudo_labels"] = s.pseudo_candidates
+    return values
+
+
+def _run_trial(params: dict[str, Any], *, space: SearchSpace, settings: SearchSettings, rdir: str) -> None:
+    """One Tune trial: drive a TorchTrainer for the sampled config; metrics flow to Tune through
+    ``TuneReportCallback``."""
+    import ray.train
+    import ray.tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    trial_id = ray.tune.get_context().get_trial_id()
+    cfg = make_config(_trial_values(space, params, settings), where=f"trial {trial_id}")
+    out = Path(rdir) / "trials" / trial_id
+    out.mkdir(parents=True, exist_ok=True)
+    res = space.resources
+    trainer = make_trainer(cfg, settings.data, out, name=f"train-{trial_id}", storage_path=str(Path(rdir) / "train"),
+                           workers=res.workers, gpus_per_worker=res.gpus_per_worker,
+                           cpus_per_worker=res.cpus_per_worker, max_failures=1, callbacks=[TuneReportCallback()],
+                           log_file=out / "train.log")  # fmt: skip
+    result = trainer.fit()
+    if result.error:
+        raise RayscError(f"trial {trial_id} failed: {result.error}")
+
+
+def _trial_resources(ray: Any) -> dict[str, float]:
+    if ray.cluster_resources().get(DRIVER_RESOURCE):
+        return {DRIVER_RESOURCE: 1}
+    # A cluster started without the driver resource: a sliver of CPU per trial driver.
+    log.warning("the cluster has no %r resource (see cluster.yaml); trial drivers take 0.01 CPU", DRIVER_RESOURCE)
+    return {"CPU": 0.01}
+
+
+def _concurrency(ray: Any, space: SearchSpace, s: SearchSettings) -> int:
+    """Trials that fit at once: the cluster's CPUs and GPUs over one trial's needs."""
+    res = space.resources
+    cpu, gpu = res.workers * res.cpus_per_worker, res.workers * res.gpus_per_worker
+    total = ray.cluster_resources()
+    fits = [math.floor(total.get("CPU", 0) / cpu + 1e-9) if cpu else s.trials]
+    if gpu:
+        fits.append(math.floor(total.get("GPU", 0) / gpu + 1e-9))
+    if s.max_concurrent:
+        return s.max_concurrent  # the user knows better (an autoscaling cluster grows)
+    if min(fits) < 1:
+        raise ConfigError(
+            f"{space.path}: one trial needs {cpu:g} CPU and {gpu:g} GPU ({res.workers} worker(s)); the cluster has "
+            f"{total.get('CPU', 0):g} CPU and {total.get('GPU', 0):g} GPU (set resources, or --max-concurrent on "
+            "an autoscaling cluster)"
+        )
+    return max(1, min(s.trials, *fits))
+
+
+def _run_tune(space: SearchSpace, s: SearchSettings, rdir: Path, *, resume: bool, address: str | None,
+              points: list[dict[str, Any]] | None, progress: Callable[[str], None]) -> None:  # fmt: skip
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")  # snapshot every step: a resume starts from now
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    import functools
+
+    import optuna
+    import ray
+    import ray.tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.optuna import OptunaSearch
+
+    from .live import LiveView
+
+    _log_to_file(rdir / "search.log")
+    init_ray(address, log_to_driver=False)
+    trainable = ray.tune.with_resources(
+        ray.tune.with_parameters(_run_trial, space=space, settings=s, rdir=str(rdir)), _trial_resources(ray)
+    )
+    view = LiveView(total=s.trials, round=s.round, write=progress)
+    tune_dir = rdir / "tune"
+    if resume and ray.tune.Tuner.can_restore(str(tune_dir)):
+        progress(f"resuming the search in {rdir}")
+        tuner = ray.tune.Tuner.restore(str(tune_dir), trainable=trainable, resume_errored=True)
+        # The restored run config keeps its callbacks only by pickle; give the view back.
+        tuner._local_tuner._run_config.callbacks = [view]
+    else:
+        sampler = optuna.samplers.TPESampler(seed=s.seed, n_startup_trials=s.startup_trials)
+        journal = optuna.storages.journal.JournalFileBackend(str(rdir / "study.journal"))
+        storage = optuna.storages.JournalStorage(journal)
+        searcher = OptunaSearch(
+            functools.partial(_define_by_run, space=space, round=s.round),
+            metric=METRIC, mode="max", sampler=sampler, study_name=f"round-{s.round}", storage=storage,
+            points_to_evaluate=points,
+        )  # fmt: skip
+        sched = space.scheduler
+        asha = ASHAScheduler(time_attr="epoch", metric=METRIC, mode="max", max_t=s.max_epochs,
+                             grace_period=min(sched.grace_period, s.max_epochs),
+                             reduction_factor=sched.reduction_factor)  # fmt: skip
+        tuner = ray.tune.Tuner(
+            trainable,
+            tune_config=ray.tune.TuneConfig(
+                search_alg=searcher,
+                scheduler=asha,
+                num_samples=s.trials,
+                max_concurrent_trials=_concurrency(ray, space, s),
+                time_budget_s=s.time_budget_minutes * 60 if s.time_budget_minutes else None,
+            ),
+            run_config=ray.tune.RunConfig(
+                name="tune",
+                storage_path=str(rdir),
+                verbose=0,
+                callbacks=[view],
+                # Ray Train already restarts failed workers (max_failures=1 there); a trial that
+                # still fails has a real error, and retrying it here only doubles the cost.
+                failure_config=ray.tune.FailureConfig(max_failures=0),
+            ),
+        )
+    tuner.fit()
+    view.summary()
+
+
+def _log_to_file(path: Path) -> None:
+    """Ray's, Tune's and Optuna's own log lines go to the search's log file, not the terminal."""
+    import optuna
+    import ray  # noqa: F401  (sets up the "ray" logger's handlers, replaced here)
+
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    handler.raysc_search = True  # an earlier search's file (same process) stops receiving lines
+    optuna.logging.disable_default_handler()
+    for name in ("ray", "optuna"):
+        logger = logging.getLogger(name)
+        for old in logger.handlers:
+            if getattr(old, "raysc_search", False):
+                old.close()
+        keep = [h for h in logger.handlers if isinstance(h, logging.FileHandler) and not getattr(h, "raysc_search", 0)]
+        logger.handlers = [*keep, handler]
+        logger.propagate = False
+
+
+def _latest_checkpoint(train_dir: Path) -> Path | None:
+    """The checkpoint with the most epochs (each holds metrics.json with its history)."""
+    best, best_epochs = None, -1
+    for ckpt in train_dir.glob("checkpoint_*"):
+        metrics = ckpt / "metrics.json"
+        if metrics.is_file():
+            epochs = len(json.loads(metrics.read_text())["history"])
+            if epochs > best_epochs:
+                best, best_epochs = ckpt, epochs
+    return best
+
+
+def collect_records(rdir: Path, space: SearchSpace, s: SearchSettings) -> list[TrialRecord]:
+    """A TrialRecord per trial Tune knows of, built from its trial folder (a completed run) or
+    its latest checkpoint (a run ASHA stopped); written to ``trials/ID/record.json``."""
+    from ray.tune import ExperimentAnalysis
+
+    exp = rdir.parent
+    analysis = ExperimentAnalysis(str(rdir / "tune"))
+    records = []
+    for trial in analysis.trials:
+        out = rdir / "trials" / trial.trial_id
+        out.mkdir(parents=True, exist_ok=True)
+        record_path = out / "record.json"
+        if record_path.is_file():
+            records.append(TrialRecord(**json.loads(record_path.read_text())))
+            continue
+        if trial.status not in ("TERMINATED", "ERROR"):
+            continue  # never ran (time budget) or still pending
+        values = _trial_values(space, trial.config, s)
+        base = {"trial_id": trial.trial_id, "round": s.round, "backbone": values["backbone"],
+                "params": _flatten(trial.config), "fold": s.fold,
+                "fit_seconds": float(trial.last_result.get("time_total_s", 0.0))}  # fmt: skip
+        ckpt = _latest_checkpoint(rdir / "train" / f"train-{trial.trial_id}")
+        if ckpt is None:
+            error = str(trial.error_file and Path(trial.error_file).read_text().strip().splitlines()[-1]) or "no result"
+            rec = TrialRecord(**base, status="failed", epochs=0, best_epoch=None, metrics=dict.fromkeys(RECORD_METRICS),
+                              parameters=None, macs=None, predict_seconds=None, model_path=None,
+                              predictions_path=None, error=error)  # fmt: skip
+        else:
+            m = json.loads((ckpt / "metrics.json").read_text())
+            if not (out / "metrics.json").is_file():  # the run was stopped: its results are in the checkpoint
+                shutil.copyfile(ckpt / "best.pt", out / "model.pt")
+                shutil.copyfile(ckpt / "val_predictions.csv", out / "val_predictions.csv")
+                write_json(out / "metrics.json", m)
+            model = load_model(out / "model.pt")
+            best = m["best"]
+            rec = TrialRecord(
+                **base,
+                status="completed" if m.get("final", True) else "stopped",
+                epochs=len(m["history"]),
+                best_epoch=best.get("epoch"),
+                metrics={k: best.get(k) for k in RECORD_METRICS},
+                parameters=count_parameters(model),
+                macs=count_macs(model),
+                predict_seconds=best.get("predict_seconds"),
+                model_path=str((out / "model.pt").relative_to(exp)),
+                predictions_path=str((out / "val_predictions.csv").relative_to(exp)),
+            )  # fmt: skip
+        write_json(record_path, dataclasses.asdict(rec))
+        records.append(rec)
+    return records
+
+
+def read_records(experiment: str | Path) -> list[TrialRecord]:
+    """Every TrialRecord of every round of an experiment."""
+    paths = sorted(Path(experiment).glob("round-*/trials/*/record.json"))
+    return [TrialRecord(**json.loads(p.read_text())) for p in paths]
+
+
+def write_trials_table(experiment: str | Path) -> Path:
+    """``EXP/trials.csv``: every record of every round, best validation macro accuracy first."""
+    records = sorted(read_records(experiment), key=_rank_key)
+    path = Path(experiment) / "trials.csv"
+    write_csv(path, pd.DataFrame([r.row() for r in records]))
+    return path
+
+
+def describe(result: SearchResult) -> str:
+    """A short text summary of a finished search (for the CLI)."""
+    counts = {k: sum(r.status == k for r in result.records) for k in ("completed", "stopped", "failed")}
+    lines = [f"{len(result.records)} trials in {result.seconds / 60:.1f} min: " + ", ".join(
+        f"{v} {k}" for k, v in counts.items())]  # fmt: skip
+    for r in result.records[:5]:
+        acc = r.metrics.get("macro_accuracy")
+        lines.append(f"  {r.trial_id}  {r.backbone:<13} {r.status:<9} " + (f"macro acc {acc:.4f}" if acc is not None
+                     else f"error: {r.error}"))  # fmt: skip
+    lines.append(f"trials table: {result.round_dir.parent / 'trials.csv'}")
+    return "\n".join(lines)

@@ -1,0 +1,172 @@
+"""`raysc search`: Tune + OptunaSearch + ASHA over TorchTrainer trials, records, resume, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+from conftest import FRONTEND, SR, resources_released
+
+from raysc.errors import ConfigError, RayscError
+from raysc.prepare import prepare
+from raysc.search import read_records, search
+from raysc.synth import DEV_METADATA, EVAL_METADATA, synthesize
+
+
+def write_space(path: Path, **sections) -> Path:
+    space = {
+        "fixed": {"model.width": 0.25, "model.frontend": FRONTEND, "batch_size": 16},
+        "params": {"lr": {"type": "float", "low": 1e-3, "high": 1e-2, "log": True}},
+        "backbones": {
+            "mobileascnet": {"model.dropout": {"type": "float", "low": 0.0, "high": 0.3}},
+            "setrans": {"model.dropout": {"type": "float", "low": 0.0, "high": 0.3}},
+        },
+        "rounds": {"pseudo_threshold": {"type": "float", "low": 0.3, "high": 0.9}},
+        "resources": {"workers": 1, "cpus_per_worker": 1},
+        "scheduler": {"grace_period": 1, "reduction_factor": 2, "max_epochs": 2},
+    } | sections
+    path.write_text(yaml.safe_dump(space))
+    return path
+
+
+@pytest.fixture(scope="module")
+def learnable(tmp_path_factory):
+    """More labelled clips than the shared fixture: one epoch at lr 1e-2 beats chance clearly."""
+    raw = tmp_path_factory.mktemp("learnable-raw")
+    synthesize(raw, clips=300, eval_clips=40, labelled_fraction=0.6, sample_rate=SR, clip_seconds=1.0, cities=3,
+               unseen_cities=1, session_size=4, seed=0)  # fmt: skip
+    return prepare(dev_meta=raw / DEV_METADATA, eval_meta=raw / EVAL_METADATA, audio_dirs=[raw / "audio"],
+                   out=tmp_path_factory.mktemp("learnable"), sample_rate=SR, clip_seconds=1.0, folds=3,
+                   workers=1).out  # fmt: skip
+
+
+def _journal_trials(path: Path) -> dict[int, list[int]]:
+    """Optuna journal: trial number -> the states it was told (1 = COMPLETE, 2 = PRUNED, 3 = FAIL)."""
+    told: dict[int, list[int]] = {}
+    created = 0
+    for line in path.read_text().splitlines():
+        op = json.loads(line)
+        if op["op_code"] == 4:  # CREATE_TRIAL
+            told[created] = []
+            created += 1
+        elif op["op_code"] == 6 and op["state"] != 0:  # SET_TRIAL_STATE_VALUES, not RUNNING
+            told[op["trial_id"]].append(op["state"])
+    return told
+
+
+@pytest.mark.slow
+def test_search_with_asha_stops_and_a_failure_completes_and_releases_everything(local_ray, learnable, tmp_path):
+    space = write_space(tmp_path / "s.yaml", params={
+        "lr": {"type": "categorical", "choices": [1e-2, 1e-8]},
+        "init_from": {"type": "categorical", "choices": [None, str(tmp_path / "missing.pt")]},
+    }, scheduler={"grace_period": 1, "reduction_factor": 2, "max_epochs": 3})  # fmt: skip
+    # Run one at a time in a known order: a good trial sets the bar at epoch 1, the two that
+    # cannot learn fall below it there, one fails at start-up.
+    good = {"backbone": "mobileascnet", "lr": 1e-2, "init_from": None}
+    bad = {"backbone": "mobileascnet", "lr": 1e-8, "init_from": None}
+    broken = {"backbone": "setrans", "lr": 1e-2, "init_from": str(tmp_path / "missing.pt")}
+    lines = []
+    result = search(space, data=learnable, experiment=tmp_path / "exp", trials=4, max_concurrent=1,
+                    points_to_evaluate=[good, bad, broken, bad], progress=lines.append)  # fmt: skip
+    by_status = {s: [r for r in result.records if r.status == s] for s in ("completed", "stopped", "failed")}
+    assert len(result.records) == 4
+    assert len(by_status["completed"]) == 1 and by_status["completed"][0].epochs == 3
+    assert len(by_status["stopped"]) == 2 and all(r.epochs == 1 for r in by_status["stopped"])
+    assert len(by_status["failed"]) == 1 and "missing.pt" in by_status["failed"][0].error
+    assert result.best.trial_id == by_status["completed"][0].trial_id
+    # The conditional space: each trial holds its own backbone's parameters, never another's.
+    assert {r.backbone for r in result.records} == {"mobileascnet", "setrans"}
+    for r in result.records:
+        assert {k for k in r.params if "/" in k} == {f"{r.backbone}/model.dropout"}
+    # The experiment folder: a record per trial, models and predictions of every trial that ran.
+    exp = tmp_path / "exp"
+    table = pd.read_csv(exp / "trials.csv")
+    assert sorted(table["trial_id"]) == sorted(r.trial_id for r in result.records)
+    assert table["macro_accuracy"].iloc[0] == table["macro_accuracy"].max()
+    data_manifest = pd.read_csv(Path(learnable) / "manifest.csv")
+    val = set(data_manifest.query("subset == 'labelled' and fold == 0")["filename"])
+    for r in by_status["completed"] + by_status["stopped"]:
+        preds = pd.read_csv(exp / r.predictions_path)
+        assert set(preds["filename"]) == val
+        assert (exp / r.model_path).is_file() and r.parameters > 0 and r.macs > 0
+        assert r.fit_seconds > 0 and r.predict_seconds > 0
+    assert {s for states in _journal_trials(exp / "round-0" / "study.journal").values() for s in states} <= {1, 3}
+    assert (exp / "round-0" / "search.log").stat().st_size > 0
+    # The live view: one line per start and end, and a final status line with the best trial.
+    assert sum(" start " in line for line in lines) == 4
+    assert f"best macro acc {result.best.metrics['macro_accuracy']:.4f} ({result.best.trial_id}" in lines[-1]
+    assert "completed 1, stopped 2, failed 1 of 4" in lines[-1]
+    assert resources_released()
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "raysc.cli", *args]
+
+
+@pytest.mark.slow
+def test_a_killed_search_resumes_without_rerunning_finished_trials(learnable, tmp_path):
+    space = write_space(tmp_path / "s.yaml")
+    args = ["search", str(space), "--data", str(learnable), "--experiment", str(tmp_path / "exp"), "--trials", "3"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a Ray of its own, killed with it
+    log = (tmp_path / "first.out").open("w")
+    driver = subprocess.Popen(_cli(*args), stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    deadline = time.time() + 300
+    ended = re.compile(r"\] completed ([0-9a-f]{8}) after")
+    while time.time() < deadline and not ended.search((tmp_path / "first.out").read_text()):
+        assert driver.poll() is None, (tmp_path / "first.out").read_text()
+        time.sleep(0.5)
+    os.killpg(driver.pid, signal.SIGKILL)  # the driver and the Ray it started
+    driver.wait()
+    first = (tmp_path / "first.out").read_text()
+    finished = set(ended.findall(first))
+    assert finished, first
+    ckpts_before = {t: sorted(p.name for p in (tmp_path / "exp/round-0/train" / f"train-{t}").glob("checkpoint_*"))
+                    for t in finished}  # fmt: skip
+    time.sleep(2)
+    again = subprocess.run(_cli(*args, "--resume"), capture_output=True, text=True, env=env, timeout=600)
+    assert again.returncode == 0, again.stdout + again.stderr
+    records = read_records(tmp_path / "exp")
+    assert len(records) == 3 and all(r.status == "completed" and r.epochs == 2 for r in records)
+    for t in finished:  # not rerun: no new checkpoint, no second start line
+        assert sorted(p.name for p in (tmp_path / "exp/round-0/train" / f"train-{t}").glob("checkpoint_*")) == \
+            ckpts_before[t]  # fmt: skip
+        assert f"start {t}" not in again.stdout
+    told = _journal_trials(tmp_path / "exp" / "round-0" / "study.journal")
+    assert len(told) == 3 and all(states == [1] for states in told.values())
+    assert len(pd.read_csv(tmp_path / "exp" / "trials.csv")) == 3
+
+
+def test_search_input_errors_stop_before_ray_starts(prepared, tmp_path):
+    space = write_space(tmp_path / "s.yaml")
+    exp = tmp_path / "exp"
+    with pytest.raises(ConfigError, match="round 1 trains on pseudo-labels: give --pseudo-candidates"):
+        search(space, data=prepared.out, experiment=exp, round=1)
+    with pytest.raises(ConfigError, match=r"fold 7 does not exist .* \(folds: \[0, 1, 2\]\)"):
+        search(space, data=prepared.out, experiment=exp, fold=7)
+    with pytest.raises(ConfigError, match="--trials must be >= 1, got 0"):
+        search(space, data=prepared.out, experiment=exp, trials=0)
+    with pytest.raises(RayscError, match="no search to resume"):
+        search(space, data=prepared.out, experiment=exp, resume=True)
+    (exp / "round-0").mkdir(parents=True)
+    (exp / "round-0" / "search.json").write_text(json.dumps({"trials": 8}))
+    with pytest.raises(RayscError, match="already holds a search; pass --resume"):
+        search(space, data=prepared.out, experiment=exp)
+    with pytest.raises(RayscError, match=r"different settings \(.*trials: was 8, now 5"):
+        search(space, data=prepared.out, experiment=exp, trials=5, resume=True)
+    rate = write_space(tmp_path / "r.yaml", fixed={"model.width": 0.25})
+    with pytest.raises(RayscError, match="mobileascnet front end expects 44100 Hz audio but the data is at 8000 Hz"):
+        search(rate, data=prepared.out, experiment=tmp_path / "exp2")
+    bad = tmp_path / "cand.csv"
+    pd.DataFrame({"filename": ["nope"], **{c: [0.1] for c in prepared.info["classes"]}}).to_csv(bad, index=False)
+    with pytest.raises(RayscError, match=r"cand.csv:2: 'nope' is not an unlabelled development clip"):
+        search(space, data=prepared.out, experiment=tmp_path / "exp3", round=1, pseudo_candidates=bad)
+    assert not (tmp_path / "exp2").exists() and not (tmp_path / "exp3").exists()
