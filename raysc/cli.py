@@ -127,9 +127,87 @@ def _cmd_search(args: argparse.Namespace) -> int:
     result = search(args.space, data=args.data, experiment=args.experiment, trials=args.trials,
                     max_epochs=args.max_epochs, time_budget_minutes=args.time_budget, fold=args.fold,
                     round=args.round, pseudo_candidates=args.pseudo_candidates, seed=args.seed,
-                    max_concurrent=args.max_concurrent, resume=args.resume, address=args.address,
+                    max_concurrent=args.max_concurrent, sampler=args.sampler,
+                    early_stopping=not args.no_early_stopping, resume=args.resume, address=args.address,
                     progress=lambda line: print(line, flush=True))  # fmt: skip
     print(describe(result))
+    return EXIT_OK
+
+
+def _cmd_ensemble(args: argparse.Namespace) -> int:
+    from .ensemble import build_ensemble
+
+    ens = build_ensemble(args.experiment, name=args.name, method=args.method, k=args.k, rounds=args.rounds,
+                         temperature=args.temperature, session_smoothing=args.session_smoothing)  # fmt: skip
+    m = ens.metrics
+    print(f"ensemble {ens.name} ({ens.method}, temperature {ens.temperature:.3g}): validation macro accuracy "
+          f"{m['macro_accuracy']:.4f}, accuracy {m['accuracy']:.4f}, log loss {m['log_loss']:.4f} "
+          f"on {m['clips']} clips")  # fmt: skip
+    for member in ens.members:
+        print(f"  {member.trial_id}  round {member.round}  {member.backbone:<13} weight {member.weight:.3f}")
+    print(f"written to {Path(args.experiment) / 'ensembles' / ens.name}")
+    return EXIT_OK
+
+
+def _cmd_leaderboard(args: argparse.Namespace) -> int:
+    from .fileio import write_text
+    from .leaderboard import leaderboard, render
+
+    fmt = args.format or (args.out.suffix.lstrip(".") if args.out and args.out.suffix else "md")
+    text = render(leaderboard(args.experiment, round=args.round), fmt, title=f"raysc leaderboard: {args.experiment}")
+    if args.out:
+        write_text(args.out, text)
+        print(f"wrote {args.out}")
+    else:
+        print(text, end="")
+    return EXIT_OK
+
+
+def _cmd_pseudo_label(args: argparse.Namespace) -> int:
+    from .pseudo import Selection, write_candidates
+
+    sel = Selection(threshold=args.threshold, adaptive=args.adaptive, balance=args.balance)
+    path, summary = write_candidates(args.experiment, ensemble=args.ensemble, selection=sel, address=args.address)
+    print(summary.to_string(index=False))
+    print(
+        f"{summary['candidates'].sum()} candidates written to {path} ({summary['kept'].sum()} kept at this selection)"
+    )
+    return EXIT_OK
+
+
+def _cmd_submit(args: argparse.Namespace) -> int:
+    from .submission import make_submission
+
+    sub = make_submission(args.experiment, args.out, ensemble=args.ensemble, address=args.address)
+    print(f"wrote {sub.csv} ({sum(sub.counts.values())} eval clips), {sub.probabilities}, {sub.info}")
+    return EXIT_OK
+
+
+def _print_result(result) -> None:
+    from .leaderboard import render
+
+    print(render(result.leaderboard.head(15), "md"), end="")
+    print(f"final ensemble {result.final.name}: validation macro accuracy {result.final.metrics['macro_accuracy']:.4f}")
+    print(f"submission: {result.submission}\nplots: {result.plots[0].parent}\n"
+          f"done in {result.seconds / 60:.1f} min")  # fmt: skip
+
+
+def _cmd_pipeline(args: argparse.Namespace) -> int:
+    from .pipeline import load_pipeline, run_pipeline
+
+    result = run_pipeline(load_pipeline(args.pipeline), data=args.data, experiment=args.experiment,
+                          time_budget_minutes=args.time_budget, address=args.address,
+                          progress=lambda line: print(line, flush=True))  # fmt: skip
+    _print_result(result)
+    return EXIT_OK
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    result = run_demo(args.out, clips=args.clips, time_budget_minutes=args.time_budget, address=args.address,
+                      progress=lambda line: print(line, flush=True))  # fmt: skip
+    _print_result(result)
     return EXIT_OK
 
 
@@ -222,9 +300,59 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pseudo-candidates", type=Path, metavar="CSV", help="pseudo-label candidates (round >= 1)")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampler and of every trial (default 0)")
     p.add_argument("--max-concurrent", type=int, help="trials at once (default: what the cluster's CPUs/GPUs fit)")
+    p.add_argument("--sampler", choices=["tpe", "random"], default="tpe", help="Optuna sampler (default tpe)")
+    p.add_argument("--no-early-stopping", action="store_true", help="no ASHA: every trial runs its epochs")
     p.add_argument("--resume", action="store_true", help="continue an interrupted search in --experiment")
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
     p.set_defaults(func=_cmd_search)
+
+    p = sub.add_parser("ensemble", help="ensemble the best trials (top-k mean or greedy selection)")
+    p.add_argument("experiment", type=Path, help="experiment folder")
+    p.add_argument("--method", choices=["topk", "greedy"], default="topk", help="default topk")
+    p.add_argument("--k", type=int, default=5, help="members (topk) or selection steps (greedy); default 5")
+    p.add_argument("--rounds", type=int, nargs="+", help="rounds to draw members from (default: all)")
+    p.add_argument("--temperature", action="store_true", help="fit one temperature after averaging")
+    p.add_argument("--session-smoothing", action="store_true", help="average predictions over each session")
+    p.add_argument("--name", help="ensemble name (default: from the settings)")
+    p.set_defaults(func=_cmd_ensemble)
+
+    p = sub.add_parser("leaderboard", help="every trial and ensemble, ranked by validation macro accuracy")
+    p.add_argument("experiment", type=Path, help="experiment folder")
+    p.add_argument("--round", type=int, help="only this round")
+    p.add_argument("--format", choices=["csv", "md", "html"], help="default: from --out's suffix, else md")
+    p.add_argument("--out", type=Path, help="write to a file instead of the terminal")
+    p.set_defaults(func=_cmd_leaderboard)
+
+    p = sub.add_parser("pseudo-label", help="score unlabelled clips with an ensemble (pseudo-label candidates)")
+    p.add_argument("experiment", type=Path, help="experiment folder")
+    p.add_argument("--ensemble", help="ensemble name (default: the best by validation)")
+    p.add_argument("--threshold", type=float, default=0.9, help="confidence for the summary (default 0.9)")
+    p.add_argument("--adaptive", action="store_true", help="per-class thresholds for the summary")
+    p.add_argument("--balance", action="store_true", help="class-balanced selection for the summary")
+    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    p.set_defaults(func=_cmd_pseudo_label)
+
+    p = sub.add_parser("submit", help="predict the eval clips and write the challenge submission")
+    p.add_argument("experiment", type=Path, help="experiment folder")
+    p.add_argument("--ensemble", help="ensemble name (default: the best by validation)")
+    p.add_argument("--out", type=Path, required=True, help="submission CSV to write")
+    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    p.set_defaults(func=_cmd_submit)
+
+    p = sub.add_parser("pipeline", help="search -> ensemble -> pseudo-label rounds -> submission, resumable")
+    p.add_argument("pipeline", type=Path, nargs="?", help="pipeline YAML (default: all five backbones, 2 rounds)")
+    p.add_argument("--data", type=Path, required=True, help="prepared data folder")
+    p.add_argument("--experiment", type=Path, required=True, help="experiment folder")
+    p.add_argument("--time-budget", type=float, metavar="MINUTES", help="shared by the rounds' searches")
+    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    p.set_defaults(func=_cmd_pipeline)
+
+    p = sub.add_parser("demo", help="synthesise a small dataset and run the whole pipeline on it")
+    p.add_argument("--out", type=Path, default=Path("raysc-demo"), help="folder to write (default raysc-demo)")
+    p.add_argument("--clips", type=int, default=800, help="development clips to synthesise (default 800)")
+    p.add_argument("--time-budget", type=float, metavar="MINUTES", help="limit the searches")
+    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    p.set_defaults(func=_cmd_demo)
     return parser
 
 

@@ -48,6 +48,7 @@ def init_ray(address: str | None = None, **kwargs: Any) -> None:
 
 def _train_worker(config: dict[str, Any]) -> None:
     """Runs in every Ray Train worker: ``fit`` with Ray's checkpoint and report plumbing."""
+    import ray
     import ray.train
     import torch
 
@@ -60,6 +61,12 @@ def _train_worker(config: dict[str, Any]) -> None:
     # Ray Train workers start with one torch thread whatever CPUs they reserved: use them all.
     torch.set_num_threads(config["threads"])
     ctx = ray.train.get_context()
+    log.info(
+        "worker %d of %d on node %s",
+        ctx.get_world_rank(),
+        ctx.get_world_size(),
+        ray.get_runtime_context().get_node_id(),
+    )
     cfg = make_config(config["train"])
     checkpoint = ray.train.get_checkpoint()
 

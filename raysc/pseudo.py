@@ -97,3 +97,38 @@ def select(candidates: pd.DataFrame, classes: list[str], sel: Selection, *,
         "kept": np.bincount(top[keep], minlength=len(classes)),
     })  # fmt: skip
     return selected, summary
+
+
+def write_candidates(
+    experiment: str | Path,
+    *,
+    ensemble: str | None = None,
+    selection: Selection | None = None,
+    address: str | None = None,
+) -> tuple[Path, pd.DataFrame]:
+    """Score every unlabelled clip outside the ensemble's validation sessions with the ensemble
+    (Ray batch inference) and write ``EXP/pseudo/ENSEMBLE/candidates.csv`` (filename, one
+    probability per class, label, confidence) and ``summary.csv`` (per class: candidates,
+    threshold, kept under ``selection``). Returns (candidates path, summary)."""
+    from .ensemble import load_ensemble, predict_ensemble
+    from .fileio import write_csv
+    from .train import load_dataset
+
+    exp = Path(experiment)
+    ens = load_ensemble(exp, ensemble)
+    data = load_dataset(ens.data)
+    m = data.manifest
+    # Unlabelled clips of validation sessions share the validation fold: never candidates.
+    unl = m[(m["subset"] == "unlabelled") & (m["fold"] != ens.fold)]
+    if unl.empty:
+        raise DataError([f"{ens.data}: no unlabelled clip outside validation fold {ens.fold}"], what="pseudo-labels")
+    probs = predict_ensemble(ens, exp, list(unl["filename"]), address=address)
+    p = probs[data.classes].to_numpy()
+    probs["label"] = np.asarray(data.classes)[p.argmax(1)]
+    probs["confidence"] = p.max(1)
+    out = exp / "pseudo" / ens.name
+    write_csv(out / "candidates.csv", probs)
+    _, summary = select(probs, data.classes, selection or Selection())
+    write_csv(out / "summary.csv", summary)
+    log.info("pseudo-label candidates: %d unlabelled clips scored by %s -> %s", len(probs), ens.name, out)
+    return out / "candidates.csv", summary

@@ -38,6 +38,7 @@ from .distributed import DRIVER_RESOURCE, init_ray, make_trainer
 from .errors import ConfigError, RayscError
 from .fileio import write_csv, write_json
 from .models import count_macs, count_parameters, load_model
+from .models.base import config_to_dict
 from .search_space import SearchSpace, load_search_space
 
 log = logging.getLogger(__name__)
@@ -61,6 +62,7 @@ class TrialRecord:
     parameters: int | None
     macs: int | None  # multiply-accumulates per 10 s clip
     fit_seconds: float
+    started: float | None  # unix time the trial started (orders a sequential search)
     predict_seconds: float | None  # validation inference at the best epoch
     fold: int
     model_path: str | None  # relative to the experiment folder
@@ -89,6 +91,8 @@ class SearchSettings:
     time_budget_minutes: float | None
     max_concurrent: int | None
     startup_trials: int
+    sampler: str = "tpe"  # tpe | random
+    early_stopping: bool = True  # ASHA; off: every trial runs max_epochs (or to its patience)
 
 
 @dataclass(frozen=True)
@@ -116,6 +120,8 @@ def search(
     pseudo_candidates: str | Path | None = None,
     seed: int = 0,
     max_concurrent: int | None = None,
+    sampler: str = "tpe",
+    early_stopping: bool = True,
     points_to_evaluate: list[dict[str, Any]] | None = None,
     resume: bool = False,
     address: str | None = None,
@@ -144,6 +150,8 @@ def search(
         time_budget_minutes=time_budget_minutes,
         max_concurrent=max_concurrent,
         startup_trials=min(10, max(1, trials // 3)),
+        sampler=sampler,
+        early_stopping=early_stopping,
     )
     _check_inputs(sp, settings)
     settings_path = rdir / "search.json"
@@ -181,6 +189,8 @@ def _check_inputs(sp: SearchSpace, s: SearchSettings) -> None:
 
     if s.trials < 1:
         raise ConfigError(f"--trials must be >= 1, got {s.trials}")
+    if s.sampler not in ("tpe", "random"):
+        raise ConfigError(f"sampler {s.sampler!r} (valid: tpe, random)")
     if s.max_epochs < 1:
         raise ConfigError(f"--max-epochs must be >= 1, got {s.max_epochs}")
     if s.round >= 1 and not s.pseudo_candidates:
@@ -316,7 +326,10 @@ def _run_tune(space: SearchSpace, s: SearchSettings, rdir: Path, *, resume: bool
         # The restored run config keeps its callbacks only by pickle; give the view back.
         tuner._local_tuner._run_config.callbacks = [view]
     else:
-        sampler = optuna.samplers.TPESampler(seed=s.seed, n_startup_trials=s.startup_trials)
+        if s.sampler == "random":
+            sampler = optuna.samplers.RandomSampler(seed=s.seed)
+        else:
+            sampler = optuna.samplers.TPESampler(seed=s.seed, n_startup_trials=s.startup_trials)
         journal = optuna.storages.journal.JournalFileBackend(str(rdir / "study.journal"))
         storage = optuna.storages.JournalStorage(journal)
         searcher = OptunaSearch(
@@ -332,7 +345,7 @@ def _run_tune(space: SearchSpace, s: SearchSettings, rdir: Path, *, resume: bool
             trainable,
             tune_config=ray.tune.TuneConfig(
                 search_alg=searcher,
-                scheduler=asha,
+                scheduler=asha if s.early_stopping else None,
                 num_samples=s.trials,
                 max_concurrent_trials=_concurrency(ray, space, s),
                 time_budget_s=s.time_budget_minutes * 60 if s.time_budget_minutes else None,
@@ -400,9 +413,12 @@ def collect_records(rdir: Path, space: SearchSpace, s: SearchSettings) -> list[T
         if trial.status not in ("TERMINATED", "ERROR"):
             continue  # never ran (time budget) or still pending
         values = _trial_values(space, trial.config, s)
+        last = trial.last_result or {}
         base = {"trial_id": trial.trial_id, "round": s.round, "backbone": values["backbone"],
                 "params": _flatten(trial.config), "fold": s.fold,
-                "fit_seconds": float(trial.last_result.get("time_total_s", 0.0))}  # fmt: skip
+                "fit_seconds": float(last.get("time_total_s", 0.0)),
+                "started": last["timestamp"] - last.get("time_total_s", 0) if "timestamp" in last else None,
+                }  # fmt: skip
         ckpt = _latest_checkpoint(rdir / "train" / f"train-{trial.trial_id}")
         if ckpt is None:
             error = str(trial.error_file and Path(trial.error_file).read_text().strip().splitlines()[-1]) or "no result"
@@ -416,6 +432,9 @@ def collect_records(rdir: Path, space: SearchSpace, s: SearchSettings) -> list[T
                 shutil.copyfile(ckpt / "val_predictions.csv", out / "val_predictions.csv")
                 write_json(out / "metrics.json", m)
             model = load_model(out / "model.pt")
+            if not (out / "config.json").is_file():
+                cfg = make_config(values, where=f"trial {trial.trial_id}")
+                write_json(out / "config.json", {"train": cfg.to_dict(), "model": config_to_dict(model.cfg)})
             best = m["best"]
             rec = TrialRecord(
                 **base,

@@ -1,0 +1,133 @@
+"""Search efficiency: TPE + ASHA against random search without early stopping.
+
+Side by side in one run, for several seeds: the same space, data, number of trials and maximum
+epochs; trials run one at a time so that "spent so far" is well defined. For each seed, the
+target is the best validation macro accuracy either strategy found, minus 1 point; each
+strategy's cost is the trial-epochs it had spent when a trial first reached the target
+(a strategy that never reaches it is charged everything it spent). Reported: those costs,
+their ratio (random / TPE+ASHA: above 1 means TPE+ASHA got there cheaper), and wall time.
+
+    python benchmarks/hpo_efficiency.py
+    python benchmarks/hpo_efficiency.py --smoke-test
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+from common import md_table, write_results  # the script folder is on sys.path
+
+from raysc.distributed import init_ray
+from raysc.prepare import prepare
+from raysc.search import read_records, search
+from raysc.synth import DEV_METADATA, EVAL_METADATA, synthesize
+
+FRONTEND = {"sample_rate": 8000, "n_fft": 256, "win_length": 256, "hop_length": 128, "n_mels": 32,
+            "f_min": 0.0, "f_max": 4000.0, "frames": None}  # fmt: skip
+SPACE = {
+    "name": "hpo_efficiency",
+    "fixed": {"model.width": 0.25, "model.frontend": FRONTEND, "batch_size": 16, "patience": 100},
+    "params": {
+        "lr": {"type": "float", "low": 1e-5, "high": 3e-2, "log": True},
+        "weight_decay": {"type": "float", "low": 1e-6, "high": 1e-2, "log": True},
+        "mixup_alpha": {"type": "float", "low": 0.0, "high": 1.0},
+        "city_dropout": {"type": "float", "low": 0.0, "high": 0.5},
+        "model.fusion": {"type": "categorical", "choices": ["concat", "gated", "film", "none"]},
+    },
+    "backbones": {
+        "mobileascnet": {"model.dropout": {"type": "float", "low": 0.0, "high": 0.5}},
+        "setrans": {"model.dropout": {"type": "float", "low": 0.0, "high": 0.5}},
+    },
+    "resources": {"workers": 1, "cpus_per_worker": 2},
+    "scheduler": {"grace_period": 1, "reduction_factor": 2, "max_epochs": 8},
+}
+
+
+def cost_to_reach(records: list, target: float) -> tuple[int, bool]:
+    """Trial-epochs spent (trials in start order) until one reached ``target``."""
+    spent = 0
+    for r in sorted(records, key=lambda r: r.started or 0):
+        spent += r.epochs
+        if (r.metrics["macro_accuracy"] or 0) >= target:
+            return spent, True
+    return spent, False
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--trials", type=int, default=8)
+    parser.add_argument("--max-epochs", type=int, default=8)
+    parser.add_argument("--clips", type=int, default=600)
+    parser.add_argument("--smoke-test", action="store_true")
+    args = parser.parse_args()
+    if args.smoke_test:
+        args.seeds, args.trials, args.max_epochs, args.clips = 1, 2, 2, 120
+    init_ray(num_cpus=2, log_to_driver=False)
+    rows, runs = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        raw = tmp / "raw"
+        synthesize(raw, clips=args.clips, eval_clips=20, labelled_fraction=0.5, sample_rate=8000, clip_seconds=1.0,
+                   cities=4, unseen_cities=1, session_size=4, seed=0)  # fmt: skip
+        data = prepare(dev_meta=raw / DEV_METADATA, eval_meta=raw / EVAL_METADATA, audio_dirs=[raw / "audio"],
+                       out=tmp / "data", sample_rate=8000, clip_seconds=1.0, folds=3, workers=1).out  # fmt: skip
+        space = tmp / "space.yaml"
+        space.write_text(yaml.safe_dump({**SPACE, "scheduler": {**SPACE["scheduler"], "max_epochs": args.max_epochs}}))
+        for seed in range(args.seeds):
+            found = {}
+            for name, kw in (("tpe_asha", {}), ("random_full", {"sampler": "random", "early_stopping": False})):
+                t0 = time.perf_counter()
+                exp = tmp / f"{name}-{seed}"
+                search(space, data=data, experiment=exp, trials=args.trials, seed=seed, max_concurrent=1, **kw)
+                found[name] = (read_records(exp), time.perf_counter() - t0)
+            best = max(r.metrics["macro_accuracy"] or 0 for recs, _ in found.values() for r in recs)
+            target = best - 0.01
+            cost = {name: cost_to_reach(recs, target) for name, (recs, _) in found.items()}
+            run = {"seed": seed, "best": best, "target": target}
+            for name, (recs, wall) in found.items():
+                run[name] = {"epochs_to_target": cost[name][0], "reached": cost[name][1], "wall_s": wall,
+                             "total_epochs": sum(r.epochs for r in recs),
+                             "best": max(r.metrics["macro_accuracy"] or 0 for r in recs)}  # fmt: skip
+            run["ratio"] = cost["random_full"][0] / max(cost["tpe_asha"][0], 1)
+            runs.append(run)
+            rows.append([seed, f"{best:.4f}", *[f"{run[n]['best']:.4f}" for n in found],
+                         *[f"{run[n]['epochs_to_target']}{'' if run[n]['reached'] else ' (not reached)'}"
+                           for n in found],
+                         *[f"{run[n]['total_epochs']}" for n in found],
+                         *[f"{run[n]['wall_s']:.0f}" for n in found], f"{run['ratio']:.2f}"])  # fmt: skip
+    ratios = [r["ratio"] for r in runs]
+    md = (
+        f"TPE + ASHA vs random search without early stopping: {args.trials} trials of at most {args.max_epochs} "
+        f"epochs each, one at a time, {args.seeds} seed(s); target = best of both - 1 point.\n\n"
+        + md_table(
+            [
+                "seed",
+                "best",
+                "best TPE+ASHA",
+                "best random",
+                "epochs to target TPE+ASHA",
+                "epochs to target random",
+                "epochs spent TPE+ASHA",
+                "epochs spent random",
+                "wall s TPE+ASHA",
+                "wall s random",
+                "ratio random/TPE+ASHA",
+            ],
+            rows,
+        )
+        + f"\nratio: mean {statistics.mean(ratios):.2f}"
+        + (f", spread (stdev) {statistics.stdev(ratios):.2f}" if len(ratios) > 1 else "")
+        + f"\n\nCommand: `python benchmarks/hpo_efficiency.py{' --smoke-test' if args.smoke_test else ''}`\n"
+    )
+    return write_results("hpo_efficiency" + ("_smoke" if args.smoke_test else ""), {"args": vars(args), "runs": runs},
+                         md)  # fmt: skip
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

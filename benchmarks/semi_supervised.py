@@ -1,0 +1,142 @@
+"""What ensembles and pseudo-label rounds buy, on synthetic data with known eval labels.
+
+Side by side in one run, for several seeds (each seed: its own synthetic dataset and sampler
+seed), at equal compute measured in trials of the same space and epochs (``search_spaces/demo.yaml``
+trimmed to ``--max-epochs``), all scored on the eval clips' true labels (macro accuracy):
+
+- ensembles, from one round-0 search of 3N trials: best single model, top-k mean (k=3),
+  greedy selection (6 steps);
+- pseudo-labels at 3N trials in all, each scored with the top-3 ensemble over all its trials:
+  none (the 3N-trial round 0 above), one round (N + 2N, threshold searched), two rounds
+  (N + N + N, threshold searched), one round with a fixed threshold (N + 2N, threshold 0.7).
+  The N-trial round 0 is run once and shared.
+
+    python benchmarks/semi_supervised.py
+    python benchmarks/semi_supervised.py --smoke-test
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import pandas as pd
+import yaml
+from common import md_table, write_results  # the script folder is on sys.path
+
+from raysc.distributed import init_ray
+from raysc.ensemble import build_ensemble, predict_ensemble
+from raysc.metrics import macro_accuracy
+from raysc.pipeline import SPACES_DIR
+from raysc.prepare import prepare
+from raysc.pseudo import write_candidates
+from raysc.search import read_records, search
+from raysc.synth import DEV_METADATA, EVAL_LABELS, EVAL_METADATA, synthesize
+from raysc.train import load_dataset
+
+VARIANTS = ["best single", "top-3 mean", "greedy (6 steps)", "no pseudo-labels", "1 round, searched threshold",
+            "2 rounds, searched threshold", "1 round, threshold 0.7"]  # fmt: skip
+
+
+def eval_accuracy(exp: Path, ens_name: str, truth: pd.DataFrame, classes: list[str]) -> float:
+    from raysc.ensemble import load_ensemble
+
+    ens = load_ensemble(exp, ens_name)
+    probs = predict_ensemble(ens, exp, list(truth["filename"]))
+    y = truth["scene_label"].map(classes.index).to_numpy()
+    return macro_accuracy(y, probs[classes].to_numpy().argmax(1), len(classes))
+
+
+def run_rounds(base: Path, exp: Path, space: Path, data: Path, trials: list[int], seed: int, max_epochs: int) -> Path:
+    """Continue the shared round 0 in ``base`` with rounds of ``trials[1:]`` trials in ``exp``."""
+    shutil.copytree(base / "round-0", exp / "round-0")
+    for r, n in enumerate(trials[1:], start=1):
+        ens = build_ensemble(exp, name=f"r{r - 1}", k=3, rounds=list(range(r)))
+        cand, _ = write_candidates(exp, ensemble=ens.name)
+        search(space, data=data, experiment=exp, trials=n, round=r, pseudo_candidates=cand, seed=seed + r,
+               max_epochs=max_epochs, max_concurrent=1)  # fmt: skip
+    build_ensemble(exp, name="final", k=3)
+    return exp
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--n", type=int, default=3, help="trials per unit of compute (N)")
+    parser.add_argument("--max-epochs", type=int, default=6)
+    parser.add_argument("--clips", type=int, default=800)
+    parser.add_argument("--smoke-test", action="store_true")
+    args = parser.parse_args()
+    if args.smoke_test:
+        args.seeds, args.n, args.max_epochs, args.clips = 1, 1, 1, 160
+    init_ray(num_cpus=2, log_to_driver=False)
+    scores: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        for seed in range(args.seeds):
+            raw, data = tmp / f"raw{seed}", tmp / f"data{seed}"
+            synthesize(raw, clips=args.clips, eval_clips=args.clips // 4, labelled_fraction=0.3, sample_rate=8000,
+                       clip_seconds=2.0, cities=6, unseen_cities=2, session_size=6, seed=100 + seed,
+                       workers=2)  # fmt: skip
+            prepare(dev_meta=raw / DEV_METADATA, eval_meta=raw / EVAL_METADATA, audio_dirs=[raw / "audio"], out=data,
+                    sample_rate=8000, clip_seconds=2.0, folds=4, workers=2)  # fmt: skip
+            classes = load_dataset(data).classes
+            truth = pd.read_csv(raw / EVAL_LABELS)
+            spec = yaml.safe_load((SPACES_DIR / "demo.yaml").read_text())
+            spec["resources"] = {"workers": 1, "cpus_per_worker": 2}  # one trial at a time: exact trial counts
+            space = tmp / "space.yaml"
+            space.write_text(yaml.safe_dump(spec))
+            fixed = tmp / "space_fixed.yaml"
+            fixed.write_text(yaml.safe_dump({**spec, "rounds": {"pseudo_threshold": 0.7,
+                                                                "pseudo_weight": {"type": "float", "low": 0.2,
+                                                                                  "high": 1.0}}}))  # fmt: skip
+            n, kw = args.n, {"seed": seed, "max_epochs": args.max_epochs, "max_concurrent": 1}
+            big = tmp / f"big{seed}"
+            search(space, data=data, experiment=big, trials=3 * n, **kw)
+            records = [r for r in read_records(big) if r.status != "failed"]
+            best = max(records, key=lambda r: r.metrics["macro_accuracy"])
+            build_ensemble(big, name="best", method="topk", k=1)
+            build_ensemble(big, name="top3", method="topk", k=3)
+            build_ensemble(big, name="greedy", method="greedy", k=6)
+            assert load_best_id(big) == best.trial_id
+            scores["best single"].append(eval_accuracy(big, "best", truth, classes))
+            scores["top-3 mean"].append(eval_accuracy(big, "top3", truth, classes))
+            scores["greedy (6 steps)"].append(eval_accuracy(big, "greedy", truth, classes))
+            scores["no pseudo-labels"].append(scores["top-3 mean"][-1])
+            base = tmp / f"base{seed}"
+            search(space, data=data, experiment=base, trials=n, **kw)
+            for name, sp, trials in (("1 round, searched threshold", space, [n, 2 * n]),
+                                     ("2 rounds, searched threshold", space, [n, n, n]),
+                                     ("1 round, threshold 0.7", fixed, [n, 2 * n])):  # fmt: skip
+                exp = run_rounds(base, tmp / f"{name.replace(' ', '_').replace(',', '')}{seed}", sp, data, trials,
+                                 seed, args.max_epochs)  # fmt: skip
+                scores[name].append(eval_accuracy(exp, "final", truth, classes))
+    rows = []
+    for v in VARIANTS:
+        s = scores[v]
+        spread = f"{statistics.stdev(s):.3f}" if len(s) > 1 else "-"
+        rows.append([v, f"{statistics.mean(s):.3f}", spread, " ".join(f"{x:.3f}" for x in s)])
+    md = (
+        f"Eval macro accuracy on synthetic data ({args.clips} dev clips, 30 % labelled, {args.clips // 4} eval clips; "
+        f"{args.seeds} seed(s)); N = {args.n} trials of at most {args.max_epochs} epochs; every pseudo-label "
+        f"variant spends 3N trials.\n\n" + md_table(["variant", "mean", "stdev", "per seed"], rows)
+        + f"\nwall time {(time.perf_counter() - t0) / 60:.1f} min. Command: "
+        f"`python benchmarks/semi_supervised.py{' --smoke-test' if args.smoke_test else ''}`\n"
+    )  # fmt: skip
+    return write_results("semi_supervised" + ("_smoke" if args.smoke_test else ""),
+                         {"args": vars(args), "scores": scores}, md)  # fmt: skip
+
+
+def load_best_id(exp: Path) -> str:
+    from raysc.ensemble import load_ensemble
+
+    return load_ensemble(exp, "best").members[0].trial_id
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

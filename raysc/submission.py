@@ -1,0 +1,146 @@
+"""The challenge submission: the eval metadata rows in their original order with ``scene_label``
+filled, validated before anything is written; plus probabilities and an info JSON."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from . import __version__
+from .errors import DataError
+from .fileio import write_csv, write_json
+
+COLUMNS = ["filename", "location", "record_time", "scene_label"]
+
+
+@dataclass(frozen=True)
+class Submission:
+    csv: Path
+    probabilities: Path
+    info: Path
+    counts: dict[str, int]  # predicted clips per class
+
+
+def validate_submission(sub: pd.DataFrame, expected: pd.DataFrame, classes: list[str],
+                        probs: pd.DataFrame | None = None, *, where: str = "submission") -> None:  # fmt: skip
+    """Raise a DataError listing every problem: columns, every eval clip exactly once and in
+    order, location and record time as in the metadata, labels among the classes, no NaN,
+    probabilities that are distributions and agree with the labels."""
+    problems = []
+    if list(sub.columns) != COLUMNS:
+        raise DataError([f"{where}: columns {list(sub.columns)}, expected {COLUMNS}"], what="submission")
+    names, want = sub["filename"].astype(str), expected["filename"].astype(str)
+    dup = sorted(set(names[names.duplicated()]))
+    if dup:
+        problems.append(f"{where}: clip(s) listed more than once: {dup[:5]}" + (" ..." if len(dup) > 5 else ""))
+    missing, extra = sorted(set(want) - set(names)), sorted(set(names) - set(want))
+    if missing:
+        problems.append(f"{where}: {len(missing)} eval clip(s) missing, e.g. {missing[:3]}")
+    if extra:
+        problems.append(f"{where}: {len(extra)} clip(s) not in the eval metadata, e.g. {extra[:3]}")
+    if not (dup or missing or extra):
+        if list(names) != list(want):
+            problems.append(f"{where}: rows are not in the eval metadata's order")
+        else:
+            for col in ("location", "record_time"):
+                bad = np.flatnonzero(sub[col].astype(str).to_numpy() != expected[col].astype(str).to_numpy())
+                problems += [f"{where}:{i + 2}: {col} {sub[col].iloc[i]!r} differs from the metadata's "
+                             f"{expected[col].iloc[i]!r}" for i in bad[:5]]  # fmt: skip
+    labels = sub["scene_label"]
+    for i in np.flatnonzero(labels.isna().to_numpy())[:5]:
+        problems.append(f"{where}:{i + 2}: scene_label is empty")
+    for i, label in enumerate(labels):
+        if pd.notna(label) and label not in classes:
+            problems.append(f"{where}:{i + 2}: scene_label {label!r} is not a class ({', '.join(classes)})")
+    if probs is not None:
+        p = probs[classes].to_numpy(np.float64)
+        if not np.isfinite(p).all():
+            problems.append(f"{where}: probabilities contain NaN or infinity")
+        elif (np.abs(p.sum(1) - 1) > 1e-3).any():
+            problems.append(f"{where}: probability rows do not sum to 1")
+        elif len(p) == len(sub) and (np.asarray(classes)[p.argmax(1)] != labels.to_numpy()).any():
+            problems.append(f"{where}: scene_label disagrees with the highest probability")
+    if problems:
+        raise DataError(problems, what="submission")
+
+
+def check_submission_file(path: str | Path, data_dir: str | Path) -> None:
+    """Validate a submission CSV on disk against a prepared data folder's eval clips."""
+    from .train import load_dataset
+
+    path = Path(path)
+    raw = path.read_bytes()
+    if raw.startswith(b"\xef\xbb\xbf"):
+        raise DataError([f"{path}: starts with a byte-order mark; write plain UTF-8"], what="submission")
+    data = load_dataset(data_dir)
+    sub = pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""])
+    validate_submission(sub, _eval_rows(data.manifest), data.classes, where=str(path))
+
+
+def _eval_rows(manifest: pd.DataFrame) -> pd.DataFrame:
+    rows = manifest[manifest["subset"] == "eval"]
+    return pd.DataFrame({"filename": rows["filename"], "location": rows["city"], "record_time": rows["record_time"]})
+
+
+def make_submission(
+    experiment: str | Path, out: str | Path, *, ensemble: str | None = None, address: str | None = None
+) -> Submission:
+    """Predict every eval clip with an ensemble (default: the best by validation) and write
+    ``out`` (the challenge CSV), ``<out>_probabilities.csv`` and ``<out>_info.json``."""
+    from .ensemble import load_ensemble, predict_ensemble
+    from .train import load_dataset
+
+    exp = Path(experiment)
+    ens = load_ensemble(exp, ensemble)
+    data = load_dataset(ens.data)
+    expected = _eval_rows(data.manifest)
+    if expected.empty:
+        raise DataError([f"{ens.data}: no eval clips in this data folder"], what="submission")
+    probs = predict_ensemble(ens, exp, list(expected["filename"]), address=address)
+    labels = np.asarray(data.classes)[probs[data.classes].to_numpy().argmax(1)]
+    sub = expected.assign(scene_label=labels).reset_index(drop=True)[COLUMNS]
+    validate_submission(sub, expected.reset_index(drop=True), data.classes, probs)
+    out = Path(out)
+    prob_path = out.with_name(out.stem + "_probabilities.csv")
+    info_path = out.with_name(out.stem + "_info.json")
+    members = []
+    for m in ens.members:
+        trial_dir = (exp / m.model_path).parent
+        record = json.loads((trial_dir / "record.json").read_text())
+        config = json.loads((trial_dir / "config.json").read_text())
+        members.append({**dataclasses.asdict(m), "params": record["params"], "config": config,
+                        "validation": record["metrics"]})  # fmt: skip
+    write_csv(out, sub)
+    write_csv(prob_path, probs)
+    write_json(info_path, _info(ens, members))
+    counts = {c: int((labels == c).sum()) for c in data.classes}
+    return Submission(out, prob_path, info_path, counts)
+
+
+def _info(ens: Any, members: list[dict]) -> dict[str, Any]:
+    import optuna
+    import ray
+    import torch
+    import torchaudio
+
+    metrics = ("macro_accuracy", "accuracy", "log_loss", "clips", "seen_city_macro_accuracy",
+               "unseen_city_macro_accuracy")  # fmt: skip
+    versions = {"raysc": __version__, "python": platform.python_version(), "torch": torch.__version__,
+                "torchaudio": torchaudio.__version__, "ray": ray.__version__, "optuna": optuna.__version__}  # fmt: skip
+    return {
+        "ensemble": ens.name,
+        "method": ens.method,
+        "temperature": ens.temperature,
+        "session_smoothing": ens.session_smoothing,
+        "validation": {k: ens.metrics[k] for k in metrics},
+        "validation_fold": ens.fold,
+        "members": members,
+        "versions": versions,
+    }

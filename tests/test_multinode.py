@@ -1,0 +1,53 @@
+"""Searches on a simulated two-worker-node cluster: trials spread over the nodes, and a node
+removed mid-search has its trial restarted from checkpoints on the surviving node."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from test_search import write_space
+
+from raysc.search import read_records
+
+pytestmark = pytest.mark.slow
+
+
+def _run(mode: str, space: Path, data: Path, exp: Path) -> dict:
+    script = Path(__file__).with_name("multinode.py")
+    done = subprocess.run([sys.executable, str(script), mode, str(space), str(data), str(exp)], capture_output=True,
+                          text=True, timeout=900)  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["rc"] == 0, result["output"]
+    return result
+
+
+def test_a_search_spreads_over_two_worker_nodes(prepared, tmp_path):
+    space = write_space(tmp_path / "s.yaml", scheduler={"grace_period": 2, "reduction_factor": 2, "max_epochs": 2})
+    result = _run("spread", space, prepared.out, tmp_path / "exp")
+    records = read_records(tmp_path / "exp")
+    assert len(records) == 2 and all(r.status == "completed" for r in records)
+    first_nodes = {where[0] for where in result["started_on"].values()}
+    assert first_nodes == set(result["workers"])  # one trial per node, none on the CPU-less head
+
+
+def test_a_removed_node_restarts_its_trial_from_checkpoints_on_the_survivor(prepared, tmp_path):
+    space = write_space(tmp_path / "s.yaml", scheduler={"grace_period": 8, "reduction_factor": 2, "max_epochs": 8},
+                        fixed={"model.width": 0.5, "model.frontend": __import__("conftest").FRONTEND,
+                               "batch_size": 8})  # fmt: skip
+    exp = tmp_path / "exp"
+    result = _run("kill", space, prepared.out, exp)
+    assert result["removed"] in result["workers"]
+    survivor = next(w for w in result["workers"] if w != result["removed"])
+    moved = [t for t, where in result["started_on"].items() if where[0] == result["removed"]]
+    assert len(moved) == 1 and result["started_on"][moved[0]][-1] == survivor
+    records = read_records(exp)
+    assert len(records) == 2 and all(r.status == "completed" and r.epochs == 8 for r in records)
+    metrics = json.loads((exp / "round-0" / "trials" / moved[0] / "metrics.json").read_text())
+    assert metrics["resumed_at_epochs"] and metrics["resumed_at_epochs"][0] >= 2
+    assert [h["epoch"] for h in metrics["history"]] == list(range(1, 9))  # nothing lost or repeated
+    assert sorted(p.name for p in (exp / "round-0" / "trials").iterdir()) == sorted(r.trial_id for r in records)

@@ -1,0 +1,84 @@
+"""The pipeline end to end on tiny synthetic data, killed and resumed; pseudo-labels never come
+from validation sessions; the submission is valid."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pandas as pd
+import pytest
+import yaml
+from test_search import write_space
+
+from raysc.errors import ConfigError
+from raysc.pipeline import load_pipeline
+from raysc.submission import check_submission_file
+
+
+def test_pipeline_file_errors(tmp_path):
+    bad = tmp_path / "p.yaml"
+    bad.write_text("rounds: 2\ntrails: 4\n")
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['trails'\] \(valid: .*trials"):
+        load_pipeline(bad)
+    bad.write_text("rounds: 0\n")
+    with pytest.raises(ConfigError, match="rounds, trials and ensemble_k must be >= 1"):
+        load_pipeline(bad)
+    with pytest.raises(ConfigError, match=r"search space 'all_backbonez': not a .yaml file nor one of \[.*'demo'"):
+        load_pipeline(None).__class__(space="all_backbonez").space_path()
+
+
+@pytest.mark.slow
+def test_pipeline_runs_end_to_end_and_resumes_after_a_kill(prepared, tmp_path):
+    # Tiny models are unsure: thresholds low enough that round 1 surely keeps pseudo-labels.
+    space = write_space(tmp_path / "space.yaml", scheduler={"grace_period": 1, "reduction_factor": 2, "max_epochs": 1},
+                        rounds={"pseudo_threshold": {"type": "float", "low": 0.0, "high": 0.1}})  # fmt: skip
+    pipe = tmp_path / "pipeline.yaml"
+    pipe.write_text(yaml.safe_dump({"space": str(space), "rounds": 2, "trials": 2, "ensemble_k": 2,
+                                    "pseudo_threshold": 0.0}))  # fmt: skip
+    exp = tmp_path / "exp"
+    args = [sys.executable, "-m", "raysc.cli", "pipeline", str(pipe), "--data", str(prepared.out), "--experiment",
+            str(exp)]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    out = (tmp_path / "first.out").open("w")
+    first = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    state = exp / "pipeline.json"
+    deadline = time.time() + 400
+    while time.time() < deadline and "ensemble-0" not in (json.loads(state.read_text())["done"] if state.exists()
+                                                          else {}):  # fmt: skip
+        assert first.poll() is None, (tmp_path / "first.out").read_text()
+        time.sleep(0.5)
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    round0 = sorted(p.name for p in (exp / "round-0" / "trials").iterdir())
+    time.sleep(2)
+    again = subprocess.run(args, capture_output=True, text=True, env=env, timeout=600)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "[pipeline] search-0: done before, kept" in again.stdout
+    assert "[pipeline] ensemble-0: done before, kept" in again.stdout
+    done = json.loads(state.read_text())["done"]
+    assert list(done) == ["search-0", "ensemble-0", "pseudo-0", "search-1", "ensemble-1", "submit", "plots"]
+    assert sorted(p.name for p in (exp / "round-0" / "trials").iterdir()) == round0  # round 0 was not rerun
+    # Pseudo-label candidates: unlabelled clips outside the validation fold only, all of them.
+    m = prepared.manifest
+    cands = pd.read_csv(done["pseudo-0"])
+    assert set(cands["filename"]) == set(m.query("subset == 'unlabelled' and fold != 0")["filename"])
+    # Round 1 trained on them: its trials saw more clips than round 0's.
+    r1 = [json.loads(p.read_text()) for p in (exp / "round-1" / "trials").glob("*/metrics.json")]
+    r0 = [json.loads(p.read_text()) for p in (exp / "round-0" / "trials").glob("*/metrics.json")]
+    assert min(h["history"][0]["train_clips"] for h in r1) > max(h["history"][0]["train_clips"] for h in r0)
+    # The submission is valid, with its probabilities and info.
+    sub = exp / "submission" / "submission.csv"
+    check_submission_file(sub, prepared.out)
+    info = json.loads((exp / "submission" / "submission_info.json").read_text())
+    assert info["members"] and info["versions"]["ray"].startswith("2.60")
+    assert len(pd.read_csv(exp / "submission" / "submission_probabilities.csv")) == (m["subset"] == "eval").sum()
+    # Plots and the leaderboard (printed at the end): trials of both rounds and the ensembles.
+    for name in ("confusion_matrix", "per_city_accuracy", "learning_curves", "search_history"):
+        assert (exp / "plots" / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
+    assert again.stdout.count("| trial |") == 4 and "| ensemble |" in again.stdout
+    assert "-session" in again.stdout  # the session-smoothed variant has its own row

@@ -1,0 +1,90 @@
+"""Submission validation rejects every kind of wrong file; the leaderboard renders and ranks."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from raysc.errors import ConfigError, DataError
+from raysc.leaderboard import render
+from raysc.submission import COLUMNS, check_submission_file, validate_submission
+
+
+@pytest.fixture
+def good(prepared):
+    m = prepared.manifest
+    rows = m[m["subset"] == "eval"]
+    expected = pd.DataFrame({"filename": rows["filename"], "location": rows["city"],
+                             "record_time": rows["record_time"]}).reset_index(drop=True)  # fmt: skip
+    classes = prepared.info["classes"]
+    labels = [classes[i % len(classes)] for i in range(len(expected))]
+    return expected, expected.assign(scene_label=labels), classes
+
+
+def _problems(sub, expected, classes, probs=None) -> str:
+    with pytest.raises(DataError) as err:
+        validate_submission(sub, expected, classes, probs)
+    return str(err.value)
+
+
+def test_a_valid_submission_passes_and_matches_the_eval_metadata_order(prepared, good, tmp_path):
+    expected, sub, classes = good
+    validate_submission(sub, expected, classes)
+    path = tmp_path / "s.csv"
+    sub.to_csv(path, index=False)
+    check_submission_file(path, prepared.out)
+    raw_eval = pd.read_csv(prepared.out / "manifest.csv").query("subset == 'eval'")
+    assert list(sub["filename"]) == list(raw_eval["filename"])
+
+
+def test_every_kind_of_wrong_submission_is_rejected(prepared, good, tmp_path):
+    expected, sub, classes = good
+    assert "columns ['filename', 'scene_label']" in _problems(sub[["filename", "scene_label"]], expected, classes)
+    assert "1 eval clip(s) missing" in _problems(sub.iloc[1:], expected, classes)
+    dup = pd.concat([sub, sub.iloc[[0]]], ignore_index=True)
+    assert "listed more than once" in _problems(dup, expected, classes)
+    extra = pd.concat([sub, sub.iloc[[0]].assign(filename="stranger")], ignore_index=True)
+    assert "1 clip(s) not in the eval metadata" in _problems(extra, expected, classes)
+    assert "not in the eval metadata's order" in _problems(sub.iloc[::-1].reset_index(drop=True), expected, classes)
+    moved = sub.copy()
+    moved.loc[2, "location"] = "Atlantis"
+    assert ":4: location 'Atlantis' differs" in _problems(moved, expected, classes)
+    bad = sub.copy()
+    bad.loc[0, "scene_label"] = "Beach"
+    bad.loc[1, "scene_label"] = np.nan
+    text = _problems(bad, expected, classes)
+    assert ":2: scene_label 'Beach' is not a class" in text and ":3: scene_label is empty" in text
+    probs = pd.DataFrame(np.full((len(sub), len(classes)), 1 / len(classes)), columns=classes)
+    probs.iloc[0, 0] = np.nan
+    assert "probabilities contain NaN" in _problems(sub, expected, classes, probs)
+    uniform = pd.DataFrame(np.eye(len(classes))[[(i + 1) % len(classes) for i in range(len(sub))]], columns=classes)
+    assert "disagrees with the highest probability" in _problems(sub, expected, classes, uniform)
+    bom = tmp_path / "bom.csv"
+    bom.write_bytes(b"\xef\xbb\xbf" + sub.to_csv(index=False).encode())
+    with pytest.raises(DataError, match="byte-order mark"):
+        check_submission_file(bom, prepared.out)
+    assert list(sub.columns) == COLUMNS
+
+
+def test_leaderboard_renders_csv_markdown_and_a_sortable_page():
+    table = pd.DataFrame(
+        {
+            "rank": [1, 2],
+            "name": ["ens", "t1"],
+            "kind": ["ensemble", "trial"],
+            "macro_accuracy": [0.8, None],
+            "parameters": [1234567, 10],
+            "fit_seconds": [12.0, 1.5],
+        }
+    )
+    assert render(table, "csv").splitlines()[0] == "rank,name,kind,macro_accuracy,parameters,fit_seconds"
+    md = render(table, "md")
+    assert "| 1 | ens | ensemble | 0.8000 | 1,234,567 | 12.0 |" in md
+    page = render(table, "html", title="board <x>")
+    assert page.startswith("<!doctype html>") and "board &lt;x&gt;" in page and "function sortBy" in page
+    assert "data-v='null'" in page and f"data-v='{json.dumps(1234567)}'" in page
+    with pytest.raises(ConfigError, match="format 'pdf'"):
+        render(table, "pdf")
