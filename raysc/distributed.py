@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import tempfile
 from contextlib import nullcontext
 from pathlib import Path
@@ -22,7 +23,12 @@ log = logging.getLogger(__name__)
 
 # Ray Train drains each worker's report queue every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s by
 # default), so every report blocks up to that long; 0.2 s cuts the overhead of short epochs.
-RAY_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+# A worker group must start within RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S (60 s by default); on a
+# loaded machine importing torch can take longer, and in Ray 2.60 the retry after a timeout can
+# leave the failed attempt's placement group holding its CPUs (measured: the trial then waits
+# forever). A longer timeout, plus a limit on controller retries (make_trainer), avoids both.
+RAY_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+           "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "600"}  # fmt: skip
 
 
 # A custom resource for search drivers (one Tune trial = one small driver that launches a
@@ -30,6 +36,20 @@ RAY_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2", "RAY_TRAIN_ENABLE_PRINT_P
 # cluster.yaml gives it to the head node only, which pins drivers there.
 DRIVER_RESOURCE = "raysc_driver"
 DRIVER_SLOTS = 1000
+
+
+def dashboard_port(preferred: int = 8265) -> int:
+    """``preferred`` if it is free, else any free port. Two local Rays on one machine (a test's and
+    a child's, a benchmark's) must not share the dashboard port: the loser runs without a
+    dashboard, and without it Ray Train cannot release the placement groups of stopped trials."""
+    for port in (preferred, 0):
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return sock.getsockname()[1]
+    raise RayscError("no free port for the Ray dashboard")
 
 
 def init_ray(address: str | None = None, **kwargs: Any) -> None:
@@ -43,6 +63,7 @@ def init_ray(address: str | None = None, **kwargs: Any) -> None:
         for k, v in RAY_ENV.items():
             os.environ.setdefault(k, v)  # for a local cluster started here
         kwargs.setdefault("resources", {DRIVER_RESOURCE: DRIVER_SLOTS})
+        kwargs.setdefault("dashboard_port", dashboard_port())
     ray.init(address=address, runtime_env={"env_vars": RAY_ENV}, **kwargs)
 
 
@@ -165,7 +186,8 @@ def make_trainer(
         run_config=ray.train.RunConfig(
             name=name,
             storage_path=storage_path,
-            failure_config=ray.train.FailureConfig(max_failures=max_failures),
+            # A run whose workers cannot start fails with the reason instead of retrying forever.
+            failure_config=ray.train.FailureConfig(max_failures=max_failures, controller_failure_limit=2),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=keep_checkpoints, **score),
             callbacks=callbacks or [],
         ),

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from ray.cluster_utils import Cluster
 
-from raysc.distributed import DRIVER_RESOURCE, RAY_ENV
+from raysc.distributed import DRIVER_RESOURCE, RAY_ENV, dashboard_port
 
 
 def started_on(exp: Path) -> dict[str, list[str]]:
@@ -33,8 +33,8 @@ def started_on(exp: Path) -> dict[str, list[str]]:
 
 
 def main(mode: str, space: str, data: str, experiment: str) -> int:
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "resources": {DRIVER_RESOURCE: 100},
-                                                            "env_vars": RAY_ENV})  # fmt: skip
+    head = {"num_cpus": 0, "resources": {DRIVER_RESOURCE: 100}, "dashboard_port": dashboard_port(), "env_vars": RAY_ENV}
+    cluster = Cluster(initialize_head=True, head_node_args=head)
     nodes = [cluster.add_node(num_cpus=1, env_vars=RAY_ENV) for _ in range(2)]
     cluster.wait_for_nodes()
     ids = [n.node_id for n in nodes]
@@ -48,7 +48,11 @@ def main(mode: str, space: str, data: str, experiment: str) -> int:
         while removed is None and time.time() < deadline and driver.poll() is None:
             for trial, where in started_on(exp).items():
                 ckpts = list((exp / "round-0" / "train" / f"train-{trial}").glob("checkpoint_*"))
-                if where and len(ckpts) >= 2 and where[-1] in ids:
+                epochs = re.findall(
+                    r"epoch (\d+)/(\d+)", (exp / "round-0" / "trials" / trial / "train.log").read_text()
+                )
+                running = epochs and int(epochs[-1][0]) <= int(epochs[-1][1]) - 3  # well before its end
+                if where and len(ckpts) >= 2 and running and where[-1] in ids:
                     removed = where[-1]
                     cluster.remove_node(nodes[ids.index(removed)])
                     break

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import FRONTEND
 from test_search import write_space
 
 from raysc.search import read_records
@@ -35,12 +36,12 @@ def test_a_search_spreads_over_two_worker_nodes(prepared, tmp_path):
     assert first_nodes == set(result["workers"])  # one trial per node, none on the CPU-less head
 
 
-def test_a_removed_node_restarts_its_trial_from_checkpoints_on_the_survivor(prepared, tmp_path):
+def test_a_removed_node_restarts_its_trial_from_checkpoints_on_the_survivor(learnable, tmp_path):
+    # Epochs of a few seconds (more clips, small batches), so the node goes while its trial trains.
     space = write_space(tmp_path / "s.yaml", scheduler={"grace_period": 8, "reduction_factor": 2, "max_epochs": 8},
-                        fixed={"model.width": 0.5, "model.frontend": __import__("conftest").FRONTEND,
-                               "batch_size": 8})  # fmt: skip
+                        fixed={"model.width": 0.5, "model.frontend": FRONTEND, "batch_size": 8})  # fmt: skip
     exp = tmp_path / "exp"
-    result = _run("kill", space, prepared.out, exp)
+    result = _run("kill", space, learnable, exp)
     assert result["removed"] in result["workers"]
     survivor = next(w for w in result["workers"] if w != result["removed"])
     moved = [t for t, where in result["started_on"].items() if where[0] == result["removed"]]
