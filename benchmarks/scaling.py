@@ -25,7 +25,7 @@ import yaml
 from common import md_table, write_results  # the script folder is on sys.path
 from ray.cluster_utils import Cluster
 
-from raysc.distributed import DRIVER_RESOURCE, RAY_ENV, dashboard_port
+from raysc.distributed import DRIVER_RESOURCE, RAY_ENV, free_port
 from raysc.prepare import prepare
 from raysc.search import read_records
 from raysc.synth import DEV_METADATA, EVAL_METADATA, synthesize
@@ -42,7 +42,7 @@ SPACE = {
 
 def run_search(nodes: int, space: Path, data: Path, exp: Path, trials: int) -> float:
     """Wall seconds of a ``trials``-trial search on a head + ``nodes`` one-CPU worker nodes."""
-    head = {"num_cpus": 0, "resources": {DRIVER_RESOURCE: 100}, "dashboard_port": dashboard_port(), "env_vars": RAY_ENV}
+    head = {"num_cpus": 0, "resources": {DRIVER_RESOURCE: 100}, "dashboard_port": free_port(8265), "env_vars": RAY_ENV}
     cluster = Cluster(initialize_head=True, head_node_args=head)
     for _ in range(nodes):
         cluster.add_node(num_cpus=1, env_vars=RAY_ENV)

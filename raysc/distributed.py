@@ -38,10 +38,10 @@ DRIVER_RESOURCE = "raysc_driver"
 DRIVER_SLOTS = 1000
 
 
-def dashboard_port(preferred: int = 8265) -> int:
-    """``preferred`` if it is free, else any free port. Two local Rays on one machine (a test's and
-    a child's, a benchmark's) must not share the dashboard port: the loser runs without a
-    dashboard, and without it Ray Train cannot release the placement groups of stopped trials."""
+def free_port(preferred: int = 0) -> int:
+    """``preferred`` if it is free, else any free port (a local Ray's GCS and dashboard ports: two
+    local Rays on one machine must not share them; a Ray that loses the dashboard port runs
+    without a dashboard, and then Ray Train cannot release stopped trials' placement groups)."""
     for port in (preferred, 0):
         with socket.socket() as sock:
             try:
@@ -49,22 +49,35 @@ def dashboard_port(preferred: int = 8265) -> int:
             except OSError:
                 continue
             return sock.getsockname()[1]
-    raise RayscError("no free port for the Ray dashboard")
+    raise RayscError("no free port for the local Ray")
 
 
 def init_ray(address: str | None = None, **kwargs: Any) -> None:
-    """Connect to ``address`` (or ``RAY_ADDRESS``), or start a local Ray; no-op when connected."""
+    """Connect to ``address`` (or ``RAY_ADDRESS``), or start a local Ray; no-op when connected.
+
+    A local Ray gets a GCS port chosen here, and its workers get ``RAY_ADDRESS`` pointing at it:
+    Ray Train's placement-group cleaner finds its cluster through the State API, which, with no
+    address, refuses to choose when several Rays run on one machine (then the placement groups
+    of stopped trials leak and later trials wait forever).
+    """
     import ray
 
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS") or None
+    env = dict(RAY_ENV)
     if not address:
         for k, v in RAY_ENV.items():
-            os.environ.setdefault(k, v)  # for a local cluster started here
+            os.environ.setdefault(k, v)  # for the local cluster's own processes
         kwargs.setdefault("resources", {DRIVER_RESOURCE: DRIVER_SLOTS})
-        kwargs.setdefault("dashboard_port", dashboard_port())
-    ray.init(address=address, runtime_env={"env_vars": RAY_ENV}, **kwargs)
+        kwargs.setdefault("dashboard_port", free_port(8265))
+        gcs_port = free_port()
+        env["RAY_ADDRESS"] = f"{ray.util.get_node_ip_address()}:{gcs_port}"
+        os.environ["RAY_GCS_SERVER_PORT"] = str(gcs_port)
+    try:
+        ray.init(address=address, runtime_env={"env_vars": env}, **kwargs)
+    finally:
+        os.environ.pop("RAY_GCS_SERVER_PORT", None)
 
 
 def _train_worker(config: dict[str, Any]) -> None:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from ray.cluster_utils import Cluster
 
-from raysc.distributed import DRIVER_RESOURCE, RAY_ENV, dashboard_port
+from raysc.distributed import DRIVER_RESOURCE, RAY_ENV, free_port
 
 
 def started_on(exp: Path) -> dict[str, list[str]]:
@@ -33,7 +33,7 @@ def started_on(exp: Path) -> dict[str, list[str]]:
 
 
 def main(mode: str, space: str, data: str, experiment: str) -> int:
-    head = {"num_cpus": 0, "resources": {DRIVER_RESOURCE: 100}, "dashboard_port": dashboard_port(), "env_vars": RAY_ENV}
+    head = {"num_cpus": 0, "resources": {DRIVER_RESOURCE: 100}, "dashboard_port": free_port(8265), "env_vars": RAY_ENV}
     cluster = Cluster(initialize_head=True, head_node_args=head)
     nodes = [cluster.add_node(num_cpus=1, env_vars=RAY_ENV) for _ in range(2)]
     cluster.wait_for_nodes()
