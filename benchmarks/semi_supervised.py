@@ -66,9 +66,9 @@ def run_rounds(base: Path, exp: Path, space: Path, data: Path, trials: list[int]
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--n", type=int, default=3, help="trials per unit of compute (N)")
-    parser.add_argument("--max-epochs", type=int, default=6)
-    parser.add_argument("--clips", type=int, default=800)
+    parser.add_argument("--n", type=int, default=2, help="trials per unit of compute (N)")
+    parser.add_argument("--max-epochs", type=int, default=5)
+    parser.add_argument("--clips", type=int, default=600)
     parser.add_argument("--smoke-test", action="store_true")
     args = parser.parse_args()
     if args.smoke_test:
