@@ -47,12 +47,15 @@ def test_a_killed_worker_is_replaced_and_resumes_from_its_checkpoint(local_ray, 
 
     out = tmp_path / "run"
     killed = []
+    address = local_ray.get_runtime_context().gcs_address  # the State API must not guess among several Rays
 
     def kill_after_first_checkpoint():
         deadline = time.time() + 120
         while time.time() < deadline and not killed:
             if len(list((out / "ray").glob("train-run/checkpoint_*"))) >= 2:  # one surely registered
-                for actor in list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")]):
+                for actor in list_actors(
+                    address=address, filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")]
+                ):
                     os.kill(actor.pid, signal.SIGKILL)
                     killed.append(actor.pid)
                     return
