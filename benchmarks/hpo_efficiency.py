@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -123,7 +124,7 @@ def main() -> int:
         )
         + f"\nratio: mean {statistics.mean(ratios):.2f}"
         + (f", spread (stdev) {statistics.stdev(ratios):.2f}" if len(ratios) > 1 else "")
-        + f"\n\nCommand: `python benchmarks/hpo_efficiency.py{' --smoke-test' if args.smoke_test else ''}`\n"
+        + f"\n\nCommand: `python benchmarks/hpo_efficiency.py{' ' if sys.argv[1:] else ''}{' '.join(sys.argv[1:])}`\n"
     )
     return write_results("hpo_efficiency" + ("_smoke" if args.smoke_test else ""), {"args": vars(args), "runs": runs},
                          md)  # fmt: skip

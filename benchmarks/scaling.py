@@ -100,7 +100,7 @@ def main() -> int:
         + f"\nParallel efficiency 1 -> 2 nodes: {efficiency:.2f} (2-node trials/hour / twice the 1-node rate).\n\n"
         f"Model for N GPUs with this per-trial time ({t:.1f} s) and efficiency, trials/hour for trials holding "
         "g GPUs:\n\n" + md_table(["GPUs", "g = 1", "g = 0.5", "g = 0.25"], model)
-        + f"\nCommand: `python benchmarks/scaling.py{' --smoke-test' if args.smoke_test else ''}`\n"
+        + f"\nCommand: `python benchmarks/scaling.py{' ' if sys.argv[1:] else ''}{' '.join(sys.argv[1:])}`\n"
     )  # fmt: skip
     return write_results("scaling" + ("_smoke" if args.smoke_test else ""),
                          {"args": vars(args), "runs": runs, "efficiency": efficiency, "trial_s": t}, md)  # fmt: skip

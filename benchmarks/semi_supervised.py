@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import shutil
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -126,7 +127,7 @@ def main() -> int:
         f"{args.seeds} seed(s)); N = {args.n} trials of at most {args.max_epochs} epochs; every pseudo-label "
         f"variant spends 3N trials.\n\n" + md_table(["variant", "mean", "stdev", "per seed"], rows)
         + f"\nwall time {(time.perf_counter() - t0) / 60:.1f} min. Command: "
-        f"`python benchmarks/semi_supervised.py{' --smoke-test' if args.smoke_test else ''}`\n"
+        f"`python benchmarks/semi_supervised.py{' ' if sys.argv[1:] else ''}{' '.join(sys.argv[1:])}`\n"
     )  # fmt: skip
     return write_results("semi_supervised" + ("_smoke" if args.smoke_test else ""),
                          {"args": vars(args), "scores": scores}, md)  # fmt: skip
