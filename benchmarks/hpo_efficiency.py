@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import yaml
+from common import FRONTEND_8K as FRONTEND
 from common import md_table, write_results  # the script folder is on sys.path
 
 from raysc.distributed import init_ray
@@ -28,8 +29,6 @@ from raysc.prepare import prepare
 from raysc.search import read_records, search
 from raysc.synth import DEV_METADATA, EVAL_METADATA, synthesize
 
-FRONTEND = {"sample_rate": 8000, "n_fft": 256, "win_length": 256, "hop_length": 128, "n_mels": 32,
-            "f_min": 0.0, "f_max": 4000.0, "frames": None}  # fmt: skip
 SPACE = {
     "name": "hpo_efficiency",
     "fixed": {"model.width": 0.25, "model.frontend": FRONTEND, "batch_size": 16, "patience": 100},

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import yaml
+from common import FRONTEND_8K as FRONTEND
 from common import md_table, write_results  # the script folder is on sys.path
 from ray.cluster_utils import Cluster
 
@@ -30,8 +31,6 @@ from raysc.prepare import prepare
 from raysc.search import read_records
 from raysc.synth import DEV_METADATA, EVAL_METADATA, synthesize
 
-FRONTEND = {"sample_rate": 8000, "n_fft": 256, "win_length": 256, "hop_length": 128, "n_mels": 32,
-            "f_min": 0.0, "f_max": 4000.0, "frames": None}  # fmt: skip
 SPACE = {
     "fixed": {"model.width": 0.25, "model.frontend": FRONTEND, "batch_size": 16, "patience": 100},
     "params": {"lr": {"type": "float", "low": 1e-3, "high": 1e-2, "log": True}},

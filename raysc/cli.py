@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 from collections.abc import Sequence
@@ -195,7 +196,10 @@ def _print_result(result) -> None:
 def _cmd_pipeline(args: argparse.Namespace) -> int:
     from .pipeline import load_pipeline, run_pipeline
 
-    result = run_pipeline(load_pipeline(args.pipeline), data=args.data, experiment=args.experiment,
+    cfg = load_pipeline(args.pipeline)
+    if args.max_concurrent:
+        cfg = dataclasses.replace(cfg, max_concurrent=args.max_concurrent)
+    result = run_pipeline(cfg, data=args.data, experiment=args.experiment,
                           time_budget_minutes=args.time_budget, address=args.address,
                           progress=lambda line: print(line, flush=True))  # fmt: skip
     _print_result(result)
@@ -209,6 +213,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
                       progress=lambda line: print(line, flush=True))  # fmt: skip
     _print_result(result)
     return EXIT_OK
+
+
+def _add_address(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -285,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--cpus-per-worker", type=float, default=1.0, help="CPUs per worker; also its torch threads (default 1)"
     )
     p.add_argument("--max-failures", type=int, default=1, help="worker restarts allowed (default 1)")
-    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    _add_address(p)
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("search", help="hyperparameter search: Ray Tune + Optuna (TPE) + ASHA, one round")
@@ -303,7 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sampler", choices=["tpe", "random"], default="tpe", help="Optuna sampler (default tpe)")
     p.add_argument("--no-early-stopping", action="store_true", help="no ASHA: every trial runs its epochs")
     p.add_argument("--resume", action="store_true", help="continue an interrupted search in --experiment")
-    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    _add_address(p)
     p.set_defaults(func=_cmd_search)
 
     p = sub.add_parser("ensemble", help="ensemble the best trials (top-k mean or greedy selection)")
@@ -329,14 +337,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=float, default=0.9, help="confidence for the summary (default 0.9)")
     p.add_argument("--adaptive", action="store_true", help="per-class thresholds for the summary")
     p.add_argument("--balance", action="store_true", help="class-balanced selection for the summary")
-    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    _add_address(p)
     p.set_defaults(func=_cmd_pseudo_label)
 
     p = sub.add_parser("submit", help="predict the eval clips and write the challenge submission")
     p.add_argument("experiment", type=Path, help="experiment folder")
     p.add_argument("--ensemble", help="ensemble name (default: the best by validation)")
     p.add_argument("--out", type=Path, required=True, help="submission CSV to write")
-    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    _add_address(p)
     p.set_defaults(func=_cmd_submit)
 
     p = sub.add_parser("pipeline", help="search -> ensemble -> pseudo-label rounds -> submission, resumable")
@@ -344,14 +352,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", type=Path, required=True, help="prepared data folder")
     p.add_argument("--experiment", type=Path, required=True, help="experiment folder")
     p.add_argument("--time-budget", type=float, metavar="MINUTES", help="shared by the rounds' searches")
-    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    p.add_argument("--max-concurrent", type=int, help="trials at once (overrides the file; for autoscaling clusters)")
+    _add_address(p)
     p.set_defaults(func=_cmd_pipeline)
 
     p = sub.add_parser("demo", help="synthesise a small dataset and run the whole pipeline on it")
     p.add_argument("--out", type=Path, default=Path("raysc-demo"), help="folder to write (default raysc-demo)")
     p.add_argument("--clips", type=int, default=800, help="development clips to synthesise (default 800)")
     p.add_argument("--time-budget", type=float, metavar="MINUTES", help="limit the searches")
-    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    _add_address(p)
     p.set_defaults(func=_cmd_demo)
     return parser
 

@@ -33,8 +33,9 @@ def leaderboard(experiment: str | Path, *, round: int | None = None) -> pd.DataF
     """One row per trial (failed ones last) and per ensemble, best validation macro accuracy first.
     ``round``: trials of that round and ensembles whose members all come from it."""
     exp = Path(experiment)
-    records = [r for r in read_records(exp) if round is None or r.round == round]
-    by_id = {r.trial_id: r for r in read_records(exp)}
+    every = read_records(exp)
+    records = [r for r in every if round is None or r.round == round]
+    by_id = {r.trial_id: r for r in every}
     rows = [{
         "name": r.trial_id, "kind": "trial", "round": r.round, "backbone": r.backbone,
         "params": _short_params(r.params), **{k: r.metrics.get(k) for k in ("macro_accuracy", "accuracy", "log_loss",
