@@ -1,11 +1,11 @@
 """Run a search on a simulated multi-node Ray cluster (``ray.cluster_utils.Cluster``); used by
 test_multinode.py in a subprocess so that its Ray is separate from the tests' local one.
 
-    python tests/multinode.py spread|kill SPACE DATA EXPERIMENT
+    python tests/multinode.py SPACE DATA EXPERIMENT
 
 The head has no CPU and the ``raysc_driver`` resource (as in cluster.yaml); two worker nodes
-have one CPU each. The search runs as ``raysc search --address`` in a child process. In
-``kill`` mode the worker node of one running trial is removed once that trial has checkpoints.
+have one CPU each. The search runs as ``raysc search --address`` in a child process; the worker
+node of one running trial is removed once that trial has checkpoints.
 Prints one JSON line: the worker nodes, the node each trial's rank-0 worker started on, the
 removed node.
 """
@@ -32,7 +32,7 @@ def started_on(exp: Path) -> dict[str, list[str]]:
     return out
 
 
-def main(mode: str, space: str, data: str, experiment: str) -> int:
+def main(space: str, data: str, experiment: str) -> int:
     head = {"num_cpus": 0, "resources": {DRIVER_RESOURCE: 100}, "dashboard_port": free_port(8265), "env_vars": RAY_ENV}
     cluster = Cluster(initialize_head=True, head_node_args=head)
     nodes = [cluster.add_node(num_cpus=1, env_vars=RAY_ENV) for _ in range(2)]
@@ -42,21 +42,17 @@ def main(mode: str, space: str, data: str, experiment: str) -> int:
     cmd = [sys.executable, "-m", "raysc.cli", "search", space, "--data", data, "--experiment", experiment,
            "--trials", "2", "--address", cluster.address]  # fmt: skip
     driver = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    removed = None
-    if mode == "kill":
-        deadline = time.time() + 300
-        while removed is None and time.time() < deadline and driver.poll() is None:
-            for trial, where in started_on(exp).items():
-                ckpts = list((exp / "round-0" / "train" / f"train-{trial}").glob("checkpoint_*"))
-                epochs = re.findall(
-                    r"epoch (\d+)/(\d+)", (exp / "round-0" / "trials" / trial / "train.log").read_text()
-                )
-                running = epochs and int(epochs[-1][0]) <= int(epochs[-1][1]) - 3  # well before its end
-                if where and len(ckpts) >= 2 and running and where[-1] in ids:
-                    removed = where[-1]
-                    cluster.remove_node(nodes[ids.index(removed)])
-                    break
-            time.sleep(0.2)
+    removed, deadline = None, time.time() + 300
+    while removed is None and time.time() < deadline and driver.poll() is None:
+        for trial, where in started_on(exp).items():
+            ckpts = list((exp / "round-0" / "train" / f"train-{trial}").glob("checkpoint_*"))
+            epochs = re.findall(r"epoch (\d+)/(\d+)", (exp / "round-0" / "trials" / trial / "train.log").read_text())
+            running = epochs and int(epochs[-1][0]) <= int(epochs[-1][1]) - 3  # well before its end
+            if where and len(ckpts) >= 2 and running and where[-1] in ids:
+                removed = where[-1]
+                cluster.remove_node(nodes[ids.index(removed)])
+                break
+        time.sleep(0.2)
     output, _ = driver.communicate(timeout=600)
     print(json.dumps({"rc": driver.returncode, "output": output[-4000:], "workers": ids, "removed": removed,
                       "started_on": started_on(exp)}))  # fmt: skip
