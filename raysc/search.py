@@ -6,6 +6,7 @@ One search is one round of an experiment folder::
     EXP/round-R/space.yaml        a copy of the search space
     EXP/round-R/study.journal     the Optuna study (file journal: survives the driver)
     EXP/round-R/tune/             Tune's own state, for --resume
+    EXP/round-R/tune-state/       the last complete copy of Tune's experiment state (tunestate.py)
     EXP/round-R/train/            Ray Train checkpoints, one run per trial (storage_path)
     EXP/round-R/trials/ID/        model.pt, metrics.json, val_predictions.csv, record.json, train.log
     EXP/round-R/search.log        Ray's and Tune's log lines (the terminal gets the live view)
@@ -312,6 +313,7 @@ def _run_tune(space: SearchSpace, s: SearchSettings, rdir: Path, *, resume: bool
     from ray.tune.search.optuna import OptunaSearch
 
     from .live import LiveView
+    from .tunestate import StateBackup, repair_state
 
     _log_to_file(rdir / "search.log")
     init_ray(address, log_to_driver=False)
@@ -320,11 +322,15 @@ def _run_tune(space: SearchSpace, s: SearchSettings, rdir: Path, *, resume: bool
     )
     view = LiveView(total=s.trials, round=s.round, write=progress)
     tune_dir = rdir / "tune"
+    backup = StateBackup(tune_dir, rdir / "tune-state")
+    if resume:
+        for line in repair_state(tune_dir, backup.backup_dir):
+            progress(line)
     if resume and ray.tune.Tuner.can_restore(str(tune_dir)):
         progress(f"resuming the search in {rdir}")
         tuner = ray.tune.Tuner.restore(str(tune_dir), trainable=trainable, resume_errored=True)
-        # The restored run config keeps its callbacks only by pickle; give the view back.
-        tuner._local_tuner._run_config.callbacks = [view]
+        # The restored run config keeps its callbacks only by pickle; give them back.
+        tuner._local_tuner._run_config.callbacks = [view, backup]
     else:
         if s.sampler == "random":
             sampler = optuna.samplers.RandomSampler(seed=s.seed)
@@ -354,7 +360,7 @@ def _run_tune(space: SearchSpace, s: SearchSettings, rdir: Path, *, resume: bool
                 name="tune",
                 storage_path=str(rdir),
                 verbose=0,
-                callbacks=[view],
+                callbacks=[view, backup],
                 # Ray Train already restarts failed workers (max_failures=1 there); a trial that
                 # still fails has a real error, and retrying it here only doubles the cost.
                 failure_config=ray.tune.FailureConfig(max_failures=0),
