@@ -87,7 +87,10 @@ def main() -> int:
     args = parser.parse_args()
     if args.smoke_test:
         args.seeds, args.n, args.max_epochs, args.clips, args.eval_clips = 1, 1, 1, 160, None
-    eval_given, args.eval_clips = args.eval_clips is not None, args.eval_clips or args.clips // 4
+    results_name = "semi_supervised" + ("_smoke" if args.smoke_test else "")
+    if args.eval_clips is not None:
+        results_name += f"_eval{args.eval_clips}"
+    args.eval_clips = args.eval_clips or args.clips // 4
     init_ray(num_cpus=2, log_to_driver=False)
     fixed_name = f"1 round, threshold {args.fixed_threshold}"
     variants = ["best single", "top-3 mean", "greedy (6 steps)", "no pseudo-labels", SEARCHED_1, SEARCHED_2, fixed_name]
@@ -136,13 +139,11 @@ def main() -> int:
                 scores[name].append(eval_accuracy(exp, "final", truth, classes))
                 clips[name].append(train_clips(exp, len(trials) - 1))
             # After every seed, so that a run stopped part-way still reports the seeds it finished.
-            report(args, scores, clips, seed + 1, time.perf_counter() - t0, eval_given)
+            report(results_name, args, scores, clips, seed + 1, time.perf_counter() - t0)
     return 0
 
 
-def report(
-    args: argparse.Namespace, scores: dict, clips: dict, seeds_done: int, seconds: float, eval_given: bool
-) -> None:
+def report(name: str, args: argparse.Namespace, scores: dict, clips: dict, seeds_done: int, seconds: float) -> None:
     rows, columns = [], ["variant", "mean", "stdev", "per seed", "train clips, last round"]
     for v, s in scores.items():
         spread = f"{statistics.stdev(s):.3f}" if len(s) > 1 else "-"
@@ -156,7 +157,6 @@ def report(
         f"`python benchmarks/semi_supervised.py{' ' if sys.argv[1:] else ''}{' '.join(sys.argv[1:])}`\n"
     )  # fmt: skip
     result = {"args": vars(args), "seeds_done": seeds_done, "scores": scores, "train_clips": clips}
-    name = "semi_supervised" + ("_smoke" if args.smoke_test else "") + (f"_eval{args.eval_clips}" if eval_given else "")
     write_results(name, result, md)
 
 

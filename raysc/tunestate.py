@@ -1,15 +1,16 @@
 """Keep Tune's experiment state resumable across a kill.
 
-Ray Tune 2.60 rewrites ``experiment_state-<session>.json`` in place (open, write), so a search
-killed at the wrong moment leaves it empty or cut short, and ``Tuner.restore`` then silently
-starts over. ``StateBackup`` keeps an atomic copy of the last complete version, and
-``repair_state`` puts it back before a resume.
+Each step, Ray Tune 2.60 writes its driver state (experiment state, search generator, searcher,
+callbacks) to a local staging folder and copies it into the experiment folder, overwriting the
+files there in place. A search killed during that copy leaves some of them empty or cut short,
+and ``Tuner.restore`` then silently starts over. ``StateBackup`` keeps an atomic copy of the
+last complete set, and ``repair_state`` puts it back before a resume.
 """
 
 from __future__ import annotations
 
 import json
-import logging
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -18,68 +19,85 @@ from ray import tune
 from .errors import RayscError
 from .fileio import atomic_path
 
-log = logging.getLogger(__name__)
+# One set per Tune session ({} = the session's timestamp); the first is the one Tune looks for.
+STATE_FILES = ("experiment_state-{}.json", "search_gen_state-{}.json", "searcher-state-{}.pkl",
+               "callback-states-{}.pkl")  # fmt: skip
+EXPERIMENT_STATE = STATE_FILES[0]
 
-STATE_GLOB = "experiment_state-*.json"
 
-
-def _complete(data: bytes) -> bool:
+def _readable(path: Path) -> bool:
     try:
-        json.loads(data)
-    except ValueError:
+        data = path.read_bytes()
+        if path.name.startswith(EXPERIMENT_STATE.split("{}")[0]):
+            json.loads(data)  # the others are pickles, whatever their suffix
+        else:
+            pickle.loads(data)
+    except (OSError, ValueError, EOFError, pickle.UnpicklingError):
         return False
     return True
 
 
+def _session_files(folder: Path, session: str) -> list[Path]:
+    return [folder / t.format(session) for t in STATE_FILES if (folder / t.format(session)).is_file()]
+
+
 class StateBackup(tune.Callback):
-    """After every Tune step, copy the newest experiment state to ``backup_dir`` if it changed and
-    is complete JSON (Tune may still be writing it: then the next step takes it)."""
+    """After every Tune step, copy the state files from Tune's staging folder (complete there:
+    Tune has just written them in this thread) to ``backup_dir``, when they changed."""
 
     def __init__(self, tune_dir: Path, backup_dir: Path) -> None:
         self.tune_dir, self.backup_dir = Path(tune_dir), Path(backup_dir)
-        self._last: bytes | None = None
+        self._seen: tuple | None = None  # names, mtimes and sizes of the last copy: most steps change nothing
 
-    def _take(self) -> None:
-        states = sorted(self.tune_dir.glob(STATE_GLOB))
-        if not states:
-            return
+    def _take(self, trials: list) -> None:
+        if not trials:
+            return  # nothing to resume yet
+        staging = Path(trials[0].storage.experiment_driver_staging_path)
+        files = [p for t in STATE_FILES for p in sorted(staging.glob(t.format("*")))]
         try:
-            data = states[-1].read_bytes()
+            key = tuple((p.name, p.stat().st_mtime_ns, p.stat().st_size) for p in files)
+            if key == self._seen:
+                return
+            contents = {p.name: p.read_bytes() for p in files}
         except FileNotFoundError:
             return
-        if data == self._last or not _complete(data):
-            return
-        with atomic_path(self.backup_dir / states[-1].name) as tmp:
-            tmp.write_bytes(data)
-        self._last = data
+        for name, data in contents.items():
+            with atomic_path(self.backup_dir / name) as tmp:
+                tmp.write_bytes(data)
+        self._seen = key
 
     def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
-        self._take()
+        self._take(trials)
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
-        self._take()
+        self._take(trials)
 
 
 def repair_state(tune_dir: Path, backup_dir: Path) -> list[str]:
-    """Make the newest experiment state in ``tune_dir`` readable again; return what was done.
+    """Make the newest Tune session's state in ``tune_dir`` readable again; return what was done.
 
-    A state file that is not complete JSON gets its backup back. Without a backup it is set aside
-    (``.unreadable``) so that Tune resumes from the session before; if no readable state is left
-    at all, resuming would silently start the search over, so that is an error.
+    If any of its files is not readable, the session's whole backed-up set is put back (the files
+    must agree with each other). Without a usable backup its experiment state is set aside
+    (``.unreadable``) so that Tune resumes from the session before; if no session is left,
+    resuming would silently start the search over, so that is an error.
     """
     done = []
-    states = sorted(Path(tune_dir).glob(STATE_GLOB), reverse=True)
-    for path in states:
-        if _complete(path.read_bytes()):
+    prefix, suffix = EXPERIMENT_STATE.split("{}")
+    states = sorted(Path(tune_dir).glob(EXPERIMENT_STATE.format("*")), reverse=True)
+    for state in states:
+        session = state.name[len(prefix) : -len(suffix)]
+        broken = [p.name for p in _session_files(Path(tune_dir), session) if not _readable(p)]
+        if not broken:
             return done
-        backup = Path(backup_dir) / path.name
-        if backup.is_file() and _complete(backup.read_bytes()):
-            with atomic_path(path) as tmp:
-                tmp.write_bytes(backup.read_bytes())
-            done.append(f"{path.name} was cut short by the kill; put back its last complete copy")
+        saved = _session_files(Path(backup_dir), session)
+        if saved and saved[0].name == state.name and all(_readable(p) for p in saved):
+            for p in saved:
+                with atomic_path(Path(tune_dir) / p.name) as tmp:
+                    tmp.write_bytes(p.read_bytes())
+            done.append(f"cut short by the kill: {', '.join(broken)}; put back the last complete copy")
             return done
-        path.rename(path.with_name(path.name + ".unreadable"))
-        done.append(f"{path.name} was cut short by the kill and has no complete copy; set aside")
+        state.rename(state.with_name(state.name + ".unreadable"))
+        done.append(f"cut short by the kill: {', '.join(broken)}; no complete copy, {state.name} set aside")
     if states:
         raise RayscError(
             f"{tune_dir}: no readable Tune state is left ({'; '.join(done)}), so the search cannot resume; "

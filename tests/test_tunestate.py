@@ -3,51 +3,61 @@
 from __future__ import annotations
 
 import json
+import pickle
+from types import SimpleNamespace
 
 import pytest
 
 from raysc.errors import RayscError
 from raysc.tunestate import StateBackup, repair_state
 
-STATE = "experiment_state-2026-01-01_00-00-00.json"
-OLDER = "experiment_state-2025-12-31_00-00-00.json"
+SESSION, OLDER = "2026-01-01_00-00-00", "2025-12-31_00-00-00"
+STATE, SEARCHER = f"experiment_state-{SESSION}.json", f"search_gen_state-{SESSION}.json"  # a pickle, named .json
 
 
 def _dirs(tmp_path):
-    tune_dir, backup_dir = tmp_path / "tune", tmp_path / "tune-state"
+    tune_dir, backup_dir, staging = tmp_path / "tune", tmp_path / "tune-state", tmp_path / "staging"
     tune_dir.mkdir()
-    return tune_dir, backup_dir
+    staging.mkdir()
+    return tune_dir, backup_dir, staging
 
 
-def test_the_backup_keeps_the_last_complete_state_and_repair_puts_it_back(tmp_path):
-    tune_dir, backup_dir = _dirs(tmp_path)
+def _trials(staging):
+    return [SimpleNamespace(storage=SimpleNamespace(experiment_driver_staging_path=str(staging)))]
+
+
+def test_the_backup_keeps_the_last_complete_set_and_repair_puts_it_back(tmp_path):
+    tune_dir, backup_dir, staging = _dirs(tmp_path)
     backup = StateBackup(tune_dir, backup_dir)
     backup.on_step_end(iteration=0, trials=[])
-    assert not backup_dir.exists()  # nothing written yet: nothing to copy
+    assert not backup_dir.exists()  # no trial yet: nothing to keep
     good = json.dumps({"trial_data": [["t1", "TERMINATED"]], "runner_data": {}})
-    (tune_dir / STATE).write_text(good)
-    backup.on_step_end(iteration=1, trials=[])
-    assert (backup_dir / STATE).read_text() == good
-    (tune_dir / STATE).write_text(good[:20])  # Tune caught mid-write: the backup must not take it
-    backup.on_step_end(iteration=2, trials=[])
-    assert (backup_dir / STATE).read_text() == good
-    (tune_dir / STATE).write_text("")  # the kill left it empty
-    assert repair_state(tune_dir, backup_dir) == [f"{STATE} was cut short by the kill; put back its last complete copy"]
-    assert (tune_dir / STATE).read_text() == good
+    searcher = pickle.dumps({"told": ["t1"]})
+    (staging / STATE).write_text(good)
+    (staging / SEARCHER).write_bytes(searcher)
+    backup.on_step_end(iteration=1, trials=_trials(staging))
+    assert (backup_dir / STATE).read_text() == good and (backup_dir / SEARCHER).read_bytes() == searcher
+    # The kill hit Tune's copy into the experiment folder: one file empty, one cut short.
+    (tune_dir / STATE).write_text("")
+    (tune_dir / SEARCHER).write_bytes(searcher[:10])
+    assert repair_state(tune_dir, backup_dir) == [
+        f"cut short by the kill: {STATE}, {SEARCHER}; put back the last complete copy"
+    ]
+    assert (tune_dir / STATE).read_text() == good and (tune_dir / SEARCHER).read_bytes() == searcher
     assert repair_state(tune_dir, backup_dir) == []  # readable now: nothing to do
 
 
 def test_without_a_backup_an_unreadable_state_gives_way_to_the_session_before(tmp_path):
-    tune_dir, backup_dir = _dirs(tmp_path)
-    (tune_dir / OLDER).write_text(json.dumps({"trial_data": []}))
+    tune_dir, backup_dir, _ = _dirs(tmp_path)
+    (tune_dir / f"experiment_state-{OLDER}.json").write_text(json.dumps({"trial_data": []}))
     (tune_dir / STATE).write_text('{"trial_data": [')
     done = repair_state(tune_dir, backup_dir)
-    assert done == [f"{STATE} was cut short by the kill and has no complete copy; set aside"]
-    assert sorted(p.name for p in tune_dir.iterdir()) == [OLDER, STATE + ".unreadable"]
+    assert done == [f"cut short by the kill: {STATE}; no complete copy, {STATE} set aside"]
+    assert sorted(p.name for p in tune_dir.iterdir()) == [f"experiment_state-{OLDER}.json", STATE + ".unreadable"]
 
 
 def test_no_readable_state_at_all_is_an_error_not_a_fresh_start(tmp_path):
-    tune_dir, backup_dir = _dirs(tmp_path)
+    tune_dir, backup_dir, _ = _dirs(tmp_path)
     (tune_dir / STATE).write_text("")
     with pytest.raises(RayscError, match=r"no readable Tune state is left .*start it again in a new --experiment"):
         repair_state(tune_dir, backup_dir)
