@@ -313,7 +313,7 @@ def _run_tune(space: SearchSpace, s: SearchSettings, rdir: Path, *, resume: bool
     from ray.tune.search.optuna import OptunaSearch
 
     from .live import LiveView
-    from .tunestate import StateBackup, repair_state
+    from .tunestate import StateBackup, repair_state, requeue_lost_trials
 
     _log_to_file(rdir / "search.log")
     init_ray(address, log_to_driver=False)
@@ -323,8 +323,11 @@ def _run_tune(space: SearchSpace, s: SearchSettings, rdir: Path, *, resume: bool
     view = LiveView(total=s.trials, round=s.round, write=progress)
     tune_dir = rdir / "tune"
     backup = StateBackup(tune_dir, rdir / "tune-state")
+    study_name = f"round-{s.round}"
     if resume:
-        for line in repair_state(tune_dir, backup.backup_dir):
+        for line in repair_state(tune_dir, backup.backup_dir) + requeue_lost_trials(
+            tune_dir, rdir / "study.journal", study_name=study_name
+        ):
             progress(line)
     if resume and ray.tune.Tuner.can_restore(str(tune_dir)):
         progress(f"resuming the search in {rdir}")
@@ -340,7 +343,7 @@ def _run_tune(space: SearchSpace, s: SearchSettings, rdir: Path, *, resume: bool
         storage = optuna.storages.JournalStorage(journal)
         searcher = OptunaSearch(
             functools.partial(_define_by_run, space=space, round=s.round),
-            metric=METRIC, mode="max", sampler=sampler, study_name=f"round-{s.round}", storage=storage,
+            metric=METRIC, mode="max", sampler=sampler, study_name=study_name, storage=storage,
             points_to_evaluate=points,
         )  # fmt: skip
         sched = space.scheduler

@@ -5,6 +5,10 @@ callbacks) to a local staging folder and copies it into the experiment folder, o
 files there in place. A search killed during that copy leaves some of them empty or cut short,
 and ``Tuner.restore`` then silently starts over. ``StateBackup`` keeps an atomic copy of the
 last complete set, and ``repair_state`` puts it back before a resume.
+
+The Optuna journal is written at once, so it can be a step ahead of Tune's saved state: a trial
+asked for just before the kill is RUNNING in the study but unknown to the restored Tune.
+``requeue_lost_trials`` hands such trials out again instead of leaving them RUNNING forever.
 """
 
 from __future__ import annotations
@@ -103,4 +107,37 @@ def repair_state(tune_dir: Path, backup_dir: Path) -> list[str]:
             f"{tune_dir}: no readable Tune state is left ({'; '.join(done)}), so the search cannot resume; "
             "start it again in a new --experiment folder"
         )
+    return done
+
+
+def _newest_session(tune_dir: Path) -> str | None:
+    prefix, suffix = EXPERIMENT_STATE.split("{}")
+    states = sorted(Path(tune_dir).glob(EXPERIMENT_STATE.format("*")), reverse=True)
+    return states[0].name[len(prefix) : -len(suffix)] if states else None
+
+
+def requeue_lost_trials(tune_dir: Path, journal: Path, study_name: str) -> list[str]:
+    """Put the study's RUNNING trials that the saved searcher state does not know back in the
+    queue (WAITING); Optuna's next ``ask`` hands out the oldest of them again, with its values.
+
+    Call it after ``repair_state`` and before ``Tuner.restore``. Returns what was done.
+    """
+    import optuna
+    from optuna.trial import TrialState
+
+    session = _newest_session(tune_dir)
+    searcher = Path(tune_dir) / STATE_FILES[2].format(session)
+    if session is None or not searcher.is_file() or not Path(journal).is_file():
+        return []
+    # OptunaSearch saves its __dict__; its _ot_trials maps Tune's trial ids to the Optuna trials.
+    known = {t.number for t in pickle.loads(searcher.read_bytes())["_ot_trials"].values()}
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(journal)))
+    study_id = storage.get_study_id_from_name(study_name)
+    done = []
+    for trial in storage.get_all_trials(study_id, states=(TrialState.RUNNING,)):
+        if trial.number not in known:
+            trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
+            storage.set_trial_state_values(trial_id, TrialState.WAITING)
+            done.append(f"Optuna trial {trial.number} was asked for just before the kill and never started; "
+                        "it is handed out again")  # fmt: skip
     return done

@@ -11,10 +11,13 @@ import sys
 import time
 from pathlib import Path
 
+import optuna
 import pandas as pd
 import pytest
 import yaml
 from conftest import FRONTEND, resources_released
+from optuna.storages import JournalStorage
+from optuna.storages.journal import JournalFileBackend
 
 from raysc.errors import ConfigError, RayscError
 from raysc.search import read_records, search
@@ -45,7 +48,7 @@ def _journal_trials(path: Path) -> dict[int, list[int]]:
         if op["op_code"] == 4:  # CREATE_TRIAL
             told[created] = []
             created += 1
-        elif op["op_code"] == 6 and op["state"] != 0:  # SET_TRIAL_STATE_VALUES, not RUNNING
+        elif op["op_code"] == 6 and op["state"] not in (0, 4):  # SET_TRIAL_STATE_VALUES, not RUNNING or WAITING
             told[op["trial_id"]].append(op["state"])
     return told
 
@@ -121,12 +124,23 @@ def test_a_killed_search_resumes_without_rerunning_finished_trials(learnable, tm
     # Tune rewrites its state files in place; make this kill the worst case, one in the middle of that write.
     (state,) = (tmp_path / "exp/round-0/tune").glob("experiment_state-*.json")
     state.write_text(state.read_text()[:100])
+    # The journal is written at once, Tune's state after each step: make sure the study also holds a
+    # trial that Optuna handed out but the restored Tune never heard of, where 3 trials leave room.
+    (saved,) = (tmp_path / "exp/round-0/tune-state").glob("experiment_state-*.json")
+    known = len(json.loads(saved.read_text())["trial_data"])  # the state the resume puts back
+    journal = JournalStorage(JournalFileBackend(str(tmp_path / "exp/round-0/study.journal")))
+    study = optuna.load_study(study_name="round-0", storage=journal)
+    lost = [t.params for t in study.trials[known:]]  # asked in Tune's order: the first `known` are Tune's
+    if known + len(lost) < 3:
+        lost.append(study.ask(fixed_distributions=study.trials[0].distributions).params)
     time.sleep(2)
     again = subprocess.run(_cli(*args, "--resume"), capture_output=True, text=True, env=env, timeout=600)
     assert again.returncode == 0, again.stdout + again.stderr
     assert re.search(rf"cut short by the kill: [^\n]*{re.escape(state.name)}[^\n]*; put back the last", again.stdout)
+    assert again.stdout.count("was asked for just before the kill and never started; it is handed out") == len(lost)
     records = read_records(tmp_path / "exp")
     assert len(records) == 3 and all(r.status == "completed" and r.epochs == 2 for r in records)
+    assert all(p in [r.params for r in records] for p in lost)  # run with the values Optuna had given it
     for t in finished:  # not rerun: no new checkpoint, no second start line
         assert sorted(p.name for p in (tmp_path / "exp/round-0/train" / f"train-{t}").glob("checkpoint_*")) == \
             ckpts_before[t]  # fmt: skip

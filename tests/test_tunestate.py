@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 
 from raysc.errors import RayscError
-from raysc.tunestate import StateBackup, repair_state
+from raysc.tunestate import StateBackup, repair_state, requeue_lost_trials
 
 SESSION, OLDER = "2026-01-01_00-00-00", "2025-12-31_00-00-00"
 STATE, SEARCHER = f"experiment_state-{SESSION}.json", f"search_gen_state-{SESSION}.json"  # a pickle, named .json
@@ -62,3 +62,46 @@ def test_no_readable_state_at_all_is_an_error_not_a_fresh_start(tmp_path):
     with pytest.raises(RayscError, match=r"no readable Tune state is left .*start it again in a new --experiment"):
         repair_state(tune_dir, backup_dir)
     assert repair_state(tmp_path / "tune-never-started", backup_dir) == []  # killed before Tune wrote anything
+
+
+def _define(trial):  # a search space as define-by-run; module level, so the searcher pickles
+    trial.suggest_float("lr", 1e-4, 1e-1, log=True)
+    trial.suggest_categorical("backbone", ["a", "b", "c"])
+
+
+def test_a_trial_asked_for_just_before_the_kill_is_handed_out_again(tmp_path):
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+    from optuna.trial import TrialState
+    from ray.tune.search.optuna import OptunaSearch
+
+    journal = tmp_path / "study.journal"
+
+    def searcher(seed):
+        storage = JournalStorage(JournalFileBackend(str(journal)))
+        return OptunaSearch(_define, metric="acc", mode="max", sampler=optuna.samplers.RandomSampler(seed=seed),
+                            study_name="round-0", storage=storage)  # fmt: skip
+
+    first = searcher(seed=0)
+    first.suggest("t1")
+    first.suggest("t2")
+    first.on_trial_complete("t1", {"acc": 0.5})
+    tune_dir = tmp_path / "tune"
+    tune_dir.mkdir()
+    (tune_dir / STATE).write_text("{}")
+    saved = tune_dir / f"searcher-state-{SESSION}.pkl"
+    first.save(str(saved))
+    lost = first.suggest("t3")  # in the journal at once; the kill came before Tune saved its state again
+    assert requeue_lost_trials(tune_dir, journal, "round-0") == [
+        "Optuna trial 2 was asked for just before the kill and never started; it is handed out again"
+    ]
+    resumed = searcher(seed=1)  # another seed: a fresh sample could not match by chance
+    resumed.restore(str(saved))
+    assert resumed.suggest("t4") == lost
+    resumed.on_trial_complete("t2", {"acc": 0.4})
+    resumed.on_trial_complete("t4", {"acc": 0.6})
+    study = optuna.load_study(study_name="round-0", storage=JournalStorage(JournalFileBackend(str(journal))))
+    assert [(t.number, t.state) for t in study.trials] == [(n, TrialState.COMPLETE) for n in range(3)]
+    assert study.trials[2].params == lost and study.trials[2].value == 0.6
+    assert requeue_lost_trials(tune_dir, journal, "round-0") == []  # the searcher state knows t2 (told)
