@@ -309,9 +309,9 @@ def _run_tune(space: SearchSpace, s: SearchSettings, rdir: Path, *, resume: bool
     import optuna
     import ray
     import ray.tune
-    from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
 
+    from .asha import LastEpochASHA
     from .live import LiveView
     from .tunestate import StateBackup, repair_state, requeue_lost_trials
 
@@ -347,7 +347,7 @@ def _run_tune(space: SearchSpace, s: SearchSettings, rdir: Path, *, resume: bool
             points_to_evaluate=points,
         )  # fmt: skip
         sched = space.scheduler
-        asha = ASHAScheduler(time_attr="epoch", metric=METRIC, mode="max", max_t=s.max_epochs,
+        asha = LastEpochASHA(time_attr="epoch", metric=METRIC, mode="max", max_t=s.max_epochs,
                              grace_period=min(sched.grace_period, s.max_epochs),
                              reduction_factor=sched.reduction_factor)  # fmt: skip
         tuner = ray.tune.Tuner(

@@ -1,0 +1,23 @@
+"""ASHA for Tune trials that each drive a Ray Train run.
+
+``ASHAScheduler`` answers STOP to every trial that reaches ``max_t``, so Tune kills each finishing
+trial, and its Ray Train controller with it. In Ray 2.60 the dying controller can see its worker
+die first, restart the worker group and create a new placement group that Ray's cleaner never
+registered: the group keeps its CPUs and the next trial waits for them (seen once in about 100
+trials, at a trial's last epoch). A trial's last epoch therefore gets CONTINUE: the trial ends by
+itself a moment later, and nothing is killed. Stops at earlier rungs still kill the trial.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray.tune.schedulers import ASHAScheduler, TrialScheduler
+
+
+class LastEpochASHA(ASHAScheduler):
+    """``ASHAScheduler`` that never stops a trial on the result of its last epoch (``final``)."""
+
+    def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
+        decision = super().on_trial_result(tune_controller, trial, result)  # records the rung result
+        return TrialScheduler.CONTINUE if result.get("final") else decision
