@@ -5,7 +5,8 @@ trial, and its Ray Train controller with it. In Ray 2.60 the dying controller ca
 die first, restart the worker group and create a new placement group that Ray's cleaner never
 registered: the group keeps its CPUs and the next trial waits for them (seen once in about 100
 trials, at a trial's last epoch). A trial's last epoch therefore gets CONTINUE: the trial ends by
-itself a moment later, and nothing is killed. Stops at earlier rungs still kill the trial.
+itself a moment later, and nothing is killed. Stops at earlier rungs still kill the trial; there
+the Train run has no retries to take (search.py: Tune retries failed trials instead).
 """
 
 from __future__ import annotations

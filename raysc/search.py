@@ -266,7 +266,7 @@ def _run_trial(params: dict[str, Any], *, space: SearchSpace, settings: SearchSe
     res = space.resources
     trainer = make_trainer(cfg, settings.data, out, name=f"train-{trial_id}", storage_path=str(Path(rdir) / "train"),
                            workers=res.workers, gpus_per_worker=res.gpus_per_worker,
-                           cpus_per_worker=res.cpus_per_worker, max_failures=1, callbacks=[TuneReportCallback()],
+                           cpus_per_worker=res.cpus_per_worker, max_failures=0, callbacks=[TuneReportCallback()],
                            log_file=out / "train.log")  # fmt: skip
     result = trainer.fit()
     if result.error:
@@ -364,9 +364,11 @@ def _run_tune(space: SearchSpace, s: SearchSettings, rdir: Path, *, resume: bool
                 storage_path=str(rdir),
                 verbose=0,
                 callbacks=[view, backup],
-                # Ray Train already restarts failed workers (max_failures=1 there); a trial that
-                # still fails has a real error, and retrying it here only doubles the cost.
-                failure_config=ray.tune.FailureConfig(max_failures=0),
+                # A failed trial is retried here, not inside Ray Train (max_failures=0 there): when
+                # Tune kills a trial (an ASHA stop), a Train controller allowed to retry can restart
+                # its dying worker group and leak the new placement group. The retried trial's
+                # Train run resumes from its last checkpoint (a stable run name per trial).
+                failure_config=ray.tune.FailureConfig(max_failures=1),
             ),
         )
     tuner.fit()
