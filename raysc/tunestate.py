@@ -26,7 +26,7 @@ from .fileio import atomic_path
 # One set per Tune session ({} = the session's timestamp); the first is the one Tune looks for.
 STATE_FILES = ("experiment_state-{}.json", "search_gen_state-{}.json", "searcher-state-{}.pkl",
                "callback-states-{}.pkl")  # fmt: skip
-EXPERIMENT_STATE = STATE_FILES[0]
+EXPERIMENT_STATE, SEARCHER_STATE = STATE_FILES[0], STATE_FILES[2]
 
 
 def _readable(path: Path) -> bool:
@@ -39,6 +39,13 @@ def _readable(path: Path) -> bool:
     except (OSError, ValueError, EOFError, pickle.UnpicklingError):
         return False
     return True
+
+
+def _sessions(tune_dir: Path) -> list[tuple[Path, str]]:
+    """(experiment state, session) of every Tune session in ``tune_dir``, newest first."""
+    prefix, suffix = EXPERIMENT_STATE.split("{}")
+    states = sorted(Path(tune_dir).glob(EXPERIMENT_STATE.format("*")), reverse=True)
+    return [(state, state.name[len(prefix) : -len(suffix)]) for state in states]
 
 
 def _session_files(folder: Path, session: str) -> list[Path]:
@@ -86,10 +93,8 @@ def repair_state(tune_dir: Path, backup_dir: Path) -> list[str]:
     resuming would silently start the search over, so that is an error.
     """
     done = []
-    prefix, suffix = EXPERIMENT_STATE.split("{}")
-    states = sorted(Path(tune_dir).glob(EXPERIMENT_STATE.format("*")), reverse=True)
-    for state in states:
-        session = state.name[len(prefix) : -len(suffix)]
+    sessions = _sessions(tune_dir)
+    for state, session in sessions:
         broken = [p.name for p in _session_files(Path(tune_dir), session) if not _readable(p)]
         if not broken:
             return done
@@ -102,18 +107,12 @@ def repair_state(tune_dir: Path, backup_dir: Path) -> list[str]:
             return done
         state.rename(state.with_name(state.name + ".unreadable"))
         done.append(f"cut short by the kill: {', '.join(broken)}; no complete copy, {state.name} set aside")
-    if states:
+    if sessions:
         raise RayscError(
             f"{tune_dir}: no readable Tune state is left ({'; '.join(done)}), so the search cannot resume; "
             "start it again in a new --experiment folder"
         )
     return done
-
-
-def _newest_session(tune_dir: Path) -> str | None:
-    prefix, suffix = EXPERIMENT_STATE.split("{}")
-    states = sorted(Path(tune_dir).glob(EXPERIMENT_STATE.format("*")), reverse=True)
-    return states[0].name[len(prefix) : -len(suffix)] if states else None
 
 
 def requeue_lost_trials(tune_dir: Path, journal: Path, study_name: str) -> list[str]:
@@ -125,9 +124,9 @@ def requeue_lost_trials(tune_dir: Path, journal: Path, study_name: str) -> list[
     import optuna
     from optuna.trial import TrialState
 
-    session = _newest_session(tune_dir)
-    searcher = Path(tune_dir) / STATE_FILES[2].format(session)
-    if session is None or not searcher.is_file() or not Path(journal).is_file():
+    sessions = _sessions(tune_dir)
+    searcher = Path(tune_dir) / SEARCHER_STATE.format(sessions[0][1]) if sessions else None
+    if searcher is None or not searcher.is_file() or not Path(journal).is_file():
         return []
     # OptunaSearch saves its __dict__; its _ot_trials maps Tune's trial ids to the Optuna trials.
     known = {t.number for t in pickle.loads(searcher.read_bytes())["_ot_trials"].values()}

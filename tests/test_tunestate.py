@@ -104,4 +104,4 @@ def test_a_trial_asked_for_just_before_the_kill_is_handed_out_again(tmp_path):
     study = optuna.load_study(study_name="round-0", storage=JournalStorage(JournalFileBackend(str(journal))))
     assert [(t.number, t.state) for t in study.trials] == [(n, TrialState.COMPLETE) for n in range(3)]
     assert study.trials[2].params == lost and study.trials[2].value == 0.6
-    assert requeue_lost_trials(tune_dir, journal, "round-0") == []  # the searcher state knows t2 (told)
+    assert requeue_lost_trials(tune_dir, journal, "round-0") == []  # no RUNNING trial is left unknown
