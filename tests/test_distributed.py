@@ -50,16 +50,30 @@ def test_a_killed_worker_is_replaced_and_resumes_from_its_checkpoint(local_ray, 
     address = local_ray.get_runtime_context().gcs_address  # the State API must not guess among several Rays
 
     def kill_after_first_checkpoint():
-        deadline = time.time() + 120
-        while time.time() < deadline and not killed:
-            if len(list((out / "ray").glob("train-run/checkpoint_*"))) >= 2:  # one surely registered
-                for actor in list_actors(
-                    address=address, filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")]
-                ):
-                    os.kill(actor.pid, signal.SIGKILL)
-                    killed.append(actor.pid)
-                    return
+        # Synchronised with training, not timed against it: the worker is frozen (SIGSTOP) as
+        # soon as it exists, which is before it trains (it still has to set up torch and load the
+        # data), then let run in 50 ms steps until a checkpoint after epoch 1 is in storage, and
+        # killed while frozen, so it can never have finished its 12 epochs first.
+        deadline = time.time() + 300
+        pid = None
+        while time.time() < deadline and pid is None:
+            actors = list_actors(
+                address=address, filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")]
+            )
+            pid = actors[0].pid if actors else None
             time.sleep(0.05)
+        if pid is None:
+            return
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            while time.time() < deadline and len(list((out / "ray").glob("train-run/checkpoint_*"))) < 2:
+                os.kill(pid, signal.SIGCONT)
+                time.sleep(0.05)
+                os.kill(pid, signal.SIGSTOP)
+                time.sleep(0.05)  # a checkpoint being written finishes its rename
+        finally:
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
 
     watcher = threading.Thread(target=kill_after_first_checkpoint, daemon=True)
     watcher.start()

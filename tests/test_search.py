@@ -53,20 +53,69 @@ def _journal_trials(path: Path) -> dict[int, list[int]]:
     return told
 
 
+def _planted_models(data: Path, out: Path) -> tuple[Path, Path]:
+    """Two mobileascnet artefacts that fix the outcome of a trial started from them at a tiny
+    learning rate: ``good.pt`` (trained here, asserted clearly above chance) and ``constant.pt``
+    (every parameter zero: the features are zero whatever the input, so the logits are the head's
+    bias, no weight gets a gradient, and every clip gets the same class; one class predicted
+    scores exactly 1 / classes on a macro average)."""
+    import torch
+
+    from raysc.config import make_config
+    from raysc.models import save_model
+    from raysc.train import fit
+
+    cfg = make_config(
+        {
+            "backbone": "mobileascnet",
+            "model": {"width": 0.25, "frontend": FRONTEND},
+            "batch_size": 16,
+            "lr": 1e-2,
+            "epochs": 6,
+            "schedule": "constant",
+        }
+    )
+    result = fit(cfg, data)
+    chance = 1 / sum(a is not None for a in result.best["per_class"].values())  # what one class predicted scores
+    assert result.best["macro_accuracy"] >= chance + 0.2, f"the planted good model is too weak: {result.best}"
+    out.mkdir(parents=True, exist_ok=True)
+    save_model(result.model, out / "good.pt", metrics={})
+    with torch.no_grad():
+        for p in result.model.parameters():
+            p.zero_()
+    save_model(result.model, out / "constant.pt", metrics={})
+    return out / "good.pt", out / "constant.pt"
+
+
 @pytest.mark.slow
 def test_search_with_asha_stops_and_a_failure_completes_and_releases_everything(local_ray, learnable, tmp_path):
-    space = write_space(tmp_path / "s.yaml", params={
-        "lr": {"type": "categorical", "choices": [1e-2, 1e-8]},
-        "init_from": {"type": "categorical", "choices": [None, str(tmp_path / "missing.pt")]},
-    }, scheduler={"grace_period": 1, "reduction_factor": 2, "max_epochs": 2})  # fmt: skip
-    # Run one at a time in a known order: a good trial sets the bar at epoch 1, the two that
-    # cannot learn fall below it there, one fails at start-up.
-    good = {"backbone": "mobileascnet", "lr": 1e-2, "init_from": None}
-    bad = {"backbone": "mobileascnet", "lr": 1e-8, "init_from": None}
-    broken = {"backbone": "setrans", "lr": 1e-2, "init_from": str(tmp_path / "missing.pt")}
+    good_pt, constant_pt = _planted_models(learnable, tmp_path / "planted")
+    missing = str(tmp_path / "missing.pt")
+    space = write_space(
+        tmp_path / "s.yaml",
+        params={
+            "lr": {"type": "categorical", "choices": [1e-7]},
+            "init_from": {"type": "categorical", "choices": [str(good_pt), str(constant_pt), missing]},
+        },
+        scheduler={"grace_period": 1, "reduction_factor": 2, "max_epochs": 2},
+    )
+    # Run one at a time in a known order. The outcome is fixed by construction, not by the
+    # numerics of a tiny run: the good trial starts from a trained model (and a learning rate too
+    # small to move it) and sets the bar at epoch 1; the two constant trials predict one class,
+    # so they are below it there; one fails at start-up.
+    good = {"backbone": "mobileascnet", "lr": 1e-7, "init_from": str(good_pt)}
+    bad = {"backbone": "mobileascnet", "lr": 1e-7, "init_from": str(constant_pt)}
+    broken = {"backbone": "setrans", "lr": 1e-7, "init_from": missing}
     lines = []
-    result = search(space, data=learnable, experiment=tmp_path / "exp", trials=4, max_concurrent=1,
-                    points_to_evaluate=[good, bad, broken, bad], progress=lines.append)  # fmt: skip
+    result = search(
+        space,
+        data=learnable,
+        experiment=tmp_path / "exp",
+        trials=4,
+        max_concurrent=1,
+        points_to_evaluate=[good, bad, broken, bad],
+        progress=lines.append,
+    )
     by_status = {s: [r for r in result.records if r.status == s] for s in ("completed", "stopped", "failed")}
     assert len(result.records) == 4
     assert len(by_status["completed"]) == 1 and by_status["completed"][0].epochs == 2
