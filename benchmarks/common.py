@@ -14,8 +14,16 @@ from raysc import __version__
 from raysc.fileio import write_json, write_text
 
 # A small log-mel front end for the benchmarks' 1 s clips at 8 kHz.
-FRONTEND_8K = {"sample_rate": 8000, "n_fft": 256, "win_length": 256, "hop_length": 128, "n_mels": 32,
-               "f_min": 0.0, "f_max": 4000.0, "frames": None}  # fmt: skip
+FRONTEND_8K = {
+    "sample_rate": 8000,
+    "n_fft": 256,
+    "win_length": 256,
+    "hop_length": 128,
+    "n_mels": 32,
+    "f_min": 0.0,
+    "f_max": 4000.0,
+    "frames": None,
+}
 
 RESULTS = Path(__file__).resolve().parent.parent / "results" / "bench"
 

@@ -25,8 +25,9 @@ from common import FRONTEND_8K as FRONTEND
 from common import md_table, write_results  # the script folder is on sys.path
 
 from raysc.distributed import init_ray
+from raysc.experiment import Experiment
 from raysc.prepare import prepare
-from raysc.search import read_records, search
+from raysc.search import search
 from raysc.synth import DEV_METADATA, EVAL_METADATA, synthesize
 
 SPACE = {
@@ -73,10 +74,28 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         raw = tmp / "raw"
-        synthesize(raw, clips=args.clips, eval_clips=20, labelled_fraction=0.5, sample_rate=8000, clip_seconds=1.0,
-                   cities=4, unseen_cities=1, session_size=4, seed=0)  # fmt: skip
-        data = prepare(dev_meta=raw / DEV_METADATA, eval_meta=raw / EVAL_METADATA, audio_dirs=[raw / "audio"],
-                       out=tmp / "data", sample_rate=8000, clip_seconds=1.0, folds=3, workers=1).out  # fmt: skip
+        synthesize(
+            raw,
+            clips=args.clips,
+            eval_clips=20,
+            labelled_fraction=0.5,
+            sample_rate=8000,
+            clip_seconds=1.0,
+            cities=4,
+            unseen_cities=1,
+            session_size=4,
+            seed=0,
+        )
+        data = prepare(
+            dev_meta=raw / DEV_METADATA,
+            eval_meta=raw / EVAL_METADATA,
+            audio_dirs=[raw / "audio"],
+            out=tmp / "data",
+            sample_rate=8000,
+            clip_seconds=1.0,
+            folds=3,
+            workers=1,
+        ).out
         space = tmp / "space.yaml"
         space.write_text(yaml.safe_dump({**SPACE, "scheduler": {**SPACE["scheduler"], "max_epochs": args.max_epochs}}))
         for seed in range(args.seeds):
@@ -85,22 +104,32 @@ def main() -> int:
                 t0 = time.perf_counter()
                 exp = tmp / f"{name}-{seed}"
                 search(space, data=data, experiment=exp, trials=args.trials, seed=seed, max_concurrent=1, **kw)
-                found[name] = (read_records(exp), time.perf_counter() - t0)
+                found[name] = (Experiment(exp).records(), time.perf_counter() - t0)
             best = max(r.metrics["macro_accuracy"] or 0 for recs, _ in found.values() for r in recs)
             target = best - 0.01
             cost = {name: cost_to_reach(recs, target) for name, (recs, _) in found.items()}
             run = {"seed": seed, "best": best, "target": target}
             for name, (recs, wall) in found.items():
-                run[name] = {"epochs_to_target": cost[name][0], "reached": cost[name][1], "wall_s": wall,
-                             "total_epochs": sum(r.epochs for r in recs),
-                             "best": max(r.metrics["macro_accuracy"] or 0 for r in recs)}  # fmt: skip
+                run[name] = {
+                    "epochs_to_target": cost[name][0],
+                    "reached": cost[name][1],
+                    "wall_s": wall,
+                    "total_epochs": sum(r.epochs for r in recs),
+                    "best": max(r.metrics["macro_accuracy"] or 0 for r in recs),
+                }
             run["ratio"] = cost["random_full"][0] / max(cost["tpe_asha"][0], 1)
             runs.append(run)
-            rows.append([seed, f"{best:.4f}", *[f"{run[n]['best']:.4f}" for n in found],
-                         *[f"{run[n]['epochs_to_target']}{'' if run[n]['reached'] else ' (not reached)'}"
-                           for n in found],
-                         *[f"{run[n]['total_epochs']}" for n in found],
-                         *[f"{run[n]['wall_s']:.0f}" for n in found], f"{run['ratio']:.2f}"])  # fmt: skip
+            rows.append(
+                [
+                    seed,
+                    f"{best:.4f}",
+                    *[f"{run[n]['best']:.4f}" for n in found],
+                    *[f"{run[n]['epochs_to_target']}{'' if run[n]['reached'] else ' (not reached)'}" for n in found],
+                    *[f"{run[n]['total_epochs']}" for n in found],
+                    *[f"{run[n]['wall_s']:.0f}" for n in found],
+                    f"{run['ratio']:.2f}",
+                ]
+            )
     ratios = [r["ratio"] for r in runs]
     md = (
         f"TPE + ASHA vs random search without early stopping: {args.trials} trials of at most {args.max_epochs} "
@@ -125,8 +154,9 @@ def main() -> int:
         + (f", spread (stdev) {statistics.stdev(ratios):.2f}" if len(ratios) > 1 else "")
         + f"\n\nCommand: `python benchmarks/hpo_efficiency.py{' ' if sys.argv[1:] else ''}{' '.join(sys.argv[1:])}`\n"
     )
-    return write_results("hpo_efficiency" + ("_smoke" if args.smoke_test else ""), {"args": vars(args), "runs": runs},
-                         md)  # fmt: skip
+    return write_results(
+        "hpo_efficiency" + ("_smoke" if args.smoke_test else ""), {"args": vars(args), "runs": runs}, md
+    )
 
 
 if __name__ == "__main__":

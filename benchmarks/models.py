@@ -56,14 +56,39 @@ def main(argv: list[str] | None = None) -> int:
             torch.manual_seed(0)
             model = create_model(name, width=width)
             macs = count_macs(model, seconds=args.seconds)
-            tput = training_throughput(model, batch=args.batch, seconds=args.seconds, device=args.device, amp=args.amp,
-                                       min_steps=1, min_time=2.0)  # fmt: skip
+            tput = training_throughput(
+                model,
+                batch=args.batch,
+                seconds=args.seconds,
+                device=args.device,
+                amp=args.amp,
+                min_steps=1,
+                min_time=2.0,
+            )
             gflops = 6 * macs * tput / 1e9
             params = sum(p.numel() for p in model.parameters())
-            runs.append({"backbone": name, "width": width, "params": params, "macs_per_clip": macs,
-                         "train_clips_per_s": tput, "gflops": gflops, "fraction_of_matmul": gflops / peak})  # fmt: skip
-            rows.append([name, f"{width:g}", f"{params:,}", f"{macs / 1e9:.2f}", f"{tput:.2f}", f"{gflops:.1f}",
-                         f"{gflops / peak:.2f}"])  # fmt: skip
+            runs.append(
+                {
+                    "backbone": name,
+                    "width": width,
+                    "params": params,
+                    "macs_per_clip": macs,
+                    "train_clips_per_s": tput,
+                    "gflops": gflops,
+                    "fraction_of_matmul": gflops / peak,
+                }
+            )
+            rows.append(
+                [
+                    name,
+                    f"{width:g}",
+                    f"{params:,}",
+                    f"{macs / 1e9:.2f}",
+                    f"{tput:.2f}",
+                    f"{gflops:.1f}",
+                    f"{gflops / peak:.2f}",
+                ]
+            )
             print(rows[-1], flush=True)
     precision = "bf16 autocast" if args.amp else "fp32"
     cmd = " ".join(["python benchmarks/models.py", *args.names] + (["--smoke-test"] if args.smoke_test else []))

@@ -86,9 +86,15 @@ def main(argv: list[str] | None = None) -> int:
 
         def timed_prepare() -> float:
             t = time.perf_counter()
-            prepare(dev_meta=raw / DEV_METADATA, eval_meta=raw / EVAL_METADATA, audio_dirs=[raw / "audio"],
-                    out=Path(tmp) / "data", sample_rate=TARGET_RATE, clip_seconds=args.clip_seconds,
-                    workers=args.workers)  # fmt: skip
+            prepare(
+                dev_meta=raw / DEV_METADATA,
+                eval_meta=raw / EVAL_METADATA,
+                audio_dirs=[raw / "audio"],
+                out=Path(tmp) / "data",
+                sample_rate=TARGET_RATE,
+                clip_seconds=args.clip_seconds,
+                workers=args.workers,
+            )
             return time.perf_counter() - t
 
         t_prepare = timed_prepare()
@@ -108,12 +114,20 @@ def main(argv: list[str] | None = None) -> int:
     best = min(t_floor1, t_floorn)
     rows = [
         ["bare decode + resample, 1 warm process", f"{t_floor1:.1f}", f"{n / t_floor1:.1f}", f"{t_floor1 / best:.2f}"],
-        [f"bare decode + resample, {args.workers} warm processes", f"{t_floorn:.1f}", f"{n / t_floorn:.1f}",
-         f"{t_floorn / best:.2f}"],
-        [f"raysc prepare --workers {args.workers} (process start included)", f"{t_prepare:.1f}",
-         f"{n / t_prepare:.1f}", f"{t_prepare / best:.2f}"],
+        [
+            f"bare decode + resample, {args.workers} warm processes",
+            f"{t_floorn:.1f}",
+            f"{n / t_floorn:.1f}",
+            f"{t_floorn / best:.2f}",
+        ],
+        [
+            f"raysc prepare --workers {args.workers} (process start included)",
+            f"{t_prepare:.1f}",
+            f"{n / t_prepare:.1f}",
+            f"{t_prepare / best:.2f}",
+        ],
         ["raysc prepare again (same inputs: store reused)", f"{t_rerun:.1f}", "", ""],
-    ]  # fmt: skip
+    ]
     md = (
         f"# `raysc prepare` throughput\n\n`{cmd}`: {n} clips of {args.clip_seconds:g} s, 48 kHz mono WAV -> "
         f"{TARGET_RATE} Hz, measured in one run on this machine.\n\n"

@@ -27,8 +27,8 @@ from common import md_table, write_results  # the script folder is on sys.path
 from ray.cluster_utils import Cluster
 
 from raysc.distributed import DRIVER_RESOURCE, RAY_ENV, free_port
+from raysc.experiment import Experiment
 from raysc.prepare import prepare
-from raysc.search import read_records
 from raysc.synth import DEV_METADATA, EVAL_METADATA, synthesize
 
 SPACE = {
@@ -46,8 +46,21 @@ def run_search(nodes: int, space: Path, data: Path, exp: Path, trials: int) -> f
     for _ in range(nodes):
         cluster.add_node(num_cpus=1, env_vars=RAY_ENV)
     cluster.wait_for_nodes()
-    cmd = [sys.executable, "-m", "raysc.cli", "search", str(space), "--data", str(data), "--experiment", str(exp),
-           "--trials", str(trials), "--address", cluster.address]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "raysc.cli",
+        "search",
+        str(space),
+        "--data",
+        str(data),
+        "--experiment",
+        str(exp),
+        "--trials",
+        str(trials),
+        "--address",
+        cluster.address,
+    ]
     t0 = time.perf_counter()
     done = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.perf_counter() - t0
@@ -69,19 +82,44 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         raw = tmp / "raw"
-        synthesize(raw, clips=400, eval_clips=20, labelled_fraction=0.5, sample_rate=8000, clip_seconds=1.0, cities=4,
-                   unseen_cities=1, session_size=4, seed=0)  # fmt: skip
-        data = prepare(dev_meta=raw / DEV_METADATA, eval_meta=raw / EVAL_METADATA, audio_dirs=[raw / "audio"],
-                       out=tmp / "data", sample_rate=8000, clip_seconds=1.0, folds=3, workers=1).out  # fmt: skip
+        synthesize(
+            raw,
+            clips=400,
+            eval_clips=20,
+            labelled_fraction=0.5,
+            sample_rate=8000,
+            clip_seconds=1.0,
+            cities=4,
+            unseen_cities=1,
+            session_size=4,
+            seed=0,
+        )
+        data = prepare(
+            dev_meta=raw / DEV_METADATA,
+            eval_meta=raw / EVAL_METADATA,
+            audio_dirs=[raw / "audio"],
+            out=tmp / "data",
+            sample_rate=8000,
+            clip_seconds=1.0,
+            folds=3,
+            workers=1,
+        ).out
         space = tmp / "space.yaml"
-        space.write_text(yaml.safe_dump({**SPACE, "scheduler": {"grace_period": args.epochs, "reduction_factor": 2,
-                                                                "max_epochs": args.epochs}}))  # fmt: skip
+        space.write_text(
+            yaml.safe_dump(
+                {**SPACE, "scheduler": {"grace_period": args.epochs, "reduction_factor": 2, "max_epochs": args.epochs}}
+            )
+        )
         for nodes in (1, 2):
             exp = tmp / f"exp{nodes}"
             wall = run_search(nodes, space, data, exp, args.trials)
-            records = read_records(exp)
-            runs[nodes] = {"wall_s": wall, "trials": len(records), "trials_per_hour": 3600 * len(records) / wall,
-                           "trial_s": statistics.mean(r.fit_seconds for r in records)}  # fmt: skip
+            records = Experiment(exp).records()
+            runs[nodes] = {
+                "wall_s": wall,
+                "trials": len(records),
+                "trials_per_hour": 3600 * len(records) / wall,
+                "trial_s": statistics.mean(r.fit_seconds for r in records),
+            }
     efficiency = runs[2]["trials_per_hour"] / (2 * runs[1]["trials_per_hour"])
     t = statistics.mean(r["trial_s"] for r in runs.values())
     model = []
@@ -90,19 +128,25 @@ def main() -> int:
         for g in (1.0, 0.5, 0.25):
             row.append(f"{3600 * int(gpus / g) / t * (efficiency if gpus > 1 else 1):,.0f}")
         model.append(row)
-    measured = [[n, f"{r['wall_s']:.0f}", r["trials"], f"{r['trials_per_hour']:.0f}", f"{r['trial_s']:.1f}"]
-                for n, r in runs.items()]  # fmt: skip
+    measured = [
+        [n, f"{r['wall_s']:.0f}", r["trials"], f"{r['trials_per_hour']:.0f}", f"{r['trial_s']:.1f}"]
+        for n, r in runs.items()
+    ]
     md = (
         f"Search throughput on simulated nodes (one CPU each), {args.trials} trials of {args.epochs} epoch(s) "
         "(mobileascnet width 0.25, 1 s clips at 8 kHz), measured in one run on this machine:\n\n"
         + md_table(["worker nodes", "wall s", "trials", "trials/hour", "mean trial s (Tune's time_total_s)"], measured)
         + f"\nParallel efficiency 1 -> 2 nodes: {efficiency:.2f} (2-node trials/hour / twice the 1-node rate).\n\n"
         f"Model for N GPUs with this per-trial time ({t:.1f} s) and efficiency, trials/hour for trials holding "
-        "g GPUs:\n\n" + md_table(["GPUs", "g = 1", "g = 0.5", "g = 0.25"], model)
+        "g GPUs:\n\n"
+        + md_table(["GPUs", "g = 1", "g = 0.5", "g = 0.25"], model)
         + f"\nCommand: `python benchmarks/scaling.py{' ' if sys.argv[1:] else ''}{' '.join(sys.argv[1:])}`\n"
-    )  # fmt: skip
-    return write_results("scaling" + ("_smoke" if args.smoke_test else ""),
-                         {"args": vars(args), "runs": runs, "efficiency": efficiency, "trial_s": t}, md)  # fmt: skip
+    )
+    return write_results(
+        "scaling" + ("_smoke" if args.smoke_test else ""),
+        {"args": vars(args), "runs": runs, "efficiency": efficiency, "trial_s": t},
+        md,
+    )
 
 
 if __name__ == "__main__":

@@ -34,23 +34,23 @@ import pandas as pd
 import yaml
 from common import md_table, write_results  # the script folder is on sys.path
 
+from raysc.candidates import write_candidates
+from raysc.dataset import load_dataset
 from raysc.distributed import init_ray
-from raysc.ensemble import build_ensemble, predict_ensemble
+from raysc.ensemble import build_ensemble
+from raysc.experiment import Experiment
+from raysc.inference import predict_ensemble
 from raysc.metrics import macro_accuracy
 from raysc.pipeline import SPACES_DIR
 from raysc.prepare import prepare
-from raysc.pseudo import write_candidates
-from raysc.search import read_records, search
+from raysc.search import search
 from raysc.synth import DEV_METADATA, EVAL_LABELS, EVAL_METADATA, synthesize
-from raysc.train import load_dataset
 
 SEARCHED_1, SEARCHED_2 = "1 round, searched threshold", "2 rounds, searched threshold"
 
 
 def eval_accuracy(exp: Path, ens_name: str, truth: pd.DataFrame, classes: list[str]) -> float:
-    from raysc.ensemble import load_ensemble
-
-    ens = load_ensemble(exp, ens_name)
+    ens = Experiment(exp).load_ensemble(ens_name)
     probs = predict_ensemble(ens, exp, list(truth["filename"]))
     y = truth["scene_label"].map(classes.index).to_numpy()
     return macro_accuracy(y, probs[classes].to_numpy().argmax(1), len(classes))
@@ -58,8 +58,10 @@ def eval_accuracy(exp: Path, ens_name: str, truth: pd.DataFrame, classes: list[s
 
 def train_clips(exp: Path, round: int) -> float:
     """Mean number of clips the round's trials trained on (from each trial's first epoch)."""
-    counts = [json.loads(m.read_text())["history"][0]["train_clips"]
-              for m in (exp / f"round-{round}" / "trials").glob("*/metrics.json")]  # fmt: skip
+    counts = [
+        json.loads(m.read_text())["history"][0]["train_clips"]
+        for m in (exp / f"round-{round}" / "trials").glob("*/metrics.json")
+    ]
     return statistics.mean(counts)
 
 
@@ -69,8 +71,17 @@ def run_rounds(base: Path, exp: Path, space: Path, data: Path, trials: list[int]
     for r, n in enumerate(trials[1:], start=1):
         ens = build_ensemble(exp, name=f"r{r - 1}", k=3, rounds=list(range(r)))
         cand, _ = write_candidates(exp, ensemble=ens.name)
-        search(space, data=data, experiment=exp, trials=n, round=r, pseudo_candidates=cand, seed=seed + r,
-               max_epochs=max_epochs, max_concurrent=1)  # fmt: skip
+        search(
+            space,
+            data=data,
+            experiment=exp,
+            trials=n,
+            round=r,
+            pseudo_candidates=cand,
+            seed=seed + r,
+            max_epochs=max_epochs,
+            max_concurrent=1,
+        )
     build_ensemble(exp, name="final", k=3)
     return exp
 
@@ -101,11 +112,29 @@ def main() -> int:
         tmp = Path(tmp)
         for seed in range(args.seeds):
             raw, data = tmp / f"raw{seed}", tmp / f"data{seed}"
-            synthesize(raw, clips=args.clips, eval_clips=args.eval_clips, labelled_fraction=0.3, sample_rate=8000,
-                       clip_seconds=2.0, cities=6, unseen_cities=2, session_size=6, seed=100 + seed,
-                       workers=2)  # fmt: skip
-            prepare(dev_meta=raw / DEV_METADATA, eval_meta=raw / EVAL_METADATA, audio_dirs=[raw / "audio"], out=data,
-                    sample_rate=8000, clip_seconds=2.0, folds=4, workers=2)  # fmt: skip
+            synthesize(
+                raw,
+                clips=args.clips,
+                eval_clips=args.eval_clips,
+                labelled_fraction=0.3,
+                sample_rate=8000,
+                clip_seconds=2.0,
+                cities=6,
+                unseen_cities=2,
+                session_size=6,
+                seed=100 + seed,
+                workers=2,
+            )
+            prepare(
+                dev_meta=raw / DEV_METADATA,
+                eval_meta=raw / EVAL_METADATA,
+                audio_dirs=[raw / "audio"],
+                out=data,
+                sample_rate=8000,
+                clip_seconds=2.0,
+                folds=4,
+                workers=2,
+            )
             classes = load_dataset(data).classes
             truth = pd.read_csv(raw / EVAL_LABELS)
             spec = yaml.safe_load((SPACES_DIR / "demo.yaml").read_text())
@@ -113,13 +142,21 @@ def main() -> int:
             space = tmp / "space.yaml"
             space.write_text(yaml.safe_dump(spec))
             fixed = tmp / "space_fixed.yaml"
-            fixed.write_text(yaml.safe_dump({**spec, "rounds": {"pseudo_threshold": args.fixed_threshold,
-                                                                "pseudo_weight": {"type": "float", "low": 0.2,
-                                                                                  "high": 1.0}}}))  # fmt: skip
+            fixed.write_text(
+                yaml.safe_dump(
+                    {
+                        **spec,
+                        "rounds": {
+                            "pseudo_threshold": args.fixed_threshold,
+                            "pseudo_weight": {"type": "float", "low": 0.2, "high": 1.0},
+                        },
+                    }
+                )
+            )
             n, kw = args.n, {"seed": seed, "max_epochs": args.max_epochs, "max_concurrent": 1}
             big = tmp / f"big{seed}"
             search(space, data=data, experiment=big, trials=3 * n, **kw)
-            records = [r for r in read_records(big) if r.status != "failed"]
+            records = [r for r in Experiment(big).records() if r.status != "failed"]
             best = max(records, key=lambda r: r.metrics["macro_accuracy"])
             build_ensemble(big, name="best", method="topk", k=1)
             build_ensemble(big, name="top3", method="topk", k=3)
@@ -132,10 +169,20 @@ def main() -> int:
             clips["no pseudo-labels"].append(train_clips(big, 0))
             base = tmp / f"base{seed}"
             search(space, data=data, experiment=base, trials=n, **kw)
-            for name, sp, trials in ((SEARCHED_1, space, [n, 2 * n]), (SEARCHED_2, space, [n, n, n]),
-                                     (fixed_name, fixed, [n, 2 * n])):  # fmt: skip
-                exp = run_rounds(base, tmp / f"{name.replace(' ', '_').replace(',', '')}{seed}", sp, data, trials,
-                                 seed, args.max_epochs)  # fmt: skip
+            for name, sp, trials in (
+                (SEARCHED_1, space, [n, 2 * n]),
+                (SEARCHED_2, space, [n, n, n]),
+                (fixed_name, fixed, [n, 2 * n]),
+            ):
+                exp = run_rounds(
+                    base,
+                    tmp / f"{name.replace(' ', '_').replace(',', '')}{seed}",
+                    sp,
+                    data,
+                    trials,
+                    seed,
+                    args.max_epochs,
+                )
                 scores[name].append(eval_accuracy(exp, "final", truth, classes))
                 clips[name].append(train_clips(exp, len(trials) - 1))
             # After every seed, so that a run stopped part-way still reports the seeds it finished.
@@ -152,18 +199,17 @@ def report(name: str, args: argparse.Namespace, scores: dict, clips: dict, seeds
     md = (
         f"Eval macro accuracy on synthetic data ({args.clips} dev clips, 30 % labelled, {args.eval_clips} eval clips; "
         f"{seeds_done} of {args.seeds} seed(s) done); N = {args.n} trials of at most {args.max_epochs} epochs; every "
-        f"pseudo-label variant spends 3N trials.\n\n" + md_table(columns, rows)
+        f"pseudo-label variant spends 3N trials.\n\n"
+        + md_table(columns, rows)
         + f"\nwall time {seconds / 60:.1f} min. Command: "
         f"`python benchmarks/semi_supervised.py{' ' if sys.argv[1:] else ''}{' '.join(sys.argv[1:])}`\n"
-    )  # fmt: skip
+    )
     result = {"args": vars(args), "seeds_done": seeds_done, "scores": scores, "train_clips": clips}
     write_results(name, result, md)
 
 
 def load_best_id(exp: Path) -> str:
-    from raysc.ensemble import load_ensemble
-
-    return load_ensemble(exp, "best").members[0].trial_id
+    return Experiment(exp).load_ensemble("best").members[0].trial_id
 
 
 if __name__ == "__main__":

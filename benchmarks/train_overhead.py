@@ -27,12 +27,12 @@ import torch
 from common import md_table, write_results  # the script folder is on sys.path
 
 from raysc.config import make_config
-from raysc.data import CLASSES
+from raysc.dataset import load_dataset
 from raysc.distributed import init_ray, train
 from raysc.models import create_model
 from raysc.prepare import prepare
 from raysc.synth import DEV_METADATA, EVAL_METADATA, synthesize
-from raysc.train import fit, load_dataset, one_hot
+from raysc.train import fit
 
 
 def bare_loop(cfg, data_dir: Path) -> tuple[float, list[float]]:
@@ -42,10 +42,12 @@ def bare_loop(cfg, data_dir: Path) -> tuple[float, list[float]]:
     lab = m[m["subset"] == "labelled"]
     tr, va = lab[lab["fold"] != cfg.fold], lab[lab["fold"] == cfg.fold]
     t0 = time.perf_counter()
-    model = create_model(cfg.backbone, **cfg.model_overrides(classes=data.classes, cities=data.cities,
-                                                             sample_rate=data.store.spec.sample_rate))  # fmt: skip
+    model = create_model(
+        cfg.backbone,
+        **cfg.model_overrides(classes=data.classes, cities=data.cities, sample_rate=data.store.spec.sample_rate),
+    )
     x = torch.from_numpy(data.store.load(tr["filename"]))
-    y = torch.from_numpy(one_hot(tr["label"], list(CLASSES)))
+    y = torch.from_numpy(data.one_hot(tr))
     city = torch.from_numpy(tr["city_idx"].to_numpy().copy())
     tm = torch.from_numpy(
         tr[[c for c in m.columns if c.startswith(("tod", "dow", "doy", "weekend"))]].to_numpy(np.float32)
@@ -89,13 +91,37 @@ def main(argv: list[str] | None = None) -> int:
         args.clips, args.epochs, seconds = 120, 2, 1.0
     with tempfile.TemporaryDirectory() as tmp:
         raw = Path(tmp) / "raw"
-        synthesize(raw, clips=args.clips, eval_clips=10, labelled_fraction=0.5, sample_rate=16000,
-                   clip_seconds=seconds, workers=2, seed=0)  # fmt: skip
+        synthesize(
+            raw,
+            clips=args.clips,
+            eval_clips=10,
+            labelled_fraction=0.5,
+            sample_rate=16000,
+            clip_seconds=seconds,
+            workers=2,
+            seed=0,
+        )
         data = Path(tmp) / "data"
-        prepare(dev_meta=raw / DEV_METADATA, eval_meta=raw / EVAL_METADATA, audio_dirs=[raw / "audio"], out=data,
-                sample_rate=16000, clip_seconds=seconds, folds=5, workers=2)  # fmt: skip
-        cfg = make_config({"backbone": args.backbone, "model": {"width": args.width}, "epochs": args.epochs,
-                           "batch_size": args.batch_size, "lr": 1e-3, "patience": 100})  # fmt: skip
+        prepare(
+            dev_meta=raw / DEV_METADATA,
+            eval_meta=raw / EVAL_METADATA,
+            audio_dirs=[raw / "audio"],
+            out=data,
+            sample_rate=16000,
+            clip_seconds=seconds,
+            folds=5,
+            workers=2,
+        )
+        cfg = make_config(
+            {
+                "backbone": args.backbone,
+                "model": {"width": args.width},
+                "epochs": args.epochs,
+                "batch_size": args.batch_size,
+                "lr": 1e-3,
+                "patience": 100,
+            }
+        )
         runs = {}
         total, epochs = bare_loop(cfg, data)
         runs["bare PyTorch loop"] = (total, epochs)
@@ -109,17 +135,31 @@ def main(argv: list[str] | None = None) -> int:
             # Ray gives a worker as many torch threads as CPUs: split the cores as the bare loop uses them.
             t = time.perf_counter()
             metrics = train(cfg, data, Path(tmp) / f"ray{workers}", workers=workers, cpus_per_worker=cores / workers)
-            runs[f"raysc train --workers {workers}"] = (time.perf_counter() - t,
-                                                         [h["epoch_seconds"] for h in metrics["history"]])  # fmt: skip
+            runs[f"raysc train --workers {workers}"] = (
+                time.perf_counter() - t,
+                [h["epoch_seconds"] for h in metrics["history"]],
+            )
     base_total, base_epochs = runs["bare PyTorch loop"]
     base_steady = float(np.mean(base_epochs[1:] or base_epochs))
     rows, result = [], {}
     for name, (total, epochs) in runs.items():
         steady = float(np.mean(epochs[1:] or epochs))
-        result[name] = {"total_s": total, "epoch_s": epochs, "steady_epoch_s": steady,
-                        "train_clips_per_s": labelled / steady}  # fmt: skip
-        rows.append([name, f"{total:.1f}", f"{total / base_total:.2f}", f"{steady:.2f}", f"{steady / base_steady:.2f}",
-                     f"{labelled / steady:.1f}"])  # fmt: skip
+        result[name] = {
+            "total_s": total,
+            "epoch_s": epochs,
+            "steady_epoch_s": steady,
+            "train_clips_per_s": labelled / steady,
+        }
+        rows.append(
+            [
+                name,
+                f"{total:.1f}",
+                f"{total / base_total:.2f}",
+                f"{steady:.2f}",
+                f"{steady / base_steady:.2f}",
+                f"{labelled / steady:.1f}",
+            ]
+        )
     cmd = "python benchmarks/train_overhead.py" + (" --smoke-test" if args.smoke_test else "")
     md = (
         f"# Training overhead: raysc vs a bare PyTorch loop\n\n`{cmd}`: {args.backbone} (width {args.width:g}), "

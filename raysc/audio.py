@@ -81,6 +81,7 @@ class Decoder:
     def _resample(self, wave: np.ndarray, rate: int) -> np.ndarray:
         if rate == self.sample_rate:
             return wave
+        # lazy: prepare's parent process validates and never decodes; only decoding workers import torch
         import torch
         import torchaudio
 
@@ -201,7 +202,7 @@ class _ChunkResult:
 
 
 def _init_worker() -> None:
-    import torch
+    import torch  # lazy: see Decoder._resample
 
     torch.set_num_threads(1)  # one process per core already
 

@@ -1,4 +1,8 @@
-"""The ``raysc`` command: one subcommand per library call. ``main(argv) -> int``."""
+"""The ``raysc`` command: one subcommand per library call. ``main(argv) -> int``.
+
+Each subcommand imports its library module when it runs: torch and Ray take seconds to import,
+and ``raysc --help`` or ``raysc synth`` should not wait for them.
+"""
 
 from __future__ import annotations
 
@@ -111,42 +115,90 @@ def _cmd_train(args: argparse.Namespace) -> int:
         if getattr(args, key) is not None:
             values[key] = getattr(args, key)
     cfg = make_config(values, where=str(args.config or "options"))
-    metrics = train(cfg, args.data, args.out, workers=args.workers, gpus_per_worker=args.gpus_per_worker,
-                    cpus_per_worker=args.cpus_per_worker, address=args.address,
-                    max_failures=args.max_failures)  # fmt: skip
+    metrics = train(
+        cfg,
+        args.data,
+        args.out,
+        workers=args.workers,
+        gpus_per_worker=args.gpus_per_worker,
+        cpus_per_worker=args.cpus_per_worker,
+        address=args.address,
+        max_failures=args.max_failures,
+    )
     best = metrics["best"]
     if best:
-        print(f"best epoch {best['epoch']}: macro accuracy {best['macro_accuracy']:.4f}, accuracy "
-              f"{best['accuracy']:.4f}, log loss {best['log_loss']:.4f}")  # fmt: skip
+        print(
+            f"best epoch {best['epoch']}: macro accuracy {best['macro_accuracy']:.4f}, accuracy "
+            f"{best['accuracy']:.4f}, log loss {best['log_loss']:.4f}"
+        )
     print(f"run written to {args.out} (model.pt, metrics.json, val_predictions.csv, config.json)")
     return EXIT_OK
 
 
-def _cmd_search(args: argparse.Namespace) -> int:
-    from .search import describe, search
+def describe(result) -> str:
+    """A short text summary of a finished search."""
+    from .experiment import Experiment
 
-    result = search(args.space, data=args.data, experiment=args.experiment, trials=args.trials,
-                    max_epochs=args.max_epochs, time_budget_minutes=args.time_budget, fold=args.fold,
-                    round=args.round, pseudo_candidates=args.pseudo_candidates, seed=args.seed,
-                    max_concurrent=args.max_concurrent, sampler=args.sampler,
-                    early_stopping=not args.no_early_stopping, resume=args.resume, address=args.address,
-                    progress=lambda line: print(line, flush=True))  # fmt: skip
+    counts = {k: sum(r.status == k for r in result.records) for k in ("completed", "stopped", "failed")}
+    lines = [
+        f"{len(result.records)} trials in {result.seconds / 60:.1f} min: "
+        + ", ".join(f"{v} {k}" for k, v in counts.items())
+    ]
+    for r in result.records[:5]:
+        acc = r.metrics.get("macro_accuracy")
+        outcome = f"macro acc {acc:.4f}" if acc is not None else f"error: {r.error}"
+        lines.append(f"  {r.trial_id}  {r.backbone:<13} {r.status:<9} {outcome}")
+    lines.append(f"trials table: {Experiment(result.round_dir.parent).trials_table}")
+    return "\n".join(lines)
+
+
+def _cmd_search(args: argparse.Namespace) -> int:
+    from .search import search
+
+    result = search(
+        args.space,
+        data=args.data,
+        experiment=args.experiment,
+        trials=args.trials,
+        max_epochs=args.max_epochs,
+        time_budget_minutes=args.time_budget,
+        fold=args.fold,
+        round=args.round,
+        pseudo_candidates=args.pseudo_candidates,
+        seed=args.seed,
+        max_concurrent=args.max_concurrent,
+        sampler=args.sampler,
+        early_stopping=not args.no_early_stopping,
+        resume=args.resume,
+        address=args.address,
+        progress=lambda line: print(line, flush=True),
+    )
     print(describe(result))
     return EXIT_OK
 
 
 def _cmd_ensemble(args: argparse.Namespace) -> int:
     from .ensemble import build_ensemble
+    from .experiment import Experiment
 
-    ens = build_ensemble(args.experiment, name=args.name, method=args.method, k=args.k, rounds=args.rounds,
-                         temperature=args.temperature, session_smoothing=args.session_smoothing)  # fmt: skip
+    ens = build_ensemble(
+        args.experiment,
+        name=args.name,
+        method=args.method,
+        k=args.k,
+        rounds=args.rounds,
+        temperature=args.temperature,
+        session_smoothing=args.session_smoothing,
+    )
     m = ens.metrics
-    print(f"ensemble {ens.name} ({ens.method}, temperature {ens.temperature:.3g}): validation macro accuracy "
-          f"{m['macro_accuracy']:.4f}, accuracy {m['accuracy']:.4f}, log loss {m['log_loss']:.4f} "
-          f"on {m['clips']} clips")  # fmt: skip
+    print(
+        f"ensemble {ens.name} ({ens.method}, temperature {ens.temperature:.3g}): validation macro accuracy "
+        f"{m['macro_accuracy']:.4f}, accuracy {m['accuracy']:.4f}, log loss {m['log_loss']:.4f} "
+        f"on {m['clips']} clips"
+    )
     for member in ens.members:
         print(f"  {member.trial_id}  round {member.round}  {member.backbone:<13} weight {member.weight:.3f}")
-    print(f"written to {Path(args.experiment) / 'ensembles' / ens.name}")
+    print(f"written to {Experiment(args.experiment).ensemble_dir(ens.name)}")
     return EXIT_OK
 
 
@@ -165,9 +217,10 @@ def _cmd_leaderboard(args: argparse.Namespace) -> int:
 
 
 def _cmd_pseudo_label(args: argparse.Namespace) -> int:
-    from .pseudo import Selection, write_candidates
+    from .candidates import write_candidates
+    from .pseudo import Selection
 
-    sel = Selection(threshold=args.threshold, adaptive=args.adaptive, balance=args.balance)
+    sel = Selection(threshold=args.summary_threshold, adaptive=args.adaptive, balance=args.balance)
     path, summary = write_candidates(args.experiment, ensemble=args.ensemble, selection=sel, address=args.address)
     print(summary.to_string(index=False))
     print(
@@ -189,8 +242,7 @@ def _print_result(result) -> None:
 
     print(render(result.leaderboard.head(15), "md"), end="")
     print(f"final ensemble {result.final.name}: validation macro accuracy {result.final.metrics['macro_accuracy']:.4f}")
-    print(f"submission: {result.submission}\nplots: {result.plots[0].parent}\n"
-          f"done in {result.seconds / 60:.1f} min")  # fmt: skip
+    print(f"submission: {result.submission}\nplots: {result.plots[0].parent}\ndone in {result.seconds / 60:.1f} min")
 
 
 def _cmd_pipeline(args: argparse.Namespace) -> int:
@@ -199,9 +251,14 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
     cfg = load_pipeline(args.pipeline)
     if args.max_concurrent:
         cfg = dataclasses.replace(cfg, max_concurrent=args.max_concurrent)
-    result = run_pipeline(cfg, data=args.data, experiment=args.experiment,
-                          time_budget_minutes=args.time_budget, address=args.address,
-                          progress=lambda line: print(line, flush=True))  # fmt: skip
+    result = run_pipeline(
+        cfg,
+        data=args.data,
+        experiment=args.experiment,
+        time_budget_minutes=args.time_budget,
+        address=args.address,
+        progress=lambda line: print(line, flush=True),
+    )
     _print_result(result)
     return EXIT_OK
 
@@ -209,8 +266,13 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    result = run_demo(args.out, clips=args.clips, time_budget_minutes=args.time_budget, address=args.address,
-                      progress=lambda line: print(line, flush=True))  # fmt: skip
+    result = run_demo(
+        args.out,
+        clips=args.clips,
+        time_budget_minutes=args.time_budget,
+        address=args.address,
+        progress=lambda line: print(line, flush=True),
+    )
     _print_result(result)
     return EXIT_OK
 
@@ -334,7 +396,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pseudo-label", help="score unlabelled clips with an ensemble (pseudo-label candidates)")
     p.add_argument("experiment", type=Path, help="experiment folder")
     p.add_argument("--ensemble", help="ensemble name (default: the best by validation)")
-    p.add_argument("--threshold", type=float, default=0.9, help="confidence for the summary (default 0.9)")
+    p.add_argument(
+        "--summary-threshold",
+        type=float,
+        default=0.9,
+        help="confidence the summary counts as kept (default 0.9); training runs select their own",
+    )
     p.add_argument("--adaptive", action="store_true", help="per-class thresholds for the summary")
     p.add_argument("--balance", action="store_true", help="class-balanced selection for the summary")
     _add_address(p)

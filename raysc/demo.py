@@ -10,12 +10,19 @@ from .pipeline import PipelineConfig, PipelineResult, run_pipeline
 from .prepare import prepare
 from .synth import DEV_METADATA, EVAL_METADATA, synthesize
 
-DEMO = PipelineConfig(space="demo", rounds=2, trials=6, max_epochs=8, ensemble_k=3, pseudo_threshold=0.5)
+DEMO = PipelineConfig(space="demo", rounds=2, trials=6, max_epochs=8, ensemble_k=3)
 SAMPLE_RATE, SECONDS = 8000, 2.0
 
 
-def run_demo(out: str | Path, *, clips: int = 800, seed: int = 0, time_budget_minutes: float | None = None,
-             address: str | None = None, progress: Callable[[str], None] | None = None) -> PipelineResult:  # fmt: skip
+def run_demo(
+    out: str | Path,
+    *,
+    clips: int = 800,
+    seed: int = 0,
+    time_budget_minutes: float | None = None,
+    address: str | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> PipelineResult:
     """Everything under ``out``: raw/ (audio + metadata), data/ (prepared), experiment/. A rerun
     reuses what is there and continues the pipeline where it stopped."""
     out = Path(out)
@@ -23,10 +30,36 @@ def run_demo(out: str | Path, *, clips: int = 800, seed: int = 0, time_budget_mi
     raw = out / "raw"
     if not (raw / "synth.json").is_file():
         say(f"[demo] synthesising {clips} development + {clips // 4} eval clips into {raw}")
-        synthesize(raw, clips=clips, eval_clips=clips // 4, labelled_fraction=0.3, sample_rate=SAMPLE_RATE,
-                   clip_seconds=SECONDS, cities=6, unseen_cities=2, session_size=6, seed=seed, workers=2)  # fmt: skip
+        synthesize(
+            raw,
+            clips=clips,
+            eval_clips=clips // 4,
+            labelled_fraction=0.3,
+            sample_rate=SAMPLE_RATE,
+            clip_seconds=SECONDS,
+            cities=6,
+            unseen_cities=2,
+            session_size=6,
+            seed=seed,
+            workers=2,
+        )
     say(f"[demo] preparing {out / 'data'}")
-    prepare(dev_meta=raw / DEV_METADATA, eval_meta=raw / EVAL_METADATA, audio_dirs=[raw / "audio"], out=out / "data",
-            sample_rate=SAMPLE_RATE, clip_seconds=SECONDS, folds=4, seed=seed, workers=2)  # fmt: skip
-    return run_pipeline(DEMO, data=out / "data", experiment=out / "experiment", time_budget_minutes=time_budget_minutes,
-                        address=address, progress=progress)  # fmt: skip
+    prepare(
+        dev_meta=raw / DEV_METADATA,
+        eval_meta=raw / EVAL_METADATA,
+        audio_dirs=[raw / "audio"],
+        out=out / "data",
+        sample_rate=SAMPLE_RATE,
+        clip_seconds=SECONDS,
+        folds=4,
+        seed=seed,
+        workers=2,
+    )
+    return run_pipeline(
+        DEMO,
+        data=out / "data",
+        experiment=out / "experiment",
+        time_budget_minutes=time_budget_minutes,
+        address=address,
+        progress=progress,
+    )

@@ -17,7 +17,7 @@ from typing import Any
 
 from .config import TrainConfig, make_config
 from .errors import RayscError
-from .train import check_run_dir, fit
+from .train import fit
 
 log = logging.getLogger(__name__)
 
@@ -27,8 +27,11 @@ log = logging.getLogger(__name__)
 # loaded machine importing torch can take longer, and in Ray 2.60 the retry after a timeout can
 # leave the failed attempt's placement group holding its CPUs (measured: the trial then waits
 # forever). A longer timeout, plus a limit on controller retries (make_trainer), avoids both.
-RAY_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
-           "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "600"}  # fmt: skip
+RAY_ENV = {
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
+    "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+    "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "600",
+}
 
 
 # A custom resource for search drivers (one Tune trial = one small driver that launches a
@@ -60,7 +63,7 @@ def init_ray(address: str | None = None, **kwargs: Any) -> None:
     address, refuses to choose when several Rays run on one machine (then the placement groups
     of stopped trials leak and later trials wait forever).
     """
-    import ray
+    import ray  # lazy, as every Ray import here: it takes seconds, and `fit` alone never needs Ray
 
     if ray.is_initialized():
         return
@@ -82,7 +85,7 @@ def init_ray(address: str | None = None, **kwargs: Any) -> None:
 
 def _train_worker(config: dict[str, Any]) -> None:
     """Runs in every Ray Train worker: ``fit`` with Ray's checkpoint and report plumbing."""
-    import ray
+    import ray  # lazy: see init_ray
     import ray.train
     import torch
 
@@ -118,6 +121,12 @@ def _train_worker(config: dict[str, Any]) -> None:
         )
 
 
+def check_run_dir(out_dir: str | Path) -> None:
+    """A run never overwrites another run's results."""
+    if (Path(out_dir) / "metrics.json").exists():
+        raise RayscError(f"{out_dir} already holds a finished run; choose another --out")
+
+
 def train(
     cfg: TrainConfig,
     data_dir: str | Path,
@@ -138,16 +147,24 @@ def train(
     macro accuracy plus the latest. A worker that dies is replaced and resumes from the latest
     checkpoint, up to ``max_failures`` times.
     """
-    import ray.train
+    import ray.train  # lazy: see init_ray
 
     out_dir = Path(out_dir).resolve()
     check_run_dir(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     init_ray(address)
-    trainer = make_trainer(cfg, data_dir, out_dir, name=f"train-{out_dir.name}",
-                           storage_path=storage_path or str(out_dir / "ray"), workers=workers,
-                           gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker, max_failures=max_failures,
-                           keep_checkpoints=keep_checkpoints)  # fmt: skip
+    trainer = make_trainer(
+        cfg,
+        data_dir,
+        out_dir,
+        name=f"train-{out_dir.name}",
+        storage_path=storage_path or str(out_dir / "ray"),
+        workers=workers,
+        gpus_per_worker=gpus_per_worker,
+        cpus_per_worker=cpus_per_worker,
+        max_failures=max_failures,
+        keep_checkpoints=keep_checkpoints,
+    )
     try:
         result = trainer.fit()
     except ray.train.TrainingFailedError as exc:
@@ -177,7 +194,7 @@ def make_trainer(
 ) -> Any:
     """The ``TorchTrainer`` that runs ``fit`` for ``cfg``; ``name`` must be stable so that a
     restarted run finds its own checkpoints under ``storage_path``."""
-    import ray.train
+    import ray.train  # lazy: see init_ray
     from ray.train.torch import TorchTrainer
 
     scaled = ray.train.ScalingConfig(

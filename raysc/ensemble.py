@@ -10,53 +10,21 @@ backbones and rounds. An ensemble is written to ``EXP/ensembles/NAME/``: ``ensem
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import logging
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from .dataset import load_dataset
 from .errors import ConfigError, RayscError
-from .fileio import write_csv, write_json
+from .experiment import Ensemble, Experiment, Member, TrialRecord
 from .metrics import classification_report, confusion_matrix, log_loss, macro_accuracy
-from .search import TrialRecord, read_records
 
 log = logging.getLogger(__name__)
 
 METHODS = ("topk", "greedy")
-
-
-@dataclass(frozen=True)
-class Member:
-    trial_id: str
-    round: int
-    backbone: str
-    model_path: str  # relative to the experiment folder
-    weight: float
-
-
-@dataclass(frozen=True)
-class Ensemble:
-    name: str
-    method: str
-    members: tuple[Member, ...]
-    fold: int
-    data: str
-    temperature: float
-    session_smoothing: bool
-    metrics: dict[str, Any]  # validation report of the ensemble's predictions
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Ensemble:
-        return cls(**{**d, "members": tuple(Member(**m) for m in d["members"])})
 
 
 # ---- selection on validation predictions (pure functions: arrays in, indices out)
@@ -117,34 +85,20 @@ def smooth_sessions(probs: np.ndarray, sessions: np.ndarray) -> np.ndarray:
 # ---- building from an experiment
 
 
-def _validation(data_dir: str, fold: int) -> tuple[pd.DataFrame, list[str]]:
-    """Validation clips of ``fold`` with a ``seen`` column (city among the training folds')."""
-    from .train import load_dataset
-
-    data = load_dataset(data_dir)
-    m = data.manifest
-    lab = m[m["subset"] == "labelled"]
-    val = lab[lab["fold"] == fold].copy()
-    val["seen"] = val["city_idx"].isin(set(lab.loc[lab["fold"] != fold, "city_idx"]))
-    return val, data.classes
-
-
-def _candidates(exp: Path, rounds: list[int] | None) -> list[TrialRecord]:
-    records = [r for r in read_records(exp) if r.status != "failed" and r.predictions_path]
+def _candidates(exp: Experiment, rounds: list[int] | None) -> list[TrialRecord]:
+    records = [r for r in exp.records() if r.status != "failed" and r.predictions_path]
     if rounds is not None:
         records = [r for r in records if r.round in rounds]
     if not records:
         where = f" in round(s) {rounds}" if rounds is not None else ""
-        raise RayscError(f"{exp}: no finished trial{where} to ensemble (run `raysc search` first)")
+        raise RayscError(f"{exp.root}: no finished trial{where} to ensemble (run `raysc search` first)")
     folds = sorted({r.fold for r in records})
     if len(folds) > 1:
-        raise RayscError(f"{exp}: trials validate on folds {folds}; no clip is held out from all of them. "
-                         "Ensemble the trials of one fold (--rounds)")  # fmt: skip
+        raise RayscError(
+            f"{exp.root}: trials validate on folds {folds}; no clip is held out from all of them. "
+            "Ensemble the trials of one fold (--rounds)"
+        )
     return records
-
-
-def _search_data(exp: Path, round: int) -> str:
-    return json.loads((exp / f"round-{round}" / "search.json").read_text())["data"]
 
 
 def build_ensemble(
@@ -165,18 +119,21 @@ def build_ensemble(
         raise ConfigError(f"ensemble method {method!r} (valid: {', '.join(METHODS)})")
     if k < 1:
         raise ConfigError(f"ensemble size k must be >= 1, got {k}")
-    exp = Path(experiment)
+    exp = Experiment(experiment)
     records = _candidates(exp, rounds)
-    data_dir = _search_data(exp, records[0].round)
+    data_dir = exp.read_search_settings(records[0].round)["data"]
     fold = records[0].fold
-    val, classes = _validation(data_dir, fold)
-    y = val["label"].map(classes.index).to_numpy()
+    data = load_dataset(data_dir)
+    _, val = data.split(fold)
+    classes = data.classes
+    y = data.labels(val)
     probs = []
     for r in records:
-        p = pd.read_csv(exp / r.predictions_path).set_index("filename")
+        path = exp.root / r.predictions_path
+        p = pd.read_csv(path).set_index("filename")
         missing = set(val["filename"]) - set(p.index)
         if missing:
-            raise RayscError(f"{exp / r.predictions_path}: lacks {len(missing)} validation clip(s) of fold {fold}")
+            raise RayscError(f"{path}: lacks {len(missing)} validation clip(s) of fold {fold}")
         probs.append(p.loc[val["filename"], classes].to_numpy(np.float64))
     if method == "topk":
         picks = top_k([r.metrics["macro_accuracy"] or 0.0 for r in records], k)
@@ -193,95 +150,15 @@ def build_ensemble(
     final = apply_temperature(mean, t) if t != 1.0 else mean
     if session_smoothing:
         final = smooth_sessions(final, val["session"].to_numpy())
-    report = classification_report(final, y, classes=classes, cities=val["city"].to_numpy(),
-                                   seen=val["seen"].to_numpy())  # fmt: skip
+    report = classification_report(
+        final, y, classes=classes, cities=val["city"].to_numpy(), seen=val["seen"].to_numpy()
+    )
     report["confusion"] = confusion_matrix(y, final.argmax(1), len(classes)).tolist()
     rounds_used = sorted({m.round for m in members})
     name = name or f"{method}{k}-r{'-'.join(map(str, rounds_used))}" + ("-session" if session_smoothing else "")
     ens = Ensemble(name, method, members, fold, data_dir, t, session_smoothing, report)
-    out = exp / "ensembles" / name
     preds = pd.DataFrame(final, columns=classes)
     preds.insert(0, "filename", val["filename"].to_numpy())
-    write_csv(out / "val_predictions.csv", preds)
-    write_json(out / "ensemble.json", ens.to_dict())
+    exp.save_ensemble(ens, preds)
     log.info("ensemble %s: %d member(s), validation macro accuracy %.4f", name, len(members), report["macro_accuracy"])
     return ens
-
-
-def load_ensemble(experiment: str | Path, name: str | None = None) -> Ensemble:
-    """An ensemble by name, or (no name) the one with the best validation macro accuracy."""
-    exp = Path(experiment)
-    found = {p.parent.name: p for p in (exp / "ensembles").glob("*/ensemble.json")}
-    if not found:
-        raise RayscError(f"{exp}: no ensemble yet (run `raysc ensemble` first)")
-    if name is None:
-        ens = [Ensemble.from_dict(json.loads(p.read_text())) for p in found.values()]
-        return max(ens, key=lambda e: (e.metrics["macro_accuracy"], e.name))
-    if name not in found:
-        raise RayscError(f"{exp}: no ensemble {name!r} (have: {', '.join(sorted(found))})")
-    return Ensemble.from_dict(json.loads(found[name].read_text()))
-
-
-def list_ensembles(experiment: str | Path) -> list[Ensemble]:
-    paths = sorted(Path(experiment).glob("ensembles/*/ensemble.json"))
-    return [Ensemble.from_dict(json.loads(p.read_text())) for p in paths]
-
-
-# ---- inference on any clips (eval, unlabelled), distributed over Ray
-
-
-def _predict_chunk(model_path: str, data_dir: str, filenames: list[str]) -> pd.DataFrame:
-    import torch
-
-    from .loader import ClipTable
-    from .models import load_model
-    from .train import load_dataset, predict
-
-    data = load_dataset(data_dir)
-    rows = data.manifest.set_index("filename").loc[filenames].reset_index()
-    table = ClipTable.from_rows(rows, np.zeros((len(rows), len(data.classes)), np.float32))
-    model = load_model(model_path)
-    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-    return predict(model.to(device), table, data.store, device=device)
-
-
-def predict_ensemble(
-    ens: Ensemble,
-    experiment: str | Path,
-    filenames: list[str],
-    *,
-    chunk: int = 2048,
-    address: str | None = None,
-) -> pd.DataFrame:
-    """The ensemble's probabilities for ``filenames`` (clips of its data folder): one Ray task
-    per member and chunk of clips, on GPUs when the cluster has them."""
-    import ray
-
-    from .distributed import init_ray
-
-    init_ray(address)
-    exp = Path(experiment).resolve()
-    gpu = 0.25 if ray.cluster_resources().get("GPU") else 0  # inference is light: share a GPU
-    task = ray.remote(_predict_chunk).options(num_cpus=1, num_gpus=gpu)
-    parts = {m.trial_id: [] for m in ens.members}
-    refs = []
-    for m in ens.members:
-        for start in range(0, len(filenames), chunk):
-            refs.append((m.trial_id, task.remote(str(exp / m.model_path), ens.data, filenames[start : start + chunk])))
-    for trial_id, ref in refs:
-        parts[trial_id].append(ray.get(ref))
-    classes = None
-    mean = None
-    for m in ens.members:
-        p = pd.concat(parts[m.trial_id]).set_index("filename").loc[filenames]
-        classes = list(p.columns)
-        mean = p.to_numpy(np.float64) * m.weight + (0 if mean is None else mean)
-    final = apply_temperature(mean, ens.temperature) if ens.temperature != 1.0 else mean
-    if ens.session_smoothing:
-        from .train import load_dataset
-
-        sessions = load_dataset(ens.data).manifest.set_index("filename").loc[filenames, "session"].to_numpy()
-        final = smooth_sessions(final, sessions)
-    out = pd.DataFrame(final, columns=classes)
-    out.insert(0, "filename", filenames)
-    return out

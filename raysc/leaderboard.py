@@ -9,13 +9,24 @@ from pathlib import Path
 
 import pandas as pd
 
-from .ensemble import list_ensembles
 from .errors import ConfigError, RayscError
-from .search import read_records
+from .experiment import RECORD_METRICS, Experiment
 
 FORMATS = ("csv", "md", "html")
-COLUMNS = ["rank", "name", "kind", "round", "backbone", "params", "macro_accuracy", "accuracy", "log_loss",
-           "unseen_city_macro_accuracy", "parameters", "macs", "fit_seconds", "predict_seconds", "status"]  # fmt: skip
+COLUMNS = [
+    "rank",
+    "name",
+    "kind",
+    "round",
+    "backbone",
+    "params",
+    *RECORD_METRICS,
+    "parameters",
+    "macs",
+    "fit_seconds",
+    "predict_seconds",
+    "status",
+]
 
 
 def _short_params(params: dict) -> str:
@@ -32,34 +43,49 @@ def _short_params(params: dict) -> str:
 def leaderboard(experiment: str | Path, *, round: int | None = None) -> pd.DataFrame:
     """One row per trial (failed ones last) and per ensemble, best validation macro accuracy first.
     ``round``: trials of that round and ensembles whose members all come from it."""
-    exp = Path(experiment)
-    every = read_records(exp)
+    exp = Experiment(experiment)
+    every = exp.records()
     records = [r for r in every if round is None or r.round == round]
     by_id = {r.trial_id: r for r in every}
-    rows = [{
-        "name": r.trial_id, "kind": "trial", "round": r.round, "backbone": r.backbone,
-        "params": _short_params(r.params), **{k: r.metrics.get(k) for k in ("macro_accuracy", "accuracy", "log_loss",
-                                                                            "unseen_city_macro_accuracy")},
-        "parameters": r.parameters, "macs": r.macs, "fit_seconds": r.fit_seconds,
-        "predict_seconds": r.predict_seconds, "status": r.status,
-    } for r in records]  # fmt: skip
-    for e in list_ensembles(exp):
+    rows = [
+        {
+            "name": r.trial_id,
+            "kind": "trial",
+            "round": r.round,
+            "backbone": r.backbone,
+            "params": _short_params(r.params),
+            **{k: r.metrics.get(k) for k in RECORD_METRICS},
+            "parameters": r.parameters,
+            "macs": r.macs,
+            "fit_seconds": r.fit_seconds,
+            "predict_seconds": r.predict_seconds,
+            "status": r.status,
+        }
+        for r in records
+    ]
+    for e in exp.ensembles():
         rounds = sorted({m.round for m in e.members})
         if round is not None and rounds != [round]:
             continue
         members = [by_id[m.trial_id] for m in e.members if m.trial_id in by_id]
-        rows.append({
-            "name": e.name, "kind": "ensemble", "round": "+".join(map(str, rounds)),
-            "backbone": "+".join(sorted({m.backbone for m in e.members})),
-            "params": f"{e.method}, {len(e.members)} members, T={e.temperature:.3g}"
-                      + (", session smoothing" if e.session_smoothing else ""),
-            **{k: e.metrics.get(k) for k in ("macro_accuracy", "accuracy", "log_loss", "unseen_city_macro_accuracy")},
-            "parameters": sum(m.parameters or 0 for m in members), "macs": sum(m.macs or 0 for m in members),
-            "fit_seconds": sum(m.fit_seconds for m in members),
-            "predict_seconds": sum(m.predict_seconds or 0 for m in members), "status": "ensemble",
-        })  # fmt: skip
+        rows.append(
+            {
+                "name": e.name,
+                "kind": "ensemble",
+                "round": "+".join(map(str, rounds)),
+                "backbone": "+".join(sorted({m.backbone for m in e.members})),
+                "params": f"{e.method}, {len(e.members)} members, T={e.temperature:.3g}"
+                + (", session smoothing" if e.session_smoothing else ""),
+                **{k: e.metrics.get(k) for k in RECORD_METRICS},
+                "parameters": sum(m.parameters or 0 for m in members),
+                "macs": sum(m.macs or 0 for m in members),
+                "fit_seconds": sum(m.fit_seconds for m in members),
+                "predict_seconds": sum(m.predict_seconds or 0 for m in members),
+                "status": "ensemble",
+            }
+        )
     if not rows:
-        raise RayscError(f"{exp}: nothing to rank yet" + (f" in round {round}" if round is not None else ""))
+        raise RayscError(f"{exp.root}: nothing to rank yet" + (f" in round {round}" if round is not None else ""))
     table = pd.DataFrame(rows)
     table["_failed"] = table["status"] == "failed"
     table = table.sort_values(["_failed", "macro_accuracy", "name"], ascending=[True, False, True], na_position="last")
@@ -98,10 +124,14 @@ def render(table: pd.DataFrame, fmt: str, *, title: str = "raysc leaderboard") -
         return "\n".join(lines) + "\n"
     head = "".join(f"<th onclick='sortBy({i})'>{html.escape(c)}</th>" for i, c in enumerate(table.columns))
     body = "".join(
-        "<tr>" + "".join(f"<td data-v='{html.escape(_sort_key(raw))}'>"
-                         f"{html.escape(c)}</td>" for c, raw in zip(row, raws, strict=True)) + "</tr>"
+        "<tr>"
+        + "".join(
+            f"<td data-v='{html.escape(_sort_key(raw))}'>{html.escape(c)}</td>"
+            for c, raw in zip(row, raws, strict=True)
+        )
+        + "</tr>"
         for row, raws in zip(cells, table.itertuples(index=False), strict=True)
-    )  # fmt: skip
+    )
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>body{{font-family:sans-serif;margin:1em}}table{{border-collapse:collapse;font-size:13px}}

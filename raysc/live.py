@@ -35,8 +35,10 @@ class LiveView(Callback):
 
     def status_line(self, running: int) -> str:
         counts = {k: sum(v == k for v in self.ended.values()) for k in ("completed", "stopped", "failed")}
-        return (f"[round {self.round} {self._elapsed()}] running {running}, completed {counts['completed']}, "
-                f"stopped {counts['stopped']}, failed {counts['failed']} of {self.total} | {self._best()}")  # fmt: skip
+        return (
+            f"[round {self.round} {self._elapsed()}] running {running}, completed {counts['completed']}, "
+            f"stopped {counts['stopped']}, failed {counts['failed']} of {self.total} | {self._best()}"
+        )
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         if trial.trial_id in self.started:

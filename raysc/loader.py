@@ -25,8 +25,9 @@ class Batch(NamedTuple):
 
     def to(self, device: torch.device | str) -> Batch:
         move = lambda t: t.to(device, non_blocking=True)  # noqa: E731
-        return Batch(move(self.wave), move(self.city), move(self.time), move(self.target), move(self.weight),
-                     self.filename)  # fmt: skip
+        return Batch(
+            move(self.wave), move(self.city), move(self.time), move(self.target), move(self.weight), self.filename
+        )
 
 
 @dataclass(frozen=True)
@@ -111,8 +112,9 @@ def make_loader(
     is the single process's k-th batch of ``batch_size * W`` clips. Evaluation loaders pad the
     last ranks with repeats; ``gather_predictions`` removes them by filename.
     """
-    sampler = DistributedSampler(ClipDataset(table, store), num_replicas=world_size, rank=rank, shuffle=shuffle,
-                                 seed=seed, drop_last=False)  # fmt: skip
+    sampler = DistributedSampler(
+        ClipDataset(table, store), num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed, drop_last=False
+    )
     sampler.set_epoch(epoch)
     g = torch.Generator().manual_seed(seed * 100_003 + epoch * 101 + rank)
     return DataLoader(

@@ -22,14 +22,19 @@ from typing import Any
 
 import pandas as pd
 
-from .ensemble import Ensemble, build_ensemble, load_ensemble
+from .candidates import write_candidates
+from .dataset import load_dataset
+from .ensemble import build_ensemble
 from .errors import ConfigError, RayscError
+from .experiment import Ensemble, Experiment, final_ensemble
 from .fileio import read_yaml_mapping, write_json
-from .search import round_dir, search
+from .leaderboard import leaderboard
+from .plots import write_plots
+from .search import search
+from .search_space import space_path
+from .submission import make_submission
 
 log = logging.getLogger(__name__)
-
-SPACES_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
 
 
 @dataclass(frozen=True)
@@ -47,18 +52,10 @@ class PipelineConfig:
     ensemble_k: int = 5
     temperature: bool = True
     session_smoothing: bool = True  # also score a session-smoothed variant (its own leaderboard row)
-    pseudo_threshold: float = 0.9  # for the candidates' per-class summary (trials sample their own)
     submission: str = "submission.csv"
 
     def space_path(self) -> Path:
-        path = Path(self.space)
-        if path.suffix in (".yaml", ".yml"):
-            return path
-        builtin = SPACES_DIR / f"{self.space}.yaml"
-        if not builtin.is_file():
-            have = sorted(p.stem for p in SPACES_DIR.glob("*.yaml"))
-            raise ConfigError(f"search space {self.space!r}: not a .yaml file nor one of {have}")
-        return builtin
+        return space_path(self.space)
 
 
 def load_pipeline(path: str | Path | None) -> PipelineConfig:
@@ -87,15 +84,14 @@ class PipelineResult:
 class _State:
     """``EXP/pipeline.json``: the settings and the stages done with their outputs."""
 
-    def __init__(self, exp: Path, settings: dict[str, Any]) -> None:
-        self.path = exp / "pipeline.json"
+    def __init__(self, exp: Experiment, settings: dict[str, Any]) -> None:
+        self.path = exp.pipeline_state
         if self.path.is_file():
             stored = json.loads(self.path.read_text())
-            if stored["settings"] != settings:
-                diff = {
-                    k: (stored["settings"].get(k), v) for k, v in settings.items() if stored["settings"].get(k) != v
-                }
-                raise RayscError(f"{exp} holds a pipeline with other settings ({diff}); use another --experiment")
+            # Only today's keys count: a key that raysc no longer has does not block a resume.
+            diff = {k: (stored["settings"].get(k), v) for k, v in settings.items() if stored["settings"].get(k) != v}
+            if diff:
+                raise RayscError(f"{exp.root} holds a pipeline with other settings ({diff}); use another --experiment")
             self.done: dict[str, Any] = stored["done"]
         else:
             self.done = {}
@@ -121,19 +117,13 @@ def run_pipeline(
 ) -> PipelineResult:
     """Run (or continue) the pipeline; the time budget is shared by the rounds' searches and
     always leaves a reserve for the ensembles, pseudo-labels and the submission."""
-    from .leaderboard import leaderboard
-    from .plots import write_plots
-    from .pseudo import Selection, write_candidates
-    from .submission import make_submission
-    from .train import load_dataset
-
     say = progress or log.info
     t0 = time.perf_counter()
-    exp = Path(experiment).resolve()
+    exp = Experiment(Path(experiment).resolve())
     space = cfg.space_path()
     data = str(Path(data).resolve())
     classes = load_dataset(data).classes  # fails early on a wrong folder
-    exp.mkdir(parents=True, exist_ok=True)
+    exp.root.mkdir(parents=True, exist_ok=True)
     state = _State(exp, {**dataclasses.asdict(cfg), "space": str(space.resolve()), "data": data})
     reserve = max(1.0, 0.1 * time_budget_minutes) if time_budget_minutes else 0.0
 
@@ -149,60 +139,80 @@ def run_pipeline(
     candidates: str | None = None
     ensembles: list[str] = []
     for r in range(cfg.rounds):
-        rdir = round_dir(exp, r)
+        started = exp.search_settings(r).is_file()
 
-        def do_search(r: int = r, rdir: Path = rdir, candidates: str | None = candidates) -> dict:
+        def do_search(r: int = r, started: bool = started, candidates: str | None = candidates) -> dict:
             budget = None
-            if (rdir / "search.json").is_file():  # continuing: the same settings as when it started
-                budget = json.loads((rdir / "search.json").read_text())["time_budget_minutes"]
+            if started:  # continuing: the same settings as when it started
+                budget = exp.read_search_settings(r)["time_budget_minutes"]
             elif time_budget_minutes:
                 spent = (time.perf_counter() - t0) / 60
                 budget = max(0.5, (time_budget_minutes - reserve - spent) / (cfg.rounds - r))
-            result = search(space, data=data, experiment=exp, trials=cfg.trials, max_epochs=cfg.max_epochs,
-                            time_budget_minutes=budget, fold=cfg.fold, round=r, pseudo_candidates=candidates,
-                            seed=cfg.seed + r, max_concurrent=cfg.max_concurrent,
-                            resume=(rdir / "search.json").is_file(), address=address, progress=say)  # fmt: skip
+            result = search(
+                space,
+                data=data,
+                experiment=exp.root,
+                trials=cfg.trials,
+                max_epochs=cfg.max_epochs,
+                time_budget_minutes=budget,
+                fold=cfg.fold,
+                round=r,
+                pseudo_candidates=candidates,
+                seed=cfg.seed + r,
+                max_concurrent=cfg.max_concurrent,
+                resume=started,
+                address=address,
+                progress=say,
+            )
             if result.best is None:
-                raise RayscError(f"round {r}: every trial failed; see {rdir / 'trials'} and {rdir / 'search.log'}")
+                raise RayscError(f"round {r}: every trial failed; see {exp.trials_dir(r)} and {exp.search_log(r)}")
             return {"trials": len(result.records), "best": result.best.trial_id}
 
         run_stage(f"search-{r}", do_search)
 
         def do_ensemble(r: int = r) -> list[str]:
             name = f"round{r}-{cfg.ensemble_method}{cfg.ensemble_k}"
-            kw = {"method": cfg.ensemble_method, "k": cfg.ensemble_k, "rounds": list(range(r + 1)),
-                  "temperature": cfg.temperature}  # fmt: skip
-            built = [build_ensemble(exp, name=name, **kw)]
+            kw = {
+                "method": cfg.ensemble_method,
+                "k": cfg.ensemble_k,
+                "rounds": list(range(r + 1)),
+                "temperature": cfg.temperature,
+            }
+            built = [build_ensemble(exp.root, name=name, **kw)]
             if cfg.session_smoothing:
-                built.append(build_ensemble(exp, name=f"{name}-session", session_smoothing=True, **kw))
+                built.append(build_ensemble(exp.root, name=f"{name}-session", session_smoothing=True, **kw))
             for e in built:
-                say(f"[pipeline] ensemble {e.name}: {len(e.members)} member(s), validation macro accuracy "
-                    f"{e.metrics['macro_accuracy']:.4f}")  # fmt: skip
+                say(
+                    f"[pipeline] ensemble {e.name}: {len(e.members)} member(s), validation macro accuracy "
+                    f"{e.metrics['macro_accuracy']:.4f}"
+                )
             return [e.name for e in built]
 
         ensembles = run_stage(f"ensemble-{r}", do_ensemble)
-        best = max((load_ensemble(exp, n) for n in ensembles), key=lambda e: e.metrics["macro_accuracy"])
         if r + 1 < cfg.rounds:
+            # The candidates come from the best ensemble so far (the same rule as the final model).
+            best = final_ensemble([exp.load_ensemble(n) for n in ensembles])
 
             def do_pseudo(best: Ensemble = best) -> str:
-                path, summary = write_candidates(exp, ensemble=best.name,
-                                                 selection=Selection(threshold=cfg.pseudo_threshold),
-                                                 address=address)  # fmt: skip
-                say(f"[pipeline] pseudo-label candidates from {best.name}: {summary['candidates'].sum()} clips, "
-                    f"{summary['kept'].sum()} at confidence >= {cfg.pseudo_threshold}")  # fmt: skip
+                path, summary = write_candidates(exp.root, ensemble=best.name, address=address)
+                say(
+                    f"[pipeline] pseudo-label candidates from {best.name}: {summary['candidates'].sum()} clips "
+                    "(each trial of the next round selects its own, by its sampled threshold)"
+                )
                 return str(path)
 
             candidates = run_stage(f"pseudo-{r}", do_pseudo)
 
-    final = max((load_ensemble(exp, n) for n in ensembles), key=lambda e: e.metrics["macro_accuracy"])
-    out = exp / "submission" / cfg.submission
+    # The final model: the same rule as `raysc submit` without --ensemble (experiment.final_ensemble).
+    final = exp.load_ensemble()
+    out = exp.submission(cfg.submission)
 
     def do_submit() -> str:
-        sub = make_submission(exp, out, ensemble=final.name, address=address)
+        sub = make_submission(exp.root, out, ensemble=final.name, address=address)
         say(f"[pipeline] submission {sub.csv} from {final.name} (predicted per class: {sub.counts})")
         return str(sub.csv)
 
     submission = Path(run_stage("submit", do_submit))
-    plots = [Path(p) for p in run_stage("plots", lambda: [str(p) for p in write_plots(exp, final, classes)])]
-    board = leaderboard(exp)
+    plots = [Path(p) for p in run_stage("plots", lambda: [str(p) for p in write_plots(exp.root, final, classes)])]
+    board = leaderboard(exp.root)
     return PipelineResult(final, submission, board, plots, time.perf_counter() - t0)

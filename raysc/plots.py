@@ -12,8 +12,7 @@ matplotlib.use("Agg")  # files only; no display on a cluster node
 import matplotlib.pyplot as plt
 import numpy as np
 
-from .ensemble import Ensemble
-from .search import read_records
+from .experiment import Ensemble, Experiment
 
 
 def _save(fig: plt.Figure, path: Path) -> Path:
@@ -35,8 +34,15 @@ def plot_confusion(ens: Ensemble, classes: list[str], path: Path) -> Path:
     for i in range(len(classes)):
         for j in range(len(classes)):
             if cm[i, j]:
-                ax.text(j, i, int(cm[i, j]), ha="center", va="center", fontsize=8,
-                        color="white" if norm[i, j] > 0.5 else "black")  # fmt: skip
+                ax.text(
+                    j,
+                    i,
+                    int(cm[i, j]),
+                    ha="center",
+                    va="center",
+                    fontsize=8,
+                    color="white" if norm[i, j] > 0.5 else "black",
+                )
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title(f"{ens.name}: validation (macro accuracy {ens.metrics['macro_accuracy']:.3f})")
@@ -59,16 +65,22 @@ def plot_per_city(ens: Ensemble, path: Path) -> Path:
     return _save(fig, path)
 
 
-def plot_learning_curves(experiment: Path, path: Path) -> Path:
+def plot_learning_curves(exp: Experiment, path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for r in read_records(experiment):
+    for r in exp.records():
         if not r.model_path:
             continue
-        history = json.loads((experiment / r.model_path).with_name("metrics.json").read_text())["history"]
+        history = json.loads((exp.root / r.model_path).with_name("metrics.json").read_text())["history"]
         epochs = [h["epoch"] for h in history if "macro_accuracy" in h]
         style = "-" if r.status == "completed" else "--"
-        ax.plot(epochs, [h["macro_accuracy"] for h in history if "macro_accuracy" in h], marker=".", alpha=0.7,
-                label=f"r{r.round} {r.trial_id} {r.backbone}", linestyle=style)  # fmt: skip
+        ax.plot(
+            epochs,
+            [h["macro_accuracy"] for h in history if "macro_accuracy" in h],
+            marker=".",
+            alpha=0.7,
+            label=f"r{r.round} {r.trial_id} {r.backbone}",
+            linestyle=style,
+        )
     ax.set_xlabel("epoch")
     ax.set_ylabel("validation macro accuracy")
     ax.set_title("learning curves (dashed: stopped early by ASHA)")
@@ -77,9 +89,9 @@ def plot_learning_curves(experiment: Path, path: Path) -> Path:
     return _save(fig, path)
 
 
-def plot_search_history(experiment: Path, path: Path) -> Path:
+def plot_search_history(exp: Experiment, path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    records = [r for r in read_records(experiment) if r.status != "failed"]
+    records = [r for r in exp.records() if r.status != "failed"]
     for rnd in sorted({r.round for r in records}):
         mine = sorted((r for r in records if r.round == rnd), key=lambda r: r.started or 0)
         acc = [r.metrics["macro_accuracy"] for r in mine]
@@ -95,8 +107,8 @@ def plot_search_history(experiment: Path, path: Path) -> Path:
 
 def write_plots(experiment: str | Path, ens: Ensemble, classes: list[str]) -> list[Path]:
     """All four plots into ``EXP/plots/``."""
-    exp = Path(experiment)
-    out = exp / "plots"
+    exp = Experiment(experiment)
+    out = exp.plots_dir
     return [
         plot_confusion(ens, classes, out / "confusion_matrix.png"),
         plot_per_city(ens, out / "per_city_accuracy.png"),

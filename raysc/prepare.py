@@ -12,14 +12,15 @@ import logging
 import os
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import pandas as pd
 
 from . import __version__
-from .audio import FeatureStore, build_store, check_audio_header, index_audio
+from .audio import build_store, check_audio_header, index_audio
 from .data import CLASSES, SourceRows, SplitMode, build_manifest, parse_metadata
+from .dataset import INFO_FILE, MANIFEST_FILE, STORE_DIR, PreparedData
 from .errors import DataError, RayscError
 from .fileio import write_csv, write_json
 from .pretraining import load_label_map, read_cochlscene, read_tau
@@ -27,15 +28,6 @@ from .pretraining import load_label_map, read_cochlscene, read_tau
 log = logging.getLogger(__name__)
 
 MAX_EXTRA_LISTED = 5
-
-
-@dataclass(frozen=True)
-class PreparedData:
-    out: Path
-    manifest: pd.DataFrame
-    store: FeatureStore
-    cities: list[str]
-    info: dict
 
 
 def _sha256(path: Path) -> str:
@@ -132,14 +124,14 @@ def prepare(
         "num_samples": num_samples,
         "pretrain": sorted(str(p) for p in (tau, cochlscene) if p),
     }
-    info_path = out / "dataset.json"
+    info_path = out / INFO_FILE
     if info_path.is_file() and not overwrite:
         previous = json.loads(info_path.read_text()).get("inputs")
         if previous != inputs:
             raise RayscError(
                 f"{out} holds data prepared from other inputs or options; choose another --out or pass --overwrite"
             )
-    store = build_store(out / "store", files, sample_rate=sample_rate, num_samples=num_samples, workers=workers)
+    store = build_store(out / STORE_DIR, files, sample_rate=sample_rate, num_samples=num_samples, workers=workers)
 
     unseen = sorted(set(ev["city"]) - set(cities))
     labelled = manifest[manifest["subset"] == "labelled"]
@@ -157,5 +149,5 @@ def prepare(
         "store": asdict(store.spec),
     }
     write_json(info_path, info)
-    write_csv(out / "manifest.csv", manifest)
-    return PreparedData(out=out, manifest=manifest, store=store, cities=cities, info=info)
+    write_csv(out / MANIFEST_FILE, manifest)
+    return PreparedData(out=out, manifest=manifest, store=store, classes=list(CLASSES), cities=cities, info=info)

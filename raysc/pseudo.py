@@ -38,8 +38,9 @@ def read_candidates(path: str | Path, manifest: pd.DataFrame, classes: list[str]
     ]
     probs = table[classes].to_numpy(np.float64)
     bad = ~np.isfinite(probs).all(1) | (probs < 0).any(1) | (np.abs(probs.sum(1) - 1) > 1e-3)
-    problems += [f"{path}:{i + 2}: probabilities are not a distribution (sum {probs[i].sum():.4f})"
-                 for i in np.flatnonzero(bad)]  # fmt: skip
+    problems += [
+        f"{path}:{i + 2}: probabilities are not a distribution (sum {probs[i].sum():.4f})" for i in np.flatnonzero(bad)
+    ]
     if table["filename"].duplicated().any():
         twice = sorted(table.loc[table["filename"].duplicated(), "filename"])
         problems.append(f"{path}: clip(s) listed twice: {twice}")
@@ -60,8 +61,9 @@ class Selection:
     confidence_weight: bool = False  # multiply each clip's weight by its confidence
 
 
-def select(candidates: pd.DataFrame, classes: list[str], sel: Selection, *,
-           exclude: np.ndarray | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:  # fmt: skip
+def select(
+    candidates: pd.DataFrame, classes: list[str], sel: Selection, *, exclude: np.ndarray | None = None
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(selected, summary). ``selected``: filename, one target column per class, weight.
     ``summary``: per class, candidates predicted as it, threshold, kept. ``exclude`` marks
     candidates that must not be used (clips of validation sessions)."""
@@ -70,8 +72,9 @@ def select(candidates: pd.DataFrame, classes: list[str], sel: Selection, *,
     usable = np.ones(len(probs), bool) if exclude is None else ~exclude
     thresholds = np.full(len(classes), sel.threshold)
     if sel.adaptive:
-        mean_conf = np.array([conf[usable & (top == c)].mean() if (usable & (top == c)).any() else 0.0
-                              for c in range(len(classes))])  # fmt: skip
+        mean_conf = np.array(
+            [conf[usable & (top == c)].mean() if (usable & (top == c)).any() else 0.0 for c in range(len(classes))]
+        )
         if mean_conf.max() > 0:
             thresholds = sel.threshold * mean_conf / mean_conf.max()
     keep = usable & (conf >= thresholds[top])
@@ -90,45 +93,12 @@ def select(candidates: pd.DataFrame, classes: list[str], sel: Selection, *,
         weight *= conf
     selected = pd.DataFrame(targets[keep], columns=classes).assign(weight=weight[keep])
     selected.insert(0, "filename", candidates["filename"].to_numpy()[keep])
-    summary = pd.DataFrame({
-        "class": classes,
-        "candidates": np.bincount(top[usable], minlength=len(classes)),
-        "threshold": thresholds,
-        "kept": np.bincount(top[keep], minlength=len(classes)),
-    })  # fmt: skip
+    summary = pd.DataFrame(
+        {
+            "class": classes,
+            "candidates": np.bincount(top[usable], minlength=len(classes)),
+            "threshold": thresholds,
+            "kept": np.bincount(top[keep], minlength=len(classes)),
+        }
+    )
     return selected, summary
-
-
-def write_candidates(
-    experiment: str | Path,
-    *,
-    ensemble: str | None = None,
-    selection: Selection | None = None,
-    address: str | None = None,
-) -> tuple[Path, pd.DataFrame]:
-    """Score every unlabelled clip outside the ensemble's validation sessions with the ensemble
-    (Ray batch inference) and write ``EXP/pseudo/ENSEMBLE/candidates.csv`` (filename, one
-    probability per class, label, confidence) and ``summary.csv`` (per class: candidates,
-    threshold, kept under ``selection``). Returns (candidates path, summary)."""
-    from .ensemble import load_ensemble, predict_ensemble
-    from .fileio import write_csv
-    from .train import load_dataset
-
-    exp = Path(experiment)
-    ens = load_ensemble(exp, ensemble)
-    data = load_dataset(ens.data)
-    m = data.manifest
-    # Unlabelled clips of validation sessions share the validation fold: never candidates.
-    unl = m[(m["subset"] == "unlabelled") & (m["fold"] != ens.fold)]
-    if unl.empty:
-        raise DataError([f"{ens.data}: no unlabelled clip outside validation fold {ens.fold}"], what="pseudo-labels")
-    probs = predict_ensemble(ens, exp, list(unl["filename"]), address=address)
-    p = probs[data.classes].to_numpy()
-    probs["label"] = np.asarray(data.classes)[p.argmax(1)]
-    probs["confidence"] = p.max(1)
-    out = exp / "pseudo" / ens.name
-    write_csv(out / "candidates.csv", probs)
-    _, summary = select(probs, data.classes, selection or Selection())
-    write_csv(out / "summary.csv", summary)
-    log.info("pseudo-label candidates: %d unlabelled clips scored by %s -> %s", len(probs), ens.name, out)
-    return out / "candidates.csv", summary

@@ -1,16 +1,6 @@
 """`raysc search`: Ray Tune + OptunaSearch (TPE) + ASHA, each trial a Ray Train ``TorchTrainer``.
 
-One search is one round of an experiment folder::
-
-    EXP/round-R/search.json       the settings (a --resume must match them)
-    EXP/round-R/space.yaml        a copy of the search space
-    EXP/round-R/study.journal     the Optuna study (file journal: survives the driver)
-    EXP/round-R/tune/             Tune's own state, for --resume
-    EXP/round-R/tune-state/       the last complete copy of Tune's experiment state (tunestate.py)
-    EXP/round-R/train/            Ray Train checkpoints, one run per trial (storage_path)
-    EXP/round-R/trials/ID/        model.pt, metrics.json, val_predictions.csv, record.json, train.log
-    EXP/round-R/search.log        Ray's and Tune's log lines (the terminal gets the live view)
-    EXP/trials.csv                every TrialRecord of every round
+One search is one round of an experiment folder (its layout: ``raysc.experiment``).
 
 A trial is a small driver function (it reserves the ``raysc_driver`` resource, not a CPU) that
 starts a ``TorchTrainer`` sized by the space's resources; ASHA stops it between epochs. Whether a
@@ -29,52 +19,24 @@ import shutil
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
-
 from .config import make_config
+from .dataset import load_dataset
 from .distributed import DRIVER_RESOURCE, init_ray, make_trainer
 from .errors import ConfigError, RayscError
-from .fileio import write_csv, write_json
+from .experiment import RECORD_METRICS, Experiment, TrialRecord, rank_key, train_run_name
+from .fileio import write_json
 from .models import count_macs, count_parameters, load_model
 from .models.base import config_to_dict
+from .pseudo import read_candidates
 from .search_space import SearchSpace, load_search_space
 
 log = logging.getLogger(__name__)
 
 METRIC = "best_macro_accuracy"  # the running best: ASHA and TPE both judge a trial by its best epoch
-RECORD_METRICS = ("macro_accuracy", "accuracy", "log_loss", "seen_city_macro_accuracy", "unseen_city_macro_accuracy")
-
-
-@dataclass(frozen=True)
-class TrialRecord:
-    """What a finished trial leaves behind (one row of the trials table)."""
-
-    trial_id: str
-    round: int
-    status: str  # completed | stopped (by ASHA) | failed
-    backbone: str
-    params: dict[str, Any]  # the sampled values, as Optuna named them
-    epochs: int  # epochs trained
-    best_epoch: int | None
-    metrics: dict[str, float | None]  # validation metrics of the best epoch
-    parameters: int | None
-    macs: int | None  # multiply-accumulates per 10 s clip
-    fit_seconds: float
-    started: float | None  # unix time the trial started (orders a sequential search)
-    predict_seconds: float | None  # validation inference at the best epoch
-    fold: int
-    model_path: str | None  # relative to the experiment folder
-    predictions_path: str | None
-    error: str | None = None
-
-    def row(self) -> dict[str, Any]:
-        """A flat row for CSV: params as JSON, metrics as columns."""
-        d = dataclasses.asdict(self)
-        d["params"] = json.dumps(self.params, sort_keys=True)
-        return {**{k: v for k, v in d.items() if k != "metrics"}, **self.metrics}
 
 
 @dataclass(frozen=True)
@@ -102,10 +64,6 @@ class SearchResult:
     records: list[TrialRecord]
     best: TrialRecord | None
     seconds: float
-
-
-def round_dir(experiment: str | Path, round: int) -> Path:
-    return Path(experiment) / f"round-{round}"
 
 
 def search(
@@ -136,8 +94,8 @@ def search(
     Everything is checked before Ray starts: the space, the data folder, the fold, the
     pseudo-label candidates (required from round 1), and that one trial fits the cluster.
     """
-    exp = Path(experiment).resolve()
-    rdir = round_dir(exp, round)
+    exp = Experiment(Path(experiment).resolve())
+    rdir = exp.round_dir(round)
     sp = space if isinstance(space, SearchSpace) else load_search_space(space)
     settings = SearchSettings(
         space=str(sp.path.resolve()),
@@ -155,7 +113,7 @@ def search(
         early_stopping=early_stopping,
     )
     _check_inputs(sp, settings)
-    settings_path = rdir / "search.json"
+    settings_path = exp.search_settings(round)
     if resume:
         if not settings_path.is_file():
             raise RayscError(f"{rdir}: no search to resume (no search.json); run without --resume")
@@ -168,26 +126,21 @@ def search(
         raise RayscError(f"{rdir} already holds a search; pass --resume to continue it or choose another --experiment")
     rdir.mkdir(parents=True, exist_ok=True)
     write_json(settings_path, dataclasses.asdict(settings))
-    if not (rdir / "space.yaml").exists():
-        shutil.copyfile(sp.path, rdir / "space.yaml")
+    if not exp.space_copy(round).exists():
+        shutil.copyfile(sp.path, exp.space_copy(round))
 
     t0 = time.perf_counter()
-    _run_tune(sp, settings, rdir, resume=resume, address=address, points=points_to_evaluate,
-              progress=progress or log.info)  # fmt: skip
-    records = collect_records(rdir, sp, settings)
-    write_trials_table(exp)
+    _run_tune(
+        sp, settings, exp, resume=resume, address=address, points=points_to_evaluate, progress=progress or log.info
+    )
+    records = collect_records(exp, sp, settings)
+    exp.write_trials_table()
     done = [r for r in records if r.status != "failed"]
     best = max(done, key=lambda r: r.metrics["macro_accuracy"] or -1.0) if done else None
-    return SearchResult(rdir, sorted(records, key=_rank_key), best, time.perf_counter() - t0)
-
-
-def _rank_key(r: TrialRecord) -> tuple:
-    return (r.status == "failed", -(r.metrics.get("macro_accuracy") or -1.0), r.trial_id)
+    return SearchResult(rdir, sorted(records, key=rank_key), best, time.perf_counter() - t0)
 
 
 def _check_inputs(sp: SearchSpace, s: SearchSettings) -> None:
-    from .train import load_dataset
-
     if s.trials < 1:
         raise ConfigError(f"--trials must be >= 1, got {s.trials}")
     if s.sampler not in ("tpe", "random"):
@@ -201,8 +154,8 @@ def _check_inputs(sp: SearchSpace, s: SearchSettings) -> None:
     if s.round == 0 and s.pseudo_candidates:
         raise ConfigError("round 0 searches on labelled clips only: --pseudo-candidates needs --round >= 1")
     data = load_dataset(s.data)
-    folds = sorted(set(data.manifest.loc[data.manifest["subset"] == "labelled", "fold"]))
-    if s.fold not in folds:
+    if s.fold not in data.folds():
+        folds = data.folds()
         raise ConfigError(f"fold {s.fold} does not exist in {s.data} (folds: {folds}); a search needs validation")
     spec = data.store.spec
     for name, (own_fixed, _) in sp.backbones.items():
@@ -210,8 +163,6 @@ def _check_inputs(sp: SearchSpace, s: SearchSettings) -> None:
         cfg = make_config({**sp.fixed, **dict(own_fixed), "backbone": name}, where=f"{sp.path}: backbones.{name}")
         cfg.model_overrides(classes=data.classes, cities=data.cities, sample_rate=spec.sample_rate)
     if s.pseudo_candidates:
-        from .pseudo import read_candidates
-
         read_candidates(s.pseudo_candidates, data.manifest, data.classes)
 
 
@@ -252,22 +203,32 @@ def _trial_values(space: SearchSpace, params: Mapping[str, Any], s: SearchSettin
     return values
 
 
-def _run_trial(params: dict[str, Any], *, space: SearchSpace, settings: SearchSettings, rdir: str) -> None:
+def _run_trial(params: dict[str, Any], *, space: SearchSpace, settings: SearchSettings, experiment: str) -> None:
     """One Tune trial: drive a TorchTrainer for the sampled config; metrics flow to Tune through
     ``TuneReportCallback``."""
-    import ray.train
+    import ray.train  # lazy: Ray (see _run_tune)
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
     trial_id = ray.tune.get_context().get_trial_id()
     cfg = make_config(_trial_values(space, params, settings), where=f"trial {trial_id}")
-    out = Path(rdir) / "trials" / trial_id
+    exp = Experiment(experiment)
+    out = exp.trial_dir(settings.round, trial_id)
     out.mkdir(parents=True, exist_ok=True)
     res = space.resources
-    trainer = make_trainer(cfg, settings.data, out, name=f"train-{trial_id}", storage_path=str(Path(rdir) / "train"),
-                           workers=res.workers, gpus_per_worker=res.gpus_per_worker,
-                           cpus_per_worker=res.cpus_per_worker, max_failures=0, callbacks=[TuneReportCallback()],
-                           log_file=out / "train.log")  # fmt: skip
+    trainer = make_trainer(
+        cfg,
+        settings.data,
+        out,
+        name=train_run_name(trial_id),
+        storage_path=str(exp.train_storage(settings.round)),
+        workers=res.workers,
+        gpus_per_worker=res.gpus_per_worker,
+        cpus_per_worker=res.cpus_per_worker,
+        max_failures=0,
+        callbacks=[TuneReportCallback()],
+        log_file=exp.trial_log(settings.round, trial_id),
+    )
     result = trainer.fit()
     if result.error:
         raise RayscError(f"trial {trial_id} failed: {result.error}")
@@ -300,12 +261,19 @@ def _concurrency(ray: Any, space: SearchSpace, s: SearchSettings) -> int:
     return max(1, min(s.trials, *fits))
 
 
-def _run_tune(space: SearchSpace, s: SearchSettings, rdir: Path, *, resume: bool, address: str | None,
-              points: list[dict[str, Any]] | None, progress: Callable[[str], None]) -> None:  # fmt: skip
+def _run_tune(
+    space: SearchSpace,
+    s: SearchSettings,
+    exp: Experiment,
+    *,
+    resume: bool,
+    address: str | None,
+    points: list[dict[str, Any]] | None,
+    progress: Callable[[str], None],
+) -> None:
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")  # snapshot every step: a resume starts from now
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    import functools
-
+    # Only a running search needs these. lazy: Ray, Tune and Optuna take seconds to import.
     import optuna
     import ray
     import ray.tune
@@ -315,18 +283,19 @@ def _run_tune(space: SearchSpace, s: SearchSettings, rdir: Path, *, resume: bool
     from .live import LiveView
     from .tunestate import StateBackup, repair_state, requeue_lost_trials
 
-    _log_to_file(rdir / "search.log")
+    rdir = exp.round_dir(s.round)
+    _log_to_file(exp.search_log(s.round))
     init_ray(address, log_to_driver=False)
     trainable = ray.tune.with_resources(
-        ray.tune.with_parameters(_run_trial, space=space, settings=s, rdir=str(rdir)), _trial_resources(ray)
+        ray.tune.with_parameters(_run_trial, space=space, settings=s, experiment=str(exp.root)), _trial_resources(ray)
     )
     view = LiveView(total=s.trials, round=s.round, write=progress)
-    tune_dir = rdir / "tune"
-    backup = StateBackup(tune_dir, rdir / "tune-state")
-    study_name = f"round-{s.round}"
+    tune_dir = exp.tune_dir(s.round)
+    backup = StateBackup(tune_dir, exp.tune_backup_dir(s.round))
+    study_name = exp.study_name(s.round)
     if resume:
         for line in repair_state(tune_dir, backup.backup_dir) + requeue_lost_trials(
-            tune_dir, rdir / "study.journal", study_name=study_name
+            tune_dir, exp.study_journal(s.round), study_name=study_name
         ):
             progress(line)
     if resume and ray.tune.Tuner.can_restore(str(tune_dir)):
@@ -339,17 +308,26 @@ def _run_tune(space: SearchSpace, s: SearchSettings, rdir: Path, *, resume: bool
             sampler = optuna.samplers.RandomSampler(seed=s.seed)
         else:
             sampler = optuna.samplers.TPESampler(seed=s.seed, n_startup_trials=s.startup_trials)
-        journal = optuna.storages.journal.JournalFileBackend(str(rdir / "study.journal"))
+        journal = optuna.storages.journal.JournalFileBackend(str(exp.study_journal(s.round)))
         storage = optuna.storages.JournalStorage(journal)
         searcher = OptunaSearch(
-            functools.partial(_define_by_run, space=space, round=s.round),
-            metric=METRIC, mode="max", sampler=sampler, study_name=study_name, storage=storage,
+            partial(_define_by_run, space=space, round=s.round),
+            metric=METRIC,
+            mode="max",
+            sampler=sampler,
+            study_name=study_name,
+            storage=storage,
             points_to_evaluate=points,
-        )  # fmt: skip
+        )
         sched = space.scheduler
-        asha = LastEpochASHA(time_attr="epoch", metric=METRIC, mode="max", max_t=s.max_epochs,
-                             grace_period=min(sched.grace_period, s.max_epochs),
-                             reduction_factor=sched.reduction_factor)  # fmt: skip
+        asha = LastEpochASHA(
+            time_attr="epoch",
+            metric=METRIC,
+            mode="max",
+            max_t=s.max_epochs,
+            grace_period=min(sched.grace_period, s.max_epochs),
+            reduction_factor=sched.reduction_factor,
+        )
         tuner = ray.tune.Tuner(
             trainable,
             tune_config=ray.tune.TuneConfig(
@@ -360,8 +338,8 @@ def _run_tune(space: SearchSpace, s: SearchSettings, rdir: Path, *, resume: bool
                 time_budget_s=s.time_budget_minutes * 60 if s.time_budget_minutes else None,
             ),
             run_config=ray.tune.RunConfig(
-                name="tune",
-                storage_path=str(rdir),
+                name=tune_dir.name,
+                storage_path=str(tune_dir.parent),
                 verbose=0,
                 callbacks=[view, backup],
                 # A failed trial is retried here, not inside Ray Train (max_failures=0 there): when
@@ -377,7 +355,7 @@ def _run_tune(space: SearchSpace, s: SearchSettings, rdir: Path, *, resume: bool
 
 def _log_to_file(path: Path) -> None:
     """Ray's, Tune's and Optuna's own log lines go to the search's log file, not the terminal."""
-    import optuna
+    import optuna  # lazy: see _run_tune
     import ray  # noqa: F401  (sets up the "ray" logger's handlers, replaced here)
 
     handler = logging.FileHandler(path)
@@ -406,86 +384,75 @@ def _latest_checkpoint(train_dir: Path) -> Path | None:
     return best
 
 
-def collect_records(rdir: Path, space: SearchSpace, s: SearchSettings) -> list[TrialRecord]:
-    """A TrialRecord per trial Tune knows of, built from its trial folder (a completed run) or
-    its latest checkpoint (a run ASHA stopped); written to ``trials/ID/record.json``."""
-    from ray.tune import ExperimentAnalysis
+def collect_records(exp: Experiment, space: SearchSpace, s: SearchSettings) -> list[TrialRecord]:
+    """A TrialRecord per trial Tune knows of in round ``s.round``: read back when it was written
+    before, otherwise built (``_record_trial``) and written."""
+    from ray.tune import ExperimentAnalysis  # lazy: Ray (see _run_tune)
 
-    exp = rdir.parent
-    analysis = ExperimentAnalysis(str(rdir / "tune"))
     records = []
-    for trial in analysis.trials:
-        out = rdir / "trials" / trial.trial_id
-        out.mkdir(parents=True, exist_ok=True)
-        record_path = out / "record.json"
-        if record_path.is_file():
-            records.append(TrialRecord(**json.loads(record_path.read_text())))
-            continue
-        if trial.status not in ("TERMINATED", "ERROR"):
-            continue  # never ran (time budget) or still pending
-        values = _trial_values(space, trial.config, s)
-        last = trial.last_result or {}
-        base = {"trial_id": trial.trial_id, "round": s.round, "backbone": values["backbone"],
-                "params": _flatten(trial.config), "fold": s.fold,
-                "fit_seconds": float(last.get("time_total_s", 0.0)),
-                "started": last["timestamp"] - last.get("time_total_s", 0) if "timestamp" in last else None,
-                }  # fmt: skip
-        ckpt = _latest_checkpoint(rdir / "train" / f"train-{trial.trial_id}")
-        if ckpt is None:
-            error = str(trial.error_file and Path(trial.error_file).read_text().strip().splitlines()[-1]) or "no result"
-            rec = TrialRecord(**base, status="failed", epochs=0, best_epoch=None, metrics=dict.fromkeys(RECORD_METRICS),
-                              parameters=None, macs=None, predict_seconds=None, model_path=None,
-                              predictions_path=None, error=error)  # fmt: skip
-        else:
-            m = json.loads((ckpt / "metrics.json").read_text())
-            if not (out / "metrics.json").is_file():  # the run was stopped: its results are in the checkpoint
-                shutil.copyfile(ckpt / "best.pt", out / "model.pt")
-                shutil.copyfile(ckpt / "val_predictions.csv", out / "val_predictions.csv")
-                write_json(out / "metrics.json", m)
-            model = load_model(out / "model.pt")
-            if not (out / "config.json").is_file():
-                cfg = make_config(values, where=f"trial {trial.trial_id}")
-                write_json(out / "config.json", {"train": cfg.to_dict(), "model": config_to_dict(model.cfg)})
-            best = m["best"]
-            rec = TrialRecord(
-                **base,
-                status="completed" if m.get("final", True) else "stopped",
-                epochs=len(m["history"]),
-                best_epoch=best.get("epoch"),
-                metrics={k: best.get(k) for k in RECORD_METRICS},
-                parameters=count_parameters(model),
-                macs=count_macs(model),
-                predict_seconds=best.get("predict_seconds"),
-                model_path=str((out / "model.pt").relative_to(exp)),
-                predictions_path=str((out / "val_predictions.csv").relative_to(exp)),
-            )  # fmt: skip
-        write_json(record_path, dataclasses.asdict(rec))
+    for trial in ExperimentAnalysis(str(exp.tune_dir(s.round))).trials:
+        rec = exp.read_record(s.round, trial.trial_id)
+        if rec is None:
+            if trial.status not in ("TERMINATED", "ERROR"):
+                continue  # never ran (time budget) or still pending
+            rec = _record_trial(exp, trial, space, s)
+            exp.write_record(rec)
         records.append(rec)
     return records
 
 
-def read_records(experiment: str | Path) -> list[TrialRecord]:
-    """Every TrialRecord of every round of an experiment."""
-    paths = sorted(Path(experiment).glob("round-*/trials/*/record.json"))
-    return [TrialRecord(**json.loads(p.read_text())) for p in paths]
-
-
-def write_trials_table(experiment: str | Path) -> Path:
-    """``EXP/trials.csv``: every record of every round, best validation macro accuracy first."""
-    records = sorted(read_records(experiment), key=_rank_key)
-    path = Path(experiment) / "trials.csv"
-    write_csv(path, pd.DataFrame([r.row() for r in records]))
-    return path
-
-
-def describe(result: SearchResult) -> str:
-    """A short text summary of a finished search (for the CLI)."""
-    counts = {k: sum(r.status == k for r in result.records) for k in ("completed", "stopped", "failed")}
-    lines = [f"{len(result.records)} trials in {result.seconds / 60:.1f} min: " + ", ".join(
-        f"{v} {k}" for k, v in counts.items())]  # fmt: skip
-    for r in result.records[:5]:
-        acc = r.metrics.get("macro_accuracy")
-        lines.append(f"  {r.trial_id}  {r.backbone:<13} {r.status:<9} " + (f"macro acc {acc:.4f}" if acc is not None
-                     else f"error: {r.error}"))  # fmt: skip
-    lines.append(f"trials table: {result.round_dir.parent / 'trials.csv'}")
-    return "\n".join(lines)
+def _record_trial(exp: Experiment, trial: Any, space: SearchSpace, s: SearchSettings) -> TrialRecord:
+    """A finished trial's record, from its run folder (a completed run) or its latest Train
+    checkpoint (a run ASHA stopped: its best weights, predictions and history are copied into
+    the run folder first, so every recorded trial has one)."""
+    values = _trial_values(space, trial.config, s)
+    last = trial.last_result or {}
+    base = {
+        "trial_id": trial.trial_id,
+        "round": s.round,
+        "backbone": values["backbone"],
+        "params": _flatten(trial.config),
+        "fold": s.fold,
+        "fit_seconds": float(last.get("time_total_s", 0.0)),
+        "started": last["timestamp"] - last.get("time_total_s", 0) if "timestamp" in last else None,
+    }
+    ckpt = _latest_checkpoint(exp.train_run(s.round, trial.trial_id))
+    if ckpt is None:
+        error = str(trial.error_file and Path(trial.error_file).read_text().strip().splitlines()[-1]) or "no result"
+        return TrialRecord(
+            **base,
+            status="failed",
+            epochs=0,
+            best_epoch=None,
+            metrics=dict.fromkeys(RECORD_METRICS),
+            parameters=None,
+            macs=None,
+            predict_seconds=None,
+            model_path=None,
+            predictions_path=None,
+            error=error,
+        )
+    out = exp.trial_dir(s.round, trial.trial_id)
+    out.mkdir(parents=True, exist_ok=True)
+    m = json.loads((ckpt / "metrics.json").read_text())
+    if not (out / "metrics.json").is_file():  # the run was stopped: its results are in the checkpoint
+        shutil.copyfile(ckpt / "best.pt", out / "model.pt")
+        shutil.copyfile(ckpt / "val_predictions.csv", out / "val_predictions.csv")
+        write_json(out / "metrics.json", m)
+    model = load_model(out / "model.pt")
+    if not (out / "config.json").is_file():
+        cfg = make_config(values, where=f"trial {trial.trial_id}")
+        write_json(out / "config.json", {"train": cfg.to_dict(), "model": config_to_dict(model.cfg)})
+    best = m["best"]
+    return TrialRecord(
+        **base,
+        status="completed" if m.get("final", True) else "stopped",
+        epochs=len(m["history"]),
+        best_epoch=best.get("epoch"),
+        metrics={k: best.get(k) for k in RECORD_METRICS},
+        parameters=count_parameters(model),
+        macs=count_macs(model),
+        predict_seconds=best.get("predict_seconds"),
+        model_path=exp.relative(out / "model.pt"),
+        predictions_path=exp.relative(out / "val_predictions.csv"),
+    )

@@ -27,6 +27,8 @@ from .errors import ConfigError
 from .fileio import read_yaml_mapping
 from .models import apply_overrides, list_models, model_class
 
+# The shipped spaces (search_spaces/ at the top of the source tree), found by name by every command.
+SPACES_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
 SECTIONS = ("name", "fixed", "params", "backbones", "rounds", "resources", "scheduler")
 DIST_KEYS = {"float": {"low", "high", "step", "log"}, "int": {"low", "high", "step", "log"}, "categorical": {"choices"}}
 TRAIN_KEYS = {f.name for f in dataclasses.fields(TrainConfig)} - {"model", "backbone"}
@@ -176,9 +178,22 @@ def _section_dataclass(cls: type, raw: Any, where: str) -> Any:
     return cls(**raw)
 
 
-def load_search_space(path: str | Path) -> SearchSpace:
-    """Read and validate a search space; every error names the file and the key."""
-    path = Path(path)
+def space_path(space: str | Path) -> Path:
+    """A search space file: a path to a .yaml file, or the name of a shipped space."""
+    path = Path(space)
+    if path.suffix in (".yaml", ".yml"):
+        return path
+    builtin = SPACES_DIR / f"{space}.yaml"
+    if not builtin.is_file():
+        have = sorted(p.stem for p in SPACES_DIR.glob("*.yaml"))
+        raise ConfigError(f"search space {str(space)!r}: not a .yaml file nor one of {have}")
+    return builtin
+
+
+def load_search_space(space: str | Path) -> SearchSpace:
+    """Read and validate a search space (a file, or a shipped space by name); every error names
+    the file and the key."""
+    path = space_path(space)
     raw = read_yaml_mapping(path, what="search space sections")
     unknown = sorted(set(raw) - set(SECTIONS))
     if unknown:

@@ -4,9 +4,9 @@ filled, validated before anything is written; plus probabilities and an info JSO
 from __future__ import annotations
 
 import dataclasses
-import json
 import platform
 from dataclasses import dataclass
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -14,8 +14,11 @@ import numpy as np
 import pandas as pd
 
 from . import __version__
+from .dataset import load_dataset
 from .errors import DataError
+from .experiment import Ensemble, Experiment
 from .fileio import write_csv, write_json
+from .inference import predict_ensemble
 
 COLUMNS = ["filename", "location", "record_time", "scene_label"]
 
@@ -28,8 +31,14 @@ class Submission:
     counts: dict[str, int]  # predicted clips per class
 
 
-def validate_submission(sub: pd.DataFrame, expected: pd.DataFrame, classes: list[str],
-                        probs: pd.DataFrame | None = None, *, where: str = "submission") -> None:  # fmt: skip
+def validate_submission(
+    sub: pd.DataFrame,
+    expected: pd.DataFrame,
+    classes: list[str],
+    probs: pd.DataFrame | None = None,
+    *,
+    where: str = "submission",
+) -> None:
     """Raise a DataError listing every problem: columns, every eval clip exactly once and in
     order, location and record time as in the metadata, labels among the classes, no NaN,
     probabilities that are distributions and agree with the labels."""
@@ -51,8 +60,10 @@ def validate_submission(sub: pd.DataFrame, expected: pd.DataFrame, classes: list
         else:
             for col in ("location", "record_time"):
                 bad = np.flatnonzero(sub[col].astype(str).to_numpy() != expected[col].astype(str).to_numpy())
-                problems += [f"{where}:{i + 2}: {col} {sub[col].iloc[i]!r} differs from the metadata's "
-                             f"{expected[col].iloc[i]!r}" for i in bad[:5]]  # fmt: skip
+                problems += [
+                    f"{where}:{i + 2}: {col} {sub[col].iloc[i]!r} differs from the metadata's {expected[col].iloc[i]!r}"
+                    for i in bad[:5]
+                ]
     labels = sub["scene_label"]
     for i in np.flatnonzero(labels.isna().to_numpy())[:5]:
         problems.append(f"{where}:{i + 2}: scene_label is empty")
@@ -73,8 +84,6 @@ def validate_submission(sub: pd.DataFrame, expected: pd.DataFrame, classes: list
 
 def check_submission_file(path: str | Path, data_dir: str | Path) -> None:
     """Validate a submission CSV on disk against a prepared data folder's eval clips."""
-    from .train import load_dataset
-
     path = Path(path)
     raw = path.read_bytes()
     if raw.startswith(b"\xef\xbb\xbf"):
@@ -94,16 +103,13 @@ def make_submission(
 ) -> Submission:
     """Predict every eval clip with an ensemble (default: the best by validation) and write
     ``out`` (the challenge CSV), ``<out>_probabilities.csv`` and ``<out>_info.json``."""
-    from .ensemble import load_ensemble, predict_ensemble
-    from .train import load_dataset
-
-    exp = Path(experiment)
-    ens = load_ensemble(exp, ensemble)
+    exp = Experiment(experiment)
+    ens = exp.load_ensemble(ensemble)
     data = load_dataset(ens.data)
     expected = _eval_rows(data.manifest)
     if expected.empty:
         raise DataError([f"{ens.data}: no eval clips in this data folder"], what="submission")
-    probs = predict_ensemble(ens, exp, list(expected["filename"]), address=address)
+    probs = predict_ensemble(ens, exp.root, list(expected["filename"]), address=address)
     labels = np.asarray(data.classes)[probs[data.classes].to_numpy().argmax(1)]
     sub = expected.assign(scene_label=labels).reset_index(drop=True)[COLUMNS]
     validate_submission(sub, expected.reset_index(drop=True), data.classes, probs)
@@ -112,11 +118,15 @@ def make_submission(
     info_path = out.with_name(out.stem + "_info.json")
     members = []
     for m in ens.members:
-        trial_dir = (exp / m.model_path).parent
-        record = json.loads((trial_dir / "record.json").read_text())
-        config = json.loads((trial_dir / "config.json").read_text())
-        members.append({**dataclasses.asdict(m), "params": record["params"], "config": config,
-                        "validation": record["metrics"]})  # fmt: skip
+        files = exp.member_files(m)
+        members.append(
+            {
+                **dataclasses.asdict(m),
+                "params": files["record"]["params"],
+                "config": files["config"],
+                "validation": files["record"]["metrics"],
+            }
+        )
     write_csv(out, sub)
     write_csv(prob_path, probs)
     write_json(info_path, _info(ens, members))
@@ -124,16 +134,20 @@ def make_submission(
     return Submission(out, prob_path, info_path, counts)
 
 
-def _info(ens: Any, members: list[dict]) -> dict[str, Any]:
-    import optuna
-    import ray
-    import torch
-    import torchaudio
-
-    metrics = ("macro_accuracy", "accuracy", "log_loss", "clips", "seen_city_macro_accuracy",
-               "unseen_city_macro_accuracy")  # fmt: skip
-    versions = {"raysc": __version__, "python": platform.python_version(), "torch": torch.__version__,
-                "torchaudio": torchaudio.__version__, "ray": ray.__version__, "optuna": optuna.__version__}  # fmt: skip
+def _info(ens: Ensemble, members: list[dict]) -> dict[str, Any]:
+    metrics = (
+        "macro_accuracy",
+        "accuracy",
+        "log_loss",
+        "clips",
+        "seen_city_macro_accuracy",
+        "unseen_city_macro_accuracy",
+    )
+    versions = {
+        "raysc": __version__,
+        "python": platform.python_version(),
+        **{name: version(name) for name in ("torch", "torchaudio", "ray", "optuna")},
+    }
     return {
         "ensemble": ens.name,
         "method": ens.method,

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import soundfile as sf
+import torch
 
 from .data import CLASSES, METADATA_HEADER, OFFICIAL_CITIES, TIME_FORMAT
 from .errors import ConfigError
@@ -146,8 +147,6 @@ def _smooth_envelope(rng: np.random.Generator, n: int, sr: int, rate_hz: float, 
 def _filter(x: np.ndarray, gain: np.ndarray, size: int) -> np.ndarray:
     """Multiply the spectrum of ``x`` (zero-padded to ``size``) by ``gain``; float32 torch FFTs
     are about twice as fast as numpy's here and the audio ends up 16-bit anyway."""
-    import torch
-
     spec = torch.fft.rfft(torch.from_numpy(np.asarray(x, dtype=np.float32)), n=size)
     gain = np.asarray(gain)
     gain_t = torch.from_numpy(gain.astype(np.complex64 if np.iscomplexobj(gain) else np.float32))
@@ -155,8 +154,6 @@ def _filter(x: np.ndarray, gain: np.ndarray, size: int) -> np.ndarray:
 
 
 def _filter_spectrum(impulse_response: np.ndarray) -> np.ndarray:
-    import torch
-
     return torch.fft.rfft(torch.from_numpy(impulse_response.astype(np.float32))).numpy()
 
 

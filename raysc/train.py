@@ -14,7 +14,7 @@ import random
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +26,9 @@ import torch.nn.functional as F
 
 from .audio import FeatureStore
 from .config import TrainConfig
-from .data import read_manifest
-from .errors import ConfigError, DataError, RayscError
+from .dataset import PreparedData, load_dataset
+from .errors import ConfigError
+from .experiment import RECORD_METRICS
 from .fileio import write_csv, write_json
 from .loader import Batch, ClipTable, make_loader
 from .metrics import classification_report, confusion_matrix
@@ -40,27 +41,7 @@ log = logging.getLogger(__name__)
 # report(metrics, checkpoint_dir): called once per epoch by every rank; only rank 0 passes a
 # checkpoint directory (model.pt = current weights, best.pt = best so far, state.pt = the rest).
 Report = Callable[[dict[str, Any], Path | None], None]
-
-
-@dataclass(frozen=True)
-class Dataset:
-    manifest: pd.DataFrame
-    store: FeatureStore
-    classes: list[str]
-    cities: list[str]
-
-
-def load_dataset(data_dir: str | Path) -> Dataset:
-    data_dir = Path(data_dir)
-    info_path = data_dir / "dataset.json"
-    if not info_path.is_file():
-        raise DataError([f"{data_dir}: not a prepared data folder (no dataset.json; run `raysc prepare`)"])
-    info = json.loads(info_path.read_text())
-    return Dataset(read_manifest(data_dir), FeatureStore.open(data_dir / "store"), info["classes"], info["cities"])
-
-
-def one_hot(labels: pd.Series, classes: list[str]) -> np.ndarray:
-    return np.eye(len(classes), dtype=np.float32)[labels.map(classes.index).to_numpy()]
+EPOCH_METRICS = RECORD_METRICS  # validation metrics reported every epoch
 
 
 def read_pseudo_labels(path: str | Path, manifest: pd.DataFrame, cfg: TrainConfig, classes: list[str]) -> pd.DataFrame:
@@ -68,13 +49,23 @@ def read_pseudo_labels(path: str | Path, manifest: pd.DataFrame, cfg: TrainConfi
     fold, selected with the run's settings. Columns: filename, one target per class, weight."""
     table = read_candidates(path, manifest, classes)
     folds = manifest.set_index("filename")["fold"].reindex(table["filename"]).to_numpy()
-    sel = Selection(threshold=cfg.pseudo_threshold, weight=cfg.pseudo_weight, adaptive=cfg.pseudo_adaptive,
-                    balance=cfg.pseudo_balance, targets=cfg.pseudo_targets,
-                    confidence_weight=cfg.pseudo_confidence_weight)  # fmt: skip
+    sel = Selection(
+        threshold=cfg.pseudo_threshold,
+        weight=cfg.pseudo_weight,
+        adaptive=cfg.pseudo_adaptive,
+        balance=cfg.pseudo_balance,
+        targets=cfg.pseudo_targets,
+        confidence_weight=cfg.pseudo_confidence_weight,
+    )
     selected, summary = select(table, classes, sel, exclude=folds == cfg.fold)
-    log.info("pseudo-labels: %d of %d clips kept (validation fold %d excluded, threshold %.2f); per class: %s",
-             len(selected), len(table), cfg.fold, cfg.pseudo_threshold,
-             ", ".join(f"{r['class']} {r['kept']}/{r['candidates']}" for _, r in summary.iterrows()))  # fmt: skip
+    log.info(
+        "pseudo-labels: %d of %d clips kept (validation fold %d excluded, threshold %.2f); per class: %s",
+        len(selected),
+        len(table),
+        cfg.fold,
+        cfg.pseudo_threshold,
+        ", ".join(f"{r['class']} {r['kept']}/{r['candidates']}" for _, r in summary.iterrows()),
+    )
     return selected
 
 
@@ -90,7 +81,8 @@ def _rank_world() -> tuple[int, int]:
     return 0, 1
 
 
-def _device() -> torch.device:
+def device() -> torch.device:
+    """The one device choice: this process's CUDA device when there is one, else the CPU."""
     if torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
@@ -137,8 +129,15 @@ def lr_factor(cfg: TrainConfig, epoch: int) -> float:
 
 
 @torch.no_grad()
-def predict(model: torch.nn.Module, table: ClipTable, store: FeatureStore, *, batch_size: int = 64,
-            device: torch.device | None = None, amp: bool = False) -> pd.DataFrame:  # fmt: skip
+def predict(
+    model: torch.nn.Module,
+    table: ClipTable,
+    store: FeatureStore,
+    *,
+    batch_size: int = 64,
+    device: torch.device | None = None,
+    amp: bool = False,
+) -> pd.DataFrame:
     """Class probabilities for every clip of ``table`` on this rank's share, keyed by filename."""
     rank, world = _rank_world()
     device = device or next(model.parameters()).device
@@ -179,8 +178,13 @@ def _init_weights(model: ASCModel, cfg: TrainConfig) -> None:
     if not copied:
         raise ConfigError(f"init_from {cfg.init_from}: no weight matches the {cfg.backbone} network")
     model.load_state_dict(copied, strict=False)
-    log.info("initialised %d of %d tensors from %s%s", len(copied), len(own), cfg.init_from,
-             " (head re-initialised)" if cfg.reset_head else "")  # fmt: skip
+    log.info(
+        "initialised %d of %d tensors from %s%s",
+        len(copied),
+        len(own),
+        cfg.init_from,
+        " (head re-initialised)" if cfg.reset_head else "",
+    )
 
 
 def _freeze(model: ASCModel, prefixes: tuple[str, ...]) -> None:
@@ -192,6 +196,110 @@ def _freeze(model: ASCModel, prefixes: tuple[str, ...]) -> None:
     for name, p in model.named_parameters():
         if name.startswith(prefixes):
             p.requires_grad_(False)
+
+
+def build_model(cfg: TrainConfig, data: PreparedData) -> ASCModel:
+    """The configured network for ``data`` (its classes, cities and sample rate), initialised
+    from ``init_from`` and with ``freeze`` applied."""
+    overrides = cfg.model_overrides(classes=data.classes, cities=data.cities, sample_rate=data.store.spec.sample_rate)
+    model = create_model(cfg.backbone, **overrides)
+    if cfg.init_from:
+        _init_weights(model, cfg)
+    _freeze(model, cfg.freeze)
+    return model
+
+
+def make_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    kind = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
+    return kind(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def training_table(cfg: TrainConfig, data: PreparedData, train_rows: pd.DataFrame) -> ClipTable:
+    """The labelled training clips, plus the pseudo-labels this run selects (never from its
+    validation fold)."""
+    tables = [ClipTable.from_rows(train_rows, data.one_hot(train_rows))]
+    if cfg.pseudo_labels:
+        pseudo = read_pseudo_labels(cfg.pseudo_labels, data.manifest, cfg, data.classes)
+        rows = data.manifest.set_index("filename").loc[pseudo["filename"]].reset_index()
+        tables.append(ClipTable.from_rows(rows, pseudo[data.classes].to_numpy(), pseudo["weight"].to_numpy()))
+    return ClipTable.concat(tables)
+
+
+def _copy(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in state_dict.items()}
+
+
+@dataclass
+class TrainState:
+    """Where a run stands after ``epoch`` epochs: what a checkpoint holds besides the current
+    weights, the optimiser and the schedule."""
+
+    epoch: int  # epochs done
+    best: dict[str, Any]  # validation report of the best epoch (empty without validation)
+    best_weights: dict[str, torch.Tensor]
+    best_predictions: pd.DataFrame | None
+    history: list[dict[str, Any]]
+    bad_epochs: int = 0  # epochs since the best (early stopping)
+    resumed: list[int] = field(default_factory=list)  # epochs at which the run was resumed
+
+    def save(
+        self, path: Path, model: ASCModel, opt: torch.optim.Optimizer, sched: Any, cfg: TrainConfig, *, final: bool
+    ) -> Path:
+        """A checkpoint is also a readable run so far: metrics.json (``final`` says whether
+        training ended there) and the best epoch's val_predictions.csv, so a run stopped from
+        outside (by a scheduler) still leaves a usable result."""
+        path.mkdir(parents=True, exist_ok=True)
+        write_json(path / "metrics.json", {**self.metrics(), "final": final})
+        if self.best_predictions is not None:
+            write_csv(path / "val_predictions.csv", self.best_predictions)
+        save_model(model, path / "model.pt", metrics={}, train_config=cfg.to_dict())
+        current = _copy(model.state_dict())
+        model.load_state_dict(self.best_weights)
+        save_model(model, path / "best.pt", metrics=_scalars(self.best), train_config=cfg.to_dict())
+        model.load_state_dict(current)
+        torch.save(
+            {
+                "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(),
+                "epoch": self.epoch - 1,
+                "bad_epochs": self.bad_epochs,
+                "best": json.dumps(self.best),
+                "history": json.dumps(self.history),
+                "resumed": json.dumps(self.resumed),
+                "torch_rng": torch.get_rng_state(),
+            },
+            path / "state.pt",
+        )
+        return path
+
+    @classmethod
+    def load(
+        cls, path: Path, model: ASCModel, opt: torch.optim.Optimizer, sched: Any, device: torch.device
+    ) -> TrainState:
+        """Restore a checkpoint into ``model``, ``opt`` and ``sched``; the RNG continues as if the
+        run had never stopped (dropout, mixup)."""
+        raw = torch.load(path / "state.pt", map_location=device, weights_only=True)
+        model.load_state_dict(load_model(path / "model.pt").state_dict())
+        opt.load_state_dict(raw["optimizer"])
+        sched.load_state_dict(raw["scheduler"])
+        predictions = path / "val_predictions.csv"
+        epoch = raw["epoch"] + 1
+        state = cls(
+            epoch=epoch,
+            best=json.loads(raw["best"]),
+            best_weights=load_model(path / "best.pt").state_dict(),
+            best_predictions=pd.read_csv(predictions) if predictions.is_file() else None,
+            history=json.loads(raw["history"]),
+            bad_epochs=raw["bad_epochs"],
+            resumed=[*json.loads(raw.get("resumed", "[]")), epoch + 1],
+        )
+        torch.set_rng_state(raw["torch_rng"].cpu())  # last: building the models above draws random numbers
+        return state
+
+    def metrics(self) -> dict[str, Any]:
+        return {"best": self.best, "history": self.history, "resumed_at_epochs": self.resumed}
 
 
 @dataclass(frozen=True)
@@ -218,85 +326,55 @@ def fit(
     (``checkpoint_dir``, default ``out_dir/checkpoint``); ``resume`` continues from one.
     """
     rank, world = _rank_world()
-    device = _device()
-    use_amp = cfg.amp == "bf16" or (cfg.amp == "auto" and device.type == "cuda")
+    dev = device()
+    use_amp = cfg.amp == "bf16" or (cfg.amp == "auto" and dev.type == "cuda")
     seed_everything(cfg.seed)  # the same on every rank: identical initial weights
 
-    # ---- data: the training fold, its validation fold, optional pseudo-labels
+    # ---- data: the training folds (+ pseudo-labels), the validation fold
     data = load_dataset(data_dir)
-    m = data.manifest
-    labelled = m[m["subset"] == "labelled"]
-    if cfg.fold != -1 and cfg.fold not in set(labelled["fold"]):
-        raise ConfigError(
-            f"fold {cfg.fold} does not exist in {data_dir} (folds: {sorted(set(labelled['fold']))}, or -1)"
-        )
-    train_rows = labelled[labelled["fold"] != cfg.fold]
-    val_rows = labelled[labelled["fold"] == cfg.fold].copy()
-    tables = [ClipTable.from_rows(train_rows, one_hot(train_rows["label"], data.classes))]
-    if cfg.pseudo_labels:
-        pseudo = read_pseudo_labels(cfg.pseudo_labels, m, cfg, data.classes)
-        rows = m.set_index("filename").loc[pseudo["filename"]].reset_index()
-        tables.append(ClipTable.from_rows(rows, pseudo[data.classes].to_numpy(), pseudo["weight"].to_numpy()))
-    train = ClipTable.concat(tables)
-    # A validation clip from a city no training clip comes from is scored as <unk>: that is how
-    # the model will meet unseen eval cities, and what makes city-held-out folds honest.
-    train_cities = set(train_rows["city_idx"])
-    val_rows["seen"] = val_rows["city_idx"].isin(train_cities)
-    val_rows.loc[~val_rows["seen"], "city_idx"] = 0
-    val = ClipTable.from_rows(val_rows, one_hot(val_rows["label"], data.classes)) if len(val_rows) else None
-    sample_rate = data.store.spec.sample_rate
+    data.check_fold(cfg.fold)
+    train_rows, val_rows = data.split(cfg.fold)
+    train = training_table(cfg, data, train_rows)
+    val = ClipTable.from_rows(val_rows, data.one_hot(val_rows)) if len(val_rows) else None
 
     # ---- model, optimiser, schedule
-    overrides = cfg.model_overrides(classes=data.classes, cities=data.cities, sample_rate=sample_rate)
-    model = create_model(cfg.backbone, **overrides)
-    if cfg.init_from:
-        _init_weights(model, cfg)
-    _freeze(model, cfg.freeze)
-    model.to(device)
+    model = build_model(cfg, data).to(dev)
     params = [p for p in model.parameters() if p.requires_grad]
-    if cfg.optimizer == "sgd":
-        opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    else:
-        kind = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
-        opt = kind(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = make_optimizer(cfg, params)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda e: lr_factor(cfg, e))
     # With fusion "none" the metadata encoder gets no gradient; DDP must be told.
     unused = model.cfg.fusion == "none"
     net = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=unused) if world > 1 else model
     per_rank_batch = max(1, cfg.batch_size // world)  # batch_size is the global batch
 
-    # ---- resume: weights, optimiser, schedule, progress
-    start_epoch, best, history, bad_epochs, resumed = 0, {}, [], 0, []
-    best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     if resume:
-        state = torch.load(Path(resume) / "state.pt", map_location=device, weights_only=True)
-        model.load_state_dict(load_model(Path(resume) / "model.pt").state_dict())
-        best_state = load_model(Path(resume) / "best.pt").state_dict()
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        start_epoch, bad_epochs = state["epoch"] + 1, state["bad_epochs"]
-        best, history = json.loads(state["best"]), json.loads(state["history"])
-        resumed = [*json.loads(state.get("resumed", "[]")), start_epoch + 1]
-        torch.set_rng_state(state["torch_rng"].cpu())  # dropout and mixup continue as if never stopped
-        log.info("resuming at epoch %d from %s", start_epoch + 1, resume)
+        state = TrainState.load(Path(resume), model, opt, sched, dev)
+        log.info("resuming at epoch %d from %s", state.epoch + 1, resume)
+    else:
+        state = TrainState(epoch=0, best={}, best_weights=_copy(model.state_dict()), best_predictions=None, history=[])
     out_dir = Path(out_dir) if out_dir else None
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir else (out_dir / "checkpoint" if out_dir else None)
 
-    best_predictions = None
-    if resume and (Path(resume) / "val_predictions.csv").is_file():
-        best_predictions = pd.read_csv(Path(resume) / "val_predictions.csv")
-
     # ---- the loop
-    for epoch in range(start_epoch, cfg.epochs):
+    for epoch in range(state.epoch, cfg.epochs):
         t0 = time.perf_counter()
         net.train()
         g = torch.Generator().manual_seed(cfg.seed * 7919 + epoch * 31 + rank)
-        loss_sum, clips = torch.zeros((), device=device), 0
-        loader = make_loader(train, data.store, batch_size=per_rank_batch, shuffle=True, seed=cfg.seed, epoch=epoch,
-                             rank=rank, world_size=world, workers=cfg.loader_workers)  # fmt: skip
+        loss_sum, clips = torch.zeros((), device=dev), 0
+        loader = make_loader(
+            train,
+            data.store,
+            batch_size=per_rank_batch,
+            shuffle=True,
+            seed=cfg.seed,
+            epoch=epoch,
+            rank=rank,
+            world_size=world,
+            workers=cfg.loader_workers,
+        )
         for batch in loader:
-            b = augment(batch.to(device), cfg, sample_rate, g)
-            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
+            b = augment(batch.to(dev), cfg, data.store.spec.sample_rate, g)
+            with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=use_amp):
                 logits = net(b.wave, b.city, b.time, b.target)
             target = b.target * (1 - cfg.label_smoothing) + cfg.label_smoothing / b.target.shape[1]
             loss = soft_cross_entropy(logits, target, b.weight)
@@ -307,43 +385,42 @@ def fit(
             opt.step()
             loss_sum += loss.detach() * len(b.filename)
             clips += len(b.filename)
-        metrics: dict[str, Any] = {"epoch": epoch + 1, "train_loss": loss_sum.item() / max(clips, 1),
-                                   "lr": opt.param_groups[0]["lr"], "train_clips": len(train)}  # fmt: skip
+        metrics: dict[str, Any] = {
+            "epoch": epoch + 1,
+            "train_loss": loss_sum.item() / max(clips, 1),
+            "lr": opt.param_groups[0]["lr"],
+            "train_clips": len(train),
+        }
         sched.step()
-        improved = False
-        if val is not None:
-            t_pred = time.perf_counter()
-            preds = gather_predictions(predict(net, val, data.store, batch_size=per_rank_batch, device=device,
-                                               amp=use_amp))  # fmt: skip
-            predict_seconds = time.perf_counter() - t_pred
-            preds = preds.set_index("filename").loc[val_rows["filename"]].reset_index()
-            rep = classification_report(
-                preds[data.classes].to_numpy(), val_rows["label"].map(data.classes.index).to_numpy(),
-                classes=data.classes, cities=val_rows["city"].to_numpy(), seen=val_rows["seen"].to_numpy(),
-            )  # fmt: skip
-            improved = not best or rep["macro_accuracy"] > best["macro_accuracy"]
-            if improved:
-                best = {**rep, "epoch": epoch + 1, "predict_seconds": predict_seconds}
-                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-                best_predictions = preds
-            bad_epochs = 0 if improved else bad_epochs + 1
-            metrics |= {k: rep[k] for k in ("macro_accuracy", "accuracy", "log_loss", "seen_city_macro_accuracy",
-                                            "unseen_city_macro_accuracy")}  # fmt: skip
-            metrics["best_macro_accuracy"] = best["macro_accuracy"]
-        else:
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        metrics["epoch_seconds"] = time.perf_counter() - t0
-        history.append(metrics)
-        log.info("epoch %d/%d %s", epoch + 1, cfg.epochs,
-                 " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float)))  # fmt: skip
+        state.epoch = epoch + 1
 
-        stop = val is not None and bad_epochs >= cfg.patience
-        final = stop or epoch + 1 == cfg.epochs
-        metrics["final"] = final  # the run ends here (a scheduler's stop is not a final epoch)
+        # Validation every epoch: the best epoch's weights and predictions are the run's result.
+        if val is not None:
+            preds, rep = evaluate(net, val, val_rows, data, batch_size=per_rank_batch, device=dev, amp=use_amp)
+            improved = not state.best or rep["macro_accuracy"] > state.best["macro_accuracy"]
+            if improved:
+                state.best = {**rep, "epoch": epoch + 1}
+                state.best_weights = _copy(model.state_dict())
+                state.best_predictions = preds
+            state.bad_epochs = 0 if improved else state.bad_epochs + 1
+            metrics |= {k: rep[k] for k in EPOCH_METRICS}
+            metrics["best_macro_accuracy"] = state.best["macro_accuracy"]
+        else:
+            state.best_weights = _copy(model.state_dict())
+        metrics["epoch_seconds"] = time.perf_counter() - t0
+        state.history.append(metrics)
+        log.info(
+            "epoch %d/%d %s",
+            epoch + 1,
+            cfg.epochs,
+            " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float)),
+        )
+
+        stop = val is not None and state.bad_epochs >= cfg.patience
+        metrics["final"] = stop or epoch + 1 == cfg.epochs  # the run ends here (a scheduler's stop is not final)
         written = None
         if rank == 0 and ckpt_dir is not None:
-            written = _write_checkpoint(ckpt_dir / f"epoch-{epoch + 1:04d}", model, best_state, opt, sched, epoch,
-                                        bad_epochs, best, history, resumed, cfg, best_predictions, final)  # fmt: skip
+            written = state.save(ckpt_dir / f"epoch-{epoch + 1:04d}", model, opt, sched, cfg, final=metrics["final"])
             for old in ckpt_dir.glob("epoch-*"):  # keep the latest only; a reporter has taken its copy
                 if old != written:
                     shutil.rmtree(old, ignore_errors=True)
@@ -353,56 +430,56 @@ def fit(
             log.info("early stop: no better validation macro accuracy for %d epochs", cfg.patience)
             break
 
-    model.load_state_dict(best_state)
-    if best_predictions is None and val is not None and resume:
-        best_predictions = gather_predictions(predict(net, val, data.store, batch_size=per_rank_batch, device=device))
-    if val is not None and best_predictions is not None:
-        y = val_rows["label"].map(data.classes.index).to_numpy()
-        pred = best_predictions.set_index("filename").loc[val_rows["filename"], data.classes].to_numpy().argmax(1)
-        best["confusion"] = confusion_matrix(y, pred, len(data.classes)).tolist()
+    # ---- the result: the best epoch's weights, its predictions and confusion matrix
+    model.load_state_dict(state.best_weights)
+    if state.best_predictions is None and val is not None and resume:
+        state.best_predictions = gather_predictions(
+            predict(net, val, data.store, batch_size=per_rank_batch, device=dev)
+        )
+    if val is not None and state.best_predictions is not None:
+        pred = state.best_predictions.set_index("filename").loc[val_rows["filename"], data.classes].to_numpy()
+        state.best["confusion"] = confusion_matrix(data.labels(val_rows), pred.argmax(1), len(data.classes)).tolist()
     if rank == 0 and out_dir is not None:
-        _write_outputs(out_dir, cfg, model, {"best": best, "history": history, "resumed_at_epochs": resumed},
-                       best_predictions)  # fmt: skip
-    return FitResult(best=best, history=history, model=model.eval(), predictions=best_predictions)
+        _write_outputs(out_dir, cfg, model, state.metrics(), state.best_predictions)
+    return FitResult(best=state.best, history=state.history, model=model.eval(), predictions=state.best_predictions)
 
 
-def _write_checkpoint(path: Path, model: ASCModel, best_state: dict, opt, sched, epoch: int, bad_epochs: int,
-                      best: dict, history: list, resumed: list, cfg: TrainConfig, best_predictions: pd.DataFrame | None,
-                      final: bool) -> Path:  # fmt: skip
-    """A checkpoint is also a readable run so far: metrics.json (``final`` says whether training
-    ended there) and the best epoch's val_predictions.csv, so a run stopped from outside (by a
-    scheduler) still leaves a usable result."""
-    path.mkdir(parents=True, exist_ok=True)
-    write_json(path / "metrics.json", {"best": best, "history": history, "resumed_at_epochs": resumed, "final": final})
-    if best_predictions is not None:
-        write_csv(path / "val_predictions.csv", best_predictions)
-    save_model(model, path / "model.pt", metrics={}, train_config=cfg.to_dict())
-    current = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    model.load_state_dict(best_state)
-    save_model(model, path / "best.pt", metrics=_scalars(best), train_config=cfg.to_dict())
-    model.load_state_dict(current)
-    state = {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "epoch": epoch, "bad_epochs": bad_epochs,
-             "best": json.dumps(best), "history": json.dumps(history), "resumed": json.dumps(resumed),
-             "torch_rng": torch.get_rng_state()}  # fmt: skip
-    torch.save(state, path / "state.pt")
-    return path
+def evaluate(
+    net: torch.nn.Module,
+    val: ClipTable,
+    val_rows: pd.DataFrame,
+    data: PreparedData,
+    *,
+    batch_size: int,
+    device: torch.device,
+    amp: bool,
+) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """Validation predictions over every rank's share, in ``val_rows``' order, and their report
+    (with ``predict_seconds``)."""
+    t0 = time.perf_counter()
+    preds = gather_predictions(predict(net, val, data.store, batch_size=batch_size, device=device, amp=amp))
+    seconds = time.perf_counter() - t0
+    preds = preds.set_index("filename").loc[val_rows["filename"]].reset_index()
+    rep = classification_report(
+        preds[data.classes].to_numpy(),
+        data.labels(val_rows),
+        classes=data.classes,
+        cities=val_rows["city"].to_numpy(),
+        seen=val_rows["seen"].to_numpy(),
+    )
+    return preds, {**rep, "predict_seconds": seconds}
 
 
 def _scalars(report: dict) -> dict:
     return {k: v for k, v in report.items() if isinstance(v, int | float) or v is None}
 
 
-def _write_outputs(out_dir: Path, cfg: TrainConfig, model: ASCModel, metrics: dict,
-                   predictions: pd.DataFrame | None) -> None:  # fmt: skip
+def _write_outputs(
+    out_dir: Path, cfg: TrainConfig, model: ASCModel, metrics: dict, predictions: pd.DataFrame | None
+) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json(out_dir / "config.json", {"train": cfg.to_dict(), "model": config_to_dict(model.cfg)})
     save_model(model, out_dir / "model.pt", metrics=_scalars(metrics["best"]), train_config=cfg.to_dict())
     write_json(out_dir / "metrics.json", metrics)
     if predictions is not None:
         write_csv(out_dir / "val_predictions.csv", predictions)
-
-
-def check_run_dir(out_dir: str | Path) -> None:
-    """A run never overwrites another run's results."""
-    if (Path(out_dir) / "metrics.json").exists():
-        raise RayscError(f"{out_dir} already holds a finished run; choose another --out")

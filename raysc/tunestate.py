@@ -18,14 +18,20 @@ import pickle
 from pathlib import Path
 from typing import Any
 
+import optuna
+from optuna.trial import TrialState
 from ray import tune
 
 from .errors import RayscError
 from .fileio import atomic_path
 
 # One set per Tune session ({} = the session's timestamp); the first is the one Tune looks for.
-STATE_FILES = ("experiment_state-{}.json", "search_gen_state-{}.json", "searcher-state-{}.pkl",
-               "callback-states-{}.pkl")  # fmt: skip
+STATE_FILES = (
+    "experiment_state-{}.json",
+    "search_gen_state-{}.json",
+    "searcher-state-{}.pkl",
+    "callback-states-{}.pkl",
+)
 EXPERIMENT_STATE, SEARCHER_STATE = STATE_FILES[0], STATE_FILES[2]
 
 
@@ -121,9 +127,6 @@ def requeue_lost_trials(tune_dir: Path, journal: Path, study_name: str) -> list[
 
     Call it after ``repair_state`` and before ``Tuner.restore``. Returns what was done.
     """
-    import optuna
-    from optuna.trial import TrialState
-
     sessions = _sessions(tune_dir)
     searcher = Path(tune_dir) / SEARCHER_STATE.format(sessions[0][1]) if sessions else None
     if searcher is None or not searcher.is_file() or not Path(journal).is_file():
@@ -137,6 +140,8 @@ def requeue_lost_trials(tune_dir: Path, journal: Path, study_name: str) -> list[
         if trial.number not in known:
             trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
             storage.set_trial_state_values(trial_id, TrialState.WAITING)
-            done.append(f"Optuna trial {trial.number} was asked for just before the kill and never started; "
-                        "it is handed out again")  # fmt: skip
+            done.append(
+                f"Optuna trial {trial.number} was asked for just before the kill and never started; "
+                "it is handed out again"
+            )
     return done

@@ -11,13 +11,22 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from raysc.prepare import PreparedData, prepare
+from raysc.dataset import PreparedData
+from raysc.prepare import prepare
 from raysc.synth import DEV_METADATA, EVAL_METADATA, SynthSummary, synthesize
 
 SR = 8000
 # A small front end for 1 s clips at 8 kHz.
-FRONTEND = {"sample_rate": SR, "n_fft": 256, "win_length": 256, "hop_length": 128, "n_mels": 32,
-            "f_min": 0.0, "f_max": 4000.0, "frames": None}  # fmt: skip
+FRONTEND = {
+    "sample_rate": SR,
+    "n_fft": 256,
+    "win_length": 256,
+    "hop_length": 128,
+    "n_mels": 32,
+    "f_min": 0.0,
+    "f_max": 4000.0,
+    "frames": None,
+}
 
 
 @pytest.fixture(scope="session")
@@ -84,11 +93,28 @@ def prepared(synth_dir, tmp_path_factory: pytest.TempPathFactory) -> PreparedDat
 def learnable(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """More labelled clips than ``prepared``: one epoch at lr 1e-2 beats chance clearly."""
     raw = tmp_path_factory.mktemp("learnable-raw")
-    synthesize(raw, clips=300, eval_clips=40, labelled_fraction=0.6, sample_rate=SR, clip_seconds=1.0, cities=3,
-               unseen_cities=1, session_size=4, seed=0)  # fmt: skip
-    return prepare(dev_meta=raw / DEV_METADATA, eval_meta=raw / EVAL_METADATA, audio_dirs=[raw / "audio"],
-                   out=tmp_path_factory.mktemp("learnable"), sample_rate=SR, clip_seconds=1.0, folds=3,
-                   workers=1).out  # fmt: skip
+    synthesize(
+        raw,
+        clips=300,
+        eval_clips=40,
+        labelled_fraction=0.6,
+        sample_rate=SR,
+        clip_seconds=1.0,
+        cities=3,
+        unseen_cities=1,
+        session_size=4,
+        seed=0,
+    )
+    return prepare(
+        dev_meta=raw / DEV_METADATA,
+        eval_meta=raw / EVAL_METADATA,
+        audio_dirs=[raw / "audio"],
+        out=tmp_path_factory.mktemp("learnable"),
+        sample_rate=SR,
+        clip_seconds=1.0,
+        folds=3,
+        workers=1,
+    ).out
 
 
 def write_metadata(

@@ -39,8 +39,21 @@ def main(space: str, data: str, experiment: str) -> int:
     cluster.wait_for_nodes()
     ids = [n.node_id for n in nodes]
     exp = Path(experiment)
-    cmd = [sys.executable, "-m", "raysc.cli", "search", space, "--data", data, "--experiment", experiment,
-           "--trials", "2", "--address", cluster.address]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "raysc.cli",
+        "search",
+        space,
+        "--data",
+        data,
+        "--experiment",
+        experiment,
+        "--trials",
+        "2",
+        "--address",
+        cluster.address,
+    ]
     driver = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     removed, deadline = None, time.time() + 300
     while removed is None and time.time() < deadline and driver.poll() is None:
@@ -54,8 +67,17 @@ def main(space: str, data: str, experiment: str) -> int:
                 break
         time.sleep(0.2)
     output, _ = driver.communicate(timeout=600)
-    print(json.dumps({"rc": driver.returncode, "output": output[-4000:], "workers": ids, "removed": removed,
-                      "started_on": started_on(exp)}))  # fmt: skip
+    print(
+        json.dumps(
+            {
+                "rc": driver.returncode,
+                "output": output[-4000:],
+                "workers": ids,
+                "removed": removed,
+                "started_on": started_on(exp),
+            }
+        )
+    )
     cluster.shutdown()
     return 0
 

@@ -126,10 +126,28 @@ def test_models_and_train_argument_errors(tmp_path, caplog):
 
 
 def test_search_errors_exit_2_with_the_message(prepared, tmp_path, caplog):
-    code = main(["search", "search_spaces/mobileascnet.yaml", "--data", str(prepared.out), "--experiment",
-                 str(tmp_path / "exp"), "--round", "1"])  # fmt: skip
+    code = main(
+        [
+            "search",
+            "search_spaces/mobileascnet.yaml",
+            "--data",
+            str(prepared.out),
+            "--experiment",
+            str(tmp_path / "exp"),
+            "--round",
+            "1",
+        ]
+    )
     assert code == 2 and "round 1 trains on pseudo-labels: give --pseudo-candidates CSV" in caplog.text
-    code = main(["search", "search_spaces/mobileascnet.yaml", "--data", str(prepared.out), "--experiment",
-                 str(tmp_path / "exp")])  # fmt: skip
+    code = main(
+        [
+            "search",
+            "search_spaces/mobileascnet.yaml",
+            "--data",
+            str(prepared.out),
+            "--experiment",
+            str(tmp_path / "exp"),
+        ]
+    )
     assert code == 2 and "front end expects 44100 Hz audio but the data is at 8000 Hz" in caplog.text
     assert not (tmp_path / "exp").exists()

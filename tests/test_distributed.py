@@ -18,8 +18,16 @@ pytestmark = pytest.mark.slow
 
 
 def _cfg(**kw):
-    return make_config({"backbone": "mobileascnet", "model": {"width": 0.25, "frontend": FRONTEND}, "epochs": 3,
-                        "batch_size": 16, "lr": 3e-3, **kw})  # fmt: skip
+    return make_config(
+        {
+            "backbone": "mobileascnet",
+            "model": {"width": 0.25, "frontend": FRONTEND},
+            "epochs": 3,
+            "batch_size": 16,
+            "lr": 3e-3,
+            **kw,
+        }
+    )
 
 
 def test_one_and_two_workers_reach_the_same_metrics(local_ray, prepared, tmp_path):
@@ -77,8 +85,9 @@ def test_a_killed_worker_is_replaced_and_resumes_from_its_checkpoint(local_ray, 
 
     watcher = threading.Thread(target=kill_after_first_checkpoint, daemon=True)
     watcher.start()
-    metrics = train(_cfg(epochs=12, model={"width": 0.5, "frontend": FRONTEND}), prepared.out, out, workers=1,
-                    max_failures=1)  # fmt: skip
+    metrics = train(
+        _cfg(epochs=12, model={"width": 0.5, "frontend": FRONTEND}), prepared.out, out, workers=1, max_failures=1
+    )
     watcher.join(timeout=5)
     assert killed, "no worker was killed"
     assert metrics["resumed_at_epochs"] and 2 <= metrics["resumed_at_epochs"][0] <= 12
@@ -91,6 +100,7 @@ def test_failures_beyond_the_limit_are_an_error(local_ray, prepared, tmp_path):
     from raysc.distributed import train
 
     with pytest.raises(RayscError, match="training failed"):
-        train(_cfg(pseudo_labels=str(tmp_path / "missing.csv")), prepared.out, tmp_path / "bad", workers=1,
-              max_failures=0)  # fmt: skip
+        train(
+            _cfg(pseudo_labels=str(tmp_path / "missing.csv")), prepared.out, tmp_path / "bad", workers=1, max_failures=0
+        )
     assert resources_released()

@@ -36,8 +36,9 @@ def reference_logmel(wave: np.ndarray, c: FrontendConfig) -> np.ndarray:
     idx = np.arange(c.n_fft)[None, :] + c.hop_length * np.arange(frames)[:, None]
     spec = np.abs(np.fft.rfft(x[idx] * window, axis=1)) ** c.power  # [frames, bins]
     freqs = np.fft.rfftfreq(c.n_fft, 1.0 / c.sample_rate)
-    hz = _mel_to_hz(np.linspace(_hz_to_mel(c.f_min, c.mel_scale), _hz_to_mel(c.f_max, c.mel_scale), c.n_mels + 2),
-                    c.mel_scale)  # fmt: skip
+    hz = _mel_to_hz(
+        np.linspace(_hz_to_mel(c.f_min, c.mel_scale), _hz_to_mel(c.f_max, c.mel_scale), c.n_mels + 2), c.mel_scale
+    )
     fb = np.zeros((c.n_mels, len(freqs)))
     for i in range(c.n_mels):
         lower = (freqs - hz[i]) / (hz[i + 1] - hz[i])
@@ -76,9 +77,19 @@ def test_front_end_matches_independent_reference(preset):
 
 
 def test_spec_augment_masks_only_in_training():
-    cfg = dataclasses.replace(FRONTENDS["baseline"], sample_rate=16000, n_fft=512, win_length=400, hop_length=160,
-                              f_max=8000.0, frames=None, freq_masks=2, freq_mask_width=8, time_masks=2,
-                              time_mask_width=20)  # fmt: skip
+    cfg = dataclasses.replace(
+        FRONTENDS["baseline"],
+        sample_rate=16000,
+        n_fft=512,
+        win_length=400,
+        hop_length=160,
+        f_max=8000.0,
+        frames=None,
+        freq_masks=2,
+        freq_mask_width=8,
+        time_masks=2,
+        time_mask_width=20,
+    )
     fe = Frontend(cfg)
     wave = torch.from_numpy(np.stack([_test_signal(2.0, 16000, s) for s in range(4)]))
     clean = fe.eval()(wave)

@@ -13,8 +13,16 @@ from raysc.errors import ConfigError, RayscError
 from raysc.models import FUSIONS, count_macs, count_parameters, create_model, list_models, load_model, save_model
 
 SR = 8000
-SMALL_FRONTEND = {"sample_rate": SR, "n_fft": 256, "win_length": 256, "hop_length": 128, "n_mels": 32,
-                  "f_min": 0.0, "f_max": 4000.0, "frames": None}  # fmt: skip
+SMALL_FRONTEND = {
+    "sample_rate": SR,
+    "n_fft": 256,
+    "win_length": 256,
+    "hop_length": 128,
+    "n_mels": 32,
+    "f_min": 0.0,
+    "f_max": 4000.0,
+    "frames": None,
+}
 # Tiny variants: the same networks at a fraction of the width, on 1 s of 8 kHz audio.
 TINY = {
     "setrans": {"width": 0.25, "frontend": SMALL_FRONTEND},

@@ -13,15 +13,16 @@ import pytest
 from conftest import FRONTEND
 from test_search import write_space
 
-from raysc.search import read_records
+from raysc.experiment import Experiment
 
 pytestmark = pytest.mark.slow
 
 
 def _run(space: Path, data: Path, exp: Path) -> dict:
     script = Path(__file__).with_name("multinode.py")
-    done = subprocess.run([sys.executable, str(script), str(space), str(data), str(exp)], capture_output=True,
-                          text=True, timeout=900)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, str(script), str(space), str(data), str(exp)], capture_output=True, text=True, timeout=900
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["rc"] == 0, result["output"]
@@ -30,8 +31,11 @@ def _run(space: Path, data: Path, exp: Path) -> dict:
 
 def test_trials_spread_over_nodes_and_a_removed_node_restarts_its_trial_on_the_survivor(learnable, tmp_path):
     # Epochs of a few seconds (more clips, small batches), so the node goes while its trial trains.
-    space = write_space(tmp_path / "s.yaml", scheduler={"grace_period": 6, "reduction_factor": 2, "max_epochs": 6},
-                        fixed={"model.width": 0.5, "model.frontend": FRONTEND, "batch_size": 8})  # fmt: skip
+    space = write_space(
+        tmp_path / "s.yaml",
+        scheduler={"grace_period": 6, "reduction_factor": 2, "max_epochs": 6},
+        fixed={"model.width": 0.5, "model.frontend": FRONTEND, "batch_size": 8},
+    )
     exp = tmp_path / "exp"
     result = _run(space, learnable, exp)
     # Both trials ran at once, one per worker node, none on the CPU-less head.
@@ -40,7 +44,7 @@ def test_trials_spread_over_nodes_and_a_removed_node_restarts_its_trial_on_the_s
     survivor = next(w for w in result["workers"] if w != result["removed"])
     moved = [t for t, where in result["started_on"].items() if where[0] == result["removed"]]
     assert len(moved) == 1 and result["started_on"][moved[0]][-1] == survivor
-    records = read_records(exp)
+    records = Experiment(exp).records()
     assert len(records) == 2 and all(r.status == "completed" and r.epochs == 6 for r in records)
     metrics = json.loads((exp / "round-0" / "trials" / moved[0] / "metrics.json").read_text())
     assert metrics["resumed_at_epochs"] and metrics["resumed_at_epochs"][0] >= 2

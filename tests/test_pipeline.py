@@ -35,21 +35,33 @@ def test_pipeline_file_errors(tmp_path):
 @pytest.mark.slow
 def test_pipeline_runs_end_to_end_and_resumes_after_a_kill(prepared, tmp_path):
     # Tiny models are unsure: thresholds low enough that round 1 surely keeps pseudo-labels.
-    space = write_space(tmp_path / "space.yaml", scheduler={"grace_period": 1, "reduction_factor": 2, "max_epochs": 1},
-                        rounds={"pseudo_threshold": {"type": "float", "low": 0.0, "high": 0.1}})  # fmt: skip
+    space = write_space(
+        tmp_path / "space.yaml",
+        scheduler={"grace_period": 1, "reduction_factor": 2, "max_epochs": 1},
+        rounds={"pseudo_threshold": {"type": "float", "low": 0.0, "high": 0.1}},
+    )
     pipe = tmp_path / "pipeline.yaml"
-    pipe.write_text(yaml.safe_dump({"space": str(space), "rounds": 2, "trials": 2, "ensemble_k": 2,
-                                    "pseudo_threshold": 0.0}))  # fmt: skip
+    pipe.write_text(yaml.safe_dump({"space": str(space), "rounds": 2, "trials": 2, "ensemble_k": 2}))
     exp = tmp_path / "exp"
-    args = [sys.executable, "-m", "raysc.cli", "pipeline", str(pipe), "--data", str(prepared.out), "--experiment",
-            str(exp)]  # fmt: skip
+    args = [
+        sys.executable,
+        "-m",
+        "raysc.cli",
+        "pipeline",
+        str(pipe),
+        "--data",
+        str(prepared.out),
+        "--experiment",
+        str(exp),
+    ]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     out = (tmp_path / "first.out").open("w")
     first = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     state = exp / "pipeline.json"
     deadline = time.time() + 400
-    while time.time() < deadline and "ensemble-0" not in (json.loads(state.read_text())["done"] if state.exists()
-                                                          else {}):  # fmt: skip
+    while time.time() < deadline and "ensemble-0" not in (
+        json.loads(state.read_text())["done"] if state.exists() else {}
+    ):
         assert first.poll() is None, (tmp_path / "first.out").read_text()
         time.sleep(0.5)
     os.killpg(first.pid, signal.SIGKILL)

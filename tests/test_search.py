@@ -20,7 +20,8 @@ from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 
 from raysc.errors import ConfigError, RayscError
-from raysc.search import read_records, search
+from raysc.experiment import Experiment
+from raysc.search import search
 
 
 def write_space(path: Path, **sections) -> Path:
@@ -168,8 +169,10 @@ def test_a_killed_search_resumes_without_rerunning_finished_trials(learnable, tm
     first = (tmp_path / "first.out").read_text()
     finished = set(ended.findall(first))
     assert finished, first
-    ckpts_before = {t: sorted(p.name for p in (tmp_path / "exp/round-0/train" / f"train-{t}").glob("checkpoint_*"))
-                    for t in finished}  # fmt: skip
+    ckpts_before = {
+        t: sorted(p.name for p in (tmp_path / "exp/round-0/train" / f"train-{t}").glob("checkpoint_*"))
+        for t in finished
+    }
     # Tune rewrites its state files in place; make this kill the worst case, one in the middle of that write.
     (state,) = (tmp_path / "exp/round-0/tune").glob("experiment_state-*.json")
     state.write_text(state.read_text()[:100])
@@ -188,13 +191,15 @@ def test_a_killed_search_resumes_without_rerunning_finished_trials(learnable, tm
     assert again.returncode == 0, again.stdout + again.stderr
     assert re.search(rf"cut short by the kill: [^\n]*{re.escape(state.name)}[^\n]*; put back the last", again.stdout)
     assert again.stdout.count("was asked for just before the kill and never started; it is handed out") == len(lost)
-    records = read_records(tmp_path / "exp")
+    records = Experiment(tmp_path / "exp").records()
     assert len(records) == 3 and all(r.status == "completed" and r.epochs == 2 for r in records)
     assert all(p in [r.params for r in records] for p in lost)  # run with the values Optuna had given it
     saved_ended = {t["trial_id"] for t in restored if t["status"] == "TERMINATED"}
     for t in finished:  # never trained again: no new checkpoint
-        assert sorted(p.name for p in (tmp_path / "exp/round-0/train" / f"train-{t}").glob("checkpoint_*")) == \
-            ckpts_before[t]  # fmt: skip
+        assert (
+            sorted(p.name for p in (tmp_path / "exp/round-0/train" / f"train-{t}").glob("checkpoint_*"))
+            == ckpts_before[t]
+        )
         # A trial that ended after Tune's last complete save is RUNNING in the restored state, so
         # Tune starts it again (its Train run finds the final checkpoint); one saved as ended is not.
         assert t not in saved_ended or f"start {t}" not in again.stdout

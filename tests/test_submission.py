@@ -17,8 +17,9 @@ from raysc.submission import COLUMNS, check_submission_file, validate_submission
 def good(prepared):
     m = prepared.manifest
     rows = m[m["subset"] == "eval"]
-    expected = pd.DataFrame({"filename": rows["filename"], "location": rows["city"],
-                             "record_time": rows["record_time"]}).reset_index(drop=True)  # fmt: skip
+    expected = pd.DataFrame(
+        {"filename": rows["filename"], "location": rows["city"], "record_time": rows["record_time"]}
+    ).reset_index(drop=True)
     classes = prepared.info["classes"]
     labels = [classes[i % len(classes)] for i in range(len(expected))]
     return expected, expected.assign(scene_label=labels), classes

@@ -11,18 +11,34 @@ import torch
 
 from raysc.config import TrainConfig, load_config, make_config, parse_sets
 from raysc.data import CLASSES
+from raysc.distributed import check_run_dir
 from raysc.errors import ConfigError, DataError, RayscError
 from raysc.loader import Batch
 from raysc.models import load_model
-from raysc.train import augment, check_run_dir, fit, lr_factor, soft_cross_entropy
+from raysc.train import augment, fit, lr_factor, soft_cross_entropy
 
-FRONTEND = {"sample_rate": 8000, "n_fft": 256, "win_length": 256, "hop_length": 128, "n_mels": 32,
-            "f_min": 0.0, "f_max": 4000.0, "frames": None}  # fmt: skip
+FRONTEND = {
+    "sample_rate": 8000,
+    "n_fft": 256,
+    "win_length": 256,
+    "hop_length": 128,
+    "n_mels": 32,
+    "f_min": 0.0,
+    "f_max": 4000.0,
+    "frames": None,
+}
 
 
 def tiny_config(**kw) -> TrainConfig:
-    values = {"backbone": "mobileascnet", "model": {"width": 0.25, "frontend": FRONTEND}, "epochs": 2,
-              "batch_size": 16, "lr": 3e-3, "seed": 0, **kw}  # fmt: skip
+    values = {
+        "backbone": "mobileascnet",
+        "model": {"width": 0.25, "frontend": FRONTEND},
+        "epochs": 2,
+        "batch_size": 16,
+        "lr": 3e-3,
+        "seed": 0,
+        **kw,
+    }
     return make_config(values)
 
 
@@ -32,8 +48,16 @@ def test_fit_writes_a_complete_run(prepared, tmp_path):
     metrics = json.loads((run / "metrics.json").read_text())
     assert [h["epoch"] for h in metrics["history"]] == [1, 2, 3]
     best = metrics["best"]
-    for key in ("macro_accuracy", "accuracy", "log_loss", "per_class", "per_city", "seen_city_macro_accuracy",
-                "confusion", "epoch"):  # fmt: skip
+    for key in (
+        "macro_accuracy",
+        "accuracy",
+        "log_loss",
+        "per_class",
+        "per_city",
+        "seen_city_macro_accuracy",
+        "confusion",
+        "epoch",
+    ):
         assert key in best
     assert best["macro_accuracy"] == max(h["macro_accuracy"] for h in metrics["history"])
     m = prepared.manifest
@@ -166,8 +190,9 @@ def test_pseudo_labels_from_validation_sessions_never_train(prepared, tmp_path):
 def test_init_from_reset_head_and_freeze(prepared, tmp_path):
     fit(tiny_config(epochs=1), prepared.out, out_dir=tmp_path / "pre")
     pre = load_model(tmp_path / "pre" / "model.pt").state_dict()
-    cfg = tiny_config(epochs=1, init_from=str(tmp_path / "pre" / "model.pt"), reset_head=True,
-                      freeze=["blocks.0", "blocks.1"], lr=0.1)  # fmt: skip
+    cfg = tiny_config(
+        epochs=1, init_from=str(tmp_path / "pre" / "model.pt"), reset_head=True, freeze=["blocks.0", "blocks.1"], lr=0.1
+    )
     tuned = fit(cfg, prepared.out).model.state_dict()
     for name in pre:
         if name.startswith(("blocks.0.", "blocks.1.")) and "running" not in name and "num_batches" not in name:
@@ -197,8 +222,11 @@ def test_yaml_numbers_and_sets(tmp_path):
     path.write_text("backbone: rm3\nlr: 1e-4\nmodel:\n  width: 5e-1\nfreeze: blocks.0\n")
     cfg = make_config(load_config(path))
     assert cfg.lr == 1e-4 and cfg.freeze == ("blocks.0",)
-    assert parse_sets(["lr=3e-4", "model.width=0.5", "pseudo_labels="]) == {"lr": "3e-4", "model.width": 0.5,
-                                                                             "pseudo_labels": None}  # fmt: skip
+    assert parse_sets(["lr=3e-4", "model.width=0.5", "pseudo_labels="]) == {
+        "lr": "3e-4",
+        "model.width": 0.5,
+        "pseudo_labels": None,
+    }
     assert make_config({"backbone": "rm3", **parse_sets(["lr=3e-4"])}).lr == 3e-4
     with pytest.raises(ConfigError, match="--set expects key=value, got 'lr'"):
         parse_sets(["lr"])

@@ -80,8 +80,14 @@ def test_a_trial_asked_for_just_before_the_kill_is_handed_out_again(tmp_path):
 
     def searcher(seed):
         storage = JournalStorage(JournalFileBackend(str(journal)))
-        return OptunaSearch(_define, metric="acc", mode="max", sampler=optuna.samplers.RandomSampler(seed=seed),
-                            study_name="round-0", storage=storage)  # fmt: skip
+        return OptunaSearch(
+            _define,
+            metric="acc",
+            mode="max",
+            sampler=optuna.samplers.RandomSampler(seed=seed),
+            study_name="round-0",
+            storage=storage,
+        )
 
     first = searcher(seed=0)
     first.suggest("t1")

@@ -46,8 +46,9 @@ class DenseEncoder(nn.Module):
             nn.Sequential(nn.Conv2d(c * (i + 1), c, 3, padding=(2**i, 1), dilation=(2**i, 1)), *_norm_act(c))
             for i in range(depth)
         )
-        self.down = nn.Sequential(nn.Conv2d(c, c, (time_stride, 3), stride=(time_stride, 2), padding=(0, 1)),
-                                  *_norm_act(c))  # fmt: skip
+        self.down = nn.Sequential(
+            nn.Conv2d(c, c, (time_stride, 3), stride=(time_stride, 2), padding=(0, 1)), *_norm_act(c)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         feats = [self.proj(x)]

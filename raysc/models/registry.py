@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from .. import __version__
 from ..errors import ConfigError, RayscError
@@ -90,8 +91,6 @@ def count_parameters(model: torch.nn.Module) -> int:
 def count_macs(model: ASCModel, *, seconds: float = 10.0) -> int:
     """Multiply-accumulates of one forward pass on one clip (matmuls and convolutions, counted
     by ``torch.utils.flop_counter``; the STFT and elementwise work are not counted)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     sr = model.cfg.frontend.sample_rate
     wave = torch.zeros(1, round(sr * seconds))
     city, time = torch.zeros(1, dtype=torch.long), torch.zeros(1, 7)

@@ -33,10 +33,13 @@ class BasicBlock(nn.Module):
     def __init__(self, c_in: int, c_out: int, stride: int, reduction: int) -> None:
         super().__init__()
         self.body = nn.Sequential(
-            nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True),
-            nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False), nn.BatchNorm2d(c_out),
+            nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False),
+            nn.BatchNorm2d(c_out),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False),
+            nn.BatchNorm2d(c_out),
             CBAM(c_out, reduction),
-        )  # fmt: skip
+        )
         self.shortcut = (
             nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
             if stride != 1 or c_in != c_out
@@ -67,9 +70,11 @@ class ResNetCBAM(ASCModel):
         super().__init__(cfg)
         chans = [scaled(c, cfg.width) for c in cfg.channels]
         self.stem = nn.Sequential(
-            nn.Conv2d(1, chans[0], 7, 2, 3, bias=False), nn.BatchNorm2d(chans[0]), nn.ReLU(inplace=True),
+            nn.Conv2d(1, chans[0], 7, 2, 3, bias=False),
+            nn.BatchNorm2d(chans[0]),
+            nn.ReLU(inplace=True),
             nn.MaxPool2d(3, 2, 1),
-        )  # fmt: skip
+        )
         stages, c_in = [], chans[0]
         for i, (depth, c) in enumerate(zip(cfg.depths, chans, strict=True)):
             for j in range(depth):
@@ -78,9 +83,13 @@ class ResNetCBAM(ASCModel):
         self.stages = nn.Sequential(*stages)
         self.pool = TriplePool(c_in)
         self.fusion = Fusion(
-            cfg.fusion, c_in, self.meta.out_dim, hidden=scaled(cfg.fusion_dim, cfg.width), norm=True,
+            cfg.fusion,
+            c_in,
+            self.meta.out_dim,
+            hidden=scaled(cfg.fusion_dim, cfg.width),
+            norm=True,
             dropout=cfg.fusion_dropout,
-        )  # fmt: skip
+        )
         head: list[nn.Module] = []
         d = self.fusion.out_dim
         for h, p in zip(cfg.head_dims, cfg.head_dropout, strict=True):

@@ -97,8 +97,9 @@ class ArcFace(nn.Module):
         m = self.margin
         sin = torch.sqrt((1 - cos**2).clamp_min(1e-7))
         # cos(theta + m), kept monotonic past theta = pi - m (the usual ArcFace guard).
-        with_margin = torch.where(cos > math.cos(math.pi - m), cos * math.cos(m) - sin * math.sin(m),
-                                  cos - math.sin(math.pi - m) * m)  # fmt: skip
+        with_margin = torch.where(
+            cos > math.cos(math.pi - m), cos * math.cos(m) - sin * math.sin(m), cos - math.sin(math.pi - m) * m
+        )
         return self.scale * (cos - target.float() * (cos - with_margin))
 
 

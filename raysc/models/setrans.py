@@ -34,10 +34,16 @@ class SEConvBlock(nn.Module):
     def __init__(self, c_in: int, c_out: int, reduction: int) -> None:
         super().__init__()
         self.body = nn.Sequential(
-            nn.Conv2d(c_in, c_out, 3, padding=1), nn.BatchNorm2d(c_out), SqueezeExcite(c_out, reduction), nn.ReLU(),
-            nn.Conv2d(c_out, c_out, 3, padding=1), nn.BatchNorm2d(c_out), SqueezeExcite(c_out, reduction), nn.ReLU(),
+            nn.Conv2d(c_in, c_out, 3, padding=1),
+            nn.BatchNorm2d(c_out),
+            SqueezeExcite(c_out, reduction),
+            nn.ReLU(),
+            nn.Conv2d(c_out, c_out, 3, padding=1),
+            nn.BatchNorm2d(c_out),
+            SqueezeExcite(c_out, reduction),
+            nn.ReLU(),
             nn.AvgPool2d(2),
-        )  # fmt: skip
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.body(x)

@@ -1,0 +1,52 @@
+"""`raysc pseudo-label`: an ensemble's probabilities on the unlabelled clips outside its
+validation sessions, written as pseudo-label candidates (selection happens per training run,
+``raysc.pseudo``)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .dataset import load_dataset
+from .errors import DataError
+from .experiment import Experiment
+from .fileio import write_csv
+from .inference import predict_ensemble
+from .pseudo import Selection, select
+
+log = logging.getLogger(__name__)
+
+
+def write_candidates(
+    experiment: str | Path,
+    *,
+    ensemble: str | None = None,
+    selection: Selection | None = None,
+    address: str | None = None,
+) -> tuple[Path, pd.DataFrame]:
+    """Score every unlabelled clip outside the ensemble's validation sessions with the ensemble
+    (Ray batch inference) and write ``candidates.csv`` (filename, one probability per class,
+    label, confidence) and ``summary.csv`` (per class: candidates, threshold, and what
+    ``selection`` would keep) into the experiment's pseudo-label folder of that ensemble.
+    Returns (candidates path, summary)."""
+    exp = Experiment(experiment)
+    ens = exp.load_ensemble(ensemble)
+    data = load_dataset(ens.data)
+    m = data.manifest
+    # Unlabelled clips of validation sessions share the validation fold: never candidates.
+    unl = m[(m["subset"] == "unlabelled") & (m["fold"] != ens.fold)]
+    if unl.empty:
+        raise DataError([f"{ens.data}: no unlabelled clip outside validation fold {ens.fold}"], what="pseudo-labels")
+    probs = predict_ensemble(ens, exp.root, list(unl["filename"]), address=address)
+    p = probs[data.classes].to_numpy()
+    probs["label"] = np.asarray(data.classes)[p.argmax(1)]
+    probs["confidence"] = p.max(1)
+    path = exp.pseudo_candidates(ens.name)
+    write_csv(path, probs)
+    _, summary = select(probs, data.classes, selection or Selection())
+    write_csv(exp.pseudo_summary(ens.name), summary)
+    log.info("pseudo-label candidates: %d unlabelled clips scored by %s -> %s", len(probs), ens.name, path)
+    return path, summary

@@ -1,0 +1,90 @@
+"""THE data folder (``raysc prepare`` writes it): one reader type, and the rules for splitting it.
+
+DATA/manifest.csv     the Manifest (written last: its presence means a finished folder)
+DATA/dataset.json     classes, city vocabulary, counts, inputs, the store's spec
+DATA/store/           the FeatureStore (int16 waveforms, memory-mapped)
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .audio import FeatureStore
+from .data import read_manifest
+from .errors import ConfigError, DataError
+
+INFO_FILE = "dataset.json"
+MANIFEST_FILE = "manifest.csv"
+STORE_DIR = "store"
+
+
+@dataclass(frozen=True)
+class PreparedData:
+    """A prepared data folder: the Manifest, the FeatureStore and ``dataset.json``."""
+
+    out: Path
+    manifest: pd.DataFrame
+    store: FeatureStore
+    classes: list[str]
+    cities: list[str]
+    info: dict
+
+    def rows(self, subset: str) -> pd.DataFrame:
+        return self.manifest[self.manifest["subset"] == subset]
+
+    def folds(self) -> list[int]:
+        """The validation folds of the labelled clips."""
+        return sorted(set(self.rows("labelled")["fold"]))
+
+    def check_fold(self, fold: int, *, allow_none: bool = True) -> None:
+        folds = self.folds()
+        if fold in folds or (allow_none and fold == -1):
+            return
+        also = ", or -1" if allow_none else ""
+        raise ConfigError(f"fold {fold} does not exist in {self.out} (folds: {folds}{also})")
+
+    def split(self, fold: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+        """(training rows, validation rows) of the labelled clips for validation fold ``fold``;
+        the validation rows carry ``seen`` (see ``mark_unseen``)."""
+        labelled = self.rows("labelled")
+        train, val = labelled[labelled["fold"] != fold], labelled[labelled["fold"] == fold].copy()
+        return train, mark_unseen(val, train)
+
+    def labels(self, rows: pd.DataFrame) -> np.ndarray:
+        """Class indices of labelled rows."""
+        return rows["label"].map(self.classes.index).to_numpy()
+
+    def one_hot(self, rows: pd.DataFrame) -> np.ndarray:
+        return np.eye(len(self.classes), dtype=np.float32)[self.labels(rows)]
+
+
+def mark_unseen(rows: pd.DataFrame, train: pd.DataFrame) -> pd.DataFrame:
+    """The seen-city rule: a clip whose city no training clip comes from is ``seen == False`` and
+    is scored as ``<unk>`` (city index 0). That is how a model meets unseen eval cities, and what
+    keeps city-held-out folds honest."""
+    rows = rows.copy()
+    rows["seen"] = rows["city_idx"].isin(set(train["city_idx"]))
+    rows.loc[~rows["seen"], "city_idx"] = 0
+    return rows
+
+
+def load_dataset(data_dir: str | Path) -> PreparedData:
+    """Open a prepared data folder (the manifest is read, the store memory-mapped on first use)."""
+    data_dir = Path(data_dir)
+    info_path = data_dir / INFO_FILE
+    if not info_path.is_file():
+        raise DataError([f"{data_dir}: not a prepared data folder (no {INFO_FILE}; run `raysc prepare`)"])
+    info = json.loads(info_path.read_text())
+    return PreparedData(
+        out=data_dir,
+        manifest=read_manifest(data_dir),
+        store=FeatureStore.open(data_dir / STORE_DIR),
+        classes=info["classes"],
+        cities=info["cities"],
+        info=info,
+    )

@@ -1,0 +1,250 @@
+"""THE experiment folder: every path inside it, the trial records and the ensemble records.
+
+No other module spells a path inside an experiment; they ask this one::
+
+    EXP/pipeline.json                 the pipeline's settings and the stages it has done
+    EXP/trials.csv                    every TrialRecord of every round, best first
+    EXP/round-R/search.json           the search's settings (a --resume must match them)
+    EXP/round-R/space.yaml            a copy of the search space
+    EXP/round-R/study.journal         the Optuna study (file journal: survives the driver)
+    EXP/round-R/tune/                 Tune's own state, for --resume
+    EXP/round-R/tune-state/           the last complete copy of Tune's experiment state
+    EXP/round-R/train/train-ID/       Ray Train checkpoints of trial ID (storage_path)
+    EXP/round-R/trials/ID/            the trial's run folder (model.pt, metrics.json,
+                                      val_predictions.csv, config.json) + record.json, train.log
+    EXP/round-R/search.log            Ray's, Tune's and Optuna's log lines
+    EXP/ensembles/NAME/               ensemble.json, val_predictions.csv
+    EXP/pseudo/NAME/                  candidates.csv, summary.csv (pseudo-label candidates)
+    EXP/plots/                        PNG plots
+    EXP/submission/                   the challenge submission
+
+A trial's run folder is the layout ``fit`` writes (``raysc.train``); model and prediction paths in
+records are relative to the experiment folder, so a moved experiment still loads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from .errors import RayscError
+from .fileio import write_csv, write_json
+
+# The validation metrics a record keeps, the trials table's columns and the leaderboard's.
+RECORD_METRICS = ("macro_accuracy", "accuracy", "log_loss", "seen_city_macro_accuracy", "unseen_city_macro_accuracy")
+
+
+@dataclass(frozen=True)
+class TrialRecord:
+    """What a finished trial leaves behind (one row of the trials table)."""
+
+    trial_id: str
+    round: int
+    status: str  # completed | stopped (by ASHA) | failed
+    backbone: str
+    params: dict[str, Any]  # the sampled values, as Optuna named them
+    epochs: int  # epochs trained
+    best_epoch: int | None
+    metrics: dict[str, float | None]  # validation metrics of the best epoch
+    parameters: int | None
+    macs: int | None  # multiply-accumulates per 10 s clip
+    fit_seconds: float
+    started: float | None  # unix time the trial started (orders a sequential search)
+    predict_seconds: float | None  # validation inference at the best epoch
+    fold: int
+    model_path: str | None  # relative to the experiment folder
+    predictions_path: str | None
+    error: str | None = None
+
+    def row(self) -> dict[str, Any]:
+        """A flat row for CSV: params as JSON, metrics as columns."""
+        d = dataclasses.asdict(self)
+        d["params"] = json.dumps(self.params, sort_keys=True)
+        return {**{k: v for k, v in d.items() if k != "metrics"}, **self.metrics}
+
+
+def rank_key(r: TrialRecord) -> tuple:
+    """Best validation macro accuracy first, failed trials last."""
+    return (r.status == "failed", -(r.metrics.get("macro_accuracy") or -1.0), r.trial_id)
+
+
+@dataclass(frozen=True)
+class Member:
+    trial_id: str
+    round: int
+    backbone: str
+    model_path: str  # relative to the experiment folder
+    weight: float
+
+
+@dataclass(frozen=True)
+class Ensemble:
+    name: str
+    method: str
+    members: tuple[Member, ...]
+    fold: int
+    data: str
+    temperature: float
+    session_smoothing: bool
+    metrics: dict[str, Any]  # validation report of the ensemble's predictions
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Ensemble:
+        return cls(**{**d, "members": tuple(Member(**m) for m in d["members"])})
+
+
+class Experiment:
+    """An experiment folder: its paths, records and ensembles."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+
+    # ---- the pipeline and the tables
+    @property
+    def pipeline_state(self) -> Path:
+        return self.root / "pipeline.json"
+
+    @property
+    def trials_table(self) -> Path:
+        return self.root / "trials.csv"
+
+    @property
+    def plots_dir(self) -> Path:
+        return self.root / "plots"
+
+    def submission(self, filename: str) -> Path:
+        return self.root / "submission" / filename
+
+    # ---- rounds (one search each)
+    def round_dir(self, round: int) -> Path:
+        return self.root / f"round-{round}"
+
+    def search_settings(self, round: int) -> Path:
+        return self.round_dir(round) / "search.json"
+
+    def read_search_settings(self, round: int) -> dict[str, Any]:
+        path = self.search_settings(round)
+        if not path.is_file():
+            raise RayscError(f"{self.round_dir(round)}: no search (no {path.name}); run `raysc search` first")
+        return json.loads(path.read_text())
+
+    def space_copy(self, round: int) -> Path:
+        return self.round_dir(round) / "space.yaml"
+
+    def study_name(self, round: int) -> str:
+        """The Optuna study of a round, inside its journal."""
+        return self.round_dir(round).name
+
+    def study_journal(self, round: int) -> Path:
+        return self.round_dir(round) / "study.journal"
+
+    def tune_dir(self, round: int) -> Path:
+        return self.round_dir(round) / "tune"
+
+    def tune_backup_dir(self, round: int) -> Path:
+        return self.round_dir(round) / "tune-state"
+
+    def train_storage(self, round: int) -> Path:
+        return self.round_dir(round) / "train"
+
+    def train_run(self, round: int, trial_id: str) -> Path:
+        """Ray Train's folder of one trial's run (its checkpoints)."""
+        return self.train_storage(round) / train_run_name(trial_id)
+
+    def search_log(self, round: int) -> Path:
+        return self.round_dir(round) / "search.log"
+
+    def trials_dir(self, round: int) -> Path:
+        return self.round_dir(round) / "trials"
+
+    def trial_dir(self, round: int, trial_id: str) -> Path:
+        return self.trials_dir(round) / trial_id
+
+    def trial_log(self, round: int, trial_id: str) -> Path:
+        return self.trial_dir(round, trial_id) / "train.log"
+
+    def relative(self, path: Path) -> str:
+        return str(Path(path).relative_to(self.root))
+
+    # ---- trial records
+    def record_path(self, round: int, trial_id: str) -> Path:
+        return self.trial_dir(round, trial_id) / "record.json"
+
+    def write_record(self, record: TrialRecord) -> None:
+        write_json(self.record_path(record.round, record.trial_id), dataclasses.asdict(record))
+
+    def read_record(self, round: int, trial_id: str) -> TrialRecord | None:
+        path = self.record_path(round, trial_id)
+        return TrialRecord(**json.loads(path.read_text())) if path.is_file() else None
+
+    def records(self) -> list[TrialRecord]:
+        """Every TrialRecord of every round."""
+        paths = sorted(self.root.glob("round-*/trials/*/record.json"))
+        return [TrialRecord(**json.loads(p.read_text())) for p in paths]
+
+    def write_trials_table(self) -> Path:
+        """``trials.csv``: every record of every round, best validation macro accuracy first."""
+        records = sorted(self.records(), key=rank_key)
+        write_csv(self.trials_table, pd.DataFrame([r.row() for r in records]))
+        return self.trials_table
+
+    def member_files(self, member: Member) -> dict[str, Any]:
+        """A member's trial record and training config (what a submission's info lists)."""
+        trial_dir = (self.root / member.model_path).parent
+        return {
+            "record": json.loads((trial_dir / "record.json").read_text()),
+            "config": json.loads((trial_dir / "config.json").read_text()),
+        }
+
+    # ---- ensembles
+    def ensemble_dir(self, name: str) -> Path:
+        return self.root / "ensembles" / name
+
+    def save_ensemble(self, ens: Ensemble, predictions: pd.DataFrame) -> None:
+        out = self.ensemble_dir(ens.name)
+        write_csv(out / "val_predictions.csv", predictions)
+        write_json(out / "ensemble.json", ens.to_dict())
+
+    def ensembles(self) -> list[Ensemble]:
+        paths = sorted(self.root.glob("ensembles/*/ensemble.json"))
+        return [Ensemble.from_dict(json.loads(p.read_text())) for p in paths]
+
+    def load_ensemble(self, name: str | None = None) -> Ensemble:
+        """An ensemble by name, or (no name) the final one: see ``final_ensemble``."""
+        found = {e.name: e for e in self.ensembles()}
+        if not found:
+            raise RayscError(f"{self.root}: no ensemble yet (run `raysc ensemble` first)")
+        if name is None:
+            return final_ensemble(list(found.values()))
+        if name not in found:
+            raise RayscError(f"{self.root}: no ensemble {name!r} (have: {', '.join(sorted(found))})")
+        return found[name]
+
+    # ---- pseudo-label candidates
+    def pseudo_dir(self, ensemble: str) -> Path:
+        return self.root / "pseudo" / ensemble
+
+    def pseudo_candidates(self, ensemble: str) -> Path:
+        return self.pseudo_dir(ensemble) / "candidates.csv"
+
+    def pseudo_summary(self, ensemble: str) -> Path:
+        return self.pseudo_dir(ensemble) / "summary.csv"
+
+
+def train_run_name(trial_id: str) -> str:
+    """A stable Ray Train run name per trial: a restarted trial finds its own checkpoints."""
+    return f"train-{trial_id}"
+
+
+def final_ensemble(ensembles: list[Ensemble]) -> Ensemble:
+    """The one rule for the final model, shared by the pipeline and ``raysc submit``: the best
+    validation macro accuracy, ties broken by the name."""
+    return max(ensembles, key=lambda e: (e.metrics["macro_accuracy"], e.name))

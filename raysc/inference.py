@@ -1,0 +1,64 @@
+"""Ray batch inference: an ensemble's probabilities on any clips of its data folder (eval,
+unlabelled), one Ray task per member and chunk of clips, on GPUs when the cluster has them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .dataset import load_dataset
+from .distributed import init_ray
+from .ensemble import apply_temperature, smooth_sessions
+from .experiment import Ensemble, Experiment
+from .loader import ClipTable
+from .models import load_model
+from .train import device, predict
+
+
+def predict_clips(model_path: str | Path, data_dir: str | Path, filenames: list[str]) -> pd.DataFrame:
+    """One model's probabilities for ``filenames`` (keyed by filename), on this process's device."""
+    data = load_dataset(data_dir)
+    rows = data.manifest.set_index("filename").loc[filenames].reset_index()
+    table = ClipTable.from_rows(rows, np.zeros((len(rows), len(data.classes)), np.float32))
+    dev = device()
+    return predict(load_model(model_path).to(dev), table, data.store, device=dev)
+
+
+def predict_ensemble(
+    ens: Ensemble,
+    experiment: str | Path,
+    filenames: list[str],
+    *,
+    chunk: int = 2048,
+    address: str | None = None,
+) -> pd.DataFrame:
+    """The ensemble's probabilities for ``filenames``: the members' weighted mean, its
+    temperature, and session smoothing when the ensemble has it."""
+    import ray  # lazy: importing Ray costs seconds, and only the launching commands need it
+
+    init_ray(address)
+    exp = Experiment(Path(experiment).resolve())
+    gpu = 0.25 if ray.cluster_resources().get("GPU") else 0  # inference is light: share a GPU
+    task = ray.remote(predict_clips).options(num_cpus=1, num_gpus=gpu)
+    refs = [
+        (m.trial_id, task.remote(str(exp.root / m.model_path), ens.data, filenames[start : start + chunk]))
+        for m in ens.members
+        for start in range(0, len(filenames), chunk)
+    ]
+    parts: dict[str, list[pd.DataFrame]] = {m.trial_id: [] for m in ens.members}
+    for trial_id, ref in refs:
+        parts[trial_id].append(ray.get(ref))
+    classes, mean = None, None
+    for m in ens.members:
+        p = pd.concat(parts[m.trial_id]).set_index("filename").loc[filenames]
+        classes = list(p.columns)
+        mean = p.to_numpy(np.float64) * m.weight + (0 if mean is None else mean)
+    final = apply_temperature(mean, ens.temperature) if ens.temperature != 1.0 else mean
+    if ens.session_smoothing:
+        sessions = load_dataset(ens.data).manifest.set_index("filename").loc[filenames, "session"].to_numpy()
+        final = smooth_sessions(final, sessions)
+    out = pd.DataFrame(final, columns=classes)
+    out.insert(0, "filename", filenames)
+    return out
