@@ -72,6 +72,7 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
         f"prepared {len(result.manifest)} clips in {result.out}: "
         + ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
         + f"\n  {result.info['sessions']} sessions, {args.folds} folds by {args.split}, "
+        f"{result.info['session_labels']} unlabelled clips take the label of their session, "
         f"{len(result.cities) - 1} dev cities; eval-only cities: {result.info['eval_cities_not_in_dev'] or 'none'}"
         f"\n  feature store: {spec.count} x {spec.num_samples} int16 at {spec.sample_rate} Hz "
         f"({spec.padded} padded, {spec.trimmed} trimmed, {spec.clipped} clipped)"

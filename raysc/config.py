@@ -48,6 +48,8 @@ class TrainConfig:
     city_dropout: float = 0.0
     # Data
     fold: int = 0  # validation fold; -1 trains on every labelled clip without validation
+    session_labels: bool = True  # unlabelled clips of labelled sessions train with their session's scene
+    session_label_weight: float = 1.0  # their loss weight relative to a labelled clip
     seed: int = 0
     loader_workers: int = 0
     # Pseudo-labels: candidates (filename + one probability column per class) of unlabelled clips,
@@ -82,7 +84,15 @@ class TrainConfig:
         for name in ("mixup_prob", "city_dropout", "label_smoothing", "pseudo_threshold"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 problems.append(f"{name} must be in [0, 1], got {getattr(self, name)}")
-        for name in ("mixup_alpha", "time_shift", "weight_decay", "warmup_epochs", "pseudo_weight", "spec_augment"):
+        for name in (
+            "mixup_alpha",
+            "time_shift",
+            "weight_decay",
+            "warmup_epochs",
+            "pseudo_weight",
+            "spec_augment",
+            "session_label_weight",
+        ):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must be >= 0, got {getattr(self, name)}")
         if problems:

@@ -86,6 +86,7 @@ MANIFEST_COLUMNS: tuple[str, ...] = (
     "session",
     "fold",
     "audio_path",
+    "session_label",
 )
 SUBSETS = ("labelled", "unlabelled", "eval", "pretrain")
 
@@ -326,7 +327,18 @@ def build_manifest(
         m.loc[pre, "fold"] = assign_folds(m.loc[pre, "session"], m.loc[pre, "label"], n_folds=n_folds, seed=seed)
 
     m["audio_path"] = [str(src.audio_paths[f]) for f in m["filename"]]
+    m["session_label"] = session_labels(m)
     return m[list(MANIFEST_COLUMNS)], vocab
+
+
+def session_labels(m: pd.DataFrame) -> pd.Series:
+    """The scene of each unlabelled development clip whose recording session holds labelled
+    clips (a session is one recording of one scene; a session with mixed labels gives its most
+    frequent one); None elsewhere. Folds follow sessions, so such a label never crosses folds."""
+    labelled = m[m["subset"] == "labelled"]
+    scene = labelled.groupby("session")["label"].agg(lambda s: s.value_counts().idxmax())
+    out = m["session"].map(scene).where(m["subset"] == "unlabelled")
+    return out.astype(object).where(out.notna(), None)
 
 
 def _warn_mixed_sessions(labelled: pd.DataFrame) -> None:
@@ -347,9 +359,16 @@ def read_manifest(path: str | Path) -> pd.DataFrame:
         path = path / "manifest.csv"
     if not path.is_file():
         raise DataError([f"{path}: no manifest (run `raysc prepare` first)"], what="data folder")
-    m = pd.read_csv(path, dtype={"filename": str, "label": str, "city": str, "record_time": str}, keep_default_na=False)
+    m = pd.read_csv(
+        path,
+        dtype={"filename": str, "label": str, "city": str, "record_time": str, "session_label": str},
+        keep_default_na=False,
+    )
+    if "session_label" not in m.columns:  # a data folder prepared before session labels: none
+        m["session_label"] = ""
     missing = [c for c in MANIFEST_COLUMNS if c not in m.columns]
     if missing:
         raise DataError([f"{path}: missing column(s) {missing}"], what="manifest")
     m["label"] = m["label"].replace("", None)
+    m["session_label"] = m["session_label"].replace("", None)
     return m

@@ -144,6 +144,7 @@ def prepare(
         "counts": manifest["subset"].value_counts().to_dict(),
         "labelled_per_class": {c: int((labelled["label"] == c).sum()) for c in CLASSES},
         "sessions": int(manifest.loc[manifest["subset"] != "pretrain", "session"].nunique()),
+        "session_labels": int(manifest["session_label"].notna().sum()),
         "audio_without_metadata": len(extra),
         "pretrain_dropped": dict(dropped),
         "store": asdict(store.spec),

@@ -48,6 +48,9 @@ def read_pseudo_labels(path: str | Path, manifest: pd.DataFrame, cfg: TrainConfi
     """Pseudo-labelled clips usable to train fold ``cfg.fold``: candidates outside the validation
     fold, selected with the run's settings. Columns: filename, one target per class, weight."""
     table = read_candidates(path, manifest, classes)
+    if cfg.session_labels:  # clips of labelled sessions train with their session's label instead
+        has_label = manifest.set_index("filename")["session_label"].reindex(table["filename"]).notna().to_numpy()
+        table = table[~has_label].reset_index(drop=True)
     folds = manifest.set_index("filename")["fold"].reindex(table["filename"]).to_numpy()
     sel = Selection(
         threshold=cfg.pseudo_threshold,
@@ -216,10 +219,22 @@ def make_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter]) -> torch.
     return kind(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
+def session_labelled(data: PreparedData, fold: int) -> pd.DataFrame:
+    """Unlabelled clips that take their session's label, outside validation fold ``fold``
+    (folds follow sessions: this only restates that no validation session trains)."""
+    m = data.manifest
+    rows = m[(m["subset"] == "unlabelled") & m["session_label"].notna() & (m["fold"] != fold)]
+    return rows.assign(label=rows["session_label"])
+
+
 def training_table(cfg: TrainConfig, data: PreparedData, train_rows: pd.DataFrame) -> ClipTable:
-    """The labelled training clips, plus the pseudo-labels this run selects (never from its
-    validation fold)."""
+    """The labelled training clips, the session-labelled ones, and the pseudo-labels this run
+    selects among the rest (never from its validation fold)."""
     tables = [ClipTable.from_rows(train_rows, data.one_hot(train_rows))]
+    if cfg.session_labels:
+        rows = session_labelled(data, cfg.fold)
+        weight = np.full(len(rows), cfg.session_label_weight, np.float32)
+        tables.append(ClipTable.from_rows(rows, data.one_hot(rows), weight))
     if cfg.pseudo_labels:
         pseudo = read_pseudo_labels(cfg.pseudo_labels, data.manifest, cfg, data.classes)
         rows = data.manifest.set_index("filename").loc[pseudo["filename"]].reset_index()

@@ -173,10 +173,13 @@ def test_pseudo_labels_from_validation_sessions_never_train(prepared, tmp_path):
     unl = m[m["subset"] == "unlabelled"]
     probs = np.eye(len(CLASSES))[np.arange(len(unl)) % len(CLASSES)] * 0.9 + 0.01
     path = _pseudo_csv(tmp_path / "p.csv", list(unl["filename"]), probs)
-    result = fit(tiny_config(epochs=1, pseudo_labels=str(path), pseudo_weight=0.5), prepared.out)
+    # Session labels off: here every unlabelled clip is a pseudo-label candidate.
+    result = fit(tiny_config(epochs=1, pseudo_labels=str(path), pseudo_weight=0.5, session_labels=False), prepared.out)
     train_labelled = ((m["subset"] == "labelled") & (m["fold"] != 0)).sum()
     assert result.history[0]["train_clips"] == train_labelled + (unl["fold"] != 0).sum()
-    high = fit(tiny_config(epochs=1, pseudo_labels=str(path), pseudo_threshold=0.95), prepared.out)
+    high = fit(
+        tiny_config(epochs=1, pseudo_labels=str(path), pseudo_threshold=0.95, session_labels=False), prepared.out
+    )
     assert high.history[0]["train_clips"] == train_labelled  # 0.91 < 0.95: none kept
     pd.DataFrame({"filename": ["x"], "Bus": [1.0]}).to_csv(tmp_path / "cols.csv", index=False)
     with pytest.raises(DataError, match=r"cols.csv: missing column\(s\) \['Airport'"):
@@ -185,6 +188,29 @@ def test_pseudo_labels_from_validation_sessions_never_train(prepared, tmp_path):
     with pytest.raises(DataError) as err:
         fit(tiny_config(epochs=1, pseudo_labels=str(bad)), prepared.out)
     assert "is not an unlabelled development clip" in str(err.value) and "'nope'" in str(err.value)
+
+
+def test_session_labels_train_outside_the_validation_fold_and_leave_pseudo_labels_the_rest(prepared, tmp_path):
+    m = prepared.manifest
+    labelled, unl = m[m["subset"] == "labelled"], m[m["subset"] == "unlabelled"]
+    has = unl[unl["session_label"].notna()]
+    assert 0 < len(has) < len(unl) and prepared.info["session_labels"] == len(has)
+    assert m.loc[m["subset"] != "unlabelled", "session_label"].isna().all()
+    scene = labelled.groupby("session")["label"].first()
+    assert (has["session_label"] == has["session"].map(scene)).all()  # the session's own scene
+    assert set(unl.loc[unl["session_label"].isna(), "session"]).isdisjoint(labelled["session"])
+    fold_of = labelled.groupby("session")["fold"].first()
+    assert (has["fold"] == has["session"].map(fold_of)).all()  # never in another fold than its session
+    with_sessions = fit(tiny_config(epochs=1), prepared.out)
+    train_labelled = (labelled["fold"] != 0).sum()
+    assert with_sessions.history[0]["train_clips"] == train_labelled + (has["fold"] != 0).sum()
+    assert fit(tiny_config(epochs=1, session_labels=False), prepared.out).history[0]["train_clips"] == train_labelled
+    # Pseudo-labels cover only the clips of sessions without any label.
+    probs = np.eye(len(CLASSES))[np.arange(len(unl)) % len(CLASSES)] * 0.9 + 0.01
+    path = _pseudo_csv(tmp_path / "p.csv", list(unl["filename"]), probs)
+    both = fit(tiny_config(epochs=1, pseudo_labels=str(path)), prepared.out)
+    no_label = unl[unl["session_label"].isna() & (unl["fold"] != 0)]
+    assert both.history[0]["train_clips"] == train_labelled + (has["fold"] != 0).sum() + len(no_label)
 
 
 def test_init_from_reset_head_and_freeze(prepared, tmp_path):
@@ -249,5 +275,6 @@ def test_data_problems_stop_before_training(prepared, tmp_path):
 def test_fold_minus_one_trains_on_everything(prepared, tmp_path):
     result = fit(tiny_config(fold=-1, epochs=1), prepared.out, out_dir=tmp_path / "all")
     assert result.best == {} and result.predictions is None
-    assert result.history[0]["train_clips"] == (prepared.manifest["subset"] == "labelled").sum()
+    every = (prepared.manifest["subset"] == "labelled").sum() + prepared.manifest["session_label"].notna().sum()
+    assert result.history[0]["train_clips"] == every
     assert (tmp_path / "all" / "model.pt").is_file() and not (tmp_path / "all" / "val_predictions.csv").exists()
