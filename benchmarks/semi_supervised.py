@@ -41,9 +41,9 @@ from raysc.ensemble import build_ensemble
 from raysc.experiment import Experiment
 from raysc.inference import predict_ensemble
 from raysc.metrics import macro_accuracy
-from raysc.pipeline import SPACES_DIR
 from raysc.prepare import prepare
 from raysc.search import search
+from raysc.search_space import SPACES_DIR
 from raysc.synth import DEV_METADATA, EVAL_LABELS, EVAL_METADATA, synthesize
 
 SEARCHED_1, SEARCHED_2 = "1 round, searched threshold", "2 rounds, searched threshold"

@@ -22,53 +22,13 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
-import torchaudio
 from common import md_table, write_results  # the script folder is on sys.path
+from floor import audio_features, logistic_regression, meta_features
 
-from raysc.audio import FeatureStore
-from raysc.data import CLASSES, TIME_FEATURES
+from raysc.data import CLASSES
 from raysc.metrics import macro_accuracy
 from raysc.prepare import prepare
 from raysc.synth import DEV_METADATA, EVAL_LABELS, EVAL_METADATA, synthesize
-
-
-def audio_features(store: FeatureStore, names: list[str]) -> np.ndarray:
-    mel = torchaudio.transforms.MelSpectrogram(
-        store.spec.sample_rate, n_fft=1024, hop_length=512, n_mels=64, f_min=50.0
-    )
-    feats = []
-    for start in range(0, len(names), 64):
-        wave = torch.from_numpy(store.load(names[start : start + 64]))
-        logmel = torch.log10(mel(wave) + 1e-8)  # [B, 64, T]
-        feats.append(torch.cat([logmel.mean(-1), logmel.std(-1)], 1).numpy())
-    return np.concatenate(feats)
-
-
-def meta_features(m: pd.DataFrame, n_cities: int) -> np.ndarray:
-    city = np.eye(n_cities, dtype=np.float32)[m["city_idx"].to_numpy()]
-    return np.concatenate([city, m[list(TIME_FEATURES)].to_numpy(np.float32)], 1)
-
-
-def logistic_regression(x: np.ndarray, y: np.ndarray, x_test: np.ndarray, *, l2: float = 1e-2) -> np.ndarray:
-    """Full-batch L-BFGS softmax regression on standardised features; returns test predictions."""
-    mu, sd = x.mean(0), x.std(0) + 1e-6
-    xt = torch.from_numpy((x - mu) / sd).float()
-    xe = torch.from_numpy((x_test - mu) / sd).float()
-    yt = torch.from_numpy(np.array(y, dtype=np.int64))
-    torch.manual_seed(0)
-    lin = torch.nn.Linear(x.shape[1], len(CLASSES))
-    opt = torch.optim.LBFGS(lin.parameters(), lr=0.5, max_iter=300, line_search_fn="strong_wolfe")
-
-    def closure():
-        opt.zero_grad()
-        loss = torch.nn.functional.cross_entropy(lin(xt), yt) + l2 * lin.weight.pow(2).sum()
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    with torch.no_grad():
-        return lin(xe).argmax(1).numpy()
 
 
 def run_seed(seed: int, work: Path, clips: int, eval_clips: int, clip_seconds: float, workers: int) -> dict:

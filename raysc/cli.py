@@ -154,25 +154,17 @@ def describe(result) -> str:
 
 
 def _cmd_search(args: argparse.Namespace) -> int:
-    from .search import search
+    from .search import SearchOptions, search
 
+    options = {f.name: getattr(args, f.name) for f in dataclasses.fields(SearchOptions)}
     result = search(
         args.space,
         data=args.data,
         experiment=args.experiment,
-        trials=args.trials,
-        max_epochs=args.max_epochs,
-        time_budget_minutes=args.time_budget,
-        fold=args.fold,
-        round=args.round,
-        pseudo_candidates=args.pseudo_candidates,
-        seed=args.seed,
-        max_concurrent=args.max_concurrent,
-        sampler=args.sampler,
-        early_stopping=not args.no_early_stopping,
         resume=args.resume,
         address=args.address,
         progress=lambda line: print(line, flush=True),
+        **options,
     )
     print(describe(result))
     return EXIT_OK
@@ -365,14 +357,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--experiment", type=Path, required=True, help="experiment folder (rounds, trials, ensembles)")
     p.add_argument("--trials", type=int, default=8, help="trials to run (default 8)")
     p.add_argument("--max-epochs", type=int, help="epochs of a trial that is never stopped (default: the space's)")
-    p.add_argument("--time-budget", type=float, metavar="MINUTES", help="start no trial after this long")
+    p.add_argument(
+        "--time-budget",
+        dest="time_budget_minutes",
+        type=float,
+        metavar="MINUTES",
+        help="start no trial after this long",
+    )
     p.add_argument("--fold", type=int, default=0, help="validation fold (default 0)")
     p.add_argument("--round", type=int, default=0, help="semi-supervised round (default 0: labelled clips only)")
     p.add_argument("--pseudo-candidates", type=Path, metavar="CSV", help="pseudo-label candidates (round >= 1)")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampler and of every trial (default 0)")
     p.add_argument("--max-concurrent", type=int, help="trials at once (default: what the cluster's CPUs/GPUs fit)")
     p.add_argument("--sampler", choices=["tpe", "random"], default="tpe", help="Optuna sampler (default tpe)")
-    p.add_argument("--no-early-stopping", action="store_true", help="no ASHA: every trial runs its epochs")
+    p.add_argument(
+        "--no-early-stopping", dest="early_stopping", action="store_false", help="no ASHA: every trial runs its epochs"
+    )
     p.add_argument("--resume", action="store_true", help="continue an interrupted search in --experiment")
     _add_address(p)
     p.set_defaults(func=_cmd_search)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -104,17 +104,23 @@ class TrainConfig:
         cls = model_class(self.backbone)
         user = apply_overrides(cls.config_class(), dict(self.model), where=f"model ({self.backbone})")
         fe = user.frontend
+        frontend = dict(self.model.get("frontend", {}))
         if fe.sample_rate != sample_rate:
-            raise ConfigError(
-                f"the {self.backbone} front end expects {fe.sample_rate} Hz audio but the data is at {sample_rate} Hz: "
-                f"prepare the data with --sample-rate {fe.sample_rate} or set model.frontend.sample_rate"
-            )
-        frontend = {"freq_masks": self.spec_augment, "time_masks": self.spec_augment} if self.spec_augment else {}
+            # The backbone's front end follows the data unless the config asks for another rate.
+            if "sample_rate" in frontend or "frontend.sample_rate" in self.model:
+                raise ConfigError(
+                    f"the {self.backbone} front end expects {fe.sample_rate} Hz audio but the data is at {sample_rate} "
+                    f"Hz: prepare the data with --sample-rate {fe.sample_rate}, or remove model.frontend.sample_rate "
+                    "so that the front end follows the data"
+                )
+            frontend = {**asdict(fe.at_rate(sample_rate)), **frontend, "sample_rate": sample_rate}
+        if self.spec_augment:
+            frontend |= {"freq_masks": self.spec_augment, "time_masks": self.spec_augment}
         return {
             **dict(self.model),
             "classes": list(classes),
             "cities": list(cities),
-            "frontend": {**dict(self.model.get("frontend", {})), **frontend},
+            "frontend": frontend,
             "meta": {**dict(self.model.get("meta", {})), "city_dropout": self.city_dropout},
         }
 

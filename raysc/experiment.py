@@ -37,6 +37,16 @@ from .fileio import write_csv, write_json
 
 # The validation metrics a record keeps, the trials table's columns and the leaderboard's.
 RECORD_METRICS = ("macro_accuracy", "accuracy", "log_loss", "seen_city_macro_accuracy", "unseen_city_macro_accuracy")
+# What a run reports every epoch as its best so far: ASHA and TPE judge a trial by its best epoch.
+RUNNING_BEST = "best_macro_accuracy"
+
+
+def settings_changes(stored: dict[str, Any], current: dict[str, Any]) -> str:
+    """The keys of ``current`` whose value differs from ``stored``, as text ('' when none): a
+    resumed search or pipeline must run with the settings it started with. Keys that only
+    ``stored`` has (settings an older raysc had) do not count."""
+    changed = {k: (stored.get(k), v) for k, v in current.items() if stored.get(k) != v}
+    return ", ".join(f"{k}: was {a!r}, now {b!r}" for k, (a, b) in changed.items())
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ its network. SpecAugment runs only in training mode.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 import torch
@@ -35,6 +36,24 @@ class FrontendConfig:
     freq_mask_width: int = 8
     time_masks: int = 0
     time_mask_width: int = 40
+
+    def at_rate(self, sample_rate: int) -> FrontendConfig:
+        """The same front end for audio at ``sample_rate``: window and hop keep their duration,
+        the FFT the next power of two that holds the window, the top band stays below Nyquist."""
+        if sample_rate == self.sample_rate:
+            return self
+        ratio = sample_rate / self.sample_rate
+        win = max(16, round(self.win_length * ratio))
+        nyquist = sample_rate / 2
+        return replace(
+            self,
+            sample_rate=sample_rate,
+            win_length=win,
+            hop_length=max(1, round(self.hop_length * ratio)),
+            n_fft=max(win, 2 ** math.ceil(math.log2(max(win, round(self.n_fft * ratio))))),
+            f_max=min(self.f_max, nyquist) if self.f_max else None,
+            f_min=min(self.f_min, nyquist / 2),
+        )
 
     def num_frames(self, num_samples: int) -> int:
         full = num_samples // self.hop_length + 1  # centred STFT

@@ -9,7 +9,7 @@ from typing import Any
 
 from ray.tune import Callback
 
-METRIC = "best_macro_accuracy"
+from .experiment import RUNNING_BEST as METRIC
 
 
 class LiveView(Callback):

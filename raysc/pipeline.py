@@ -26,7 +26,7 @@ from .candidates import write_candidates
 from .dataset import load_dataset
 from .ensemble import build_ensemble
 from .errors import ConfigError, RayscError
-from .experiment import Ensemble, Experiment, final_ensemble
+from .experiment import Ensemble, Experiment, final_ensemble, settings_changes
 from .fileio import read_yaml_mapping, write_json
 from .leaderboard import leaderboard
 from .plots import write_plots
@@ -88,10 +88,11 @@ class _State:
         self.path = exp.pipeline_state
         if self.path.is_file():
             stored = json.loads(self.path.read_text())
-            # Only today's keys count: a key that raysc no longer has does not block a resume.
-            diff = {k: (stored["settings"].get(k), v) for k, v in settings.items() if stored["settings"].get(k) != v}
-            if diff:
-                raise RayscError(f"{exp.root} holds a pipeline with other settings ({diff}); use another --experiment")
+            changes = settings_changes(stored["settings"], settings)
+            if changes:
+                raise RayscError(
+                    f"{exp.root} holds a pipeline with other settings ({changes}); use another --experiment"
+                )
             self.done: dict[str, Any] = stored["done"]
         else:
             self.done = {}

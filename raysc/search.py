@@ -27,35 +27,51 @@ from .config import make_config
 from .dataset import load_dataset
 from .distributed import DRIVER_RESOURCE, init_ray, make_trainer
 from .errors import ConfigError, RayscError
-from .experiment import RECORD_METRICS, Experiment, TrialRecord, rank_key, train_run_name
+from .experiment import (
+    RECORD_METRICS,
+    RUNNING_BEST,
+    Experiment,
+    TrialRecord,
+    rank_key,
+    settings_changes,
+    train_run_name,
+)
 from .fileio import write_json
 from .models import count_macs, count_parameters, load_model
 from .models.base import config_to_dict
 from .pseudo import read_candidates
-from .search_space import SearchSpace, load_search_space
+from .search_space import Resources, SearchSpace, load_search_space
 
 log = logging.getLogger(__name__)
 
-METRIC = "best_macro_accuracy"  # the running best: ASHA and TPE both judge a trial by its best epoch
+METRIC = RUNNING_BEST
 
 
 @dataclass(frozen=True)
-class SearchSettings:
-    """Everything that defines a search; stored in ``search.json`` and checked on ``--resume``."""
+class SearchOptions:
+    """How one search runs: the keyword options of ``search()``, the flags of ``raysc search``
+    (same names) and what the pipeline sets per round."""
 
-    space: str
-    data: str
-    round: int
-    trials: int
-    max_epochs: int
-    fold: int
-    seed: int
-    pseudo_candidates: str | None
-    time_budget_minutes: float | None
-    max_concurrent: int | None
-    startup_trials: int
+    trials: int = 8
+    max_epochs: int | None = None  # default: the space's
+    time_budget_minutes: float | None = None  # start no trial after this long
+    fold: int = 0  # validation fold of every trial
+    round: int = 0  # 0: labelled clips; >= 1: + pseudo-labels from ``pseudo_candidates``
+    pseudo_candidates: str | None = None
+    seed: int = 0  # the sampler's and every trial's
+    max_concurrent: int | None = None  # default: what the cluster's CPUs and GPUs fit
     sampler: str = "tpe"  # tpe | random
     early_stopping: bool = True  # ASHA; off: every trial runs max_epochs (or to its patience)
+
+
+@dataclass(frozen=True)
+class SearchSettings(SearchOptions):
+    """Everything that defines a search (the options, resolved, plus the space and the data);
+    stored in ``search.json`` and checked on ``--resume``."""
+
+    space: str = ""
+    data: str = ""
+    startup_trials: int = 1  # TPE's random start-up
 
 
 @dataclass(frozen=True)
@@ -71,22 +87,15 @@ def search(
     *,
     data: str | Path,
     experiment: str | Path,
-    trials: int = 8,
-    max_epochs: int | None = None,
-    time_budget_minutes: float | None = None,
-    fold: int = 0,
-    round: int = 0,
-    pseudo_candidates: str | Path | None = None,
-    seed: int = 0,
-    max_concurrent: int | None = None,
-    sampler: str = "tpe",
-    early_stopping: bool = True,
     points_to_evaluate: list[dict[str, Any]] | None = None,
     resume: bool = False,
     address: str | None = None,
     progress: Callable[[str], None] | None = None,
+    **options: Any,
 ) -> SearchResult:
     """Run (or resume) one round's search and return its trial records, best first.
+
+    ``options``: the fields of ``SearchOptions`` (``trials=16, max_epochs=12, round=1, ...``).
 
     ``points_to_evaluate``: configurations to try first (Optuna names, e.g. a paper's settings
     ``{"backbone": "setrans", "lr": 1e-4}``); what they leave out is sampled.
@@ -94,40 +103,39 @@ def search(
     Everything is checked before Ray starts: the space, the data folder, the fold, the
     pseudo-label candidates (required from round 1), and that one trial fits the cluster.
     """
+    names = {f.name for f in dataclasses.fields(SearchOptions)}
+    unknown = sorted(set(options) - names)
+    if unknown:
+        raise ConfigError(f"unknown search option(s) {unknown} (valid: {', '.join(sorted(names))})")
+    opts = SearchOptions(**options)
     exp = Experiment(Path(experiment).resolve())
-    rdir = exp.round_dir(round)
+    rdir = exp.round_dir(opts.round)
     sp = space if isinstance(space, SearchSpace) else load_search_space(space)
+    candidates = opts.pseudo_candidates
     settings = SearchSettings(
+        **{
+            **dataclasses.asdict(opts),
+            "max_epochs": opts.max_epochs or sp.scheduler.max_epochs,
+            "pseudo_candidates": str(Path(candidates).resolve()) if candidates else None,
+        },
         space=str(sp.path.resolve()),
         data=str(Path(data).resolve()),
-        round=round,
-        trials=trials,
-        max_epochs=max_epochs or sp.scheduler.max_epochs,
-        fold=fold,
-        seed=seed,
-        pseudo_candidates=str(Path(pseudo_candidates).resolve()) if pseudo_candidates else None,
-        time_budget_minutes=time_budget_minutes,
-        max_concurrent=max_concurrent,
-        startup_trials=min(10, max(1, trials // 3)),
-        sampler=sampler,
-        early_stopping=early_stopping,
+        startup_trials=min(10, max(1, opts.trials // 3)),
     )
     _check_inputs(sp, settings)
-    settings_path = exp.search_settings(round)
+    settings_path = exp.search_settings(opts.round)
     if resume:
         if not settings_path.is_file():
             raise RayscError(f"{rdir}: no search to resume (no search.json); run without --resume")
-        stored = json.loads(settings_path.read_text())
-        changed = {k: (stored.get(k), v) for k, v in dataclasses.asdict(settings).items() if stored.get(k) != v}
-        if changed:
-            what = ", ".join(f"{k}: was {a!r}, now {b!r}" for k, (a, b) in changed.items())
-            raise RayscError(f"{rdir}: --resume with different settings ({what}); give the original ones")
+        changes = settings_changes(json.loads(settings_path.read_text()), dataclasses.asdict(settings))
+        if changes:
+            raise RayscError(f"{rdir}: --resume with different settings ({changes}); give the original ones")
     elif rdir.exists() and any(rdir.iterdir()):
         raise RayscError(f"{rdir} already holds a search; pass --resume to continue it or choose another --experiment")
     rdir.mkdir(parents=True, exist_ok=True)
     write_json(settings_path, dataclasses.asdict(settings))
-    if not exp.space_copy(round).exists():
-        shutil.copyfile(sp.path, exp.space_copy(round))
+    if not exp.space_copy(opts.round).exists():
+        shutil.copyfile(sp.path, exp.space_copy(opts.round))
 
     t0 = time.perf_counter()
     _run_tune(
@@ -203,7 +211,9 @@ def _trial_values(space: SearchSpace, params: Mapping[str, Any], s: SearchSettin
     return values
 
 
-def _run_trial(params: dict[str, Any], *, space: SearchSpace, settings: SearchSettings, experiment: str) -> None:
+def _run_trial(
+    params: dict[str, Any], *, space: SearchSpace, settings: SearchSettings, experiment: str, resources: Resources
+) -> None:
     """One Tune trial: drive a TorchTrainer for the sampled config; metrics flow to Tune through
     ``TuneReportCallback``."""
     import ray.train  # lazy: Ray (see _run_tune)
@@ -215,7 +225,7 @@ def _run_trial(params: dict[str, Any], *, space: SearchSpace, settings: SearchSe
     exp = Experiment(experiment)
     out = exp.trial_dir(settings.round, trial_id)
     out.mkdir(parents=True, exist_ok=True)
-    res = space.resources
+    res = resources
     trainer = make_trainer(
         cfg,
         settings.data,
@@ -242,11 +252,18 @@ def _trial_resources(ray: Any) -> dict[str, float]:
     return {"CPU": 0.01}
 
 
-def _concurrency(ray: Any, space: SearchSpace, s: SearchSettings) -> int:
+def resolve_resources(res: Resources, total: Mapping[str, float], max_concurrent: int | None) -> Resources:
+    """A space's resources against the cluster met: GPU shares where there are GPUs; on a
+    cluster without any (and not autoscaling: no --max-concurrent), whole CPUs per worker
+    instead, so that every shipped space also runs on a CPU machine."""
+    if res.gpus_per_worker and not total.get("GPU") and not max_concurrent:
+        return Resources(workers=res.workers, gpus_per_worker=0.0, cpus_per_worker=max(1.0, round(res.cpus_per_worker)))
+    return res
+
+
+def _concurrency(total: Mapping[str, float], res: Resources, space: SearchSpace, s: SearchSettings) -> int:
     """Trials that fit at once: the cluster's CPUs and GPUs over one trial's needs."""
-    res = space.resources
     cpu, gpu = res.workers * res.cpus_per_worker, res.workers * res.gpus_per_worker
-    total = ray.cluster_resources()
     fits = [math.floor(total.get("CPU", 0) / cpu + 1e-9) if cpu else s.trials]
     if gpu:
         fits.append(math.floor(total.get("GPU", 0) / gpu + 1e-9))
@@ -286,8 +303,16 @@ def _run_tune(
     rdir = exp.round_dir(s.round)
     _log_to_file(exp.search_log(s.round))
     init_ray(address, log_to_driver=False)
+    total = ray.cluster_resources()
+    resources = resolve_resources(space.resources, total, s.max_concurrent)
+    if resources != space.resources:
+        progress(
+            f"the cluster has no GPU: each trial runs {resources.workers} worker(s) on "
+            f"{resources.cpus_per_worker:g} CPU(s) each instead of {space.resources.gpus_per_worker:g} GPU"
+        )
     trainable = ray.tune.with_resources(
-        ray.tune.with_parameters(_run_trial, space=space, settings=s, experiment=str(exp.root)), _trial_resources(ray)
+        ray.tune.with_parameters(_run_trial, space=space, settings=s, experiment=str(exp.root), resources=resources),
+        _trial_resources(ray),
     )
     view = LiveView(total=s.trials, round=s.round, write=progress)
     tune_dir = exp.tune_dir(s.round)
@@ -334,7 +359,7 @@ def _run_tune(
                 search_alg=searcher,
                 scheduler=asha if s.early_stopping else None,
                 num_samples=s.trials,
-                max_concurrent_trials=_concurrency(ray, space, s),
+                max_concurrent_trials=_concurrency(total, resources, space, s),
                 time_budget_s=s.time_budget_minutes * 60 if s.time_budget_minutes else None,
             ),
             run_config=ray.tune.RunConfig(

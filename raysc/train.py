@@ -28,7 +28,7 @@ from .audio import FeatureStore
 from .config import TrainConfig
 from .dataset import PreparedData, load_dataset
 from .errors import ConfigError
-from .experiment import RECORD_METRICS
+from .experiment import RECORD_METRICS, RUNNING_BEST
 from .fileio import write_csv, write_json
 from .loader import Batch, ClipTable, make_loader
 from .metrics import classification_report, confusion_matrix
@@ -117,17 +117,21 @@ def augment(batch: Batch, cfg: TrainConfig, sample_rate: int, g: torch.Generator
     return batch._replace(wave=wave, target=target, weight=weight)
 
 
-def lr_factor(cfg: TrainConfig, epoch: int) -> float:
-    """Learning-rate multiplier for ``epoch`` (0-based): linear warm-up, then the schedule."""
-    if epoch < cfg.warmup_epochs:
-        return (epoch + 1) / (cfg.warmup_epochs + 1)
-    e = epoch - cfg.warmup_epochs
+def lr_factor(cfg: TrainConfig, step: int, steps_per_epoch: int = 1) -> float:
+    """Learning-rate multiplier for optimiser step ``step`` (0-based): linear warm-up, then the
+    schedule. The schedule moves every step, not every pass: on a few hundred clips an epoch is
+    a handful of steps, and a per-epoch staircase would warm up and decay in coarse jumps.
+    ``warmup_epochs``, ``step_size`` and ``epochs`` are converted with ``steps_per_epoch``."""
+    warmup = round(cfg.warmup_epochs * steps_per_epoch)
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    s = step - warmup
     if cfg.schedule == "step":
-        return cfg.gamma ** (e // cfg.step_size)
+        return cfg.gamma ** (s // (cfg.step_size * steps_per_epoch))
     if cfg.schedule == "cosine":
-        span = max(1, cfg.epochs - cfg.warmup_epochs - 1)
+        span = max(1, cfg.epochs * steps_per_epoch - warmup - 1)
         floor = cfg.min_lr / cfg.lr
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(e, span) / span))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(s, span) / span))
     return 1.0
 
 
@@ -356,11 +360,12 @@ def fit(
     model = build_model(cfg, data).to(dev)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = make_optimizer(cfg, params)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda e: lr_factor(cfg, e))
+    per_rank_batch = max(1, cfg.batch_size // world)  # batch_size is the global batch
+    steps_per_epoch = math.ceil(math.ceil(len(train) / world) / per_rank_batch)  # the same on every rank
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(cfg, step, steps_per_epoch))
     # With fusion "none" the metadata encoder gets no gradient; DDP must be told.
     unused = model.cfg.fusion == "none"
     net = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=unused) if world > 1 else model
-    per_rank_batch = max(1, cfg.batch_size // world)  # batch_size is the global batch
 
     if resume:
         state = TrainState.load(Path(resume), model, opt, sched, dev)
@@ -398,6 +403,7 @@ def fit(
             if cfg.grad_clip:
                 torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             opt.step()
+            sched.step()
             loss_sum += loss.detach() * len(b.filename)
             clips += len(b.filename)
         metrics: dict[str, Any] = {
@@ -405,8 +411,8 @@ def fit(
             "train_loss": loss_sum.item() / max(clips, 1),
             "lr": opt.param_groups[0]["lr"],
             "train_clips": len(train),
+            "steps": sched.last_epoch,  # optimiser steps so far (LambdaLR counts them as its "epochs")
         }
-        sched.step()
         state.epoch = epoch + 1
 
         # Validation every epoch: the best epoch's weights and predictions are the run's result.
@@ -419,7 +425,7 @@ def fit(
                 state.best_predictions = preds
             state.bad_epochs = 0 if improved else state.bad_epochs + 1
             metrics |= {k: rep[k] for k in EPOCH_METRICS}
-            metrics["best_macro_accuracy"] = state.best["macro_accuracy"]
+            metrics[RUNNING_BEST] = state.best["macro_accuracy"]
         else:
             state.best_weights = _copy(model.state_dict())
         metrics["epoch_seconds"] = time.perf_counter() - t0

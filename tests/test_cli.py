@@ -139,15 +139,8 @@ def test_search_errors_exit_2_with_the_message(prepared, tmp_path, caplog):
         ]
     )
     assert code == 2 and "round 1 trains on pseudo-labels: give --pseudo-candidates CSV" in caplog.text
-    code = main(
-        [
-            "search",
-            "search_spaces/mobileascnet.yaml",
-            "--data",
-            str(prepared.out),
-            "--experiment",
-            str(tmp_path / "exp"),
-        ]
-    )
+    explicit_rate = tmp_path / "rate.yaml"
+    explicit_rate.write_text("fixed: {model.frontend.sample_rate: 44100}\nbackbones: {mobileascnet: {}}\n")
+    code = main(["search", str(explicit_rate), "--data", str(prepared.out), "--experiment", str(tmp_path / "exp")])
     assert code == 2 and "front end expects 44100 Hz audio but the data is at 8000 Hz" in caplog.text
     assert not (tmp_path / "exp").exists()

@@ -225,7 +225,7 @@ def test_search_input_errors_stop_before_ray_starts(prepared, tmp_path):
         search(space, data=prepared.out, experiment=exp)
     with pytest.raises(RayscError, match=r"different settings \(.*trials: was 8, now 5"):
         search(space, data=prepared.out, experiment=exp, trials=5, resume=True)
-    rate = write_space(tmp_path / "r.yaml", fixed={"model.width": 0.25})
+    rate = write_space(tmp_path / "r.yaml", fixed={"model.width": 0.25, "model.frontend.sample_rate": 44100})
     with pytest.raises(RayscError, match="mobileascnet front end expects 44100 Hz audio but the data is at 8000 Hz"):
         search(rate, data=prepared.out, experiment=tmp_path / "exp2")
     bad = tmp_path / "cand.csv"

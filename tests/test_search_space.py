@@ -10,7 +10,7 @@ import pytest
 
 from raysc.config import make_config
 from raysc.errors import ConfigError
-from raysc.search_space import load_search_space
+from raysc.search_space import SPACES_DIR, load_search_space
 
 SPACES = sorted((Path(__file__).resolve().parent.parent / "search_spaces").glob("*.yaml"))
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -104,3 +104,16 @@ def test_unknown_or_missing_backbones(tmp_path):
     path.write_text("params: {}\n")
     with pytest.raises(ConfigError, match="'backbones' must map at least one backbone"):
         load_search_space(path)
+
+
+def test_gpu_spaces_resolve_to_whole_cpus_on_a_cluster_without_gpus():
+    from raysc.search import resolve_resources
+    from raysc.search_space import Resources
+
+    gpu = Resources(workers=1, gpus_per_worker=0.5, cpus_per_worker=1)
+    assert resolve_resources(gpu, {"CPU": 2.0}, None) == Resources(workers=1, gpus_per_worker=0.0, cpus_per_worker=1)
+    assert resolve_resources(gpu, {"CPU": 2.0, "GPU": 1.0}, None) == gpu  # GPUs there: kept
+    assert resolve_resources(gpu, {"CPU": 2.0}, 8) == gpu  # autoscaling (--max-concurrent): GPUs will come
+    for path in SPACES_DIR.glob("*.yaml"):  # every shipped space runs on a CPU machine
+        res = resolve_resources(load_search_space(path).resources, {"CPU": 2.0}, None)
+        assert res.gpus_per_worker == 0 and res.workers * res.cpus_per_worker <= 2, path

@@ -14,7 +14,7 @@ from raysc.data import CLASSES
 from raysc.distributed import check_run_dir
 from raysc.errors import ConfigError, DataError, RayscError
 from raysc.loader import Batch
-from raysc.models import load_model
+from raysc.models import create_model, load_model
 from raysc.train import augment, fit, lr_factor, soft_cross_entropy
 
 FRONTEND = {
@@ -160,6 +160,11 @@ def test_schedules():
     assert lr_factor(cos, 0) == pytest.approx(1.0) and lr_factor(cos, 4) == pytest.approx(0.1)
     warm = tiny_config(schedule="constant", warmup_epochs=3)
     assert [lr_factor(warm, e) for e in range(5)] == [0.25, 0.5, 0.75, 1.0, 1.0]
+    # Per optimiser step: 4 steps an epoch, one warm-up epoch, cosine to the floor at the very last step.
+    steps = tiny_config(schedule="cosine", epochs=3, warmup_epochs=1, lr=1e-3, min_lr=1e-4)
+    factors = [lr_factor(steps, s, 4) for s in range(12)]
+    assert factors[:4] == [0.2, 0.4, 0.6, 0.8] and factors[4] == pytest.approx(1.0)
+    assert factors[11] == pytest.approx(0.1) and all(a > b for a, b in zip(factors[4:], factors[5:], strict=False))
 
 
 def _pseudo_csv(path, names, probs=None):
@@ -261,9 +266,30 @@ def test_yaml_numbers_and_sets(tmp_path):
         load_config(path)
 
 
+def test_every_backbone_front_end_follows_the_data_rate_unless_set(prepared):
+    from raysc.models import list_models
+
+    for name in list_models():
+        over = make_config({"backbone": name}).model_overrides(classes=CLASSES, cities=["<unk>"], sample_rate=8000)
+        fe = create_model(name, **over).cfg.frontend
+        paper = create_model(name).cfg.frontend
+        assert fe.sample_rate == 8000 and fe.f_max <= 4000, name
+        # Windows and hops keep their duration; the FFT holds the window.
+        assert abs(fe.hop_length / 8000 - paper.hop_length / paper.sample_rate) < 1 / 8000, name
+        assert abs(fe.win_length / 8000 - paper.win_length / paper.sample_rate) < 1 / 8000, name
+        assert fe.n_fft >= fe.win_length and fe.n_mels == paper.n_mels, name
+    result = fit(make_config({"backbone": "stats", "epochs": 1, "batch_size": 16}), prepared.out)
+    assert result.model.cfg.frontend.sample_rate == 8000 and result.history[0]["train_clips"] > 0
+
+
 def test_data_problems_stop_before_training(prepared, tmp_path):
-    with pytest.raises(ConfigError, match="expects 44100 Hz audio but the data is at 8000 Hz"):
-        fit(make_config({"backbone": "setrans", "epochs": 1}), prepared.out)
+    explicit = {"backbone": "setrans", "epochs": 1, "model": {"frontend": {"sample_rate": 44100}}}
+    with pytest.raises(
+        ConfigError,
+        match=r"expects 44100 Hz audio but the data is at 8000 Hz: prepare the data with "
+        r"--sample-rate 44100, or remove model\.frontend\.sample_rate so that the front end follows",
+    ):
+        fit(make_config(explicit), prepared.out)
     with pytest.raises(ConfigError, match=r"fold 7 does not exist .* \(folds: \[0, 1, 2\], or -1\)"):
         fit(tiny_config(fold=7), prepared.out)
     with pytest.raises(ConfigError, match="freeze: no parameter of mobileascnet starts with 'encoder'"):

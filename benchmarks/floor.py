@@ -1,0 +1,77 @@
+"""The simple floor every trained system must beat: a logistic regression on per-band log-mel
+mean/std (audio) + one-hot city + the time features (metadata), trained on labelled clips.
+
+Eval-only cities: the metadata models also train on a copy of every clip with its city replaced
+by ``<unk>`` (city dropout, as raysc's models do), so those cities get a trained fallback.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import torch
+import torchaudio
+
+from raysc.audio import FeatureStore
+from raysc.data import CLASSES, TIME_FEATURES
+
+
+def audio_features(store: FeatureStore, names: list[str]) -> np.ndarray:
+    mel = torchaudio.transforms.MelSpectrogram(
+        store.spec.sample_rate, n_fft=1024, hop_length=512, n_mels=64, f_min=50.0
+    )
+    feats = []
+    for start in range(0, len(names), 64):
+        wave = torch.from_numpy(store.load(names[start : start + 64]))
+        logmel = torch.log10(mel(wave) + 1e-8)  # [B, 64, T]
+        feats.append(torch.cat([logmel.mean(-1), logmel.std(-1)], 1).numpy())
+    return np.concatenate(feats)
+
+
+def meta_features(m: pd.DataFrame, n_cities: int) -> np.ndarray:
+    city = np.eye(n_cities, dtype=np.float32)[m["city_idx"].to_numpy()]
+    return np.concatenate([city, m[list(TIME_FEATURES)].to_numpy(np.float32)], 1)
+
+
+def logistic_regression(x: np.ndarray, y: np.ndarray, x_test: np.ndarray, *, l2: float = 1e-2) -> np.ndarray:
+    """Full-batch L-BFGS softmax regression on standardised features; returns test predictions."""
+    mu, sd = x.mean(0), x.std(0) + 1e-6
+    xt = torch.from_numpy((x - mu) / sd).float()
+    xe = torch.from_numpy((x_test - mu) / sd).float()
+    yt = torch.from_numpy(np.array(y, dtype=np.int64))
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(x.shape[1], len(CLASSES))
+    opt = torch.optim.LBFGS(lin.parameters(), lr=0.5, max_iter=300, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(lin(xt), yt) + l2 * lin.weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    with torch.no_grad():
+        return lin(xe).argmax(1).numpy()
+
+
+def floor_predictions(
+    store: FeatureStore, train: pd.DataFrame, test: pd.DataFrame, n_cities: int, *, features: str = "both"
+) -> np.ndarray:
+    """Class indices predicted for ``test`` by the floor trained on ``train`` (rows with ``label``);
+    ``features``: audio, metadata or both."""
+    y = train["label"].map(CLASSES.index).to_numpy()
+    parts_tr, parts_unk, parts_te = [], [], []
+    if features in ("audio", "both"):
+        a_tr = audio_features(store, list(train["filename"]))
+        parts_tr.append(a_tr)
+        parts_unk.append(a_tr)
+        parts_te.append(audio_features(store, list(test["filename"])))
+    if features in ("metadata", "both"):
+        parts_tr.append(meta_features(train, n_cities))
+        parts_unk.append(meta_features(train.assign(city_idx=0), n_cities))
+        parts_te.append(meta_features(test, n_cities))
+    x_tr, x_te = np.concatenate(parts_tr, 1), np.concatenate(parts_te, 1)
+    if features == "audio":
+        return logistic_regression(x_tr, y, x_te)
+    x_unk = np.concatenate(parts_unk, 1)
+    return logistic_regression(np.concatenate([x_tr, x_unk]), np.concatenate([y, y]), x_te)
