@@ -52,6 +52,7 @@ class TrainConfig:
     session_label_weight: float = 1.0  # their loss weight relative to a labelled clip
     seed: int = 0
     loader_workers: int = 0
+    cache_features: bool = True  # train on the front end's log-mel computed once per data folder
     # Pseudo-labels: candidates (filename + one probability column per class) of unlabelled clips,
     # selected per run (raysc.pseudo).
     pseudo_labels: str | None = None

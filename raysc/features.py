@@ -7,7 +7,7 @@ its network. SpecAugment runs only in training mode.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torchaudio
@@ -54,6 +54,10 @@ class FrontendConfig:
             f_max=min(self.f_max, nyquist) if self.f_max else None,
             f_min=min(self.f_min, nyquist / 2),
         )
+
+    def cache_key(self) -> dict:
+        """What the log-mel depends on (SpecAugment's settings do not change it)."""
+        return {k: v for k, v in asdict(self).items() if not k.startswith(("freq_mask", "time_mask"))}
 
     def num_frames(self, num_samples: int) -> int:
         full = num_samples // self.hop_length + 1  # centred STFT
@@ -109,7 +113,18 @@ class Frontend(nn.Module):
         )
 
     def forward(self, wave: torch.Tensor) -> torch.Tensor:
-        """[B, samples] float waveform -> [B, 1, frames, mels] log-mel."""
+        """[B, samples] float waveform -> [B, 1, frames, mels] log-mel (SpecAugment in training)."""
+        return self.augment(self.logmel(wave))
+
+    def augment(self, spec: torch.Tensor) -> torch.Tensor:
+        """SpecAugment on a log-mel batch, in training mode only (also on cached features)."""
+        if self.training and (self.cfg.freq_masks or self.cfg.time_masks):
+            return spec_augment(spec, self.cfg)
+        return spec
+
+    def logmel(self, wave: torch.Tensor) -> torch.Tensor:
+        """[B, samples] float waveform -> [B, 1, frames, mels] log-mel, never augmented: what a
+        feature cache stores."""
         cfg = self.cfg
         # The STFT runs in fp32 even under autocast: bf16 spectra lose the quiet bands.
         with torch.autocast(device_type=wave.device.type, enabled=False):
@@ -122,10 +137,7 @@ class Frontend(nn.Module):
                 spec = 10.0 * torch.log10(spec + 1e-8)
         if cfg.frames:
             spec = spec[..., : cfg.frames]
-        spec = spec.transpose(1, 2).unsqueeze(1)
-        if self.training and (cfg.freq_masks or cfg.time_masks):
-            spec = spec_augment(spec, cfg)
-        return spec
+        return spec.transpose(1, 2).unsqueeze(1)
 
 
 def _masks(count: int, width: int, size: int, batch: int, device: torch.device) -> torch.Tensor:

@@ -13,20 +13,28 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from .audio import FeatureStore
 from .data import TIME_FEATURES
+from .featcache import FeatureCache
 
 
 class Batch(NamedTuple):
-    wave: torch.Tensor  # [B, samples] float32
+    wave: torch.Tensor  # [B, samples] float32 ([B, 0] when the batch comes from a feature cache)
     city: torch.Tensor  # [B] long, 0 = <unk>
     time: torch.Tensor  # [B, 7] float32
     target: torch.Tensor  # [B, classes] soft targets summing to 1
     weight: torch.Tensor  # [B] per-sample loss weights
     filename: list[str]
+    spec: torch.Tensor | None = None  # [B, 1, frames, mels] cached log-mel, when there is a cache
 
     def to(self, device: torch.device | str) -> Batch:
-        move = lambda t: t.to(device, non_blocking=True)  # noqa: E731
+        move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
         return Batch(
-            move(self.wave), move(self.city), move(self.time), move(self.target), move(self.weight), self.filename
+            move(self.wave),
+            move(self.city),
+            move(self.time),
+            move(self.target),
+            move(self.weight),
+            self.filename,
+            move(self.spec),
         )
 
 
@@ -61,8 +69,8 @@ class ClipTable:
 class ClipDataset(Dataset):
     """Indexable clips; ``__getitems__`` reads a whole batch from the store in one sorted pass."""
 
-    def __init__(self, table: ClipTable, store: FeatureStore) -> None:
-        self.table, self.store = table, store
+    def __init__(self, table: ClipTable, store: FeatureStore, cache: FeatureCache | None = None) -> None:
+        self.table, self.store, self.cache = table, store, cache
 
     def __len__(self) -> int:
         return len(self.table)
@@ -73,8 +81,10 @@ class ClipDataset(Dataset):
     def __getitems__(self, idx: list[int]) -> Batch:
         t, idx = self.table, np.asarray(idx)
         names = list(t.filename[idx])
+        cached = self.cache is not None
         return Batch(
-            wave=torch.from_numpy(self.store.load(names)),
+            wave=torch.zeros(len(names), 0) if cached else torch.from_numpy(self.store.load(names)),
+            spec=torch.from_numpy(self.cache.load(names)) if cached else None,
             city=torch.from_numpy(t.city[idx]),
             time=torch.from_numpy(t.time[idx]),
             target=torch.from_numpy(t.target[idx]),
@@ -104,6 +114,7 @@ def make_loader(
     rank: int = 0,
     world_size: int = 1,
     workers: int = 0,
+    cache: FeatureCache | None = None,
 ) -> DataLoader:
     """A loader over this rank's share of ``table``.
 
@@ -112,13 +123,14 @@ def make_loader(
     is the single process's k-th batch of ``batch_size * W`` clips. Evaluation loaders pad the
     last ranks with repeats; ``gather_predictions`` removes them by filename.
     """
+    dataset = ClipDataset(table, store, cache)
     sampler = DistributedSampler(
-        ClipDataset(table, store), num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed, drop_last=False
+        dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed, drop_last=False
     )
     sampler.set_epoch(epoch)
     g = torch.Generator().manual_seed(seed * 100_003 + epoch * 101 + rank)
     return DataLoader(
-        ClipDataset(table, store),
+        dataset,
         batch_size=batch_size,
         sampler=sampler,
         collate_fn=_identity,

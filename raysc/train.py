@@ -29,6 +29,7 @@ from .config import TrainConfig
 from .dataset import PreparedData, load_dataset
 from .errors import ConfigError
 from .experiment import RECORD_METRICS, RUNNING_BEST
+from .featcache import FeatureCache
 from .fileio import write_csv, write_json
 from .loader import Batch, ClipTable, make_loader
 from .metrics import classification_report, confusion_matrix
@@ -97,24 +98,39 @@ def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor, weight: torch
     return (per_clip * weight).sum() / weight.sum().clamp_min(1e-8)
 
 
-def augment(batch: Batch, cfg: TrainConfig, sample_rate: int, g: torch.Generator) -> Batch:
+def augment(batch: Batch, cfg: TrainConfig, sample_rate: int, g: torch.Generator, hop_length: int = 1) -> Batch:
     """Circular time shift, then mixup of inputs, targets and weights (the metadata of the
-    dominant clip is kept: lambda >= 0.5)."""
-    wave, target, weight = batch.wave, batch.target, batch.weight
-    n, length = wave.shape
+    dominant clip is kept: lambda >= 0.5). A batch of cached log-mels (``batch.spec``) is
+    shifted by whole frames of ``hop_length`` samples and mixed in the log-mel domain."""
+    wave, spec, target, weight = batch.wave, batch.spec, batch.target, batch.weight
+    n = len(batch.filename)
     if cfg.time_shift > 0:
         limit = int(cfg.time_shift * sample_rate)
-        shift = torch.randint(-limit, limit + 1, (n, 1), generator=g).to(wave.device)
-        idx = (torch.arange(length, device=wave.device).unsqueeze(0) - shift) % length
-        wave = wave.gather(1, idx)
+        shift = torch.randint(-limit, limit + 1, (n, 1), generator=g).to(target.device)
+        if spec is None:
+            wave = _roll(wave, shift)
+        else:
+            frames = torch.div(shift, hop_length, rounding_mode="floor")
+            spec = _roll(spec.transpose(2, 3), frames).transpose(2, 3)  # [B, 1, T, F]: roll the frames
     if cfg.mixup_alpha > 0 and torch.rand((), generator=g).item() < cfg.mixup_prob:
         lam = torch.distributions.Beta(cfg.mixup_alpha, cfg.mixup_alpha).sample().item()
         lam = max(lam, 1 - lam)
-        perm = torch.randperm(n, generator=g).to(wave.device)
-        wave = lam * wave + (1 - lam) * wave[perm]
+        perm = torch.randperm(n, generator=g).to(target.device)
+        if spec is None:
+            wave = lam * wave + (1 - lam) * wave[perm]
+        else:
+            spec = lam * spec + (1 - lam) * spec[perm]
         target = lam * target + (1 - lam) * target[perm]
         weight = lam * weight + (1 - lam) * weight[perm]
-    return batch._replace(wave=wave, target=target, weight=weight)
+    return batch._replace(wave=wave, spec=spec, target=target, weight=weight)
+
+
+def _roll(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """Each row of ``x`` [B, ..., L] rolled circularly along its last axis by its own ``shift`` [B, 1]."""
+    length = x.shape[-1]
+    idx = (torch.arange(length, device=x.device).unsqueeze(0) - shift) % length  # [B, L]
+    idx = idx.view(idx.shape[0], *([1] * (x.dim() - 2)), length).expand_as(x)
+    return x.gather(-1, idx)
 
 
 def lr_factor(cfg: TrainConfig, step: int, steps_per_epoch: int = 1) -> float:
@@ -144,16 +160,21 @@ def predict(
     batch_size: int = 64,
     device: torch.device | None = None,
     amp: bool = False,
+    cache: FeatureCache | None = None,
 ) -> pd.DataFrame:
-    """Class probabilities for every clip of ``table`` on this rank's share, keyed by filename."""
+    """Class probabilities for every clip of ``table`` on this rank's share, keyed by filename
+    (from cached log-mels when ``cache`` is given)."""
     rank, world = _rank_world()
     device = device or next(model.parameters()).device
     model.eval()
     names, probs = [], []
-    for batch in make_loader(table, store, batch_size=batch_size, shuffle=False, seed=0, rank=rank, world_size=world):
+    loader = make_loader(
+        table, store, batch_size=batch_size, shuffle=False, seed=0, rank=rank, world_size=world, cache=cache
+    )
+    for batch in loader:
         b = batch.to(device)
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
-            logits = model(b.wave, b.city, b.time)
+            logits = model(b.wave, b.city, b.time, spec=b.spec)
         probs.append(torch.softmax(logits.float(), dim=-1).cpu().numpy())
         names += b.filename
     classes = list(_unwrap(model).cfg.classes)
@@ -358,6 +379,10 @@ def fit(
 
     # ---- model, optimiser, schedule
     model = build_model(cfg, data).to(dev)
+    # The log-mel of every clip, computed once per data folder and front end (not for a network
+    # that also reads the waveform).
+    use_cache = cfg.cache_features and not model.uses_wave
+    cache = FeatureCache.ensure(data.out, data.store, model.cfg.frontend) if use_cache else None
     params = [p for p in model.parameters() if p.requires_grad]
     opt = make_optimizer(cfg, params)
     per_rank_batch = max(1, cfg.batch_size // world)  # batch_size is the global batch
@@ -391,11 +416,12 @@ def fit(
             rank=rank,
             world_size=world,
             workers=cfg.loader_workers,
+            cache=cache,
         )
         for batch in loader:
-            b = augment(batch.to(dev), cfg, data.store.spec.sample_rate, g)
+            b = augment(batch.to(dev), cfg, data.store.spec.sample_rate, g, model.cfg.frontend.hop_length)
             with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=use_amp):
-                logits = net(b.wave, b.city, b.time, b.target)
+                logits = net(b.wave, b.city, b.time, b.target, spec=b.spec)
             target = b.target * (1 - cfg.label_smoothing) + cfg.label_smoothing / b.target.shape[1]
             loss = soft_cross_entropy(logits, target, b.weight)
             opt.zero_grad(set_to_none=True)
@@ -417,7 +443,9 @@ def fit(
 
         # Validation every epoch: the best epoch's weights and predictions are the run's result.
         if val is not None:
-            preds, rep = evaluate(net, val, val_rows, data, batch_size=per_rank_batch, device=dev, amp=use_amp)
+            preds, rep = evaluate(
+                net, val, val_rows, data, batch_size=per_rank_batch, device=dev, amp=use_amp, cache=cache
+            )
             improved = not state.best or rep["macro_accuracy"] > state.best["macro_accuracy"]
             if improved:
                 state.best = {**rep, "epoch": epoch + 1}
@@ -455,7 +483,7 @@ def fit(
     model.load_state_dict(state.best_weights)
     if state.best_predictions is None and val is not None and resume:
         state.best_predictions = gather_predictions(
-            predict(net, val, data.store, batch_size=per_rank_batch, device=dev)
+            predict(net, val, data.store, batch_size=per_rank_batch, device=dev, cache=cache)
         )
     if val is not None and state.best_predictions is not None:
         pred = state.best_predictions.set_index("filename").loc[val_rows["filename"], data.classes].to_numpy()
@@ -474,11 +502,14 @@ def evaluate(
     batch_size: int,
     device: torch.device,
     amp: bool,
+    cache: FeatureCache | None = None,
 ) -> tuple[pd.DataFrame, dict[str, Any]]:
     """Validation predictions over every rank's share, in ``val_rows``' order, and their report
     (with ``predict_seconds``)."""
     t0 = time.perf_counter()
-    preds = gather_predictions(predict(net, val, data.store, batch_size=batch_size, device=device, amp=amp))
+    preds = gather_predictions(
+        predict(net, val, data.store, batch_size=batch_size, device=device, amp=amp, cache=cache)
+    )
     seconds = time.perf_counter() - t0
     preds = preds.set_index("filename").loc[val_rows["filename"]].reset_index()
     rep = classification_report(

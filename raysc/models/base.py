@@ -49,6 +49,7 @@ class ASCModel(nn.Module, abc.ABC):
 
     name: ClassVar[str]
     config_class: ClassVar[type[ModelConfig]]
+    uses_wave: ClassVar[bool] = False  # embed() reads the waveform too: cached log-mels are not enough
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -60,13 +61,23 @@ class ASCModel(nn.Module, abc.ABC):
     def embed(self, spec: torch.Tensor, meta: torch.Tensor, wave: torch.Tensor) -> torch.Tensor:
         """Log-mel [B, 1, T, F] (+ metadata vector, + waveform) -> fused embedding [B, D]."""
 
-    def forward_features(self, wave: torch.Tensor, city: torch.Tensor, time: torch.Tensor) -> torch.Tensor:
-        return self.embed(self.frontend(wave), self.meta(city, time), wave)
+    def forward_features(
+        self, wave: torch.Tensor, city: torch.Tensor, time: torch.Tensor, spec: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``spec``: the front end's log-mel of ``wave`` when it is already known (a feature
+        cache); only SpecAugment is then applied here."""
+        spec = self.frontend(wave) if spec is None else self.frontend.augment(spec)
+        return self.embed(spec, self.meta(city, time), wave)
 
     def forward(
-        self, wave: torch.Tensor, city: torch.Tensor, time: torch.Tensor, target: torch.Tensor | None = None
+        self,
+        wave: torch.Tensor,
+        city: torch.Tensor,
+        time: torch.Tensor,
+        target: torch.Tensor | None = None,
+        spec: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        return self.head(self.forward_features(wave, city, time))
+        return self.head(self.forward_features(wave, city, time, spec))
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:

@@ -106,6 +106,7 @@ class ArcFace(nn.Module):
 @register("rm3")
 class RM3(ASCModel):
     config_class = RM3Config
+    uses_wave = True  # the wavegram learns from the waveform
 
     def __init__(self, cfg: RM3Config) -> None:
         super().__init__(cfg)
@@ -149,7 +150,12 @@ class RM3(ASCModel):
         return self.fusion(self.embedding(x), meta)
 
     def forward(
-        self, wave: torch.Tensor, city: torch.Tensor, time: torch.Tensor, target: torch.Tensor | None = None
+        self,
+        wave: torch.Tensor,
+        city: torch.Tensor,
+        time: torch.Tensor,
+        target: torch.Tensor | None = None,
+        spec: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        emb = self.forward_features(wave, city, time)
+        emb = self.forward_features(wave, city, time, spec)
         return self.head(emb, target if self.training else None)

@@ -1,0 +1,102 @@
+"""Cached features: the front end's log-mel of every clip of a data folder, computed once per
+front end and reused by every trial and epoch.
+
+    DATA/features/<key>/logmel.npy    float32 [clips, frames, mels], memory-mapped by readers
+    DATA/features/<key>/spec.json     the front end it was made with and the store it was made from
+
+``key`` hashes the front end's log-mel settings (SpecAugment's do not change the log-mel) and the
+FeatureStore's content hash, so a changed front end or a rebuilt store gets a cache of its own.
+Models keep their front end (saved models still take waveforms); training feeds them the cached
+log-mel and applies SpecAugment, time shift and mixup to it. The cache is built under a file
+lock, so trials that start together build it once; a build is written to a temporary folder and
+renamed, so a killed build leaves nothing half-valid.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import logging
+import shutil
+import time
+from collections.abc import Iterable
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .audio import FeatureStore
+from .features import Frontend, FrontendConfig
+from .fileio import write_json
+
+log = logging.getLogger(__name__)
+
+CACHE_DIR = "features"
+CHUNK = 64  # clips per front-end batch while building
+
+
+def cache_key(frontend: FrontendConfig, store: FeatureStore) -> str:
+    spec = {"frontend": frontend.cache_key(), "store": store.spec.content_hash}
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class FeatureCache:
+    """Log-mel features of every clip of a FeatureStore, in the store's row order."""
+
+    def __init__(self, path: Path, store: FeatureStore) -> None:
+        self.path, self.store = path, store
+        self._features: np.ndarray | None = None
+
+    @classmethod
+    def ensure(cls, data_dir: str | Path, store: FeatureStore, frontend: FrontendConfig) -> FeatureCache:
+        """The cache of ``frontend`` for this data folder, built first if there is none."""
+        root = Path(data_dir) / CACHE_DIR
+        path = root / cache_key(frontend, store)
+        if not (path / "spec.json").is_file():
+            root.mkdir(parents=True, exist_ok=True)
+            with (root / f"{path.name}.lock").open("w") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)  # another process may be building it: wait for it
+                if not (path / "spec.json").is_file():
+                    _build(path, store, frontend)
+        return cls(path, store)
+
+    @property
+    def features(self) -> np.ndarray:
+        """The [clips, frames, mels] array, opened read-only on first use (per process)."""
+        if self._features is None:
+            self._features = np.load(self.path / "logmel.npy", mmap_mode="r")
+        return self._features
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_features": None}  # a pickled cache reopens its map where it lands
+
+    def load(self, filenames: Iterable[str]) -> np.ndarray:
+        """[B, 1, frames, mels] float32 log-mel of ``filenames``, in that order."""
+        rows = self.store.rows(filenames)
+        order = np.argsort(rows)  # sorted reads are sequential on disk
+        out = np.empty((len(rows), *self.features.shape[1:]), dtype=np.float32)
+        out[order] = self.features[rows[order]]
+        return out[:, None]
+
+
+def _build(path: Path, store: FeatureStore, frontend: FrontendConfig) -> None:
+    t0 = time.perf_counter()
+    partial = path.with_name(path.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    fe = Frontend(frontend).eval()
+    frames = frontend.num_frames(store.spec.num_samples)
+    out = np.lib.format.open_memmap(
+        partial / "logmel.npy", mode="w+", dtype=np.float32, shape=(len(store), frames, frontend.n_mels)
+    )
+    with torch.no_grad():
+        for start in range(0, len(store), CHUNK):
+            names = store.filenames[start : start + CHUNK]
+            out[start : start + len(names)] = fe.logmel(torch.from_numpy(store.load(names)))[:, 0].numpy()
+    out.flush()
+    del out
+    write_json(partial / "spec.json", {"frontend": asdict(frontend), "store": asdict(store.spec), "frames": frames})
+    partial.rename(path)
+    log.info("cached the log-mel of %d clips in %s (%.1f s)", len(store), path, time.perf_counter() - t0)
