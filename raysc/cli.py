@@ -416,7 +416,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_submit)
 
     p = sub.add_parser("pipeline", help="search -> ensemble -> pseudo-label rounds -> submission, resumable")
-    p.add_argument("pipeline", type=Path, nargs="?", help="pipeline YAML (default: all five backbones, 2 rounds)")
+    p.add_argument(
+        "pipeline", type=Path, nargs="?", help="pipeline YAML, or a built-in: default (the default), baseline"
+    )
     p.add_argument("--data", type=Path, required=True, help="prepared data folder")
     p.add_argument("--experiment", type=Path, required=True, help="experiment folder")
     p.add_argument("--time-budget", type=float, metavar="MINUTES", help="shared by the rounds' searches")

@@ -24,14 +24,16 @@ import pandas as pd
 
 from .candidates import write_candidates
 from .dataset import load_dataset
+from .distributed import init_ray
 from .ensemble import build_ensemble
 from .errors import ConfigError, RayscError
 from .experiment import Ensemble, Experiment, final_ensemble, settings_changes
 from .fileio import read_yaml_mapping, write_json
 from .leaderboard import leaderboard
+from .plan import describe, plan_space, restore_space
 from .plots import write_plots
-from .search import search
-from .search_space import space_path
+from .search import resolve_resources, search
+from .search_space import load_search_space, space_path
 from .submission import make_submission
 
 log = logging.getLogger(__name__)
@@ -41,7 +43,7 @@ log = logging.getLogger(__name__)
 class PipelineConfig:
     """A pipeline file's keys (all optional; the defaults search all five backbones)."""
 
-    space: str = "all_backbones"  # a search space file, or the name of one in search_spaces/
+    space: str = "default"  # a search space file, or the name of one in search_spaces/
     rounds: int = 2  # round 0 on labelled clips, then rounds - 1 semi-supervised rounds
     trials: int = 16  # per round
     max_epochs: int | None = None  # default: the space's
@@ -58,9 +60,23 @@ class PipelineConfig:
         return space_path(self.space)
 
 
+# Pipelines by name: ``raysc pipeline baseline`` runs the official baseline's recipe (one SE-Trans,
+# one round of hard pseudo-labels on every unlabelled clip) beside the default.
+BUILTIN = {
+    "default": PipelineConfig(),
+    "baseline": PipelineConfig(
+        space="baseline", rounds=2, trials=1, ensemble_k=1, temperature=False, session_smoothing=False
+    ),
+}
+
+
 def load_pipeline(path: str | Path | None) -> PipelineConfig:
+    """A pipeline file's settings, a built-in pipeline by name (``default``, ``baseline``), or
+    (no path) the default."""
     if path is None:
         return PipelineConfig()
+    if str(path) in BUILTIN:
+        return BUILTIN[str(path)]
     raw = read_yaml_mapping(path, what="pipeline settings")
     names = {f.name for f in dataclasses.fields(PipelineConfig)}
     unknown = sorted(set(raw) - names)
@@ -123,10 +139,27 @@ def run_pipeline(
     exp = Experiment(Path(experiment).resolve())
     space = cfg.space_path()
     data = str(Path(data).resolve())
-    classes = load_dataset(data).classes  # fails early on a wrong folder
+    dataset = load_dataset(data)  # fails early on a wrong folder
+    classes = dataset.classes
     exp.root.mkdir(parents=True, exist_ok=True)
     state = _State(exp, {**dataclasses.asdict(cfg), "space": str(space.resolve()), "data": data})
-    reserve = max(1.0, 0.1 * time_budget_minutes) if time_budget_minutes else 0.0
+    # What inference must score after the searches: the eval clips, and the unlabelled clips
+    # that pseudo-labels may come from.
+    to_score = {"eval": len(dataset.rows("eval")), "unlabelled": len(dataset.rows("unlabelled"))}
+
+    def reserve_minutes(rounds_left: int) -> float:
+        """Time kept for what follows the searches: inference on the clips to score by the
+        ensemble's members (estimated from their measured validation inference), twice the
+        estimate for safety, plus a fixed minute for ensembles, plots and Ray's start-up."""
+        if not time_budget_minutes:
+            return 0.0
+        members = [r for r in exp.records() if r.status != "failed" and r.predict_seconds]
+        if not members:
+            return max(1.0, 0.1 * time_budget_minutes)
+        val_clips = max(1, len(dataset.split(cfg.fold)[1]))
+        per_clip = sorted(r.predict_seconds / val_clips for r in members)[-cfg.ensemble_k :]
+        clips = to_score["eval"] + to_score["unlabelled"] * min(1, rounds_left)
+        return 1.0 + 2 * sum(per_clip) * clips / 60
 
     def run_stage(stage: str, fn: Callable[[], Any]) -> Any:
         if stage in state.done:
@@ -137,10 +170,49 @@ def run_pipeline(
         state.mark(stage, output)
         return output
 
+    def do_plan() -> dict[str, float | None]:
+        import ray  # lazy: Ray takes seconds to import; only a running pipeline needs it
+
+        init_ray(address)
+        total = ray.cluster_resources()
+        res = resolve_resources(sp.resources, total, cfg.max_concurrent)
+        budget = (time_budget_minutes - reserve_minutes(cfg.rounds - 1)) / cfg.rounds
+        if res.gpus_per_worker:  # GPU trials: a step measured on the driver's CPU would say nothing
+            say(
+                f"[pipeline] plan: {cfg.rounds} round(s) of up to {cfg.trials} trials, {budget:.1f} min of search "
+                f"each, on GPUs: every backbone of {sp.name} kept"
+            )
+            return dict.fromkeys(sp.backbones)
+        concurrency = cfg.max_concurrent or max(1, int(total.get("CPU", 1) // (res.workers * res.cpus_per_worker)))
+        plans = plan_space(
+            sp, dataset, budget_minutes=budget, concurrency=concurrency, threads=max(1, int(res.cpus_per_worker))
+        )
+        say(
+            f"[pipeline] plan: {cfg.rounds} round(s) of up to {cfg.trials} trials, {budget:.1f} min of search each, "
+            f"{concurrency} trial(s) at once; epochs up to {cfg.max_epochs or sp.scheduler.max_epochs}, ASHA from "
+            f"epoch {sp.scheduler.grace_period} (x{sp.scheduler.reduction_factor}); measured on this machine:"
+        )
+        for line in describe(plans):
+            say(line)
+        return {p.backbone: p.width for p in plans if p.fits}
+
+    sp = load_search_space(space)
+    if time_budget_minutes:
+        sp = restore_space(sp, run_stage("plan", do_plan))
+
     candidates: str | None = None
     ensembles: list[str] = []
     for r in range(cfg.rounds):
         started = exp.search_settings(r).is_file()
+        if r > 0 and not started and time_budget_minutes and f"search-{r}" not in state.done:
+            left = time_budget_minutes - (time.perf_counter() - t0) / 60 - reserve_minutes(cfg.rounds - r - 1)
+            shortest = min((rec.fit_seconds for rec in exp.records() if rec.status != "failed"), default=0) / 60
+            if left < max(0.5, shortest):
+                say(
+                    f"[pipeline] rounds {r}-{cfg.rounds - 1} skipped: {max(left, 0):.1f} min left after the "
+                    f"inference reserve, a trial took {shortest:.1f} min; the submission uses what is trained"
+                )
+                break
 
         def do_search(r: int = r, started: bool = started, candidates: str | None = candidates) -> dict:
             budget = None
@@ -148,9 +220,11 @@ def run_pipeline(
                 budget = exp.read_search_settings(r)["time_budget_minutes"]
             elif time_budget_minutes:
                 spent = (time.perf_counter() - t0) / 60
-                budget = max(0.5, (time_budget_minutes - reserve - spent) / (cfg.rounds - r))
+                budget = max(
+                    0.5, (time_budget_minutes - reserve_minutes(cfg.rounds - r - 1) - spent) / (cfg.rounds - r)
+                )
             result = search(
-                space,
+                sp,
                 data=data,
                 experiment=exp.root,
                 trials=cfg.trials,
@@ -165,11 +239,17 @@ def run_pipeline(
                 address=address,
                 progress=say,
             )
-            if result.best is None:
+            if result.best is None and r == 0:
                 raise RayscError(f"round {r}: every trial failed; see {exp.trials_dir(r)} and {exp.search_log(r)}")
-            return {"trials": len(result.records), "best": result.best.trial_id}
+            if result.best is None:
+                say(
+                    f"[pipeline] round {r}: no trial finished an epoch (see {exp.search_log(r)}); the submission "
+                    "uses the earlier rounds' models"
+                )
+            return {"trials": len(result.records), "best": result.best.trial_id if result.best else None}
 
-        run_stage(f"search-{r}", do_search)
+        if run_stage(f"search-{r}", do_search)["best"] is None:
+            break
 
         def do_ensemble(r: int = r) -> list[str]:
             name = f"round{r}-{cfg.ensemble_method}{cfg.ensemble_k}"

@@ -1,0 +1,214 @@
+"""The main job on a budget, at the challenge's shape: `raysc pipeline` (default) vs the official
+baseline's recipe (`raysc pipeline baseline`) vs the logistic-regression floor, side by side.
+
+Synthetic data shaped like the challenge (`raysc synth` at 44.1 kHz, 10 s clips, 1,200
+development clips of which 20 % labelled, 600 eval clips, 8 cities of which 2 only in eval) is
+prepared once; each pipeline runs as the CLI with the same ``--time-budget`` on a Ray of its own;
+its submission, and its best single model (by validation), are scored on the eval clips' true
+labels, overall and on the eval-only cities. Wall time per stage comes from the pipeline's own
+progress lines.
+
+    python benchmarks/budget.py --raw RAW --data DATA --time-budget 60
+    python benchmarks/budget.py --smoke-test
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from common import md_table, write_results  # the script folder is on sys.path
+from floor import floor_predictions
+
+from raysc.data import CLASSES
+from raysc.dataset import load_dataset
+from raysc.experiment import Experiment
+from raysc.inference import predict_clips
+from raysc.metrics import macro_accuracy
+from raysc.prepare import prepare
+from raysc.synth import DEV_METADATA, EVAL_LABELS, EVAL_METADATA, synthesize
+from raysc.train import session_labelled
+
+
+def score(labels: np.ndarray, rows: pd.DataFrame) -> dict[str, float]:
+    """Macro accuracy of predicted class indices on the eval rows, overall/seen/eval-only cities."""
+    y = rows["scene_label"].map(CLASSES.index).to_numpy()
+    unseen = (rows["city_idx"] == 0).to_numpy()
+    return {
+        "eval": macro_accuracy(y, labels, len(CLASSES)),
+        "seen": macro_accuracy(y[~unseen], labels[~unseen], len(CLASSES)),
+        "unseen": macro_accuracy(y[unseen], labels[unseen], len(CLASSES)) if unseen.any() else float("nan"),
+    }
+
+
+def run_pipeline(name: str, data: Path, exp: Path, budget: float) -> tuple[float, dict[str, float], str]:
+    """The CLI, timed; returns wall seconds, seconds per stage, and its output."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "raysc.cli",
+        "pipeline",
+        name,
+        "--data",
+        str(data),
+        "--experiment",
+        str(exp),
+        "--time-budget",
+        str(budget),
+    ]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    t0 = time.perf_counter()
+    stages, current, started, lines = {}, "start", t0, []
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) as proc:
+        for line in proc.stdout:
+            lines.append(line)
+            print(f"  [{name}] {line}", end="")
+            if line.startswith("[pipeline] ") and line.rstrip().endswith(" ..."):
+                now = time.perf_counter()
+                stages[current] = stages.get(current, 0) + now - started
+                current, started = line.split()[1], now
+    stages[current] = stages.get(current, 0) + time.perf_counter() - started
+    if proc.returncode:
+        raise SystemExit(f"{name} pipeline failed:\n{''.join(lines[-30:])}")
+    return time.perf_counter() - t0, stages, "".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--raw", type=Path, help="a `raysc synth` folder (default: synthesised here)")
+    parser.add_argument("--data", type=Path, help="its prepared data folder (prepared here when missing)")
+    parser.add_argument("--time-budget", type=float, default=60.0, help="minutes per pipeline (default 60)")
+    parser.add_argument("--pipelines", nargs="+", default=["default", "baseline"])
+    parser.add_argument("--work", type=Path, help="keep the experiments here (default: a temporary folder)")
+    parser.add_argument("--smoke-test", action="store_true", help="tiny data, 3-minute budgets, for CI")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        work = args.work or Path(tmp)
+        raw, data_dir = args.raw, args.data
+        if args.smoke_test:
+            raw, data_dir, args.time_budget = work / "raw", work / "data", 3.0
+            synthesize(
+                raw,
+                clips=200,
+                eval_clips=60,
+                sample_rate=16000,
+                clip_seconds=2.0,
+                cities=4,
+                unseen_cities=1,
+                session_size=4,
+                seed=0,
+            )
+        elif raw is None:
+            raw = work / "raw"
+            synthesize(
+                raw,
+                clips=1200,
+                eval_clips=600,
+                labelled_fraction=0.2,
+                sample_rate=44100,
+                clip_seconds=10.0,
+                cities=6,
+                unseen_cities=2,
+                seed=0,
+                workers=2,
+            )
+        data_dir = data_dir or work / "data"
+        if not (data_dir / "manifest.csv").is_file():
+            spec = json.loads((raw / "synth.json").read_text())
+            prepare(
+                dev_meta=raw / DEV_METADATA,
+                eval_meta=raw / EVAL_METADATA,
+                audio_dirs=[raw / "audio"],
+                out=data_dir,
+                sample_rate=int(spec["sample_rate"]),
+                clip_seconds=float(spec["clip_seconds"]),
+                workers=2,
+            )
+        data = load_dataset(data_dir)
+        ev = data.manifest[data.manifest["subset"] == "eval"].merge(pd.read_csv(raw / EVAL_LABELS), on="filename")
+        labelled = data.rows("labelled")
+        t0 = time.perf_counter()
+        results = [
+            {
+                "system": "logistic regression (labelled clips)",
+                "minutes": None,
+                **score(floor_predictions(data.store, labelled, ev, len(data.cities)), ev),
+            }
+        ]
+        with_sessions = pd.concat([labelled, session_labelled(data, -1)])
+        results.append(
+            {
+                "system": "logistic regression (+ session labels)",
+                "minutes": None,
+                **score(floor_predictions(data.store, with_sessions, ev, len(data.cities)), ev),
+            }
+        )
+        floor_minutes = (time.perf_counter() - t0) / 60
+        for f in results:
+            f["minutes"] = round(floor_minutes / 2, 2)
+        for name in args.pipelines:
+            exp = work / f"exp-{name}"
+            seconds, stages, _ = run_pipeline(name, data_dir, exp, args.time_budget)
+            experiment = Experiment(exp)
+            sub = pd.read_csv(experiment.submission("submission.csv")).set_index("filename").loc[ev["filename"]]
+            final = score(sub["scene_label"].map(CLASSES.index).to_numpy(), ev)
+            records = [r for r in experiment.records() if r.status != "failed"]
+            best = max(records, key=lambda r: r.metrics["macro_accuracy"] or -1)
+            probs = predict_clips(exp / best.model_path, data_dir, list(ev["filename"]))
+            single = score(probs[list(CLASSES)].to_numpy().argmax(1), ev)
+            ens = experiment.load_ensemble()
+            results.append(
+                {
+                    "system": f"pipeline {name}: final ensemble ({ens.name}, {len(ens.members)} members)",
+                    "minutes": round(seconds / 60, 1),
+                    **final,
+                    "trials": len(records),
+                    "stages": {k: round(v / 60, 2) for k, v in stages.items()},
+                }
+            )
+            results.append(
+                {
+                    "system": f"pipeline {name}: best single model ({best.backbone}, {best.trial_id})",
+                    "minutes": None,
+                    **single,
+                }
+            )
+    rows = [
+        [
+            r["system"],
+            r["minutes"] if r["minutes"] is not None else "",
+            f"{r['eval']:.3f}",
+            f"{r['seen']:.3f}",
+            f"{r['unseen']:.3f}",
+        ]
+        for r in results
+    ]
+    stage_rows = [
+        [r["system"].split(":")[0], ", ".join(f"{k} {v}" for k, v in r["stages"].items())]
+        for r in results
+        if "stages" in r
+    ]
+    cmd = "python benchmarks/budget.py" + (
+        " --smoke-test" if args.smoke_test else f" --time-budget {args.time_budget:g}"
+    )
+    md = (
+        f"`{cmd}`: {len(ev)} eval clips ({int((ev['city_idx'] == 0).sum())} from eval-only cities), "
+        f"{len(labelled)} labelled development clips; eval macro accuracy (chance 0.100).\n\n"
+        + md_table(["system", "wall min", "eval macro acc", "seen cities", "eval-only cities"], rows)
+        + "\nMinutes per pipeline stage:\n\n"
+        + md_table(["pipeline", "stages (min)"], stage_rows)
+    )
+    name = "budget" + ("_smoke" if args.smoke_test else "")
+    return write_results(name, {"args": {k: str(v) for k, v in vars(args).items()}, "results": results}, md)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

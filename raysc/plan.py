@@ -1,0 +1,165 @@
+"""The pipeline's plan: what a search space can afford on the hardware it meets.
+
+Before round 0 the pipeline measures each candidate backbone's seconds per training step on
+this machine (a few steps on cached features, with the threads a trial gets; the result is kept
+per data folder and hardware), turns it into seconds per epoch, and keeps a backbone only if a
+trial of it can reach ASHA's grace period several times over within the search's budget. A
+network that cannot is shrunk (``model.width``) first, and left out only if even the narrowest
+width does not fit: it is never started just to be stopped by the clock.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import platform
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .config import make_config
+from .dataset import PreparedData
+from .featcache import CACHE_DIR, FeatureCache
+from .fileio import write_json
+from .loader import make_loader
+from .models import model_class
+from .search_space import SearchSpace
+from .train import augment, build_model, make_optimizer, soft_cross_entropy, training_table
+
+log = logging.getLogger(__name__)
+
+WIDTHS = (1.0, 0.5, 0.25)  # tried in this order when a network does not fit
+GRACE_TRIALS = 4  # a backbone fits when this many trials could each reach the grace period
+
+
+@dataclass(frozen=True)
+class BackbonePlan:
+    backbone: str
+    width: float | None  # the width kept (None: the space's own)
+    seconds_per_step: float
+    steps_per_epoch: int
+    epoch_seconds: float  # training steps + validation
+    fits: bool
+    reason: str
+
+
+def _hardware_key(threads: int) -> str:
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    what = f"{platform.machine()}|{platform.processor()}|{os.cpu_count()}|{threads}|{gpu}|{torch.__version__}"
+    return hashlib.sha256(what.encode()).hexdigest()[:12]
+
+
+def seconds_per_step(values: dict[str, Any], data: PreparedData, *, threads: int, steps: int = 3) -> float:
+    """Seconds of one training step of ``values`` (a training config) on this machine, measured
+    after one warm-up step; remembered in the data folder per hardware and config."""
+    cfg = make_config({**values, "fold": 0, "epochs": 1})
+    store_path = data.out / CACHE_DIR / f"step-seconds-{_hardware_key(threads)}.json"
+    key = json.dumps(cfg.to_dict(), sort_keys=True)
+    known = json.loads(store_path.read_text()) if store_path.is_file() else {}
+    if key in known:
+        return known[key]
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        model = build_model(cfg, data)
+        cache = FeatureCache.ensure(data.out, data.store, model.cfg.frontend) if not model.uses_wave else None
+        opt = make_optimizer(cfg, [p for p in model.parameters() if p.requires_grad])
+        train_rows, _ = data.split(0)
+        table = training_table(cfg, data, train_rows)
+        loader = make_loader(table, data.store, batch_size=cfg.batch_size, shuffle=True, seed=0, cache=cache)
+        g = torch.Generator().manual_seed(0)
+        model.train()
+        times = []
+        for i, batch in enumerate(loader):
+            if i > steps:
+                break
+            t0 = time.perf_counter()
+            b = augment(batch, cfg, data.store.spec.sample_rate, g, model.cfg.frontend.hop_length)
+            loss = soft_cross_entropy(model(b.wave, b.city, b.time, b.target, spec=b.spec), b.target, b.weight)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            times.append(time.perf_counter() - t0)
+    finally:
+        torch.set_num_threads(before)
+    seconds = sum(times[1:]) / max(1, len(times) - 1) if len(times) > 1 else times[0]
+    write_json(store_path, {**known, key: seconds})
+    return seconds
+
+
+def plan_space(
+    space: SearchSpace,
+    data: PreparedData,
+    *,
+    budget_minutes: float,
+    concurrency: int,
+    threads: int,
+) -> list[BackbonePlan]:
+    """The plan of every backbone for ``budget_minutes`` of search with ``concurrency`` trials at
+    once: kept (``fits``, at ``width``) or left out, and why. ``restore_space`` applies it."""
+    plans = []
+    train_rows, val_rows = data.split(0)
+    grace = space.scheduler.grace_period
+    share = budget_minutes * 60 * concurrency / GRACE_TRIALS  # seconds one of GRACE_TRIALS trials may take
+    for name, (own_fixed, own) in space.backbones.items():
+        values = {**space.fixed, **dict(own_fixed), "backbone": name}
+        searched = {**space.params, **own}
+        for key, dist in searched.items():  # a representative point: the smallest batch, the first choice
+            if key not in values:
+                values[key] = min(dist.extremes()) if key == "batch_size" else dist.extremes()[0]
+        width_fixed = "model.width" in own_fixed or "model.width" in own
+        widths = [None] if width_fixed or not _has_width(name) else list(WIDTHS)
+        plan = None
+        for width in widths:
+            v = values if width is None else {**values, "model.width": width}
+            step_s = seconds_per_step(v, data, threads=threads)
+            cfg = make_config({**v, "fold": 0, "epochs": 1})
+            n_train = len(training_table(cfg, data, train_rows))
+            steps = math.ceil(n_train / cfg.batch_size)
+            epoch_s = steps * step_s + math.ceil(len(val_rows) / cfg.batch_size) * step_s / 3
+            fits = grace * epoch_s <= share
+            reason = (
+                f"{grace} epoch(s) to the grace period take {grace * epoch_s / 60:.1f} min; "
+                f"{'within' if fits else 'over'} {share / 60:.1f} min, 1/{GRACE_TRIALS} of the search's trial time"
+            )
+            plan = BackbonePlan(name, width, step_s, steps, epoch_s, fits, reason)
+            if fits:
+                break
+        plans.append(plan)
+    if not any(p.fits for p in plans):  # nothing fits: the cheapest rather than nothing
+        cheapest = min(plans, key=lambda p: p.epoch_seconds)
+        plans = [
+            dataclasses.replace(p, fits=True, reason=p.reason + "; the cheapest") if p is cheapest else p for p in plans
+        ]
+    return plans
+
+
+def _has_width(backbone: str) -> bool:
+    return any(f.name == "width" for f in dataclasses.fields(model_class(backbone).config_class))
+
+
+def describe(plans: list[BackbonePlan]) -> list[str]:
+    lines = []
+    for p in plans:
+        width = f" at width {p.width:g}" if p.width is not None else ""
+        verdict = "kept" if p.fits else "left out"
+        lines.append(
+            f"  {p.backbone:<13}{width}: {p.seconds_per_step:.3f} s/step, {p.steps_per_epoch} steps/epoch, "
+            f"{p.epoch_seconds:.0f} s/epoch: {verdict} ({p.reason})"
+        )
+    return lines
+
+
+def restore_space(space: SearchSpace, kept: dict[str, float | None]) -> SearchSpace:
+    """The planned space again from the plan stored by the pipeline (backbone -> width)."""
+    backbones = {}
+    for name, width in kept.items():
+        own_fixed, own = space.backbones[name]
+        backbones[name] = (own_fixed if width in (None, 1.0) else {**dict(own_fixed), "model.width": width}, own)
+    return dataclasses.replace(space, backbones=backbones)
