@@ -15,6 +15,8 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from .config import TrainConfig, make_config
 from .errors import RayscError
 from .train import fit
@@ -83,11 +85,37 @@ def init_ray(address: str | None = None, **kwargs: Any) -> None:
         os.environ.pop("RAY_GCS_SERVER_PORT", None)
 
 
+def _fit_task(train: dict[str, Any], data_dir: str, out_dir: str, threads: int) -> dict[str, Any]:
+    """One ``fit`` in a Ray task (a single process: no Train controller, no worker group)."""
+    torch.set_num_threads(threads)
+    result = fit(make_config(train), data_dir, out_dir=out_dir)
+    return {"epochs": len(result.history)}
+
+
+def fit_many(
+    configs: list[TrainConfig],
+    data_dir: str | Path,
+    out_dirs: list[Path],
+    *,
+    cpus: float = 1.0,
+    gpus: float = 0.0,
+    address: str | None = None,
+) -> list[dict[str, Any]]:
+    """Train several single-process runs at once as Ray tasks (each ``cpus`` CPUs and ``gpus``
+    GPU), every one writing its run folder; for short retrainings that need no checkpoints."""
+    import ray  # lazy: see init_ray
+
+    init_ray(address)
+    task = ray.remote(_fit_task).options(num_cpus=cpus, num_gpus=gpus, max_retries=1)
+    data = str(Path(data_dir).resolve())
+    refs = [task.remote(c.to_dict(), data, str(o), max(1, int(cpus))) for c, o in zip(configs, out_dirs, strict=True)]
+    return ray.get(refs)
+
+
 def _train_worker(config: dict[str, Any]) -> None:
     """Runs in every Ray Train worker: ``fit`` with Ray's checkpoint and report plumbing."""
     import ray  # lazy: see init_ray
     import ray.train
-    import torch
 
     if config.get("log_file") and ray.train.get_context().get_world_rank() == 0:
         handler = logging.FileHandler(config["log_file"])

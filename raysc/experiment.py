@@ -15,6 +15,7 @@ No other module spells a path inside an experiment; they ask this one::
     EXP/round-R/search.log            Ray's, Tune's and Optuna's log lines
     EXP/ensembles/NAME/               ensemble.json, val_predictions.csv
     EXP/pseudo/NAME/                  candidates.csv, summary.csv (pseudo-label candidates)
+    EXP/refit/ID/                     trial ID's configuration retrained on every labelled clip
     EXP/plots/                        PNG plots
     EXP/submission/                   the challenge submission
 
@@ -102,6 +103,10 @@ class Ensemble:
     temperature: float
     session_smoothing: bool
     metrics: dict[str, Any]  # validation report of the ensemble's predictions
+    # The ensemble whose members this one retrained on every labelled clip (same weights,
+    # temperature and smoothing; its metrics are that ensemble's validation, which a model
+    # trained on the validation fold cannot have).
+    refit_of: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -207,21 +212,24 @@ class Experiment:
         return self.trials_table
 
     def member_files(self, member: Member) -> dict[str, Any]:
-        """A member's trial record and training config (what a submission's info lists)."""
-        trial_dir = (self.root / member.model_path).parent
+        """A member's trial record and the training config of its model (what a submission's
+        info lists; a refit model has its own config)."""
         return {
-            "record": json.loads((trial_dir / "record.json").read_text()),
-            "config": json.loads((trial_dir / "config.json").read_text()),
+            "record": json.loads(self.record_path(member.round, member.trial_id).read_text()),
+            "config": json.loads((self.root / member.model_path).with_name("config.json").read_text()),
         }
 
     # ---- ensembles
     def ensemble_dir(self, name: str) -> Path:
         return self.root / "ensembles" / name
 
+    def ensemble_predictions(self, name: str) -> Path:
+        """An ensemble's validation predictions."""
+        return self.ensemble_dir(name) / "val_predictions.csv"
+
     def save_ensemble(self, ens: Ensemble, predictions: pd.DataFrame) -> None:
-        out = self.ensemble_dir(ens.name)
-        write_csv(out / "val_predictions.csv", predictions)
-        write_json(out / "ensemble.json", ens.to_dict())
+        write_csv(self.ensemble_predictions(ens.name), predictions)
+        write_json(self.ensemble_dir(ens.name) / "ensemble.json", ens.to_dict())
 
     def ensembles(self) -> list[Ensemble]:
         paths = sorted(self.root.glob("ensembles/*/ensemble.json"))
@@ -248,6 +256,10 @@ class Experiment:
     def pseudo_summary(self, ensemble: str) -> Path:
         return self.pseudo_dir(ensemble) / "summary.csv"
 
+    # ---- members retrained on every labelled clip
+    def refit_dir(self, trial_id: str) -> Path:
+        return self.root / "refit" / trial_id
+
 
 def train_run_name(trial_id: str) -> str:
     """A stable Ray Train run name per trial: a restarted trial finds its own checkpoints."""
@@ -255,6 +267,9 @@ def train_run_name(trial_id: str) -> str:
 
 
 def final_ensemble(ensembles: list[Ensemble]) -> Ensemble:
-    """The one rule for the final model, shared by the pipeline and ``raysc submit``: the best
-    validation macro accuracy, ties broken by the name."""
-    return max(ensembles, key=lambda e: (e.metrics["macro_accuracy"], e.name))
+    """The one rule for the final model, shared by the pipeline and ``raysc submit``: among the
+    validated ensembles the best validation macro accuracy (ties: the name), and then its
+    retrained-on-every-label version when there is one."""
+    validated = [e for e in ensembles if e.refit_of is None] or ensembles
+    best = max(validated, key=lambda e: (e.metrics["macro_accuracy"], e.name))
+    return next((e for e in ensembles if e.refit_of == best.name), best)

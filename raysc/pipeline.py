@@ -32,6 +32,7 @@ from .fileio import read_yaml_mapping, write_json
 from .leaderboard import leaderboard
 from .plan import describe, plan_space, restore_space
 from .plots import write_plots
+from .refit import refit_ensemble
 from .search import resolve_resources, search
 from .search_space import load_search_space, space_path
 from .submission import make_submission
@@ -54,6 +55,7 @@ class PipelineConfig:
     ensemble_k: int = 5
     temperature: bool = True
     session_smoothing: bool = True  # also score a session-smoothed variant (its own leaderboard row)
+    refit: bool = True  # retrain the final ensemble's members on every labelled clip (when the budget allows)
     submission: str = "submission.csv"
 
     def space_path(self) -> Path:
@@ -286,6 +288,33 @@ def run_pipeline(
 
     # The final model: the same rule as `raysc submit` without --ensemble (experiment.final_ensemble).
     final = exp.load_ensemble()
+    if cfg.refit and final.refit_of is None:
+
+        def do_refit() -> str | None:
+            records = {r.trial_id: r for r in exp.records()}
+            train, _ = dataset.split(cfg.fold)
+            scale = (len(dataset.rows("labelled")) + 1) / (len(train) + 1)
+            need = (
+                sum(
+                    records[m.trial_id].fit_seconds * (records[m.trial_id].best_epoch or 1) / records[m.trial_id].epochs
+                    for m in final.members
+                    if records[m.trial_id].epochs
+                )
+                * scale
+                / 60
+            )
+            if time_budget_minutes:
+                left = time_budget_minutes - (time.perf_counter() - t0) / 60 - reserve_minutes(0)
+                if need > left:
+                    say(f"[pipeline] refit skipped: about {need:.1f} min needed, {max(left, 0):.1f} min left")
+                    return None
+            res = resolve_resources(sp.resources, {}, cfg.max_concurrent)
+            refit = refit_ensemble(exp.root, final, cpus=res.cpus_per_worker, gpus=res.gpus_per_worker, address=address)
+            say(f"[pipeline] {refit.name}: the members of {final.name} retrained on every labelled clip")
+            return refit.name
+
+        run_stage("refit", do_refit)
+        final = exp.load_ensemble()
     out = exp.submission(cfg.submission)
 
     def do_submit() -> str:

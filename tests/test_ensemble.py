@@ -109,3 +109,16 @@ def test_candidates_are_checked(prepared, tmp_path):
     assert f"clip(s) listed twice: [{unl[0]!r}]" in text
     with pytest.raises(DataError, match="no such file"):
         read_candidates(tmp_path / "none.csv", m, classes)
+
+
+def test_the_final_ensemble_is_the_best_validated_one_or_its_refit():
+    from raysc.experiment import Ensemble, final_ensemble
+
+    def ens(name, acc, refit_of=None):
+        return Ensemble(name, "topk", (), 0, "d", 1.0, False, {"macro_accuracy": acc}, refit_of)
+
+    a, b = ens("a", 0.5), ens("b", 0.7)
+    assert final_ensemble([a, b]) is b
+    b_refit = ens("b-refit", 0.7, refit_of="b")
+    assert final_ensemble([a, b, b_refit]) is b_refit
+    assert final_ensemble([a, ens("a-refit", 0.5, refit_of="a"), b]) is b  # a refit never outranks by itself

@@ -73,7 +73,7 @@ def test_pipeline_runs_end_to_end_and_resumes_after_a_kill(prepared, tmp_path):
     assert "[pipeline] search-0: done before, kept" in again.stdout
     assert "[pipeline] ensemble-0: done before, kept" in again.stdout
     done = json.loads(state.read_text())["done"]
-    assert set(done) == {"search-0", "ensemble-0", "pseudo-0", "search-1", "ensemble-1", "submit", "plots"}
+    assert set(done) == {"search-0", "ensemble-0", "pseudo-0", "search-1", "ensemble-1", "refit", "submit", "plots"}
     assert sorted(p.name for p in (exp / "round-0" / "trials").iterdir()) == round0  # round 0 was not rerun
     # Pseudo-label candidates: unlabelled clips outside the validation fold only, all of them.
     m = prepared.manifest
@@ -83,6 +83,14 @@ def test_pipeline_runs_end_to_end_and_resumes_after_a_kill(prepared, tmp_path):
     r1 = [json.loads(p.read_text()) for p in (exp / "round-1" / "trials").glob("*/metrics.json")]
     r0 = [json.loads(p.read_text()) for p in (exp / "round-0" / "trials").glob("*/metrics.json")]
     assert min(h["history"][0]["train_clips"] for h in r1) > max(h["history"][0]["train_clips"] for h in r0)
+    # The submission comes from the chosen ensemble's members retrained on every labelled clip.
+    info = json.loads((exp / "submission" / "submission_info.json").read_text())
+    assert info["ensemble"] == done["refit"] and done["refit"].endswith("-refit")
+    for member in info["members"]:
+        refit = json.loads((exp / member["model_path"]).with_name("metrics.json").read_text())
+        trial = json.loads((exp / f"round-{member['round']}/trials/{member['trial_id']}/metrics.json").read_text())
+        assert refit["history"][0]["train_clips"] > trial["history"][0]["train_clips"]
+        assert "refit" in member["model_path"] and refit["best"] == {}  # no validation: it trained on every fold
     # The submission is valid, with its probabilities and info.
     sub = exp / "submission" / "submission.csv"
     check_submission_file(sub, prepared.out)
