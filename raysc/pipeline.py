@@ -175,7 +175,7 @@ def run_pipeline(
     def do_plan() -> dict[str, float | None]:
         import ray  # lazy: Ray takes seconds to import; only a running pipeline needs it
 
-        init_ray(address)
+        init_ray(address, log_to_driver=False)  # workers' lines go to the search's log files
         total = ray.cluster_resources()
         res = resolve_resources(sp.resources, total, cfg.max_concurrent)
         budget = (time_budget_minutes - reserve_minutes(cfg.rounds - 1)) / cfg.rounds
