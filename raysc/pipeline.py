@@ -30,7 +30,7 @@ from .errors import ConfigError, RayscError
 from .experiment import Ensemble, Experiment, final_ensemble, settings_changes
 from .fileio import read_yaml_mapping, write_json
 from .leaderboard import leaderboard
-from .plan import describe, plan_space, restore_space
+from .plan import describe, kept, plan_space, restore_space
 from .plots import write_plots
 from .refit import refit_ensemble
 from .search import resolve_resources, search
@@ -196,7 +196,7 @@ def run_pipeline(
         )
         for line in describe(plans):
             say(line)
-        return {p.backbone: p.width for p in plans if p.fits}
+        return kept(plans)
 
     sp = load_search_space(space)
     if time_budget_minutes:

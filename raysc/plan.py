@@ -2,10 +2,11 @@
 
 Before round 0 the pipeline measures each candidate backbone's seconds per training step on
 this machine (a few steps on cached features, with the threads a trial gets; the result is kept
-per data folder and hardware), turns it into seconds per epoch, and keeps a backbone only if a
-trial of it can reach ASHA's grace period several times over within the search's budget. A
-network that cannot is shrunk (``model.width``) first, and left out only if even the narrowest
-width does not fit: it is never started just to be stopped by the clock.
+per data folder and hardware) and turns it into seconds per epoch. A trial may take a quarter of
+the round's trial time (``TRIAL_SHARE``): that many epochs, at most the space's, become the
+backbone's schedule, so its learning rate really decays before the budget ends. A backbone that
+cannot run past ASHA's grace period in that time is shrunk (``model.width``) first, and left out
+only if even the narrowest width does not fit: it is never started just to be stopped by the clock.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from .train import augment, build_model, make_optimizer, soft_cross_entropy, tra
 log = logging.getLogger(__name__)
 
 WIDTHS = (1.0, 0.5, 0.25)  # tried in this order when a network does not fit
-GRACE_TRIALS = 4  # a backbone fits when this many trials could each reach the grace period
+TRIAL_SHARE = 4  # a trial may take 1/TRIAL_SHARE of a round's trial time (budget x trials at once)
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,7 @@ class BackbonePlan:
     seconds_per_step: float
     steps_per_epoch: int
     epoch_seconds: float  # training steps + validation
+    epochs: int  # the schedule a trial of it gets
     fits: bool
     reason: str
 
@@ -106,7 +108,8 @@ def plan_space(
     plans = []
     train_rows, val_rows = data.split(0)
     grace = space.scheduler.grace_period
-    share = budget_minutes * 60 * concurrency / GRACE_TRIALS  # seconds one of GRACE_TRIALS trials may take
+    max_epochs = space.scheduler.max_epochs
+    share = budget_minutes * 60 * concurrency / TRIAL_SHARE  # the seconds one trial may take
     for name, (own_fixed, own) in space.backbones.items():
         values = {**space.fixed, **dict(own_fixed), "backbone": name}
         searched = {**space.params, **own}
@@ -123,12 +126,13 @@ def plan_space(
             n_train = len(training_table(cfg, data, train_rows))
             steps = math.ceil(n_train / cfg.batch_size)
             epoch_s = steps * step_s + math.ceil(len(val_rows) / cfg.batch_size) * step_s / 3
-            fits = grace * epoch_s <= share
+            epochs = min(max_epochs, int(share // epoch_s))
+            fits = epochs > grace or epochs == max_epochs
             reason = (
-                f"{grace} epoch(s) to the grace period take {grace * epoch_s / 60:.1f} min; "
-                f"{'within' if fits else 'over'} {share / 60:.1f} min, 1/{GRACE_TRIALS} of the search's trial time"
+                f"{share / 60:.1f} min a trial (1/{TRIAL_SHARE} of the round's trial time) holds {epochs} epoch(s)"
+                + (": its schedule" if fits else f", not past ASHA's grace period (epoch {grace})")
             )
-            plan = BackbonePlan(name, width, step_s, steps, epoch_s, fits, reason)
+            plan = BackbonePlan(name, width, step_s, steps, epoch_s, max(epochs, 1), fits, reason)
             if fits:
                 break
         plans.append(plan)
@@ -148,7 +152,7 @@ def describe(plans: list[BackbonePlan]) -> list[str]:
     lines = []
     for p in plans:
         width = f" at width {p.width:g}" if p.width is not None else ""
-        verdict = "kept" if p.fits else "left out"
+        verdict = f"kept, {p.epochs} epochs" if p.fits else "left out"
         lines.append(
             f"  {p.backbone:<13}{width}: {p.seconds_per_step:.3f} s/step, {p.steps_per_epoch} steps/epoch, "
             f"{p.epoch_seconds:.0f} s/epoch: {verdict} ({p.reason})"
@@ -156,10 +160,21 @@ def describe(plans: list[BackbonePlan]) -> list[str]:
     return lines
 
 
-def restore_space(space: SearchSpace, kept: dict[str, float | None]) -> SearchSpace:
-    """The planned space again from the plan stored by the pipeline (backbone -> width)."""
+def kept(plans: list[BackbonePlan]) -> dict[str, dict[str, Any]]:
+    """What the pipeline stores of a plan: backbone -> its width and epochs."""
+    return {p.backbone: {"width": p.width, "epochs": p.epochs} for p in plans if p.fits}
+
+
+def restore_space(space: SearchSpace, plan: dict[str, dict[str, Any] | None]) -> SearchSpace:
+    """The space as planned (``kept``): only the kept backbones, each at its width and epochs
+    (None: as the space has it)."""
     backbones = {}
-    for name, width in kept.items():
+    for name, chosen in plan.items():
         own_fixed, own = space.backbones[name]
-        backbones[name] = (own_fixed if width in (None, 1.0) else {**dict(own_fixed), "model.width": width}, own)
+        own_fixed = dict(own_fixed)
+        if chosen and chosen.get("width") not in (None, 1.0):
+            own_fixed["model.width"] = chosen["width"]
+        if chosen and chosen.get("epochs"):
+            own_fixed["epochs"] = chosen["epochs"]
+        backbones[name] = (own_fixed, own)
     return dataclasses.replace(space, backbones=backbones)

@@ -205,7 +205,10 @@ def _define_by_run(trial: Any, *, space: SearchSpace, round: int) -> None:
 
 def _trial_values(space: SearchSpace, params: Mapping[str, Any], s: SearchSettings) -> dict[str, Any]:
     values = space.suggest(Replay(params), round=s.round)
-    values |= {"epochs": s.max_epochs, "fold": s.fold, "seed": s.seed}
+    own_fixed, _ = space.backbones[values["backbone"]]
+    # A backbone's own schedule (the pipeline's plan sets one) within the search's max_epochs.
+    epochs = min(s.max_epochs, own_fixed.get("epochs", s.max_epochs))
+    values |= {"epochs": epochs, "fold": s.fold, "seed": s.seed}
     if s.pseudo_candidates:
         values["pseudo_labels"] = s.pseudo_candidates
     return values

@@ -47,9 +47,21 @@ def test_a_network_that_cannot_reach_the_grace_period_is_shrunk_or_left_out(prep
     by = {p.backbone: p for p in plans}
     assert by["stats"].fits and not by["setrans"].fits
     assert by["mobileascnet"].fits and by["mobileascnet"].width == 0.5
-    assert "over" in by["setrans"].reason and "grace period" in by["setrans"].reason
+    assert "holds 0 epoch(s), not past ASHA's grace period (epoch 2)" in by["setrans"].reason
     lines = plan.describe(plans)
     assert any("setrans" in line and "left out" in line for line in lines)
-    kept = plan.restore_space(space, {p.backbone: p.width for p in plans if p.fits})
-    assert set(kept.backbones) == {"stats", "mobileascnet"}
-    assert kept.backbones["mobileascnet"][0]["model.width"] == 0.5
+    planned = plan.restore_space(space, plan.kept(plans))
+    assert set(planned.backbones) == {"stats", "mobileascnet"}
+    assert planned.backbones["mobileascnet"][0]["model.width"] == 0.5
+    # Each kept backbone's schedule is what a quarter of the round's trial time holds, at most max_epochs.
+    assert by["stats"].epochs == 4 and planned.backbones["stats"][0]["epochs"] == 4
+    assert by["mobileascnet"].epochs == min(4, int(15 // by["mobileascnet"].epoch_seconds))
+
+
+def test_a_planned_schedule_reaches_the_trials(tmp_path):
+    from raysc.search import SearchSettings, _trial_values
+
+    planned = plan.restore_space(_space(tmp_path), {"stats": {"width": None, "epochs": 3}, "setrans": None})
+    settings = SearchSettings(max_epochs=4)
+    assert _trial_values(planned, {"backbone": "stats"}, settings)["epochs"] == 3
+    assert _trial_values(planned, {"backbone": "setrans"}, settings)["epochs"] == 4  # the search's max_epochs
