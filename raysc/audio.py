@@ -98,6 +98,9 @@ class Decoder:
             raise DataError([f"{path}: cannot be decoded ({exc})"], what="audio") from exc
         if data.shape[0] == 0:
             raise DataError([f"{path}: audio file is empty (0 samples)"], what="audio")
+        bad = int((~np.isfinite(data)).sum())
+        if bad:  # a float file can hold NaN or infinity: it would become silence or a full-scale square
+            raise DataError([f"{path}: {bad} of {data.size} samples are NaN or infinite"], what="audio")
         wave = self._resample(np.ascontiguousarray(data.mean(axis=1)), rate)
         change = self.num_samples - wave.shape[0]
         if change > 0:

@@ -105,6 +105,7 @@ def _cmd_models(args: argparse.Namespace) -> int:
 def _cmd_train(args: argparse.Namespace) -> int:
     from .config import load_config, make_config, parse_sets
     from .distributed import train
+    from .train import check_inputs
 
     values = load_config(args.config) if args.config else {}
     if args.backbone:
@@ -116,6 +117,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         if getattr(args, key) is not None:
             values[key] = getattr(args, key)
     cfg = make_config(values, where=str(args.config or "options"))
+    check_inputs(cfg, args.data)  # before --out is created and before Ray starts
     metrics = train(
         cfg,
         args.data,
@@ -219,6 +221,14 @@ def _cmd_pseudo_label(args: argparse.Namespace) -> int:
     print(
         f"{summary['candidates'].sum()} candidates written to {path} ({summary['kept'].sum()} kept at this selection)"
     )
+    return EXIT_OK
+
+
+def _cmd_check_submission(args: argparse.Namespace) -> int:
+    from .submission import check_submission_file
+
+    check_submission_file(args.file, args.data)
+    print(f"{args.file}: a valid submission for the eval clips of {args.data}")
     return EXIT_OK
 
 
@@ -414,6 +424,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="submission CSV to write")
     _add_address(p)
     p.set_defaults(func=_cmd_submit)
+
+    p = sub.add_parser("check-submission", help="check a submission file against a data folder before uploading it")
+    p.add_argument("file", type=Path, help="submission CSV")
+    p.add_argument("--data", type=Path, required=True, help="the prepared data folder of its eval clips")
+    p.set_defaults(func=_cmd_check_submission)
 
     p = sub.add_parser("pipeline", help="search -> ensemble -> pseudo-label rounds -> submission, resumable")
     p.add_argument(

@@ -57,6 +57,22 @@ def free_port(preferred: int = 0) -> int:
     raise RayscError("no free port for the local Ray")
 
 
+def check_reachable(address: str, timeout: float = 5.0) -> None:
+    """Fail within seconds, naming the address, when nothing listens there (``ray.init`` would
+    retry for minutes). Addresses without a port (``auto``, ``local``) are left to Ray."""
+    hostport = address.split("://", 1)[-1].rstrip("/")
+    host, sep, port = hostport.rpartition(":")
+    if not sep or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise RayscError(
+            f"cannot reach a Ray cluster at {address} ({exc}); start it (`ray start --head`) or fix --address / "
+            "RAY_ADDRESS"
+        ) from None
+
+
 def init_ray(address: str | None = None, **kwargs: Any) -> None:
     """Connect to ``address`` (or ``RAY_ADDRESS``), or start a local Ray; no-op when connected.
 
@@ -70,6 +86,8 @@ def init_ray(address: str | None = None, **kwargs: Any) -> None:
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS") or None
+    if address:
+        check_reachable(address)
     env = dict(RAY_ENV)
     if not address:
         for k, v in RAY_ENV.items():
@@ -179,8 +197,8 @@ def train(
 
     out_dir = Path(out_dir).resolve()
     check_run_dir(out_dir)
+    init_ray(address)  # an unreachable address fails here, before --out exists
     out_dir.mkdir(parents=True, exist_ok=True)
-    init_ray(address)
     trainer = make_trainer(
         cfg,
         data_dir,

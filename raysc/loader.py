@@ -133,6 +133,8 @@ def make_loader(
         dataset,
         batch_size=batch_size,
         sampler=sampler,
+        # BatchNorm cannot train on a batch of one clip: a shuffled epoch's last batch of one is dropped.
+        drop_last=shuffle and len(sampler) % batch_size == 1,
         collate_fn=_identity,
         num_workers=workers,
         worker_init_fn=_seed_worker,

@@ -30,6 +30,25 @@ log = logging.getLogger(__name__)
 MAX_EXTRA_LISTED = 5
 
 
+MARKER = ".raysc-data"  # written into a data folder before anything else: raysc only replaces what it wrote
+
+
+def _claim(out: Path) -> None:
+    """Make ``out`` a raysc data folder, or refuse: a folder that holds files but no sign that
+    raysc wrote them (its marker, or an older raysc's dataset.json) is never written into, not
+    even with --overwrite: replacing its store or manifest would delete someone else's files."""
+    if out.exists() and not out.is_dir():
+        raise RayscError(f"--out {out} is a file, not a folder; choose another --out")
+    ours = (out / MARKER).is_file() or (out / INFO_FILE).is_file()
+    if out.is_dir() and any(out.iterdir()) and not ours:
+        held = ", ".join(sorted(p.name for p in out.iterdir())[:5])
+        raise RayscError(
+            f"--out {out} already holds files that raysc did not write ({held}); choose an empty or new folder"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MARKER).write_text(f"raysc data folder (raysc {__version__}); raysc prepare may replace what is here\n")
+
+
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -125,6 +144,7 @@ def prepare(
         "pretrain": sorted(str(p) for p in (tau, cochlscene) if p),
     }
     info_path = out / INFO_FILE
+    _claim(out)
     if info_path.is_file() and not overwrite:
         previous = json.loads(info_path.read_text()).get("inputs")
         if previous != inputs:

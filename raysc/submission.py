@@ -85,11 +85,18 @@ def validate_submission(
 def check_submission_file(path: str | Path, data_dir: str | Path) -> None:
     """Validate a submission CSV on disk against a prepared data folder's eval clips."""
     path = Path(path)
+    if not path.is_file():
+        raise DataError([f"{path}: no such file"], what="submission")
     raw = path.read_bytes()
+    if not raw.strip():
+        raise DataError([f"{path}: the file is empty"], what="submission")
     if raw.startswith(b"\xef\xbb\xbf"):
         raise DataError([f"{path}: starts with a byte-order mark; write plain UTF-8"], what="submission")
     data = load_dataset(data_dir)
-    sub = pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""])
+    try:
+        sub = pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""])
+    except (pd.errors.ParserError, UnicodeDecodeError) as exc:
+        raise DataError([f"{path}: not a CSV file ({exc})"], what="submission") from None
     validate_submission(sub, _eval_rows(data.manifest), data.classes, where=str(path))
 
 

@@ -226,6 +226,17 @@ def _freeze(model: ASCModel, prefixes: tuple[str, ...]) -> None:
             p.requires_grad_(False)
 
 
+def check_inputs(cfg: TrainConfig, data_dir: str | Path) -> PreparedData:
+    """Everything a run needs, checked before any process starts: the data folder, the fold, the
+    network (front end at the data's rate, ``init_from`` and ``freeze``), the pseudo-labels."""
+    data = load_dataset(data_dir)
+    data.check_fold(cfg.fold)
+    build_model(cfg, data)
+    if cfg.pseudo_labels:
+        read_candidates(cfg.pseudo_labels, data.manifest, data.classes)
+    return data
+
+
 def build_model(cfg: TrainConfig, data: PreparedData) -> ASCModel:
     """The configured network for ``data`` (its classes, cities and sample rate), initialised
     from ``init_from`` and with ``freeze`` applied."""
@@ -386,7 +397,8 @@ def fit(
     params = [p for p in model.parameters() if p.requires_grad]
     opt = make_optimizer(cfg, params)
     per_rank_batch = max(1, cfg.batch_size // world)  # batch_size is the global batch
-    steps_per_epoch = math.ceil(math.ceil(len(train) / world) / per_rank_batch)  # the same on every rank
+    per_rank = math.ceil(len(train) / world)  # the same on every rank (the sampler pads)
+    steps_per_epoch = per_rank // per_rank_batch + (per_rank % per_rank_batch > 1)  # see make_loader
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(cfg, step, steps_per_epoch))
     # With fusion "none" the metadata encoder gets no gradient; DDP must be told.
     unused = model.cfg.fusion == "none"

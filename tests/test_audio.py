@@ -192,3 +192,17 @@ def test_parallel_build_equals_serial_build(tmp_path):
     assert serial.spec.content_hash == parallel.spec.content_hash
     spec = json.loads((tmp_path / "p" / "spec.json").read_text())
     assert spec["sample_rate"] == 16000 and spec["count"] == 70
+
+
+def test_non_finite_samples_are_an_input_problem_named_with_the_file(tmp_path):
+    wave = np.zeros(SR, np.float32)
+    nan, inf = tmp_path / "nan.wav", tmp_path / "inf.wav"
+    sf.write(str(nan), np.full(SR, np.nan, np.float32), SR, subtype="FLOAT")
+    wave[10:20] = np.inf
+    sf.write(str(inf), wave, SR, subtype="FLOAT")
+    for path, count in ((nan, SR), (inf, 10)):
+        with pytest.raises(DataError, match=rf"{path.name}: {count} of {SR} samples are NaN or infinite"):
+            Decoder(SR, SR)(path)
+    with pytest.raises(DataError) as err:
+        build_store(tmp_path / "store", [("nan", nan), ("inf", inf)], sample_rate=SR, num_samples=SR, workers=1)
+    assert len(err.value.problems) == 2 and not (tmp_path / "store").exists()

@@ -144,3 +144,22 @@ def test_search_errors_exit_2_with_the_message(prepared, tmp_path, caplog):
     code = main(["search", str(explicit_rate), "--data", str(prepared.out), "--experiment", str(tmp_path / "exp")])
     assert code == 2 and "front end expects 44100 Hz audio but the data is at 8000 Hz" in caplog.text
     assert not (tmp_path / "exp").exists()
+
+
+def test_train_checks_its_inputs_and_the_address_before_anything_starts(prepared, tmp_path, caplog):
+    import time
+
+    out = tmp_path / "run"
+    base = ["train", "--out", str(out), "--backbone", "stats"]
+    assert main([*base, "--data", str(tmp_path / "no-such-folder")]) == 2
+    assert "no-such-folder: not a prepared data folder" in caplog.text and not out.exists()
+    assert main([*base, "--data", str(prepared.out), "--fold", "9"]) == 2
+    assert "fold 9 does not exist" in caplog.text and not out.exists()
+    assert main([*base, "--data", str(prepared.out), "--set", "freeze=encoder"]) == 2
+    assert "freeze: no parameter of stats starts with 'encoder'" in caplog.text and not out.exists()
+    assert main([*base, "--data", str(prepared.out), "--set", f"pseudo_labels={tmp_path / 'none.csv'}"]) == 2
+    assert "none.csv: no such file" in caplog.text and not out.exists()
+    t0 = time.perf_counter()
+    assert main([*base, "--data", str(prepared.out), "--address", "127.0.0.1:9"]) == 2
+    assert "cannot reach a Ray cluster at 127.0.0.1:9" in caplog.text and not out.exists()
+    assert time.perf_counter() - t0 < 60  # a hang guard only

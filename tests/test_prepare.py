@@ -170,3 +170,21 @@ def test_missing_pretraining_folders_are_problems(small_inputs, tmp_path):
         prepare(**small_inputs, tau=tmp_path / "no-tau", cochlscene=tmp_path / "no-cochl")
     assert f"{tmp_path / 'no-tau' / 'meta.csv'}: TAU meta.csv not found" in err.value.problems
     assert f"{tmp_path / 'no-cochl'}: CochlScene folder not found" in err.value.problems
+
+
+def test_prepare_never_writes_into_a_folder_it_did_not_create(small_inputs, tmp_path):
+    out = tmp_path / "theirs"
+    (out / "store").mkdir(parents=True)
+    (out / "store" / "precious.txt").write_text("precious")
+    (out / "manifest.csv").write_text("mine")
+    for overwrite in (False, True):
+        with pytest.raises(RayscError, match=r"already holds files that raysc did not write \(manifest.csv, store\)"):
+            prepare(**{**small_inputs, "out": out, "overwrite": overwrite})
+    assert (out / "store" / "precious.txt").read_text() == "precious" and (out / "manifest.csv").read_text() == "mine"
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.csv", "store"]
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(RayscError, match="is a file, not a folder"):
+        prepare(**{**small_inputs, "out": tmp_path / "afile"})
+    data = prepare(**small_inputs)  # a new folder: raysc's own, and a rerun may replace what it wrote
+    assert (data.out / ".raysc-data").is_file()
+    prepare(**small_inputs)

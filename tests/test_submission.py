@@ -89,3 +89,40 @@ def test_leaderboard_renders_csv_markdown_and_a_sortable_page():
     assert "data-v='null'" in page and f"data-v='{json.dumps(1234567)}'" in page
     with pytest.raises(ConfigError, match="format 'pdf'"):
         render(table, "pdf")
+
+
+def test_check_submission_command_names_the_problem(prepared, good, tmp_path, capsys, caplog):
+    from raysc.cli import main
+
+    _, sub, _ = good
+    path = tmp_path / "s.csv"
+    sub.to_csv(path, index=False)
+    assert main(["check-submission", str(path), "--data", str(prepared.out)]) == 0
+    assert "a valid submission" in capsys.readouterr().out
+    sub.assign(scene_label="bus").to_csv(path, index=False)
+    assert main(["check-submission", str(path), "--data", str(prepared.out)]) == 2
+    assert "s.csv:2: scene_label 'bus' is not a class" in caplog.text
+    for name, content, message in (("missing.csv", None, "no such file"), ("empty.csv", b"", "the file is empty")):
+        f = tmp_path / name
+        if content is not None:
+            f.write_bytes(content)
+        with pytest.raises(DataError, match=rf"{name}: {message}"):
+            check_submission_file(f, prepared.out)
+
+
+def test_a_model_file_that_does_not_fit_its_network_is_named(tmp_path):
+    import torch
+
+    from raysc.errors import RayscError
+    from raysc.models import create_model, load_model, save_model
+
+    save_model(create_model("stats", width=0.25), tmp_path / "m.pt")
+    payload = torch.load(tmp_path / "m.pt", weights_only=True)
+    payload["state_dict"]["head.weight"] = torch.zeros(3, 3)
+    torch.save(payload, tmp_path / "shape.pt")
+    with pytest.raises(RayscError, match=r"shape.pt: its weights do not fit its stats network"):
+        load_model(tmp_path / "shape.pt")
+    del payload["state_dict"]
+    torch.save(payload, tmp_path / "nostate.pt")
+    with pytest.raises(RayscError, match=r"nostate.pt: a raysc model file without \['state_dict'\]"):
+        load_model(tmp_path / "nostate.pt")

@@ -305,3 +305,20 @@ def test_fold_minus_one_trains_on_everything(prepared, tmp_path):
     every = (prepared.manifest["subset"] == "labelled").sum() + prepared.manifest["session_label"].notna().sum()
     assert result.history[0]["train_clips"] == every
     assert (tmp_path / "all" / "model.pt").is_file() and not (tmp_path / "all" / "val_predictions.csv").exists()
+
+
+def test_a_last_batch_of_one_clip_is_dropped_in_training(prepared):
+    from raysc.loader import ClipTable, make_loader
+
+    m = prepared.manifest
+    rows = m[m["subset"] == "labelled"].iloc[:17]
+    table = ClipTable.from_rows(rows, np.eye(len(CLASSES), dtype=np.float32)[np.zeros(17, int)])
+    sizes = [len(b.filename) for b in make_loader(table, prepared.store, batch_size=8, shuffle=True, seed=0)]
+    assert sizes == [8, 8]  # BatchNorm cannot train on the 17th clip alone
+    assert [len(b.filename) for b in make_loader(table, prepared.store, batch_size=8, shuffle=False, seed=0)] == [
+        8,
+        8,
+        1,
+    ]
+    # The stats network (BatchNorm1d) trains whatever the remainder.
+    fit(make_config({"backbone": "stats", "epochs": 1, "batch_size": 8}), prepared.out)

@@ -77,9 +77,15 @@ def load_model(path: str | Path, *, map_location: str | torch.device = "cpu") ->
         raise RayscError(f"{path}: not a readable raysc model file ({exc})") from exc
     if not isinstance(payload, dict) or payload.get("format") != ARTEFACT_FORMAT:
         raise RayscError(f"{path}: not a raysc model file of format {ARTEFACT_FORMAT}")
+    missing = [k for k in ("backbone", "config", "state_dict", "metrics", "info", "versions") if k not in payload]
+    if missing:
+        raise RayscError(f"{path}: a raysc model file without {missing}")
     cls = model_class(payload["backbone"])
     model = cls(apply_overrides(cls.config_class(), payload["config"], where=str(path)))
-    model.load_state_dict(payload["state_dict"])
+    try:
+        model.load_state_dict(payload["state_dict"])
+    except RuntimeError as exc:  # names or shapes that do not match the network its config builds
+        raise RayscError(f"{path}: its weights do not fit its {payload['backbone']} network ({exc})") from None
     model.artefact = {k: payload[k] for k in ("metrics", "info", "versions")}
     return model.eval()
 
