@@ -9,8 +9,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from . import __version__
@@ -19,6 +20,27 @@ from .errors import RayscError
 log = logging.getLogger("raysc")
 
 EXIT_OK, EXIT_ERROR, EXIT_INTERRUPTED = 0, 2, 130
+
+
+def _number(kind: type, *, low: float, inclusive: bool = True) -> Callable[[str], float]:
+    """An argparse type: a finite number of ``kind`` at least (or above) ``low``."""
+
+    def parse(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if not math.isfinite(value) or value < low or (value == low and not inclusive):
+            raise argparse.ArgumentTypeError(f"{text} must be {'>=' if inclusive else '>'} {low:g}")
+        return value
+
+    return parse
+
+
+COUNT = _number(int, low=1)  # how many: clips, trials, epochs, workers
+INDEX = _number(int, low=0)  # a seed, a round
+FRACTION = _number(float, low=0.0)
+POSITIVE = _number(float, low=0.0, inclusive=False)
 
 
 def _cmd_synth(args: argparse.Namespace) -> int:
@@ -295,35 +317,45 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("synth", help="write a synthetic dataset in the challenge's format")
     p.add_argument("out", type=Path, help="output folder")
-    p.add_argument("--clips", type=int, default=2000, help="development clips (default 2000)")
-    p.add_argument("--eval-clips", type=int, default=400, help="evaluation clips (default 400)")
-    p.add_argument("--labelled-fraction", type=float, default=0.2, help="labelled share of dev clips (default 0.2)")
-    p.add_argument("--sample-rate", type=int, default=16000, help="Hz (default 16000)")
-    p.add_argument("--clip-seconds", type=float, default=10.0, help="clip length (default 10)")
-    p.add_argument("--cities", type=int, default=8, help="dev cities (default 8)")
-    p.add_argument("--unseen-cities", type=int, default=3, help="eval-only cities (default 3)")
-    p.add_argument("--session-size", type=int, default=8, help="mean clips per recording session (default 8)")
-    p.add_argument("--pretrain-clips", type=int, default=0, help="also write N TAU- and N CochlScene-format clips")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workers", type=int, default=1, help="processes rendering audio (default 1)")
+    p.add_argument("--clips", type=COUNT, default=2000, help="development clips (default 2000)")
+    p.add_argument("--eval-clips", type=INDEX, default=400, help="evaluation clips (default 400)")
+    p.add_argument("--labelled-fraction", type=POSITIVE, default=0.2, help="labelled share of dev clips (default 0.2)")
+    p.add_argument("--sample-rate", type=COUNT, default=16000, help="Hz (default 16000)")
+    p.add_argument("--clip-seconds", type=POSITIVE, default=10.0, help="clip length (default 10)")
+    p.add_argument("--cities", type=COUNT, default=8, help="dev cities (default 8)")
+    p.add_argument("--unseen-cities", type=INDEX, default=3, help="eval-only cities (default 3)")
+    p.add_argument("--session-size", type=COUNT, default=8, help="mean clips per recording session (default 8)")
+    p.add_argument("--pretrain-clips", type=INDEX, default=0, help="also write N TAU- and N CochlScene-format clips")
+    p.add_argument("--seed", type=INDEX, default=0)
+    p.add_argument("--workers", type=COUNT, default=1, help="processes rendering audio (default 1)")
     p.set_defaults(func=_cmd_synth)
 
-    p = sub.add_parser("prepare", help="challenge metadata + audio -> manifest + feature store")
+    p = sub.add_parser(
+        "prepare",
+        help="challenge metadata + audio -> manifest + feature store",
+        description="Validate the challenge's metadata and audio (every problem reported at once, nothing written "
+        "when there is one), then write a data folder: manifest.csv, dataset.json and the FeatureStore. Metadata: "
+        "UTF-8 (a BOM is accepted), header filename,location,record_time,scene_label, record_time as "
+        "YYYY-MM-DD HH:MM:SS, an empty scene_label for unlabelled clips; audio: <filename>.wav or .flac anywhere "
+        "under the --audio folders, any rate and channel count.",
+        epilog="example: raysc prepare --dev-meta APSIPA2025_GC_ASC_dev_metadata.csv --eval-meta "
+        "APSIPA2025_GC_ASC_eval_metadata.csv --audio /data/cas2023/audio --out data/apsipa2025",
+    )
     p.add_argument("--dev-meta", type=Path, required=True, help="development metadata CSV")
     p.add_argument("--eval-meta", type=Path, required=True, help="evaluation metadata CSV")
     p.add_argument("--audio", type=Path, action="append", required=True, help="audio folder (repeatable)")
     p.add_argument("--out", type=Path, required=True, help="data folder to write")
-    p.add_argument("--sample-rate", type=int, default=44100, help="target rate in Hz (default 44100)")
-    p.add_argument("--clip-seconds", type=float, default=10.0, help="pad or trim to this length (default 10)")
-    p.add_argument("--folds", type=int, default=5, help="validation folds (default 5)")
+    p.add_argument("--sample-rate", type=COUNT, default=44100, help="target rate in Hz (default 44100)")
+    p.add_argument("--clip-seconds", type=POSITIVE, default=10.0, help="pad or trim to this length (default 10)")
+    p.add_argument("--folds", type=_number(int, low=2), default=5, help="validation folds (default 5)")
     p.add_argument(
         "--split",
         choices=["session", "city"],
         default="session",
         help="group folds by recording session (default) or hold out whole cities",
     )
-    p.add_argument("--seed", type=int, default=0, help="fold assignment seed")
-    p.add_argument("--workers", type=int, default=None, help="decoding processes (default: all cores)")
+    p.add_argument("--seed", type=INDEX, default=0, help="fold assignment seed")
+    p.add_argument("--workers", type=COUNT, default=None, help="decoding processes (default: all cores)")
     p.add_argument("--tau", type=Path, help="TAU Urban Acoustic Scenes 2020 Mobile folder (pretraining)")
     p.add_argument("--cochlscene", type=Path, help="CochlScene folder (pretraining)")
     p.add_argument("--label-map", type=Path, help="YAML mapping of pretraining labels (default: ALPS table)")
@@ -332,9 +364,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("models", help="list the backbones with their size and cost")
     p.add_argument("names", nargs="*", help="backbones to show (default: all)")
-    p.add_argument("--width", type=float, default=1.0, help="channel multiplier (default 1: the papers' sizes)")
+    p.add_argument("--width", type=POSITIVE, default=1.0, help="channel multiplier (default 1: the papers' sizes)")
     p.add_argument("--bench", action="store_true", help="also measure training clips/s on this machine")
-    p.add_argument("--batch", type=int, default=8, help="batch size for --bench (default 8)")
+    p.add_argument("--batch", type=COUNT, default=8, help="batch size for --bench (default 8)")
     p.set_defaults(func=_cmd_models)
 
     p = sub.add_parser("train", help="train one model with Ray Train (one or more workers)")
@@ -350,14 +382,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="override a config value, e.g. lr=3e-4 or model.width=0.5 (repeatable)",
     )
-    p.add_argument("--epochs", type=int, help="shortcut for --set epochs=N")
+    p.add_argument("--epochs", type=COUNT, help="shortcut for --set epochs=N")
     p.add_argument("--fold", type=int, help="validation fold (-1: train on every labelled clip)")
-    p.add_argument("--workers", type=int, default=1, help="data-parallel workers (default 1)")
-    p.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs per worker (default 0: CPU)")
+    p.add_argument("--workers", type=COUNT, default=1, help="data-parallel workers (default 1)")
+    p.add_argument("--gpus-per-worker", type=FRACTION, default=0.0, help="GPUs per worker (default 0: CPU)")
     p.add_argument(
-        "--cpus-per-worker", type=float, default=1.0, help="CPUs per worker; also its torch threads (default 1)"
+        "--cpus-per-worker", type=POSITIVE, default=1.0, help="CPUs per worker; also its torch threads (default 1)"
     )
-    p.add_argument("--max-failures", type=int, default=1, help="worker restarts allowed (default 1)")
+    p.add_argument("--max-failures", type=INDEX, default=1, help="worker restarts allowed (default 1)")
     _add_address(p)
     p.set_defaults(func=_cmd_train)
 
@@ -365,20 +397,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("space", type=Path, help="search space YAML (see search_spaces/)")
     p.add_argument("--data", type=Path, required=True, help="prepared data folder")
     p.add_argument("--experiment", type=Path, required=True, help="experiment folder (rounds, trials, ensembles)")
-    p.add_argument("--trials", type=int, default=8, help="trials to run (default 8)")
-    p.add_argument("--max-epochs", type=int, help="epochs of a trial that is never stopped (default: the space's)")
+    p.add_argument("--trials", type=COUNT, default=8, help="trials to run (default 8)")
+    p.add_argument("--max-epochs", type=COUNT, help="epochs of a trial that is never stopped (default: the space's)")
     p.add_argument(
         "--time-budget",
         dest="time_budget_minutes",
-        type=float,
+        type=POSITIVE,
         metavar="MINUTES",
         help="start no trial after this long",
     )
     p.add_argument("--fold", type=int, default=0, help="validation fold (default 0)")
-    p.add_argument("--round", type=int, default=0, help="semi-supervised round (default 0: labelled clips only)")
+    p.add_argument("--round", type=INDEX, default=0, help="semi-supervised round (default 0: labelled clips only)")
     p.add_argument("--pseudo-candidates", type=Path, metavar="CSV", help="pseudo-label candidates (round >= 1)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the sampler and of every trial (default 0)")
-    p.add_argument("--max-concurrent", type=int, help="trials at once (default: what the cluster's CPUs/GPUs fit)")
+    p.add_argument("--seed", type=INDEX, default=0, help="seed of the sampler and of every trial (default 0)")
+    p.add_argument("--max-concurrent", type=COUNT, help="trials at once (default: what the cluster's CPUs/GPUs fit)")
     p.add_argument("--sampler", choices=["tpe", "random"], default="tpe", help="Optuna sampler (default tpe)")
     p.add_argument(
         "--no-early-stopping", dest="early_stopping", action="store_false", help="no ASHA: every trial runs its epochs"
@@ -390,8 +422,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("ensemble", help="ensemble the best trials (top-k mean or greedy selection)")
     p.add_argument("experiment", type=Path, help="experiment folder")
     p.add_argument("--method", choices=["topk", "greedy"], default="topk", help="default topk")
-    p.add_argument("--k", type=int, default=5, help="members (topk) or selection steps (greedy); default 5")
-    p.add_argument("--rounds", type=int, nargs="+", help="rounds to draw members from (default: all)")
+    p.add_argument("--k", type=COUNT, default=5, help="members (topk) or selection steps (greedy); default 5")
+    p.add_argument("--rounds", type=INDEX, nargs="+", help="rounds to draw members from (default: all)")
     p.add_argument("--temperature", action="store_true", help="fit one temperature after averaging")
     p.add_argument("--session-smoothing", action="store_true", help="average predictions over each session")
     p.add_argument("--name", help="ensemble name (default: from the settings)")
@@ -399,7 +431,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("leaderboard", help="every trial and ensemble, ranked by validation macro accuracy")
     p.add_argument("experiment", type=Path, help="experiment folder")
-    p.add_argument("--round", type=int, help="only this round")
+    p.add_argument("--round", type=INDEX, help="only this round")
     p.add_argument("--format", choices=["csv", "md", "html"], help="default: from --out's suffix, else md")
     p.add_argument("--out", type=Path, help="write to a file instead of the terminal")
     p.set_defaults(func=_cmd_leaderboard)
@@ -409,7 +441,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ensemble", help="ensemble name (default: the best by validation)")
     p.add_argument(
         "--summary-threshold",
-        type=float,
+        type=FRACTION,
         default=0.9,
         help="confidence the summary counts as kept (default 0.9); training runs select their own",
     )
@@ -436,15 +468,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--data", type=Path, required=True, help="prepared data folder")
     p.add_argument("--experiment", type=Path, required=True, help="experiment folder")
-    p.add_argument("--time-budget", type=float, metavar="MINUTES", help="shared by the rounds' searches")
-    p.add_argument("--max-concurrent", type=int, help="trials at once (overrides the file; for autoscaling clusters)")
+    p.add_argument("--time-budget", type=POSITIVE, metavar="MINUTES", help="shared by the rounds' searches")
+    p.add_argument("--max-concurrent", type=COUNT, help="trials at once (overrides the file; for autoscaling clusters)")
     _add_address(p)
     p.set_defaults(func=_cmd_pipeline)
 
     p = sub.add_parser("demo", help="synthesise a small dataset and run the whole pipeline on it")
     p.add_argument("--out", type=Path, default=Path("raysc-demo"), help="folder to write (default raysc-demo)")
-    p.add_argument("--clips", type=int, default=800, help="development clips to synthesise (default 800)")
-    p.add_argument("--time-budget", type=float, metavar="MINUTES", help="limit the searches")
+    p.add_argument("--clips", type=COUNT, default=800, help="development clips to synthesise (default 800)")
+    p.add_argument("--time-budget", type=POSITIVE, metavar="MINUTES", help="limit the searches")
     _add_address(p)
     p.set_defaults(func=_cmd_demo)
     return parser

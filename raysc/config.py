@@ -157,8 +157,8 @@ def make_config(values: Mapping[str, Any], *, where: str = "training config") ->
             raise ConfigError(f"{where}: unknown key {key!r} (valid: {', '.join(sorted(names))})")
     try:
         return TrainConfig(**flat, model=model)
-    except TypeError as exc:
-        raise ConfigError(f"{where}: {exc}") from exc
+    except (TypeError, ConfigError) as exc:  # the config's own checks, with where the values came from
+        raise ConfigError(f"{where}: {exc}") from None
 
 
 _FLOAT_FIELDS = {f.name for f in dataclasses.fields(TrainConfig) if isinstance(f.default, float)} | {"grad_clip"}

@@ -226,6 +226,15 @@ def assign_folds(groups: pd.Series, labels: pd.Series, *, n_folds: int, seed: in
     rng = np.random.default_rng(seed)
     sizes = groups.value_counts().to_dict()
     labelled = labels.notna()
+    n_groups = groups[labelled].nunique()
+    if n_folds > n_groups:
+        raise DataError(
+            [
+                f"--folds {n_folds}: only {n_groups} labelled recording session(s), so some folds would validate on "
+                f"nothing; use at most {n_groups}"
+            ],
+            what="options",
+        )
     per_group = labels[labelled].groupby(groups[labelled]).agg(lambda s: s.value_counts().idxmax())
     counts = labels[labelled].groupby(groups[labelled]).size()
     totals = np.zeros(n_folds)

@@ -163,3 +163,34 @@ def test_train_checks_its_inputs_and_the_address_before_anything_starts(prepared
     assert main([*base, "--data", str(prepared.out), "--address", "127.0.0.1:9"]) == 2
     assert "cannot reach a Ray cluster at 127.0.0.1:9" in caplog.text and not out.exists()
     assert time.perf_counter() - t0 < 60  # a hang guard only
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["prepare", "--dev-meta", "d", "--eval-meta", "e", "--audio", "a", "--out", "o", "--workers", "-1"],
+            "argument --workers: -1 must be >= 1",
+        ),
+        (
+            ["prepare", "--dev-meta", "d", "--eval-meta", "e", "--audio", "a", "--out", "o", "--clip-seconds", "nan"],
+            "argument --clip-seconds: nan must be > 0",
+        ),
+        (
+            ["prepare", "--dev-meta", "d", "--eval-meta", "e", "--audio", "a", "--out", "o", "--folds", "1"],
+            "argument --folds: 1 must be >= 2",
+        ),
+        (
+            ["search", "s.yaml", "--data", "d", "--experiment", "e", "--trials", "two"],
+            "argument --trials: 'two' is not an integer",
+        ),
+        (
+            ["pipeline", "--data", "d", "--experiment", "e", "--time-budget", "-5"],
+            "argument --time-budget: -5 must be > 0",
+        ),
+    ],
+)
+def test_numbers_on_the_command_line_are_checked_by_range(args, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(args)
+    assert exit_.value.code == 2 and message in capsys.readouterr().err

@@ -188,3 +188,9 @@ def test_prepare_never_writes_into_a_folder_it_did_not_create(small_inputs, tmp_
     data = prepare(**small_inputs)  # a new folder: raysc's own, and a rerun may replace what it wrote
     assert (data.out / ".raysc-data").is_file()
     prepare(**small_inputs)
+
+
+def test_more_folds_than_labelled_sessions_is_refused(small_inputs):
+    with pytest.raises(DataError, match=r"--folds 5: only 3 labelled recording session\(s\).*use at most 3"):
+        prepare(**{**small_inputs, "folds": 5})
+    assert not small_inputs["out"].exists()

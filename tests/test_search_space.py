@@ -121,3 +121,16 @@ def test_gpu_spaces_resolve_to_whole_cpus_on_a_cluster_without_gpus():
     for path in SPACES_DIR.glob("*.yaml"):  # every shipped space runs on a CPU machine
         res = resolve_resources(load_search_space(path).resources, {"CPU": 2.0}, None)
         assert res.gpus_per_worker == 0 and res.workers * res.cpus_per_worker <= 2, path
+
+
+def test_a_value_the_config_refuses_names_the_file_and_the_key(tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_text("params:\n  batch_size: {type: int, low: 0, high: 8}\nbackbones: {stats: {}}\n")
+    with pytest.raises(ConfigError, match=r"s.yaml: backbone stats with the low end: .*batch_size must be > 0, got 0"):
+        load_search_space(path)
+    path.write_text(
+        "params:\n  lr: {type: float, low: 1.0e-4, high: 1.0e-2}\n  lr: {type: float, low: 1, high: 2}\n"
+        "backbones: {stats: {}}\n"
+    )
+    with pytest.raises(ConfigError, match=r"s.yaml: duplicate key 'lr' \(lines 2 and 3\)"):
+        load_search_space(path)
