@@ -176,6 +176,21 @@ def parse_metadata(path: str | Path, *, subset: Literal["dev", "eval"]) -> tuple
     return pd.DataFrame(rows, columns=empty.columns), problems
 
 
+def city_warnings(tables: Sequence[tuple[Path, pd.DataFrame]]) -> list[str]:
+    """Locations that look like another city with stray spaces or quotes (``Xi'an ``, ``"Xi'an"``):
+    accepted as written (the file is the data), but named with the city they probably mean."""
+    known = set(OFFICIAL_CITIES) | {c for _, rows in tables for c in rows["city"]}
+    warnings, seen = [], set()
+    for path, rows in tables:
+        for city, line in zip(rows["city"], rows["line"], strict=True):
+            clean = city.strip().strip("\"'").strip()
+            if clean != city and city not in seen:
+                seen.add(city)
+                near = f"; did you mean {clean!r}?" if clean in known else ""
+                warnings.append(f"{path}:{line}: location {city!r} has stray spaces or quotes{near} (kept as written)")
+    return warnings
+
+
 def time_features(record_times: pd.Series) -> pd.DataFrame:
     """Cyclic time of day, weekday and day of year (sin/cos) plus a weekend flag.
 

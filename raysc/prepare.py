@@ -19,7 +19,7 @@ import pandas as pd
 
 from . import __version__
 from .audio import build_store, check_audio_header, index_audio
-from .data import CLASSES, SourceRows, SplitMode, build_manifest, parse_metadata
+from .data import CLASSES, SourceRows, SplitMode, build_manifest, city_warnings, parse_metadata
 from .dataset import INFO_FILE, MANIFEST_FILE, STORE_DIR, PreparedData
 from .errors import DataError, RayscError
 from .fileio import write_csv, write_json
@@ -87,6 +87,8 @@ def prepare(
         for name, line in zip(ev["filename"], ev["line"], strict=True)
         if name in dev_lines
     ]
+    for warning in city_warnings([(dev_meta, dev), (eval_meta, ev)]):
+        log.warning("%s", warning)
     audio, audio_problems = index_audio(audio_dirs)
     problems += audio_problems
     for meta, rows in ((dev_meta, dev), (eval_meta, ev)):

@@ -194,3 +194,20 @@ def test_more_folds_than_labelled_sessions_is_refused(small_inputs):
     with pytest.raises(DataError, match=r"--folds 5: only 3 labelled recording session\(s\).*use at most 3"):
         prepare(**{**small_inputs, "folds": 5})
     assert not small_inputs["out"].exists()
+
+
+def test_cities_with_stray_spaces_or_quotes_are_warned_about_with_a_suggestion(small_inputs, caplog):
+    from conftest import write_metadata
+
+    rows = [
+        "a1_1,Xi'an ,2023-06-18 18:44:34,Airport",
+        "a2_1,Xi'an,2023-06-18 18:44:34,",
+        "b1_1,Jinan,2023-06-19 08:00:00,Bus",
+        "b2_1,Jinan,2023-06-19 08:00:00,Bus",
+        'c1_1,"Hefei",2023-06-20 12:30:00,Metro',
+        "c2_1,Hefei,2023-06-20 12:30:00,",
+    ]
+    write_metadata(small_inputs["dev_meta"], rows)
+    prepare(**small_inputs)
+    assert 'dev.csv:2: location "Xi\'an " has stray spaces or quotes; did you mean "Xi\'an"?' in caplog.text
+    assert "dev.csv:6: location '\"Hefei\"' has stray spaces or quotes; did you mean 'Hefei'? (kept" in caplog.text

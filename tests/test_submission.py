@@ -119,6 +119,7 @@ def test_a_model_file_that_does_not_fit_its_network_is_named(tmp_path):
     save_model(create_model("stats", width=0.25), tmp_path / "m.pt")
     payload = torch.load(tmp_path / "m.pt", weights_only=True)
     payload["state_dict"]["head.weight"] = torch.zeros(3, 3)
+    del payload["weights_sha256"]  # as in a file written before raysc hashed its weights
     torch.save(payload, tmp_path / "shape.pt")
     with pytest.raises(RayscError, match=r"shape.pt: its weights do not fit its stats network"):
         load_model(tmp_path / "shape.pt")
@@ -126,3 +127,18 @@ def test_a_model_file_that_does_not_fit_its_network_is_named(tmp_path):
     torch.save(payload, tmp_path / "nostate.pt")
     with pytest.raises(RayscError, match=r"nostate.pt: a raysc model file without \['state_dict'\]"):
         load_model(tmp_path / "nostate.pt")
+
+
+def test_a_damaged_model_file_is_refused_not_loaded_with_wrong_weights(tmp_path):
+    import torch
+
+    from raysc.errors import RayscError
+    from raysc.models import create_model, load_model, save_model
+
+    save_model(create_model("stats", width=0.25), tmp_path / "m.pt")
+    payload = torch.load(tmp_path / "m.pt", weights_only=True)
+    payload["state_dict"]["head.weight"][0, 0] = float("nan")  # what a flipped byte in the data does
+    torch.save(payload, tmp_path / "flipped.pt")
+    with pytest.raises(RayscError, match=r"flipped\.pt: its weights do not match their recorded hash"):
+        load_model(tmp_path / "flipped.pt")
+    assert load_model(tmp_path / "m.pt").artefact["metrics"] == {}

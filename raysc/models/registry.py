@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import pickle
 import platform
 from collections.abc import Callable
@@ -59,7 +60,8 @@ def save_model(model: ASCModel, path: str | Path, **info: Any) -> None:
         "frontend": cfg["frontend"],
         "classes": list(model.cfg.classes),
         "cities": list(model.cfg.cities),
-        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "state_dict": (state := {k: v.detach().cpu() for k, v in model.state_dict().items()}),
+        "weights_sha256": weights_hash(state),
         "metrics": info.pop("metrics", {}),
         "info": info,
         "versions": {"raysc": __version__, "torch": str(torch.__version__), "python": platform.python_version()},
@@ -82,12 +84,24 @@ def load_model(path: str | Path, *, map_location: str | torch.device = "cpu") ->
         raise RayscError(f"{path}: a raysc model file without {missing}")
     cls = model_class(payload["backbone"])
     model = cls(apply_overrides(cls.config_class(), payload["config"], where=str(path)))
+    if "weights_sha256" in payload and weights_hash(payload["state_dict"]) != payload["weights_sha256"]:
+        raise RayscError(f"{path}: its weights do not match their recorded hash: the file is damaged")
     try:
         model.load_state_dict(payload["state_dict"])
     except RuntimeError as exc:  # names or shapes that do not match the network its config builds
         raise RayscError(f"{path}: its weights do not fit its {payload['backbone']} network ({exc})") from None
     model.artefact = {k: payload[k] for k in ("metrics", "info", "versions")}
     return model.eval()
+
+
+def weights_hash(state: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over every tensor's name, dtype, shape and bytes, in name order."""
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def count_parameters(model: torch.nn.Module) -> int:
