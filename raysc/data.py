@@ -133,6 +133,8 @@ def parse_metadata(path: str | Path, *, subset: Literal["dev", "eval"]) -> tuple
     path = Path(path)
     problems: list[str] = []
     empty = pd.DataFrame(columns=["filename", "city", "record_time", "label", "line"])
+    if path.is_dir():
+        return empty, [f"{path}: a folder, not a metadata file"]
     try:
         text = path.read_bytes().decode("utf-8-sig")
     except FileNotFoundError:

@@ -211,3 +211,8 @@ def test_cities_with_stray_spaces_or_quotes_are_warned_about_with_a_suggestion(s
     prepare(**small_inputs)
     assert 'dev.csv:2: location "Xi\'an " has stray spaces or quotes; did you mean "Xi\'an"?' in caplog.text
     assert "dev.csv:6: location '\"Hefei\"' has stray spaces or quotes; did you mean 'Hefei'? (kept" in caplog.text
+
+
+def test_a_folder_given_as_metadata_is_named(small_inputs, tmp_path):
+    with pytest.raises(DataError, match=r"meta-dir: a folder, not a metadata file"):
+        prepare(**{**small_inputs, "dev_meta": (tmp_path / "meta-dir").mkdir() or tmp_path / "meta-dir"})
