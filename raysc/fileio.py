@@ -13,24 +13,30 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from .errors import ConfigError
+from .errors import ConfigError, RayscError
 
 
 @contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; rename it over ``path`` only on success."""
+    """Yield a temporary path next to ``path``; rename it over ``path`` only on success. A write
+    that fails (a full disk, a file-size limit, no permission) leaves ``path`` as it was and is a
+    RayscError naming it."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    tmp_path = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        tmp_path = Path(tmp)
         yield tmp_path
         if tmp_path.exists():
             os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600 files
         os.replace(tmp_path, path)
+    except OSError as exc:
+        raise RayscError(f"{path}: could not be written ({exc.strerror or exc}); what was there is unchanged") from exc
     finally:
-        tmp_path.unlink(missing_ok=True)
+        if tmp_path is not None:
+            tmp_path.unlink(missing_ok=True)
 
 
 def _umask() -> int:

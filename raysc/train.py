@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import pickle
 import random
 import shutil
 import time
@@ -27,10 +28,10 @@ import torch.nn.functional as F
 from .audio import FeatureStore
 from .config import TrainConfig
 from .dataset import PreparedData, load_dataset
-from .errors import ConfigError
+from .errors import ConfigError, RayscError
 from .experiment import RECORD_METRICS, RUNNING_BEST
 from .featcache import FeatureCache
-from .fileio import write_csv, write_json
+from .fileio import atomic_path, write_csv, write_json
 from .loader import Batch, ClipTable, make_loader
 from .metrics import classification_report, confusion_matrix
 from .models import ASCModel, create_model, load_model, save_model
@@ -310,19 +311,21 @@ class TrainState:
         model.load_state_dict(self.best_weights)
         save_model(model, path / "best.pt", metrics=_scalars(self.best), train_config=cfg.to_dict())
         model.load_state_dict(current)
-        torch.save(
-            {
-                "optimizer": opt.state_dict(),
-                "scheduler": sched.state_dict(),
-                "epoch": self.epoch - 1,
-                "bad_epochs": self.bad_epochs,
-                "best": json.dumps(self.best),
-                "history": json.dumps(self.history),
-                "resumed": json.dumps(self.resumed),
-                "torch_rng": torch.get_rng_state(),
-            },
-            path / "state.pt",
-        )
+        state = {
+            "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict(),
+            "epoch": self.epoch - 1,
+            "bad_epochs": self.bad_epochs,
+            "best": json.dumps(self.best),
+            "history": json.dumps(self.history),
+            "resumed": json.dumps(self.resumed),
+            "torch_rng": torch.get_rng_state(),
+        }
+        with atomic_path(path / "state.pt") as tmp:
+            try:
+                torch.save(state, tmp)
+            except RuntimeError as exc:  # torch's writer reports a full disk this way
+                raise OSError(str(exc)) from exc
         return path
 
     @classmethod
@@ -331,8 +334,16 @@ class TrainState:
     ) -> TrainState:
         """Restore a checkpoint into ``model``, ``opt`` and ``sched``; the RNG continues as if the
         run had never stopped (dropout, mixup)."""
-        raw = torch.load(path / "state.pt", map_location=device, weights_only=True)
-        model.load_state_dict(load_model(path / "model.pt").state_dict())
+        try:
+            raw = torch.load(path / "state.pt", map_location=device, weights_only=True)
+            current = load_model(path / "model.pt")
+        except (OSError, RuntimeError, EOFError, pickle.UnpicklingError, RayscError) as exc:
+            # Never train from scratch silently: the run stops, naming the checkpoint.
+            raise RayscError(
+                f"{path}: the checkpoint to resume from cannot be read ({exc}); remove it to resume from the one "
+                "before it, or start the run again"
+            ) from None
+        model.load_state_dict(current.state_dict())
         opt.load_state_dict(raw["optimizer"])
         sched.load_state_dict(raw["scheduler"])
         predictions = path / "val_predictions.csv"

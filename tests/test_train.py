@@ -322,3 +322,31 @@ def test_a_last_batch_of_one_clip_is_dropped_in_training(prepared):
     ]
     # The stats network (BatchNorm1d) trains whatever the remainder.
     fit(make_config({"backbone": "stats", "epochs": 1, "batch_size": 8}), prepared.out)
+
+
+def test_a_full_disk_stops_the_write_by_name_and_keeps_what_was_there(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    from raysc import fileio
+    from raysc.fileio import write_json
+
+    path = tmp_path / "record.json"
+    write_json(path, {"kept": True})
+
+    def full(*_):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(fileio.os, "replace", full)
+    with pytest.raises(RayscError, match=r"record.json: could not be written \(No space left on device\)"):
+        write_json(path, {"kept": False})
+    assert json.loads(path.read_text()) == {"kept": True} and [p.name for p in tmp_path.iterdir()] == ["record.json"]
+
+
+def test_a_corrupt_checkpoint_is_refused_by_name_never_trained_over(prepared, tmp_path):
+    fit(tiny_config(epochs=1), prepared.out, checkpoint_dir=tmp_path / "ck")
+    (checkpoint,) = (tmp_path / "ck").glob("epoch-*")
+    state = checkpoint / "state.pt"
+    state.write_bytes(state.read_bytes()[:100])  # cut short, as by a crash mid-write
+    with pytest.raises(RayscError, match=r"epoch-0001: the checkpoint to resume from cannot be read"):
+        fit(tiny_config(epochs=2), prepared.out, resume=checkpoint)

@@ -67,7 +67,10 @@ def save_model(model: ASCModel, path: str | Path, **info: Any) -> None:
         "versions": {"raysc": __version__, "torch": str(torch.__version__), "python": platform.python_version()},
     }
     with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+        try:
+            torch.save(payload, tmp)
+        except RuntimeError as exc:  # torch's writer reports a full disk this way
+            raise OSError(str(exc)) from exc
 
 
 def load_model(path: str | Path, *, map_location: str | torch.device = "cpu") -> ASCModel:
