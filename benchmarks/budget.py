@@ -15,7 +15,6 @@ progress lines.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -23,30 +22,16 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
-from common import md_table, write_results  # the script folder is on sys.path
-from floor import floor_predictions
+from common import challenge_data, md_table, write_results  # the script folder is on sys.path
+from floor import eval_score, floor_predictions
 
 from raysc.data import CLASSES
 from raysc.dataset import load_dataset
 from raysc.experiment import Experiment
 from raysc.inference import predict_clips
-from raysc.metrics import macro_accuracy
-from raysc.prepare import prepare
-from raysc.synth import DEV_METADATA, EVAL_LABELS, EVAL_METADATA, synthesize
+from raysc.synth import EVAL_LABELS
 from raysc.train import session_labelled
-
-
-def score(labels: np.ndarray, rows: pd.DataFrame) -> dict[str, float]:
-    """Macro accuracy of predicted class indices on the eval rows, overall/seen/eval-only cities."""
-    y = rows["scene_label"].map(CLASSES.index).to_numpy()
-    unseen = (rows["city_idx"] == 0).to_numpy()
-    return {
-        "eval": macro_accuracy(y, labels, len(CLASSES)),
-        "seen": macro_accuracy(y[~unseen], labels[~unseen], len(CLASSES)),
-        "unseen": macro_accuracy(y[unseen], labels[unseen], len(CLASSES)) if unseen.any() else float("nan"),
-    }
 
 
 def run_pipeline(name: str, data: Path, exp: Path, budget: float) -> tuple[float, dict[str, float], str]:
@@ -92,46 +77,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work or Path(tmp)
-        raw, data_dir = args.raw, args.data
         if args.smoke_test:
-            raw, data_dir, args.time_budget = work / "raw", work / "data", 3.0
-            synthesize(
-                raw,
-                clips=200,
-                eval_clips=60,
-                sample_rate=16000,
-                clip_seconds=2.0,
-                cities=4,
-                unseen_cities=1,
-                session_size=4,
-                seed=0,
-            )
-        elif raw is None:
-            raw = work / "raw"
-            synthesize(
-                raw,
-                clips=1200,
-                eval_clips=600,
-                labelled_fraction=0.2,
-                sample_rate=44100,
-                clip_seconds=10.0,
-                cities=6,
-                unseen_cities=2,
-                seed=0,
-                workers=2,
-            )
-        data_dir = data_dir or work / "data"
-        if not (data_dir / "manifest.csv").is_file():
-            spec = json.loads((raw / "synth.json").read_text())
-            prepare(
-                dev_meta=raw / DEV_METADATA,
-                eval_meta=raw / EVAL_METADATA,
-                audio_dirs=[raw / "audio"],
-                out=data_dir,
-                sample_rate=int(spec["sample_rate"]),
-                clip_seconds=float(spec["clip_seconds"]),
-                workers=2,
-            )
+            args.time_budget = 3.0
+        raw, data_dir = challenge_data(args.raw, args.data, work, smoke=args.smoke_test)
         data = load_dataset(data_dir)
         ev = data.manifest[data.manifest["subset"] == "eval"].merge(pd.read_csv(raw / EVAL_LABELS), on="filename")
         labelled = data.rows("labelled")
@@ -140,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
             {
                 "system": "logistic regression (labelled clips)",
                 "minutes": None,
-                **score(floor_predictions(data.store, labelled, ev, len(data.cities)), ev),
+                **eval_score(floor_predictions(data.store, labelled, ev, len(data.cities)), ev),
             }
         ]
         with_sessions = pd.concat([labelled, session_labelled(data, -1)])
@@ -148,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
             {
                 "system": "logistic regression (+ session labels)",
                 "minutes": None,
-                **score(floor_predictions(data.store, with_sessions, ev, len(data.cities)), ev),
+                **eval_score(floor_predictions(data.store, with_sessions, ev, len(data.cities)), ev),
             }
         )
         floor_minutes = (time.perf_counter() - t0) / 60
@@ -159,11 +107,11 @@ def main(argv: list[str] | None = None) -> int:
             seconds, stages, _ = run_pipeline(name, data_dir, exp, args.time_budget)
             experiment = Experiment(exp)
             sub = pd.read_csv(experiment.submission("submission.csv")).set_index("filename").loc[ev["filename"]]
-            final = score(sub["scene_label"].map(CLASSES.index).to_numpy(), ev)
+            final = eval_score(sub["scene_label"].map(CLASSES.index).to_numpy(), ev)
             records = [r for r in experiment.records() if r.status != "failed"]
             best = max(records, key=lambda r: r.metrics["macro_accuracy"] or -1)
             probs = predict_clips(exp / best.model_path, data_dir, list(ev["filename"]))
-            single = score(probs[list(CLASSES)].to_numpy().argmax(1), ev)
+            single = eval_score(probs[list(CLASSES)].to_numpy().argmax(1), ev)
             ens = experiment.load_ensemble()
             results.append(
                 {

@@ -28,6 +28,56 @@ FRONTEND_8K = {
 RESULTS = Path(__file__).resolve().parent.parent / "results" / "bench"
 
 
+def challenge_data(raw: Path | None, data: Path | None, work: Path, *, smoke: bool) -> tuple[Path, Path]:
+    """(raw, data): a `raysc synth` folder at the challenge's shape (44.1 kHz, 10 s clips, 1,200
+    development clips of which 20 % labelled, 600 eval clips, 8 cities of which 2 only in eval;
+    ``smoke``: 200 clips of 2 s at 16 kHz), synthesised into ``work`` unless given, and its
+    prepared data folder, prepared unless it is there."""
+    from raysc.prepare import prepare
+    from raysc.synth import DEV_METADATA, EVAL_METADATA, synthesize
+
+    if smoke:
+        raw, data = work / "raw", work / "data"
+        synthesize(
+            raw,
+            clips=200,
+            eval_clips=60,
+            sample_rate=16000,
+            clip_seconds=2.0,
+            cities=4,
+            unseen_cities=1,
+            session_size=4,
+            seed=0,
+        )
+    elif raw is None:
+        raw = work / "raw"
+        synthesize(
+            raw,
+            clips=1200,
+            eval_clips=600,
+            labelled_fraction=0.2,
+            sample_rate=44100,
+            clip_seconds=10.0,
+            cities=6,
+            unseen_cities=2,
+            seed=0,
+            workers=2,
+        )
+    data = data or work / "data"
+    if not (data / "manifest.csv").is_file():
+        spec = json.loads((raw / "synth.json").read_text())
+        prepare(
+            dev_meta=raw / DEV_METADATA,
+            eval_meta=raw / EVAL_METADATA,
+            audio_dirs=[raw / "audio"],
+            out=data,
+            sample_rate=int(spec["sample_rate"]),
+            clip_seconds=float(spec["clip_seconds"]),
+            workers=2,
+        )
+    return raw, data
+
+
 def machine() -> dict[str, Any]:
     return {
         "cpus": os.cpu_count(),

@@ -14,6 +14,7 @@ import torchaudio
 
 from raysc.audio import FeatureStore
 from raysc.data import CLASSES, TIME_FEATURES
+from raysc.metrics import macro_accuracy
 
 
 def audio_features(store: FeatureStore, names: list[str]) -> np.ndarray:
@@ -75,3 +76,15 @@ def floor_predictions(
         return logistic_regression(x_tr, y, x_te)
     x_unk = np.concatenate(parts_unk, 1)
     return logistic_regression(np.concatenate([x_tr, x_unk]), np.concatenate([y, y]), x_te)
+
+
+def eval_score(labels: np.ndarray, rows: pd.DataFrame) -> dict[str, float]:
+    """Macro accuracy of predicted class indices on eval rows with ``scene_label`` (the synthetic
+    data's truth): overall, on cities seen in development, and on eval-only cities (``<unk>``)."""
+    y = rows["scene_label"].map(CLASSES.index).to_numpy()
+    unseen = (rows["city_idx"] == 0).to_numpy()
+    return {
+        "eval": macro_accuracy(y, labels, len(CLASSES)),
+        "seen": macro_accuracy(y[~unseen], labels[~unseen], len(CLASSES)),
+        "unseen": macro_accuracy(y[unseen], labels[unseen], len(CLASSES)) if unseen.any() else float("nan"),
+    }

@@ -15,7 +15,6 @@ keeps them; nothing else sees them). The floor is a logistic regression on log-m
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -28,73 +27,30 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import torch
-from common import RESULTS, md_table, write_results  # the script folder is on sys.path
-from floor import floor_predictions
+from common import RESULTS, challenge_data, md_table, write_results  # the script folder is on sys.path
+from floor import eval_score, floor_predictions
 
 from raysc.config import make_config
 from raysc.data import CLASSES
 from raysc.dataset import PreparedData, load_dataset
 from raysc.loader import ClipTable
-from raysc.metrics import macro_accuracy
 from raysc.models import load_model
-from raysc.prepare import prepare
-from raysc.synth import DEV_METADATA, EVAL_LABELS, EVAL_METADATA, synthesize
+from raysc.synth import EVAL_LABELS
 from raysc.train import fit, predict, session_labelled
 
 # CPU-sized configurations: what a 2-core machine can train in minutes on 10 s clips.
+_COMMON = {"optimizer": "adamw", "batch_size": 32, "schedule": "cosine", "warmup_epochs": 1, "city_dropout": 0.2}
+_NETWORK = {**_COMMON, "lr": 2e-3, "weight_decay": 1e-3, "spec_augment": 1, "mixup_alpha": 0.3}
 CONFIGS: dict[str, dict[str, Any]] = {
-    "stats": {
-        "backbone": "stats",
-        "optimizer": "adamw",
-        "lr": 3e-3,
-        "weight_decay": 1e-2,
-        "batch_size": 32,
-        "schedule": "cosine",
-        "warmup_epochs": 1,
-        "city_dropout": 0.2,
-    },
-    "mobileascnet": {
-        "backbone": "mobileascnet",
-        "optimizer": "adamw",
-        "lr": 2e-3,
-        "weight_decay": 1e-3,
-        "batch_size": 32,
-        "schedule": "cosine",
-        "warmup_epochs": 1,
-        "city_dropout": 0.2,
-        "spec_augment": 1,
-        "mixup_alpha": 0.3,
-    },
-    "setrans": {
-        "backbone": "setrans",
-        "model": {"width": 0.5},
-        "optimizer": "adamw",
-        "lr": 2e-3,
-        "weight_decay": 1e-3,
-        "batch_size": 32,
-        "schedule": "cosine",
-        "warmup_epochs": 1,
-        "city_dropout": 0.2,
-        "spec_augment": 1,
-        "mixup_alpha": 0.3,
-    },
+    "stats": {**_COMMON, "backbone": "stats", "lr": 3e-3, "weight_decay": 1e-2},
+    "mobileascnet": {**_NETWORK, "backbone": "mobileascnet"},
+    "setrans": {**_NETWORK, "backbone": "setrans", "model": {"width": 0.5}},
 }
 
 
 def eval_rows(data: PreparedData, raw: Path) -> pd.DataFrame:
     truth = pd.read_csv(raw / EVAL_LABELS)
     return data.manifest[data.manifest["subset"] == "eval"].merge(truth, on="filename")
-
-
-def score(pred: np.ndarray, rows: pd.DataFrame) -> dict[str, float]:
-    y = rows["scene_label"].map(CLASSES.index).to_numpy()
-    unseen = (rows["city_idx"] == 0).to_numpy()
-    out = {
-        "eval": macro_accuracy(y, pred, len(CLASSES)),
-        "eval_seen": macro_accuracy(y[~unseen], pred[~unseen], len(CLASSES)),
-    }
-    out["eval_unseen"] = macro_accuracy(y[unseen], pred[unseen], len(CLASSES)) if unseen.any() else float("nan")
-    return out
 
 
 def curve(name: str, values: dict[str, Any], data: PreparedData, ev: pd.DataFrame, epochs: int) -> list[dict]:
@@ -115,7 +71,7 @@ def curve(name: str, values: dict[str, Any], data: PreparedData, ev: pd.DataFram
                 "train_clips": metrics["train_clips"],
                 "val": metrics["macro_accuracy"],
                 "seconds": round(train_s, 1),
-                **score(probs.argmax(1), ev),
+                **eval_score(probs.argmax(1), ev),
             }
         )
         print(f"  {name} epoch {metrics['epoch']}: val {metrics['macro_accuracy']:.3f} eval {points[-1]['eval']:.3f}")
@@ -135,45 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
     with tempfile.TemporaryDirectory() as tmp:
-        raw, data_dir = args.raw, args.data
         if args.smoke_test:
-            raw, data_dir, args.epochs = Path(tmp) / "raw", Path(tmp) / "data", 2
-            synthesize(
-                raw,
-                clips=200,
-                eval_clips=60,
-                sample_rate=16000,
-                clip_seconds=2.0,
-                cities=4,
-                unseen_cities=1,
-                session_size=4,
-                seed=0,
-            )
-        elif raw is None:
-            raw = Path(tmp) / "raw"
-            synthesize(
-                raw,
-                clips=1200,
-                eval_clips=600,
-                sample_rate=44100,
-                clip_seconds=10.0,
-                cities=6,
-                unseen_cities=2,
-                seed=0,
-                workers=2,
-            )
-        data_dir = data_dir or Path(tmp) / "data"
-        if not (data_dir / "manifest.csv").is_file():
-            spec = json.loads((raw / "synth.json").read_text())
-            prepare(
-                dev_meta=raw / DEV_METADATA,
-                eval_meta=raw / EVAL_METADATA,
-                audio_dirs=[raw / "audio"],
-                out=data_dir,
-                sample_rate=int(spec["sample_rate"]),
-                clip_seconds=float(spec["clip_seconds"]),
-                workers=2,
-            )
+            args.epochs = 2
+        raw, data_dir = challenge_data(args.raw, args.data, Path(tmp), smoke=args.smoke_test)
         data = load_dataset(data_dir)
         ev = eval_rows(data, raw)
         train, _ = data.split(0)
@@ -183,12 +103,12 @@ def main(argv: list[str] | None = None) -> int:
             {
                 "config": "logistic regression",
                 "train_clips": len(train),
-                **score(floor_predictions(data.store, train, ev, len(data.cities)), ev),
+                **eval_score(floor_predictions(data.store, train, ev, len(data.cities)), ev),
             },
             {
                 "config": "logistic regression + session labels",
                 "train_clips": len(train) + len(sessions),
-                **score(floor_predictions(data.store, pd.concat([train, sessions]), ev, len(data.cities)), ev),
+                **eval_score(floor_predictions(data.store, pd.concat([train, sessions]), ev, len(data.cities)), ev),
             },
         ]
         floor_s = time.perf_counter() - t0
@@ -208,8 +128,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{floor_s / 2:.0f}",
             "-",
             f"{f['eval']:.3f}",
-            f"{f['eval_seen']:.3f}",
-            f"{f['eval_unseen']:.3f}",
+            f"{f['seen']:.3f}",
+            f"{f['unseen']:.3f}",
         ]
         for f in floors
     ]
@@ -225,8 +145,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"{last['seconds']:.0f}",
                 f"{best['eval']:.3f} (epoch {int(best['epoch'])})",
                 f"{last['eval']:.3f}",
-                f"{last['eval_seen']:.3f}",
-                f"{last['eval_unseen']:.3f}",
+                f"{last['seen']:.3f}",
+                f"{last['unseen']:.3f}",
             ]
         )
     fig, ax = plt.subplots(figsize=(8, 5))

@@ -7,22 +7,13 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
+from conftest import FRONTEND, SR
 
 from raysc.data import CLASSES, UNK_CITY, city_indices
 from raysc.errors import ConfigError, RayscError
 from raysc.models import FUSIONS, count_macs, count_parameters, create_model, list_models, load_model, save_model
 
-SR = 8000
-SMALL_FRONTEND = {
-    "sample_rate": SR,
-    "n_fft": 256,
-    "win_length": 256,
-    "hop_length": 128,
-    "n_mels": 32,
-    "f_min": 0.0,
-    "f_max": 4000.0,
-    "frames": None,
-}
+SMALL_FRONTEND = FRONTEND
 # Tiny variants: the same networks at a fraction of the width, on 1 s of 8 kHz audio.
 TINY = {
     "setrans": {"width": 0.25, "frontend": SMALL_FRONTEND},

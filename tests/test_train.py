@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import FRONTEND
 
 from raysc.config import TrainConfig, load_config, make_config, parse_sets
 from raysc.data import CLASSES
@@ -17,17 +18,6 @@ from raysc.errors import ConfigError, DataError, RayscError
 from raysc.loader import Batch
 from raysc.models import create_model, load_model
 from raysc.train import augment, fit, lr_factor, soft_cross_entropy
-
-FRONTEND = {
-    "sample_rate": 8000,
-    "n_fft": 256,
-    "win_length": 256,
-    "hop_length": 128,
-    "n_mels": 32,
-    "f_min": 0.0,
-    "f_max": 4000.0,
-    "frames": None,
-}
 
 
 def tiny_config(**kw) -> TrainConfig:
