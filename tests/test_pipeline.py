@@ -102,3 +102,29 @@ def test_pipeline_runs_end_to_end_and_resumes_after_a_kill(prepared, tmp_path):
         assert (exp / "plots" / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
     assert again.stdout.count("| trial |") == 4 and "| ensemble |" in again.stdout
     assert "-session" in again.stdout  # the session-smoothed variant has its own row
+
+
+@pytest.mark.slow
+def test_a_round_whose_trials_all_fail_still_ends_with_a_submission(local_ray, prepared, tmp_path, monkeypatch):
+    from raysc import pipeline
+    from raysc.leaderboard import leaderboard
+    from raysc.search import SearchResult
+
+    real = pipeline.search
+
+    def round_one_gets_nothing(space, **kw):
+        # What a budget that runs out in the middle of round 1 leaves: no trial with a finished epoch.
+        if kw["round"] == 1:
+            return SearchResult(tmp_path / "exp" / "round-1", [], None, 0.0)
+        return real(space, **kw)
+
+    monkeypatch.setattr(pipeline, "search", round_one_gets_nothing)
+    space = write_space(tmp_path / "space.yaml", scheduler={"grace_period": 1, "reduction_factor": 2, "max_epochs": 1})
+    cfg = pipeline.PipelineConfig(space=str(space), rounds=2, trials=2, ensemble_k=2)
+    lines = []
+    result = pipeline.run_pipeline(cfg, data=prepared.out, experiment=tmp_path / "exp", progress=lines.append)
+    assert any("round 1: no trial finished an epoch" in line for line in lines)
+    check_submission_file(result.submission, prepared.out)
+    assert {m.round for m in result.final.members} == {0} and result.final.refit_of is not None
+    board = leaderboard(tmp_path / "exp")
+    assert (board["kind"] == "trial").sum() == 2 and (board["kind"] == "ensemble").sum() >= 2
