@@ -28,6 +28,37 @@ FRONTEND_8K = {
 RESULTS = Path(__file__).resolve().parent.parent / "results" / "bench"
 
 
+def small_data(work: Path, clips: int) -> Path:
+    """A prepared data folder of ``clips`` synthetic 1 s clips at 8 kHz (half labelled, 4 + 1
+    cities, 3 folds): the size of the search benchmarks, whose subject is the search, not the audio."""
+    from raysc.prepare import prepare
+    from raysc.synth import DEV_METADATA, EVAL_METADATA, synthesize
+
+    raw = work / "raw"
+    synthesize(
+        raw,
+        clips=clips,
+        eval_clips=20,
+        labelled_fraction=0.5,
+        sample_rate=8000,
+        clip_seconds=1.0,
+        cities=4,
+        unseen_cities=1,
+        session_size=4,
+        seed=0,
+    )
+    return prepare(
+        dev_meta=raw / DEV_METADATA,
+        eval_meta=raw / EVAL_METADATA,
+        audio_dirs=[raw / "audio"],
+        out=work / "data",
+        sample_rate=8000,
+        clip_seconds=1.0,
+        folds=3,
+        workers=1,
+    ).out
+
+
 def challenge_data(raw: Path | None, data: Path | None, work: Path, *, smoke: bool) -> tuple[Path, Path]:
     """(raw, data): a `raysc synth` folder at the challenge's shape (44.1 kHz, 10 s clips, 1,200
     development clips of which 20 % labelled, 600 eval clips, 8 cities of which 2 only in eval;

@@ -22,13 +22,11 @@ from pathlib import Path
 
 import yaml
 from common import FRONTEND_8K as FRONTEND
-from common import md_table, write_results  # the script folder is on sys.path
+from common import md_table, small_data, write_results  # the script folder is on sys.path
 
 from raysc.distributed import init_ray
 from raysc.experiment import Experiment
-from raysc.prepare import prepare
 from raysc.search import search
-from raysc.synth import DEV_METADATA, EVAL_METADATA, synthesize
 
 SPACE = {
     "name": "hpo_efficiency",
@@ -73,29 +71,7 @@ def main() -> int:
     rows, runs = [], []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        raw = tmp / "raw"
-        synthesize(
-            raw,
-            clips=args.clips,
-            eval_clips=20,
-            labelled_fraction=0.5,
-            sample_rate=8000,
-            clip_seconds=1.0,
-            cities=4,
-            unseen_cities=1,
-            session_size=4,
-            seed=0,
-        )
-        data = prepare(
-            dev_meta=raw / DEV_METADATA,
-            eval_meta=raw / EVAL_METADATA,
-            audio_dirs=[raw / "audio"],
-            out=tmp / "data",
-            sample_rate=8000,
-            clip_seconds=1.0,
-            folds=3,
-            workers=1,
-        ).out
+        data = small_data(tmp, args.clips)
         space = tmp / "space.yaml"
         space.write_text(yaml.safe_dump({**SPACE, "scheduler": {**SPACE["scheduler"], "max_epochs": args.max_epochs}}))
         for seed in range(args.seeds):
