@@ -7,6 +7,7 @@ import dataclasses
 import numpy as np
 import torch
 from conftest import FRONTEND
+from test_train import tiny_config
 
 from raysc.config import make_config
 from raysc.dataset import load_dataset
@@ -34,15 +35,8 @@ def test_cached_features_equal_the_front_end_and_follow_its_config(prepared):
 
 
 def test_training_on_cached_features_matches_training_on_waveforms(prepared):
-    values = {
-        "backbone": "mobileascnet",
-        "model": {"width": 0.25, "frontend": FRONTEND},
-        "epochs": 2,
-        "batch_size": 16,
-        "lr": 3e-3,
-    }
-    cached = fit(make_config({**values, "cache_features": True}), prepared.out)
-    waves = fit(make_config({**values, "cache_features": False}), prepared.out)
+    cached = fit(tiny_config(cache_features=True), prepared.out)
+    waves = fit(tiny_config(cache_features=False), prepared.out)
     for a, b in zip(cached.history, waves.history, strict=True):
         assert abs(a["train_loss"] - b["train_loss"]) < 1e-4 and abs(a["log_loss"] - b["log_loss"]) < 1e-4
 
