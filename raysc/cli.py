@@ -13,9 +13,13 @@ import math
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import __version__
 from .errors import RayscError
+
+if TYPE_CHECKING:
+    from .search import SearchResult
 
 log = logging.getLogger("raysc")
 
@@ -160,7 +164,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def describe(result) -> str:
+def describe(result: SearchResult) -> str:
     """A short text summary of a finished search."""
     from .experiment import Experiment
 
