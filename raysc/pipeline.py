@@ -34,7 +34,7 @@ from .plan import describe, kept, plan_space, restore_space
 from .plots import write_plots
 from .refit import refit_ensemble
 from .search import resolve_resources, search
-from .search_space import load_search_space, space_path
+from .search_space import Resources, load_search_space, space_path
 from .submission import make_submission
 
 log = logging.getLogger(__name__)
@@ -172,12 +172,16 @@ def run_pipeline(
         state.mark(stage, output)
         return output
 
-    def do_plan() -> dict[str, float | None]:
+    def cluster() -> tuple[dict[str, float], Resources]:
+        """The cluster's resources and what one trial gets on it."""
         import ray  # lazy: Ray takes seconds to import; only a running pipeline needs it
 
         init_ray(address, log_to_driver=False)  # workers' lines go to the search's log files
         total = ray.cluster_resources()
-        res = resolve_resources(sp.resources, total, cfg.max_concurrent)
+        return total, resolve_resources(sp.resources, total, cfg.max_concurrent)
+
+    def do_plan() -> dict[str, dict[str, Any] | None]:
+        total, res = cluster()
         budget = (time_budget_minutes - reserve_minutes(cfg.rounds - 1)) / cfg.rounds
         if res.gpus_per_worker:  # GPU trials: a step measured on the driver's CPU would say nothing
             say(
@@ -308,7 +312,7 @@ def run_pipeline(
                 if need > left:
                     say(f"[pipeline] refit skipped: about {need:.1f} min needed, {max(left, 0):.1f} min left")
                     return None
-            res = resolve_resources(sp.resources, {}, cfg.max_concurrent)
+            _, res = cluster()  # a refit task gets what one trial's worker gets
             refit = refit_ensemble(exp.root, final, cpus=res.cpus_per_worker, gpus=res.gpus_per_worker, address=address)
             say(f"[pipeline] {refit.name}: the members of {final.name} retrained on every labelled clip")
             return refit.name
