@@ -30,7 +30,7 @@ from raysc.search import search
 
 SPACE = {
     "name": "hpo_efficiency",
-    "fixed": {"model.width": 0.25, "model.frontend": FRONTEND, "batch_size": 16, "patience": 100},
+    "fixed": {"model.width": 0.25, "model.frontend": FRONTEND, "batch_size": 16},
     "params": {
         "lr": {"type": "float", "low": 1e-5, "high": 3e-2, "log": True},
         "weight_decay": {"type": "float", "low": 1e-6, "high": 1e-2, "log": True},
@@ -43,7 +43,7 @@ SPACE = {
         "setrans": {"model.dropout": {"type": "float", "low": 0.0, "high": 0.5}},
     },
     "resources": {"workers": 1, "cpus_per_worker": 2},
-    "scheduler": {"grace_period": 1, "reduction_factor": 2, "max_epochs": 8},
+    "scheduler": {"grace_steps": 10, "reduction_factor": 2, "max_epochs": 8},
 }
 
 

@@ -39,7 +39,7 @@ from raysc.synth import EVAL_LABELS
 from raysc.train import fit, predict, session_labelled
 
 # CPU-sized configurations: what a 2-core machine can train in minutes on 10 s clips.
-_COMMON = {"optimizer": "adamw", "batch_size": 32, "schedule": "cosine", "warmup_epochs": 1, "city_dropout": 0.2}
+_COMMON = {"optimizer": "adamw", "batch_size": 32, "schedule": "cosine", "warmup_steps": 20, "city_dropout": 0.2}
 _NETWORK = {**_COMMON, "lr": 2e-3, "weight_decay": 1e-3, "spec_augment": 1, "mixup_alpha": 0.3}
 CONFIGS: dict[str, dict[str, Any]] = {
     "stats": {**_COMMON, "backbone": "stats", "lr": 3e-3, "weight_decay": 1e-2},
@@ -55,7 +55,7 @@ def eval_rows(data: PreparedData, raw: Path) -> pd.DataFrame:
 
 def curve(name: str, values: dict[str, Any], data: PreparedData, ev: pd.DataFrame, epochs: int) -> list[dict]:
     """Train one configuration; after each epoch score the current weights on the eval clips."""
-    cfg = make_config({**values, "epochs": epochs, "fold": 0, "patience": epochs})
+    cfg = make_config({**values, "epochs": epochs, "fold": 0})
     table = ClipTable.from_rows(ev, np.zeros((len(ev), len(CLASSES)), np.float32))
     points, t0 = [], time.perf_counter()
 

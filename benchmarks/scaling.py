@@ -30,7 +30,7 @@ from raysc.distributed import DRIVER_RESOURCE, RAY_ENV, free_port
 from raysc.experiment import Experiment
 
 SPACE = {
-    "fixed": {"model.width": 0.25, "model.frontend": FRONTEND, "batch_size": 16, "patience": 100},
+    "fixed": {"model.width": 0.25, "model.frontend": FRONTEND, "batch_size": 16},
     "params": {"lr": {"type": "float", "low": 1e-3, "high": 1e-2, "log": True}},
     "backbones": {"mobileascnet": {"model.dropout": {"type": "float", "low": 0.0, "high": 0.3}}},
     "resources": {"workers": 1, "cpus_per_worker": 1},
@@ -83,7 +83,7 @@ def main() -> int:
         space = tmp / "space.yaml"
         space.write_text(
             yaml.safe_dump(
-                {**SPACE, "scheduler": {"grace_period": args.epochs, "reduction_factor": 2, "max_epochs": args.epochs}}
+                {**SPACE, "scheduler": {"grace_steps": 10**6, "reduction_factor": 2, "max_epochs": args.epochs}}
             )
         )
         for nodes in (1, 2):

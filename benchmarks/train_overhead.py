@@ -119,7 +119,6 @@ def main(argv: list[str] | None = None) -> int:
                 "epochs": args.epochs,
                 "batch_size": args.batch_size,
                 "lr": 1e-3,
-                "patience": 100,
             }
         )
         runs = {}

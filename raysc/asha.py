@@ -7,6 +7,9 @@ registered: the group keeps its CPUs and the next trial waits for them (seen onc
 trials, at a trial's last epoch). A trial's last epoch therefore gets CONTINUE: the trial ends by
 itself a moment later, and nothing is killed. Stops at earlier rungs still kill the trial; there
 the Train run has no retries to take (search.py: Tune retries failed trials instead).
+
+The rungs count optimiser steps (every epoch reports ``steps``), not epochs: on 192 clips an epoch
+is 6 steps, on 8,700 it is 136, and a trial is judged after as much training either way.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ from typing import Any
 
 from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
+from .search_space import Scheduler
+
 
 class LastEpochASHA(ASHAScheduler):
     """``ASHAScheduler`` that never stops a trial on the result of its last epoch (``final``)."""
@@ -22,3 +27,16 @@ class LastEpochASHA(ASHAScheduler):
     def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
         decision = super().on_trial_result(tune_controller, trial, result)  # records the rung result
         return TrialScheduler.CONTINUE if result.get("final") else decision
+
+
+def step_asha(scheduler: Scheduler, *, metric: str) -> LastEpochASHA:
+    """The search's ASHA: rungs at ``grace_steps`` x ``reduction_factor``^k optimiser steps. A
+    trial ends by itself after its epochs, so ``max_t`` only bounds the number of rungs."""
+    return LastEpochASHA(
+        time_attr="steps",
+        metric=metric,
+        mode="max",
+        max_t=scheduler.grace_steps * scheduler.reduction_factor**8,
+        grace_period=scheduler.grace_steps,
+        reduction_factor=scheduler.reduction_factor,
+    )

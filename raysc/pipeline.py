@@ -196,7 +196,7 @@ def run_pipeline(
         say(
             f"[pipeline] plan: {cfg.rounds} round(s) of up to {cfg.trials} trials, {budget:.1f} min of search each, "
             f"{concurrency} trial(s) at once; epochs up to {cfg.max_epochs or sp.scheduler.max_epochs}, ASHA from "
-            f"epoch {sp.scheduler.grace_period} (x{sp.scheduler.reduction_factor}); measured on this machine:"
+            f"step {sp.scheduler.grace_steps} (x{sp.scheduler.reduction_factor}); measured on this machine:"
         )
         for line in describe(plans):
             say(line)

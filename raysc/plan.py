@@ -107,7 +107,7 @@ def plan_space(
     once: kept (``fits``, at ``width``) or left out, and why. ``restore_space`` applies it."""
     plans = []
     train_rows, val_rows = data.split(0)
-    grace = space.scheduler.grace_period
+    grace = space.scheduler.grace_steps
     max_epochs = space.scheduler.max_epochs
     share = budget_minutes * 60 * concurrency / TRIAL_SHARE  # the seconds one trial may take
     for name, (own_fixed, own) in space.backbones.items():
@@ -127,10 +127,10 @@ def plan_space(
             steps = math.ceil(n_train / cfg.batch_size)
             epoch_s = steps * step_s + math.ceil(len(val_rows) / cfg.batch_size) * step_s / 3
             epochs = min(max_epochs, int(share // epoch_s))
-            fits = epochs > grace or epochs == max_epochs
+            fits = epochs * steps > grace or epochs == max_epochs
             reason = (
-                f"{share / 60:.1f} min a trial (1/{TRIAL_SHARE} of the round's trial time) holds {epochs} epoch(s)"
-                + (": its schedule" if fits else f", not past ASHA's grace period (epoch {grace})")
+                f"{share / 60:.1f} min a trial (1/{TRIAL_SHARE} of the round's trial time) holds {epochs} epoch(s) "
+                f"of {steps} steps" + (": its schedule" if fits else f", not past ASHA's grace period ({grace} steps)")
             )
             plan = BackbonePlan(name, width, step_s, steps, epoch_s, max(epochs, 1), fits, reason)
             if fits:

@@ -61,7 +61,7 @@ class SearchOptions:
     seed: int = 0  # the sampler's and every trial's
     max_concurrent: int | None = None  # default: what the cluster's CPUs and GPUs fit
     sampler: str = "tpe"  # tpe | random
-    early_stopping: bool = True  # ASHA; off: every trial runs max_epochs (or to its patience)
+    early_stopping: bool = True  # ASHA; off: every trial runs max_epochs (or to its patience_steps)
 
 
 @dataclass(frozen=True)
@@ -299,7 +299,7 @@ def _run_tune(
     import ray.tune
     from ray.tune.search.optuna import OptunaSearch
 
-    from .asha import LastEpochASHA
+    from .asha import step_asha
     from .live import LiveView
     from .tunestate import StateBackup, repair_state, requeue_lost_trials
 
@@ -347,15 +347,7 @@ def _run_tune(
             storage=storage,
             points_to_evaluate=points,
         )
-        sched = space.scheduler
-        asha = LastEpochASHA(
-            time_attr="epoch",
-            metric=METRIC,
-            mode="max",
-            max_t=s.max_epochs,
-            grace_period=min(sched.grace_period, s.max_epochs),
-            reduction_factor=sched.reduction_factor,
-        )
+        asha = step_asha(space.scheduler, metric=METRIC)
         tuner = ray.tune.Tuner(
             trainable,
             tune_config=ray.tune.TuneConfig(

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import TrainConfig, make_config
+from .config import RENAMED, TrainConfig, make_config
 from .errors import ConfigError
 from .fileio import read_yaml_mapping
 from .models import apply_overrides, list_models, model_class
@@ -68,9 +68,18 @@ class Resources:
 
 @dataclass(frozen=True)
 class Scheduler:
-    grace_period: int = 1
+    """ASHA's rungs count optimiser steps, so a trial on 192 clips is judged after as much
+    training as one on 8,700; ``max_epochs`` is each trial's length in passes over its data."""
+
+    grace_steps: int = 100
     reduction_factor: int = 2
     max_epochs: int = 20
+
+    def __post_init__(self) -> None:
+        for name, low in (("grace_steps", 1), ("reduction_factor", 2), ("max_epochs", 1)):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -164,6 +173,8 @@ def _check_keys(keys: Any, where: str) -> None:
             continue  # checked against the backbone's config below
         if key in ("backbone", "model"):
             raise ConfigError(f"{where}.{key}: list backbones under 'backbones:' and model options as 'model.<key>'")
+        if key in RENAMED:
+            raise ConfigError(f"{where}: {key!r} is now {RENAMED[key]}")
         if key not in TRAIN_KEYS:
             raise ConfigError(f"{where}: unknown key {key!r} (valid: {', '.join(sorted(TRAIN_KEYS))}, model.<key>)")
 
@@ -172,10 +183,18 @@ def _section_dataclass(cls: type, raw: Any, where: str) -> Any:
     if raw is None:
         return cls()
     names = {f.name for f in dataclasses.fields(cls)}
+    if isinstance(raw, Mapping) and "grace_period" in raw and cls is Scheduler:
+        raise ConfigError(
+            f"{where}: 'grace_period' (epochs) is now 'grace_steps', counted in optimiser steps "
+            "(an epoch of 192 clips at batch 32 is 6 steps)"
+        )
     if not isinstance(raw, Mapping) or set(raw) - names:
         extra = sorted(set(raw) - names) if isinstance(raw, Mapping) else raw
         raise ConfigError(f"{where}: unknown key(s) {extra} (valid: {', '.join(sorted(names))})")
-    return cls(**raw)
+    try:
+        return cls(**raw)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
 
 
 def space_path(space: str | Path) -> Path:

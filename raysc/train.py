@@ -138,8 +138,9 @@ def lr_factor(cfg: TrainConfig, step: int, steps_per_epoch: int = 1) -> float:
     """Learning-rate multiplier for optimiser step ``step`` (0-based): linear warm-up, then the
     schedule. The schedule moves every step, not every pass: on a few hundred clips an epoch is
     a handful of steps, and a per-epoch staircase would warm up and decay in coarse jumps.
-    ``warmup_epochs``, ``step_size`` and ``epochs`` are converted with ``steps_per_epoch``."""
-    warmup = round(cfg.warmup_epochs * steps_per_epoch)
+    ``step_size`` and ``epochs`` are converted with ``steps_per_epoch``. The warm-up takes at most a
+    quarter of the run, so a warm-up sized for a large data set still leaves a schedule."""
+    warmup = min(cfg.warmup_steps, cfg.epochs * steps_per_epoch // 4)
     if step < warmup:
         return (step + 1) / (warmup + 1)
     s = step - warmup
@@ -293,7 +294,7 @@ class TrainState:
     best_weights: dict[str, torch.Tensor]
     best_predictions: pd.DataFrame | None
     history: list[dict[str, Any]]
-    bad_epochs: int = 0  # epochs since the best (early stopping)
+    best_step: int = 0  # optimiser steps done at the best epoch (early stopping)
     resumed: list[int] = field(default_factory=list)  # epochs at which the run was resumed
 
     def save(
@@ -315,7 +316,7 @@ class TrainState:
             "optimizer": opt.state_dict(),
             "scheduler": sched.state_dict(),
             "epoch": self.epoch - 1,
-            "bad_epochs": self.bad_epochs,
+            "best_step": self.best_step,
             "best": json.dumps(self.best),
             "history": json.dumps(self.history),
             "resumed": json.dumps(self.resumed),
@@ -354,7 +355,7 @@ class TrainState:
             best_weights=load_model(path / "best.pt").state_dict(),
             best_predictions=pd.read_csv(predictions) if predictions.is_file() else None,
             history=json.loads(raw["history"]),
-            bad_epochs=raw["bad_epochs"],
+            best_step=raw.get("best_step", 0),
             resumed=[*json.loads(raw.get("resumed", "[]")), epoch + 1],
         )
         torch.set_rng_state(raw["torch_rng"].cpu())  # last: building the models above draws random numbers
@@ -474,7 +475,7 @@ def fit(
                 state.best = {**rep, "epoch": epoch + 1}
                 state.best_weights = _copy(model.state_dict())
                 state.best_predictions = preds
-            state.bad_epochs = 0 if improved else state.bad_epochs + 1
+                state.best_step = sched.last_epoch
             metrics |= {k: rep[k] for k in EPOCH_METRICS}
             metrics[RUNNING_BEST] = state.best["macro_accuracy"]
         else:
@@ -488,7 +489,7 @@ def fit(
             " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float)),
         )
 
-        stop = val is not None and state.bad_epochs >= cfg.patience
+        stop = val is not None and 0 < cfg.patience_steps <= sched.last_epoch - state.best_step
         metrics["final"] = stop or epoch + 1 == cfg.epochs  # the run ends here (a scheduler's stop is not final)
         written = None
         if rank == 0 and ckpt_dir is not None:
@@ -499,7 +500,7 @@ def fit(
         if report is not None:
             report({k: v for k, v in metrics.items() if v is not None}, written)
         if stop:
-            log.info("early stop: no better validation macro accuracy for %d epochs", cfg.patience)
+            log.info("early stop: no better validation macro accuracy for %d steps", cfg.patience_steps)
             break
 
     # ---- the result: the best epoch's weights, its predictions and confusion matrix

@@ -7,7 +7,8 @@ from types import SimpleNamespace
 import pytest
 from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
-from raysc.asha import LastEpochASHA
+from raysc.asha import LastEpochASHA, step_asha
+from raysc.search_space import Scheduler
 
 
 def _decisions(cls: type) -> list[str]:
@@ -27,3 +28,18 @@ def _decisions(cls: type) -> list[str]:
 )
 def test_the_last_epoch_is_not_stopped_and_rung_stops_remain(cls, last):
     assert _decisions(cls) == [TrialScheduler.CONTINUE, TrialScheduler.STOP, last]
+
+
+def test_rungs_count_optimiser_steps_not_epochs():
+    # Grace 20 steps: a trial on a big data set (25 steps an epoch) is judged after its first
+    # epoch, one on a small data set (6 steps an epoch) only after its fourth, at the same rung.
+    sched = step_asha(Scheduler(grace_steps=20, reduction_factor=2, max_epochs=10), metric="acc")
+    big, small = SimpleNamespace(trial_id="big"), SimpleNamespace(trial_id="small")
+    for t in (big, small):
+        sched.on_trial_add(None, t)
+    assert sched.on_trial_result(None, big, {"epoch": 1, "steps": 25, "acc": 0.6, "final": False}) == "CONTINUE"
+    early = [
+        sched.on_trial_result(None, small, {"epoch": e, "steps": 6 * e, "acc": 0.1, "final": False}) for e in (1, 2, 3)
+    ]
+    assert early == [TrialScheduler.CONTINUE] * 3  # 18 steps: not judged yet, however bad
+    assert sched.on_trial_result(None, small, {"epoch": 4, "steps": 24, "acc": 0.1, "final": False}) == "STOP"

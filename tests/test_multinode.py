@@ -33,7 +33,7 @@ def test_trials_spread_over_nodes_and_a_removed_node_restarts_its_trial_on_the_s
     # Epochs of a few seconds (more clips, small batches), so the node goes while its trial trains.
     space = write_space(
         tmp_path / "s.yaml",
-        scheduler={"grace_period": 6, "reduction_factor": 2, "max_epochs": 6},
+        scheduler={"grace_steps": 10_000, "reduction_factor": 2, "max_epochs": 6},
         fixed={"model.width": 0.5, "model.frontend": FRONTEND, "batch_size": 8},
     )
     exp = tmp_path / "exp"

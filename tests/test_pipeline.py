@@ -37,7 +37,7 @@ def test_pipeline_runs_end_to_end_and_resumes_after_a_kill(prepared, tmp_path):
     # Tiny models are unsure: thresholds low enough that round 1 surely keeps pseudo-labels.
     space = write_space(
         tmp_path / "space.yaml",
-        scheduler={"grace_period": 1, "reduction_factor": 2, "max_epochs": 1},
+        scheduler={"grace_steps": 1, "reduction_factor": 2, "max_epochs": 1},
         rounds={"pseudo_threshold": {"type": "float", "low": 0.0, "high": 0.1}},
     )
     pipe = tmp_path / "pipeline.yaml"
@@ -119,7 +119,7 @@ def test_a_round_whose_trials_all_fail_still_ends_with_a_submission(local_ray, p
         return real(space, **kw)
 
     monkeypatch.setattr(pipeline, "search", round_one_gets_nothing)
-    space = write_space(tmp_path / "space.yaml", scheduler={"grace_period": 1, "reduction_factor": 2, "max_epochs": 1})
+    space = write_space(tmp_path / "space.yaml", scheduler={"grace_steps": 1, "reduction_factor": 2, "max_epochs": 1})
     cfg = pipeline.PipelineConfig(space=str(space), rounds=2, trials=2, ensemble_k=2)
     lines = []
     result = pipeline.run_pipeline(cfg, data=prepared.out, experiment=tmp_path / "exp", progress=lines.append)

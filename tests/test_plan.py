@@ -17,7 +17,7 @@ def _space(tmp_path):
             {
                 "fixed": {"model.frontend": FRONTEND, "batch_size": 16},
                 "backbones": {"stats": {}, "setrans": {"model.width": 1.0}, "mobileascnet": {}},
-                "scheduler": {"grace_period": 2, "reduction_factor": 2, "max_epochs": 4},
+                "scheduler": {"grace_steps": 2, "reduction_factor": 2, "max_epochs": 4},
             }
         )
     )
@@ -47,7 +47,8 @@ def test_a_network_that_cannot_reach_the_grace_period_is_shrunk_or_left_out(prep
     by = {p.backbone: p for p in plans}
     assert by["stats"].fits and not by["setrans"].fits
     assert by["mobileascnet"].fits and by["mobileascnet"].width == 0.5
-    assert "holds 0 epoch(s), not past ASHA's grace period (epoch 2)" in by["setrans"].reason
+    steps = by["setrans"].steps_per_epoch
+    assert f"holds 0 epoch(s) of {steps} steps, not past ASHA's grace period (2 steps)" in by["setrans"].reason
     lines = plan.describe(plans)
     assert any("setrans" in line and "left out" in line for line in lines)
     planned = plan.restore_space(space, plan.kept(plans))

@@ -34,7 +34,7 @@ def write_space(path: Path, **sections) -> Path:
         },
         "rounds": {"pseudo_threshold": {"type": "float", "low": 0.3, "high": 0.9}},
         "resources": {"workers": 1, "cpus_per_worker": 1},
-        "scheduler": {"grace_period": 1, "reduction_factor": 2, "max_epochs": 2},
+        "scheduler": {"grace_steps": 1, "reduction_factor": 2, "max_epochs": 2},
     } | sections
     path.write_text(yaml.safe_dump(space))
     return path
@@ -98,7 +98,7 @@ def test_search_with_asha_stops_and_a_failure_completes_and_releases_everything(
             "lr": {"type": "categorical", "choices": [1e-7]},
             "init_from": {"type": "categorical", "choices": [str(good_pt), str(constant_pt), missing]},
         },
-        scheduler={"grace_period": 1, "reduction_factor": 2, "max_epochs": 2},
+        scheduler={"grace_steps": 1, "reduction_factor": 2, "max_epochs": 2},
     )
     # Run one at a time in a known order. The outcome is fixed by construction, not by the
     # numerics of a tiny run: the good trial starts from a trained model (and a learning rate too

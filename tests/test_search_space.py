@@ -90,6 +90,10 @@ backbones:
         ("params:\n  model.width: {type: float, low: 0.0, high: 1.0}\n", "width must be > 0"),
         ("params:\n  model.fusion: {type: categorical, choices: [concat, sum]}\n", "unknown fusion 'sum'"),
         ("params:\n  model.widht: {type: float, low: 0.5, high: 1.0}\n", "unknown option(s) ['widht'] for"),
+        ("scheduler: {grace_period: 3}\n", "scheduler: 'grace_period' (epochs) is now 'grace_steps', counted in"),
+        ("scheduler: {grace_steps: 0}\n", "scheduler: grace_steps must be an integer >= 1, got 0"),
+        ("fixed:\n  patience: 10\n", "'patience' is now 'patience_steps', counted in optimiser steps"),
+        ("fixed:\n  warmup_epochs: 1\n", "'warmup_epochs' is now 'warmup_steps'"),
     ],
 )
 def test_errors_name_the_file_and_key(tmp_path, text, message):

@@ -86,10 +86,13 @@ def test_resume_continues_exactly(prepared, tmp_path):
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["resumed_at_epochs"] == [3]
 
 
-def test_early_stopping(prepared):
-    result = fit(tiny_config(epochs=30, patience=1, lr=1e-6), prepared.out)
+def test_early_stopping_counts_optimiser_steps(prepared):
+    result = fit(tiny_config(epochs=30, patience_steps=1, lr=1e-6), prepared.out)
     assert len(result.history) < 30
-    assert len(result.history) == result.best["epoch"] + 1
+    assert len(result.history) == result.best["epoch"] + 1  # stopped at the first epoch without a better score
+    steps = result.history[0]["steps"]  # steps per epoch on this data
+    patient = fit(tiny_config(epochs=30, patience_steps=2 * steps + 1, lr=1e-6), prepared.out)
+    assert len(patient.history) == patient.best["epoch"] + 3  # 3 epochs of steps past the best
 
 
 def _batch(n=6, length=100):
@@ -149,13 +152,16 @@ def test_schedules():
     assert [round(lr_factor(step, e), 4) for e in range(5)] == [1.0, 1.0, 0.9, 0.9, 0.81]
     cos = tiny_config(schedule="cosine", epochs=5, lr=1e-3, min_lr=1e-4)
     assert lr_factor(cos, 0) == pytest.approx(1.0) and lr_factor(cos, 4) == pytest.approx(0.1)
-    warm = tiny_config(schedule="constant", warmup_epochs=3)
+    warm = tiny_config(schedule="constant", warmup_steps=3, epochs=20)
     assert [lr_factor(warm, e) for e in range(5)] == [0.25, 0.5, 0.75, 1.0, 1.0]
-    # Per optimiser step: 4 steps an epoch, one warm-up epoch, cosine to the floor at the very last step.
-    steps = tiny_config(schedule="cosine", epochs=3, warmup_epochs=1, lr=1e-3, min_lr=1e-4)
-    factors = [lr_factor(steps, s, 4) for s in range(12)]
+    # A warm-up longer than a quarter of the run is cut there: 2 epochs of 4 steps warm up for 2.
+    short = tiny_config(schedule="constant", warmup_steps=100, epochs=2)
+    assert [lr_factor(short, s, 4) for s in range(4)] == pytest.approx([1 / 3, 2 / 3, 1.0, 1.0])
+    # Per optimiser step: 4 steps an epoch, a 4-step warm-up, cosine to the floor at the very last step.
+    steps = tiny_config(schedule="cosine", epochs=4, warmup_steps=4, lr=1e-3, min_lr=1e-4)
+    factors = [lr_factor(steps, s, 4) for s in range(16)]
     assert factors[:4] == [0.2, 0.4, 0.6, 0.8] and factors[4] == pytest.approx(1.0)
-    assert factors[11] == pytest.approx(0.1) and all(a > b for a, b in pairwise(factors[4:]))
+    assert factors[15] == pytest.approx(0.1) and all(a > b for a, b in pairwise(factors[4:]))
 
 
 def _pseudo_csv(path, names, probs=None):
