@@ -424,8 +424,16 @@ def fit(
     out_dir = Path(out_dir) if out_dir else None
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir else (out_dir / "checkpoint" if out_dir else None)
 
+    # A run resumed from its final checkpoint (Tune restarts a trial that ended after its last
+    # saved state) trains no more, but tells its reporter the last result again: a trial that
+    # reports nothing has no metric for the scheduler and the sampler.
+    patience_spent = 0 < cfg.patience_steps <= sched.last_epoch - state.best_step
+    finished = bool(state.history) and (state.epoch >= cfg.epochs or (patience_spent and val is not None))
+    if finished and report is not None:
+        report({**{k: v for k, v in state.history[-1].items() if v is not None}, "final": True}, None)
+
     # ---- the loop
-    for epoch in range(state.epoch, cfg.epochs):
+    for epoch in range(state.epoch, state.epoch if finished else cfg.epochs):
         t0 = time.perf_counter()
         net.train()
         g = torch.Generator().manual_seed(cfg.seed * 7919 + epoch * 31 + rank)

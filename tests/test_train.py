@@ -86,6 +86,18 @@ def test_resume_continues_exactly(prepared, tmp_path):
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["resumed_at_epochs"] == [3]
 
 
+def test_a_run_resumed_from_its_final_checkpoint_reports_its_last_result_and_trains_no_more(prepared, tmp_path):
+    # What Tune does to a trial that ended after its last saved state: it starts it again.
+    done = fit(tiny_config(epochs=2), prepared.out, checkpoint_dir=tmp_path / "ck")
+    (checkpoint,) = sorted((tmp_path / "ck").glob("epoch-*"))
+    reports = []
+    again = fit(tiny_config(epochs=2), prepared.out, resume=checkpoint, report=lambda m, p: reports.append((m, p)))
+    assert len(again.history) == 2 and again.best == done.best
+    ((metrics, path),) = reports  # the last result once more, without a new checkpoint
+    assert path is None and metrics["final"] and metrics["epoch"] == 2
+    assert metrics["best_macro_accuracy"] == done.best["macro_accuracy"]
+
+
 def test_early_stopping_counts_optimiser_steps(prepared):
     result = fit(tiny_config(epochs=30, patience_steps=1, lr=1e-6), prepared.out)
     assert len(result.history) < 30
