@@ -142,6 +142,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     for key in ("epochs", "fold"):
         if getattr(args, key) is not None:
             values[key] = getattr(args, key)
+    if args.train_on == "pretrain":
+        values["train_on"] = "pretrain"
     cfg = make_config(values, where=str(args.config or "options"))
     check_inputs(cfg, args.data)  # before --out is created and before Ray starts
     metrics = train(
@@ -161,6 +163,20 @@ def _cmd_train(args: argparse.Namespace) -> int:
             f"{best['accuracy']:.4f}, log loss {best['log_loss']:.4f}"
         )
     print(f"run written to {args.out} (model.pt, metrics.json, val_predictions.csv, config.json)")
+    if cfg.train_on == "pretrain":
+        print(f"fine-tune from it with: init_from={args.out / 'model.pt'} reset_head=true")
+    return EXIT_OK
+
+
+def _cmd_import_weights(args: argparse.Namespace) -> int:
+    from .config import parse_sets
+    from .weights import import_weights
+
+    report = import_weights(
+        args.weights, backbone=args.backbone, out=args.out, data=args.data, model=parse_sets(args.set)
+    )
+    print(report.describe())
+    print(f"written to {args.out}; fine-tune from it with: init_from={args.out} reset_head=true")
     return EXIT_OK
 
 
@@ -310,6 +326,30 @@ def _add_address(p: argparse.ArgumentParser) -> None:
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
 
 
+def _add_train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", type=Path, required=True, help="prepared data folder")
+    p.add_argument("--out", type=Path, required=True, help="run folder to write (must not hold a finished run)")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--backbone", help="a registered backbone, with its paper defaults")
+    what.add_argument("--config", type=Path, help="training config YAML (TrainConfig keys)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. lr=3e-4 or model.width=0.5 (repeatable)",
+    )
+    p.add_argument("--epochs", type=COUNT, help="shortcut for --set epochs=N")
+    p.add_argument("--fold", type=int, help="validation fold (-1: train on every labelled clip)")
+    p.add_argument("--workers", type=COUNT, default=1, help="data-parallel workers (default 1)")
+    p.add_argument("--gpus-per-worker", type=FRACTION, default=0.0, help="GPUs per worker (default 0: CPU)")
+    p.add_argument(
+        "--cpus-per-worker", type=POSITIVE, default=1.0, help="CPUs per worker; also its torch threads (default 1)"
+    )
+    p.add_argument("--max-failures", type=INDEX, default=1, help="worker restarts allowed (default 1)")
+    _add_address(p)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="raysc",
@@ -374,28 +414,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_models)
 
     p = sub.add_parser("train", help="train one model with Ray Train (one or more workers)")
-    p.add_argument("--data", type=Path, required=True, help="prepared data folder")
-    p.add_argument("--out", type=Path, required=True, help="run folder to write (must not hold a finished run)")
-    what = p.add_mutually_exclusive_group(required=True)
-    what.add_argument("--backbone", help="a registered backbone, with its paper defaults")
-    what.add_argument("--config", type=Path, help="training config YAML (TrainConfig keys)")
-    p.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value, e.g. lr=3e-4 or model.width=0.5 (repeatable)",
+    _add_train_args(p)
+    p.set_defaults(func=_cmd_train, train_on="labelled")
+
+    p = sub.add_parser(
+        "pretrain",
+        help="pretrain a network on the data folder's TAU / CochlScene clips (then fine-tune with init_from)",
+        description="Train on the pretraining clips (prepared with --tau / --cochlscene) with their own "
+        "session-grouped folds; same launcher, flags and fault tolerance as `raysc train`. The clips have no city "
+        "or time: the metadata branch gets <unk> and zeros. The model.pt it writes records that it is a "
+        "pretrained trunk and its label set; fine-tune with init_from=RUN/model.pt reset_head=true.",
     )
-    p.add_argument("--epochs", type=COUNT, help="shortcut for --set epochs=N")
-    p.add_argument("--fold", type=int, help="validation fold (-1: train on every labelled clip)")
-    p.add_argument("--workers", type=COUNT, default=1, help="data-parallel workers (default 1)")
-    p.add_argument("--gpus-per-worker", type=FRACTION, default=0.0, help="GPUs per worker (default 0: CPU)")
-    p.add_argument(
-        "--cpus-per-worker", type=POSITIVE, default=1.0, help="CPUs per worker; also its torch threads (default 1)"
+    _add_train_args(p)
+    p.set_defaults(func=_cmd_train, train_on="pretrain")
+
+    p = sub.add_parser(
+        "import-weights",
+        help="map a plain PyTorch state dict onto a raysc network by name and shape",
+        description="Copy every tensor of a state dict (a .pth of another code base, e.g. the official "
+        "baseline's SE-Trans checkpoint) that matches the raysc network by name, then by order and shape; "
+        "report what matched and what did not, and write a raysc model file for init_from.",
     )
-    p.add_argument("--max-failures", type=INDEX, default=1, help="worker restarts allowed (default 1)")
-    _add_address(p)
-    p.set_defaults(func=_cmd_train)
+    p.add_argument("weights", type=Path, help="a state dict saved with torch.save (loaded with weights_only=True)")
+    p.add_argument("--backbone", required=True, help="the raysc backbone to map it onto")
+    p.add_argument("--out", type=Path, required=True, help="the raysc model file to write")
+    p.add_argument("--data", type=Path, help="build the network for this data folder (classes, cities, rate)")
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="a model option, e.g. width=0.5 (repeatable)"
+    )
+    p.set_defaults(func=_cmd_import_weights)
 
     p = sub.add_parser("search", help="hyperparameter search: Ray Tune + Optuna (TPE) + ASHA, one round")
     p.add_argument("space", type=Path, help="search space YAML (see search_spaces/)")

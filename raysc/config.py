@@ -16,6 +16,7 @@ from .models import apply_overrides, model_class
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("step", "cosine", "constant")
+TRAIN_ON = ("labelled", "pretrain")
 
 
 @dataclass(frozen=True)
@@ -63,10 +64,14 @@ class TrainConfig:
     pseudo_balance: bool = False  # cap every class at the rarest kept class's count
     pseudo_targets: str = "hard"  # hard (top class) or soft (the ensemble's probabilities)
     pseudo_confidence_weight: bool = False  # weight each clip by its confidence
+    # What to train on: the labelled development clips, or the pretraining clips (TAU / CochlScene
+    # rows of a data folder; no city or time: the metadata branch gets <unk> and zeros).
+    train_on: str = "labelled"
     # Initialisation from a model artefact (pretrain -> fine-tune)
     init_from: str | None = None
     reset_head: bool = False
     freeze: tuple[str, ...] = ()  # parameter name prefixes kept fixed
+    trunk_lr_scale: float = 1.0  # learning rate of every tensor but the head's, relative to lr
     amp: str = "auto"  # auto = bf16 autocast on CUDA, none on CPU; "bf16" or "none" to force
 
     def __post_init__(self) -> None:
@@ -78,9 +83,13 @@ class TrainConfig:
             problems.append(f"schedule {self.schedule!r} (valid: {', '.join(SCHEDULES)})")
         if self.pseudo_targets not in ("hard", "soft"):
             problems.append(f"pseudo_targets {self.pseudo_targets!r} (valid: hard, soft)")
+        if self.train_on not in TRAIN_ON:
+            problems.append(f"train_on {self.train_on!r} (valid: {', '.join(TRAIN_ON)})")
+        elif self.train_on == "pretrain" and self.pseudo_labels:
+            problems.append("pseudo_labels: pretraining trains on the pretraining clips only")
         if self.amp not in ("auto", "bf16", "none"):
             problems.append(f"amp {self.amp!r} (valid: auto, bf16, none)")
-        for name in ("lr", "epochs", "batch_size", "step_size"):
+        for name in ("lr", "epochs", "batch_size", "step_size", "trunk_lr_scale"):
             if getattr(self, name) <= 0:
                 problems.append(f"{name} must be > 0, got {getattr(self, name)}")
         for name in ("mixup_prob", "city_dropout", "label_smoothing", "pseudo_threshold"):

@@ -37,21 +37,27 @@ class PreparedData:
     def rows(self, subset: str) -> pd.DataFrame:
         return self.manifest[self.manifest["subset"] == subset]
 
-    def folds(self) -> list[int]:
-        """The validation folds of the labelled clips."""
-        return sorted(set(self.rows("labelled")["fold"]))
+    def folds(self, subset: str = "labelled") -> list[int]:
+        """The validation folds of the labelled (or the pretraining) clips."""
+        return sorted(set(self.rows(subset)["fold"]))
 
-    def check_fold(self, fold: int, *, allow_none: bool = True) -> None:
-        folds = self.folds()
+    def check_fold(self, fold: int, *, allow_none: bool = True, subset: str = "labelled") -> None:
+        if subset == "pretrain" and self.rows("pretrain").empty:
+            raise ConfigError(
+                f"{self.out} has no pretraining clips: prepare it with --tau and/or --cochlscene "
+                "(or raysc synth --pretrain-clips N for a test)"
+            )
+        folds = self.folds(subset)
         if fold in folds or (allow_none and fold == -1):
             return
         also = ", or -1" if allow_none else ""
         raise ConfigError(f"fold {fold} does not exist in {self.out} (folds: {folds}{also})")
 
-    def split(self, fold: int) -> tuple[pd.DataFrame, pd.DataFrame]:
-        """(training rows, validation rows) of the labelled clips for validation fold ``fold``;
+    def split(self, fold: int, subset: str = "labelled") -> tuple[pd.DataFrame, pd.DataFrame]:
+        """(training rows, validation rows) of the labelled clips (or the pretraining clips,
+        ``subset="pretrain"``, with their own session-grouped folds) for validation fold ``fold``;
         the validation rows carry ``seen`` (see ``mark_unseen``)."""
-        labelled = self.rows("labelled")
+        labelled = self.rows(subset)
         train, val = labelled[labelled["fold"] != fold], labelled[labelled["fold"] == fold].copy()
         return train, mark_unseen(val, train)
 

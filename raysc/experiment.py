@@ -138,6 +138,13 @@ class Experiment:
     def submission(self, filename: str) -> Path:
         return self.root / "submission" / filename
 
+    # ---- pretraining (one run per backbone, before round 0)
+    def pretrain_dir(self, backbone: str) -> Path:
+        return self.root / "pretrain" / backbone
+
+    def pretrained_model(self, backbone: str) -> Path:
+        return self.pretrain_dir(backbone) / "model.pt"
+
     # ---- rounds (one search each)
     def round_dir(self, round: int) -> Path:
         return self.root / f"round-{round}"
@@ -204,6 +211,11 @@ class Experiment:
         """Every TrialRecord of every round."""
         paths = sorted(self.root.glob("round-*/trials/*/record.json"))
         return [TrialRecord(**json.loads(p.read_text())) for p in paths]
+
+    def best_model(self, round: int, backbone: str) -> Path | None:
+        """The model of the best trial of ``backbone`` in ``round`` (by validation), if any."""
+        done = [r for r in self.records() if r.round == round and r.backbone == backbone and r.model_path]
+        return self.root / min(done, key=rank_key).model_path if done else None
 
     def write_trials_table(self) -> Path:
         """``trials.csv``: every record of every round, best validation macro accuracy first."""

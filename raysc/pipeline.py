@@ -23,8 +23,9 @@ from typing import Any
 import pandas as pd
 
 from .candidates import write_candidates
+from .config import make_config
 from .dataset import load_dataset
-from .distributed import init_ray
+from .distributed import init_ray, train
 from .ensemble import build_ensemble
 from .errors import ConfigError, RayscError
 from .experiment import Ensemble, Experiment, final_ensemble, settings_changes
@@ -34,7 +35,7 @@ from .plan import describe, kept, plan_space, restore_space
 from .plots import write_plots
 from .refit import refit_ensemble
 from .search import resolve_resources, search
-from .search_space import Resources, load_search_space, space_path
+from .search_space import Resources, SearchSpace, load_search_space, space_path
 from .submission import make_submission
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,10 @@ class PipelineConfig:
     session_smoothing: bool = True  # also score a session-smoothed variant (its own leaderboard row)
     refit: bool = True  # retrain the final ensemble's members on every labelled clip (when the budget allows)
     submission: str = "submission.csv"
+    # Pretraining before round 0 on the data folder's TAU / CochlScene clips, e.g.
+    # {backbones: [setrans], epochs: 10, config: {lr: 1.0e-3}}; every trial of a pretrained backbone
+    # then starts from it (init_from: pretrained, reset_head) unless the space searches init_from.
+    pretrain: dict[str, Any] | None = None
 
     def space_path(self) -> Path:
         return space_path(self.space)
@@ -87,7 +92,22 @@ def load_pipeline(path: str | Path | None) -> PipelineConfig:
     cfg = PipelineConfig(**raw)
     if cfg.rounds < 1 or cfg.trials < 1 or cfg.ensemble_k < 1:
         raise ConfigError(f"{path}: rounds, trials and ensemble_k must be >= 1")
+    if cfg.pretrain is not None:
+        _check_pretrain(cfg.pretrain, f"{path}: pretrain")
     return cfg
+
+
+PRETRAIN_KEYS = ("backbones", "epochs", "config")
+
+
+def _check_pretrain(stage: Any, where: str) -> None:
+    if not isinstance(stage, dict) or set(stage) - set(PRETRAIN_KEYS):
+        extra = sorted(set(stage) - set(PRETRAIN_KEYS)) if isinstance(stage, dict) else stage
+        raise ConfigError(f"{where}: unknown key(s) {extra} (valid: {', '.join(PRETRAIN_KEYS)})")
+    epochs = stage.get("epochs", 10)
+    if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 1:
+        raise ConfigError(f"{where}.epochs must be an integer >= 1, got {epochs!r}")
+    make_config({**stage.get("config", {}), "train_on": "pretrain"}, where=f"{where}.config")
 
 
 @dataclass(frozen=True)
@@ -97,6 +117,18 @@ class PipelineResult:
     leaderboard: pd.DataFrame
     plots: list[Path]
     seconds: float
+
+
+def with_pretrained(space: SearchSpace, backbones: list[str]) -> SearchSpace:
+    """Every trial of a pretrained backbone starts from its trunk (``init_from: pretrained``, a new
+    head), unless the space sets or searches ``init_from`` itself (from scratch vs pretrained)."""
+    out = {}
+    for name, (own_fixed, own) in space.backbones.items():
+        searched = {**space.fixed, **space.params, **dict(own_fixed), **dict(own)}
+        if name in backbones and "init_from" not in searched:
+            own_fixed = {**dict(own_fixed), "init_from": "pretrained", "reset_head": True}
+        out[name] = (own_fixed, own)
+    return dataclasses.replace(space, backbones=out)
 
 
 class _State:
@@ -202,9 +234,42 @@ def run_pipeline(
             say(line)
         return kept(plans)
 
+    def do_pretrain() -> list[str]:
+        if dataset.rows("pretrain").empty:
+            say(
+                f"[pipeline] pretrain: skipped: {data} has no pretraining clips (prepare it with --tau and/or "
+                "--cochlscene)"
+            )
+            return []
+        _, res = cluster()
+        stage = cfg.pretrain or {}
+        names = [b for b in stage.get("backbones", list(sp.backbones)) if b in sp.backbones]
+        for name in names:
+            if exp.pretrained_model(name).is_file():
+                say(f"[pipeline] pretrain {name}: {exp.pretrained_model(name)} exists, kept")
+                continue
+            own_fixed = {k: v for k, v in sp.backbones[name][0].items() if k not in ("epochs", "init_from")}
+            values = {k: v for k, v in sp.fixed.items() if k not in ("init_from", "freeze", "reset_head")}
+            values |= {**own_fixed, "backbone": name, "train_on": "pretrain", "epochs": stage.get("epochs", 10)}
+            pre = make_config(values | dict(stage.get("config", {})), where="pipeline pretrain")
+            say(f"[pipeline] pretrain {name}: {pre.epochs} epochs on {len(dataset.rows('pretrain'))} clips")
+            metrics = train(
+                pre,
+                data,
+                exp.pretrain_dir(name),
+                workers=res.workers,
+                gpus_per_worker=res.gpus_per_worker,
+                cpus_per_worker=res.cpus_per_worker,
+                address=address,
+            )
+            say(f"[pipeline] pretrain {name}: validation macro accuracy {metrics['best']['macro_accuracy']:.4f}")
+        return names
+
     sp = load_search_space(space)
     if time_budget_minutes:
         sp = restore_space(sp, run_stage("plan", do_plan))
+    if cfg.pretrain is not None:
+        sp = with_pretrained(sp, run_stage("pretrain", do_pretrain))
 
     candidates: str | None = None
     ensembles: list[str] = []

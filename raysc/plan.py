@@ -71,7 +71,7 @@ def seconds_per_step(values: dict[str, Any], data: PreparedData, *, threads: int
     try:
         model = build_model(cfg, data)
         cache = FeatureCache.ensure(data.out, data.store, model.cfg.frontend) if not model.uses_wave else None
-        opt = make_optimizer(cfg, [p for p in model.parameters() if p.requires_grad])
+        opt = make_optimizer(cfg, model)
         train_rows, _ = data.split(0)
         table = training_table(cfg, data, train_rows)
         loader = make_loader(table, data.store, batch_size=cfg.batch_size, shuffle=True, seed=0, cache=cache)
@@ -111,8 +111,8 @@ def plan_space(
     max_epochs = space.scheduler.max_epochs
     share = budget_minutes * 60 * concurrency / TRIAL_SHARE  # the seconds one trial may take
     for name, (own_fixed, own) in space.backbones.items():
-        values = {**space.fixed, **dict(own_fixed), "backbone": name}
-        searched = {**space.params, **own}
+        values = {**space.fixed, **dict(own_fixed), "backbone": name, "init_from": None}  # the cost is the same
+        searched = {k: d for k, d in {**space.params, **own}.items() if k != "init_from"}
         for key, dist in searched.items():  # a representative point: the smallest batch, the first choice
             if key not in values:
                 values[key] = min(dist.extremes()) if key == "batch_size" else dist.extremes()[0]

@@ -122,7 +122,7 @@ def search(
         data=str(Path(data).resolve()),
         startup_trials=min(10, max(1, opts.trials // 3)),
     )
-    _check_inputs(sp, settings)
+    _check_inputs(sp, settings, exp)
     settings_path = exp.search_settings(opts.round)
     if resume:
         if not settings_path.is_file():
@@ -148,7 +148,7 @@ def search(
     return SearchResult(rdir, sorted(records, key=rank_key), best, time.perf_counter() - t0)
 
 
-def _check_inputs(sp: SearchSpace, s: SearchSettings) -> None:
+def _check_inputs(sp: SearchSpace, s: SearchSettings, exp: Experiment) -> None:
     if s.trials < 1:
         raise ConfigError(f"--trials must be >= 1, got {s.trials}")
     if s.sampler not in ("tpe", "random"):
@@ -172,6 +172,42 @@ def _check_inputs(sp: SearchSpace, s: SearchSettings) -> None:
         cfg.model_overrides(classes=data.classes, cities=data.cities, sample_rate=spec.sample_rate)
     if s.pseudo_candidates:
         read_candidates(s.pseudo_candidates, data.manifest, data.classes)
+    for name, (own_fixed, own) in sp.backbones.items():
+        choices = _init_choices(sp, own_fixed, own)
+        if "pretrained" in choices and not exp.pretrained_model(name).is_file():
+            raise ConfigError(
+                f"{sp.path}: backbone {name} may start from init_from: pretrained, but {exp.pretrained_model(name)} "
+                f"does not exist (run `raysc pretrain --backbone {name} --out {exp.pretrain_dir(name)} ...`, or "
+                "the pipeline's pretrain stage)"
+            )
+        if "previous_round" in choices and s.round == 0:
+            raise ConfigError(f"{sp.path}: init_from: previous_round needs a round >= 1")
+
+
+# Values of ``init_from`` that name a model of the experiment rather than a file.
+INIT_SOURCES = ("pretrained", "previous_round")
+
+
+def _init_choices(sp: SearchSpace, own_fixed: Mapping[str, Any], own: Mapping[str, Any]) -> set:
+    """Every value ``init_from`` can take for one backbone of the space."""
+    fixed = {**sp.fixed, **sp.rounds_fixed, **dict(own_fixed)}
+    dist = {**sp.params, **sp.rounds, **dict(own)}.get("init_from")
+    return set(dist.choices) if dist is not None and dist.kind == "categorical" else {fixed.get("init_from")}
+
+
+def resolve_init(values: dict[str, Any], exp: Experiment, round: int) -> dict[str, Any]:
+    """A trial's ``init_from: pretrained`` (the experiment's pretrained trunk of its backbone) or
+    ``previous_round`` (the best model of its backbone in the round before) as a file path. A
+    backbone the previous round did not train starts from scratch, and the trial log says so."""
+    source = values.get("init_from")
+    if source == "pretrained":
+        return {**values, "init_from": str(exp.pretrained_model(values["backbone"]))}
+    if source == "previous_round":
+        best = exp.best_model(round - 1, values["backbone"])
+        if best is None:
+            log.warning("no %s model in round %d: this trial starts from scratch", values["backbone"], round - 1)
+        return {**values, "init_from": str(best) if best else None}
+    return values
 
 
 class Replay:
@@ -224,8 +260,9 @@ def _run_trial(
     from ray.tune.integration.ray_train import TuneReportCallback
 
     trial_id = ray.tune.get_context().get_trial_id()
-    cfg = make_config(_trial_values(space, params, settings), where=f"trial {trial_id}")
     exp = Experiment(experiment)
+    values = resolve_init(_trial_values(space, params, settings), exp, settings.round)
+    cfg = make_config(values, where=f"trial {trial_id}")
     out = exp.trial_dir(settings.round, trial_id)
     out.mkdir(parents=True, exist_ok=True)
     res = resources

@@ -134,9 +134,11 @@ def make_submission(
                 "validation": files["record"]["metrics"],
             }
         )
-    write_csv(out, sub)
+    # The challenge file last: its name only ever holds a complete file, and once it is there
+    # its probabilities and info beside it are of the same ensemble.
     write_csv(prob_path, probs)
     write_json(info_path, _info(ens, members))
+    write_csv(out, sub)
     counts = {c: int((labels == c).sum()) for c in data.classes}
     return Submission(out, prob_path, info_path, counts)
 

@@ -232,7 +232,7 @@ def check_inputs(cfg: TrainConfig, data_dir: str | Path) -> PreparedData:
     """Everything a run needs, checked before any process starts: the data folder, the fold, the
     network (front end at the data's rate, ``init_from`` and ``freeze``), the pseudo-labels."""
     data = load_dataset(data_dir)
-    data.check_fold(cfg.fold)
+    data.check_fold(cfg.fold, subset=cfg.train_on)
     build_model(cfg, data)
     if cfg.pseudo_labels:
         read_candidates(cfg.pseudo_labels, data.manifest, data.classes)
@@ -250,11 +250,17 @@ def build_model(cfg: TrainConfig, data: PreparedData) -> ASCModel:
     return model
 
 
-def make_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+def make_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """The optimiser over the trainable tensors: the head at ``lr``, the rest (the trunk) at
+    ``lr * trunk_lr_scale`` (fine-tuning a pretrained trunk gently). The schedule scales both."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    head = [p for n, p in named if n.startswith("head.")]
+    trunk = [p for n, p in named if not n.startswith("head.")]
+    groups = [g for g in ({"params": trunk, "lr": cfg.lr * cfg.trunk_lr_scale}, {"params": head}) if g["params"]]
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     kind = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
-    return kind(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return kind(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
 def session_labelled(data: PreparedData, fold: int) -> pd.DataFrame:
@@ -269,7 +275,7 @@ def training_table(cfg: TrainConfig, data: PreparedData, train_rows: pd.DataFram
     """The labelled training clips, the session-labelled ones, and the pseudo-labels this run
     selects among the rest (never from its validation fold)."""
     tables = [ClipTable.from_rows(train_rows, data.one_hot(train_rows))]
-    if cfg.session_labels:
+    if cfg.session_labels and cfg.train_on == "labelled":
         rows = session_labelled(data, cfg.fold)
         weight = np.full(len(rows), cfg.session_label_weight, np.float32)
         tables.append(ClipTable.from_rows(rows, data.one_hot(rows), weight))
@@ -395,8 +401,8 @@ def fit(
 
     # ---- data: the training folds (+ pseudo-labels), the validation fold
     data = load_dataset(data_dir)
-    data.check_fold(cfg.fold)
-    train_rows, val_rows = data.split(cfg.fold)
+    data.check_fold(cfg.fold, subset=cfg.train_on)
+    train_rows, val_rows = data.split(cfg.fold, cfg.train_on)
     train = training_table(cfg, data, train_rows)
     val = ClipTable.from_rows(val_rows, data.one_hot(val_rows)) if len(val_rows) else None
 
@@ -407,7 +413,7 @@ def fit(
     use_cache = cfg.cache_features and not model.uses_wave
     cache = FeatureCache.ensure(data.out, data.store, model.cfg.frontend) if use_cache else None
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = make_optimizer(cfg, params)
+    opt = make_optimizer(cfg, model)
     per_rank_batch = max(1, cfg.batch_size // world)  # batch_size is the global batch
     per_rank = math.ceil(len(train) / world)  # the same on every rank (the sampler pads)
     steps_per_epoch = per_rank // per_rank_batch + (per_rank % per_rank_batch > 1)  # see make_loader
@@ -467,7 +473,7 @@ def fit(
         metrics: dict[str, Any] = {
             "epoch": epoch + 1,
             "train_loss": loss_sum.item() / max(clips, 1),
-            "lr": opt.param_groups[0]["lr"],
+            "lr": opt.param_groups[-1]["lr"],  # the head's (the trunk's is scaled by trunk_lr_scale)
             "train_clips": len(train),
             "steps": sched.last_epoch,  # optimiser steps so far (LambdaLR counts them as its "epochs")
         }
@@ -521,7 +527,11 @@ def fit(
         pred = state.best_predictions.set_index("filename").loc[val_rows["filename"], data.classes].to_numpy()
         state.best["confusion"] = confusion_matrix(data.labels(val_rows), pred.argmax(1), len(data.classes)).tolist()
     if rank == 0 and out_dir is not None:
-        _write_outputs(out_dir, cfg, model, state.metrics(), state.best_predictions)
+        trunk = None
+        if cfg.train_on == "pretrain":  # what a fine-tuning run needs to know about this trunk
+            trained = sorted(set(train_rows["label"]), key=data.classes.index)
+            trunk = {"subset": "pretrain", "classes": trained, "clips": len(train_rows)}
+        _write_outputs(out_dir, cfg, model, state.metrics(), state.best_predictions, pretrained=trunk)
     return FitResult(best=state.best, history=state.history, model=model.eval(), predictions=state.best_predictions)
 
 
@@ -559,11 +569,18 @@ def _scalars(report: dict) -> dict:
 
 
 def _write_outputs(
-    out_dir: Path, cfg: TrainConfig, model: ASCModel, metrics: dict, predictions: pd.DataFrame | None
+    out_dir: Path,
+    cfg: TrainConfig,
+    model: ASCModel,
+    metrics: dict,
+    predictions: pd.DataFrame | None,
+    *,
+    pretrained: dict | None = None,
 ) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json(out_dir / "config.json", {"train": cfg.to_dict(), "model": config_to_dict(model.cfg)})
-    save_model(model, out_dir / "model.pt", metrics=_scalars(metrics["best"]), train_config=cfg.to_dict())
+    extra = {"pretrained": pretrained} if pretrained else {}
+    save_model(model, out_dir / "model.pt", metrics=_scalars(metrics["best"]), train_config=cfg.to_dict(), **extra)
     write_json(out_dir / "metrics.json", metrics)
     if predictions is not None:
         write_csv(out_dir / "val_predictions.csv", predictions)

@@ -17,7 +17,7 @@ from test_search import write_space
 
 from raysc.errors import ConfigError
 from raysc.pipeline import load_pipeline
-from raysc.submission import check_submission_file
+from raysc.submission import check_submission_file, make_submission
 
 
 def test_pipeline_file_errors(tmp_path):
@@ -128,3 +128,55 @@ def test_a_round_whose_trials_all_fail_still_ends_with_a_submission(local_ray, p
     assert {m.round for m in result.final.members} == {0} and result.final.refit_of is not None
     board = leaderboard(tmp_path / "exp")
     assert (board["kind"] == "trial").sum() == 2 and (board["kind"] == "ensemble").sum() >= 2
+
+    # A driver killed while it writes the submission: half the file is written, then SIGKILL.
+    sub = result.submission
+    before = sub.read_bytes()
+    script = tmp_path / "dies_writing.py"
+    script.write_text(
+        "import os, signal, sys\n"
+        "import pandas as pd\n"
+        "from raysc.submission import make_submission\n"
+        "real = pd.DataFrame.to_csv\n"
+        "def dying(self, path=None, *a, **k):\n"
+        "    if path is not None and '.submission.csv.' in str(path):\n"
+        "        text = real(self, None, index=False)\n"
+        "        open(path, 'w').write(text[: len(text) // 2])\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)\n"
+        "    return real(self, path, *a, **k)\n"
+        "pd.DataFrame.to_csv = dying\n"
+        "make_submission(sys.argv[1], sys.argv[2], address=sys.argv[3])\n"
+    )
+    address = local_ray.get_runtime_context().gcs_address
+    killed = subprocess.run([sys.executable, str(script), str(tmp_path / "exp"), str(sub), address], timeout=300)
+    assert killed.returncode == -signal.SIGKILL
+    assert sub.read_bytes() == before  # the complete file from before, never half of the new one
+    assert list(sub.parent.glob(".submission.csv.*.tmp"))  # the half-written copy under another name
+    again = make_submission(tmp_path / "exp", sub, address=address)  # the rerun: a complete file
+    check_submission_file(again.csv, prepared.out)
+    assert sub.read_bytes() == before
+
+
+@pytest.mark.slow
+def test_a_budget_that_runs_out_in_round_one_still_ends_with_a_submission(local_ray, prepared, tmp_path):
+    from raysc import pipeline
+    from raysc.experiment import Experiment
+    from raysc.leaderboard import leaderboard
+
+    # 50 trials a round cannot fit in 3.5 minutes on 2 CPUs: the real clock cuts both searches.
+    space = write_space(tmp_path / "space.yaml", scheduler={"grace_steps": 1, "reduction_factor": 2, "max_epochs": 3})
+    cfg = pipeline.PipelineConfig(space=str(space), rounds=2, trials=50, ensemble_k=2)
+    lines = []
+    t0 = time.perf_counter()
+    result = pipeline.run_pipeline(
+        cfg, data=prepared.out, experiment=tmp_path / "exp", time_budget_minutes=3.5, progress=lines.append
+    )
+    minutes = (time.perf_counter() - t0) / 60
+    check_submission_file(result.submission, prepared.out)
+    records = Experiment(tmp_path / "exp").records()
+    round1 = [r for r in records if r.round == 1]
+    assert round1 and len(round1) < 50, "\n".join(lines)  # round 1 started, and the clock ended it
+    assert {m.round for m in result.final.members} <= {0, 1} and result.final.members
+    board = leaderboard(tmp_path / "exp")
+    assert (board["kind"] == "trial").sum() == len(records) and (board["kind"] == "ensemble").any()
+    assert minutes < 3.5 * 1.5, f"{minutes:.1f} min for a 3.5-minute budget"  # the budget covers the whole job

@@ -1,0 +1,181 @@
+"""Pretraining on the pretraining clips, fine-tuning from it, and weights from other code bases."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+import torch
+from conftest import FRONTEND
+
+from raysc.cli import main
+from raysc.config import make_config
+from raysc.errors import ConfigError, RayscError
+from raysc.models import create_model, load_model
+from raysc.prepare import prepare
+from raysc.synth import DEV_METADATA, EVAL_METADATA
+from raysc.train import build_model, fit, make_optimizer
+from raysc.weights import import_weights, read_state_dict
+
+SMALL = {"model": {"width": 0.25, "frontend": FRONTEND}, "batch_size": 8, "lr": 3e-3}
+
+
+@pytest.fixture(scope="module")
+def with_pretrain(synth_dir, tmp_path_factory):
+    """The tiny data set, prepared with its TAU- and CochlScene-format pretraining clips."""
+    raw, _ = synth_dir
+    return prepare(
+        dev_meta=raw / DEV_METADATA,
+        eval_meta=raw / EVAL_METADATA,
+        audio_dirs=[raw / "audio"],
+        out=tmp_path_factory.mktemp("pretrain-data"),
+        sample_rate=8000,
+        clip_seconds=1.0,
+        folds=3,
+        workers=1,
+        tau=raw / "pretrain" / "tau",
+        cochlscene=raw / "pretrain" / "cochlscene",
+    )
+
+
+def _pretrained(data, out):
+    cfg = make_config({**SMALL, "backbone": "mobileascnet", "train_on": "pretrain", "epochs": 2})
+    return fit(cfg, data.out, out_dir=out)
+
+
+def test_pretraining_trains_on_the_pretraining_clips_and_records_its_label_set(with_pretrain, tmp_path):
+    m = with_pretrain.manifest
+    pre = m[m["subset"] == "pretrain"]
+    result = _pretrained(with_pretrain, tmp_path / "pre")
+    assert result.history[0]["train_clips"] == (pre["fold"] != 0).sum()  # no labelled or session-labelled clip
+    val = pd.read_csv(tmp_path / "pre" / "val_predictions.csv")
+    assert set(val["filename"]) == set(pre.loc[pre["fold"] == 0, "filename"])
+    info = load_model(tmp_path / "pre" / "model.pt").artefact["info"]["pretrained"]
+    trained = set(pre.loc[pre["fold"] != 0, "label"])
+    assert info == {"subset": "pretrain", "classes": info["classes"], "clips": int((pre["fold"] != 0).sum())}
+    assert set(info["classes"]) == trained
+    assert "Construction site" not in info["classes"]  # nothing maps to it (the ALPS table)
+
+
+def test_fine_tuning_copies_every_trunk_tensor_and_reinitialises_the_head(with_pretrain, tmp_path):
+    _pretrained(with_pretrain, tmp_path / "pre")
+    source = load_model(tmp_path / "pre" / "model.pt").state_dict()
+    cfg = make_config(
+        {**SMALL, "backbone": "mobileascnet", "init_from": str(tmp_path / "pre" / "model.pt"), "reset_head": True}
+    )
+    tuned = build_model(cfg, with_pretrain).state_dict()
+    trunk = [k for k in tuned if not k.startswith("head.")]
+    assert all(torch.equal(tuned[k], source[k]) for k in trunk)
+    assert not torch.equal(tuned["head.weight"], source["head.weight"])
+
+
+def test_frozen_tensors_stay_bit_identical_and_the_trunk_learns_at_its_own_rate(with_pretrain, tmp_path):
+    _pretrained(with_pretrain, tmp_path / "pre")
+    source = load_model(tmp_path / "pre" / "model.pt").state_dict()
+    values = {**SMALL, "backbone": "mobileascnet", "init_from": str(tmp_path / "pre" / "model.pt")}
+    cfg = make_config({**values, "reset_head": True, "freeze": ["blocks"], "epochs": 1})
+    model = fit(cfg, with_pretrain.out).model
+    params = dict(model.named_parameters())
+    frozen = [k for k in params if k.startswith("blocks.")]
+    assert frozen and all(torch.equal(params[k].detach(), source[k]) for k in frozen)
+    assert not torch.equal(params["gru.weight_ih_l0"].detach(), source["gru.weight_ih_l0"])  # not frozen: trained
+    # trunk_lr_scale: the head at lr, everything else at lr * scale.
+    scaled = make_config({**values, "trunk_lr_scale": 0.1})
+    opt = make_optimizer(scaled, build_model(scaled, with_pretrain))
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([3e-4, 3e-3])
+
+
+def test_pretraining_without_pretraining_clips_is_refused_by_name(prepared, tmp_path, caplog):
+    cfg = make_config({**SMALL, "backbone": "mobileascnet", "train_on": "pretrain"})
+    with pytest.raises(ConfigError, match="has no pretraining clips: prepare it with --tau and/or --cochlscene"):
+        fit(cfg, prepared.out)
+    out = tmp_path / "run"
+    code = main(["pretrain", "--data", str(prepared.out), "--backbone", "stats", "--out", str(out)])
+    assert code == 2 and "has no pretraining clips" in caplog.text and not out.exists()
+    with pytest.raises(ConfigError, match="train_on 'pretrian' \\(valid: labelled, pretrain\\)"):
+        make_config({"backbone": "stats", "train_on": "pretrian"})
+
+
+def _baseline_named(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The same tensors under another code base's names (and DataParallel's prefix), plus one
+    it has and raysc does not (like the baseline's unused duplicate encoder layer)."""
+    renamed = {}
+    for k, v in state.items():
+        if k.startswith("frontend."):
+            continue  # the baseline computes its front end outside the network
+        k = k.replace("blocks.", "conv_block").replace("encoder.", "transformer.").replace("head.", "fc_out.")
+        renamed[f"module.{k}"] = v.clone()
+    renamed["module.unused_layer.weight"] = torch.ones(3, 3)
+    return renamed
+
+
+def test_import_weights_maps_another_code_bases_names_by_name_and_shape(tmp_path, capsys):
+    theirs = create_model("setrans", width=0.25)
+    torch.nn.init.normal_(theirs.head.weight)  # not a default initialisation
+    path = tmp_path / "SE-Trans_pretrained_model.pth"
+    torch.save(_baseline_named(theirs.state_dict()), path)
+    out = tmp_path / "imported.pt"
+    code = main(["import-weights", str(path), "--backbone", "setrans", "--out", str(out), "--set", "width=0.25"])
+    assert code == 0
+    text = capsys.readouterr().out
+    assert "by order and shape" in text and "unused_layer.weight" in text  # what did not fit is named
+    ours = load_model(out).state_dict()
+    for k, v in theirs.state_dict().items():
+        if not k.startswith("frontend.") and not k.endswith("num_batches_tracked"):
+            assert torch.equal(ours[k], v), k
+    report = import_weights(path, backbone="setrans", out=tmp_path / "again.pt", model={"width": 0.25})
+    assert report.unused == ["unused_layer.weight"] and report.missing == []
+
+
+def test_import_weights_refuses_what_is_not_a_state_dict(tmp_path):
+    path = tmp_path / "not.pth"
+    torch.save({"epoch": 3, "note": "no tensors"}, path)
+    with pytest.raises(RayscError, match="not a state dict of tensors"):
+        read_state_dict(path)
+    (tmp_path / "garbage.pth").write_bytes(b"\x00not a torch file")
+    with pytest.raises(RayscError, match=r"garbage\.pth: not a readable PyTorch state dict"):
+        read_state_dict(tmp_path / "garbage.pth")
+    torch.save({"x": torch.zeros(7, 7)}, path)
+    with pytest.raises(ConfigError, match="no tensor of the file fits the setrans network"):
+        import_weights(path, backbone="setrans", out=tmp_path / "out.pt")
+
+
+def _record(exp, round_, trial_id, backbone, acc):
+    from raysc.experiment import TrialRecord
+
+    rec = TrialRecord(
+        trial_id, round_, "completed", backbone, {}, 1, 1, {"macro_accuracy": acc}, 1, 1, 1.0, None, 0.1, 0,
+        f"round-{round_}/trials/{trial_id}/model.pt", None,
+    )  # fmt: skip
+    exp.write_record(rec)
+
+
+def test_init_from_names_the_experiments_pretrained_trunk_or_the_previous_rounds_best(prepared, tmp_path):
+    from raysc.experiment import Experiment
+    from raysc.pipeline import with_pretrained
+    from raysc.search import resolve_init, search
+    from raysc.search_space import load_search_space
+
+    exp = Experiment(tmp_path / "exp")
+    _record(exp, 0, "aaaa0000", "setrans", 0.4)
+    _record(exp, 0, "bbbb1111", "setrans", 0.6)
+    _record(exp, 0, "cccc2222", "mobileascnet", 0.9)
+    values = {"backbone": "setrans", "init_from": "previous_round"}
+    assert resolve_init(values, exp, 1)["init_from"] == str(exp.root / "round-0/trials/bbbb1111/model.pt")
+    assert resolve_init({**values, "backbone": "stats"}, exp, 1)["init_from"] is None  # none there: from scratch
+    assert resolve_init({**values, "init_from": "pretrained"}, exp, 0)["init_from"] == str(
+        exp.pretrained_model("setrans")
+    )
+    # The pipeline's pretrain stage: pretrained backbones start from their trunk, unless searched.
+    space_file = tmp_path / "s.yaml"
+    space_file.write_text(
+        "fixed: {model.width: 0.25}\n"
+        "backbones:\n  setrans: {}\n  mobileascnet:\n"
+        "    init_from: {type: categorical, choices: [null, pretrained]}\n"
+    )
+    space = load_search_space(space_file)
+    planned = with_pretrained(space, ["setrans", "mobileascnet"])
+    assert planned.backbones["setrans"][0] == {"init_from": "pretrained", "reset_head": True}
+    assert planned.backbones["mobileascnet"] == space.backbones["mobileascnet"]  # it searches init_from
+    # A search that may start from a pretrained trunk the experiment does not hold stops first.
+    with pytest.raises(ConfigError, match=r"mobileascnet may start from init_from: pretrained, but .* does not exist"):
+        search(space, data=prepared.out, experiment=tmp_path / "exp2")
