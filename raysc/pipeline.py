@@ -243,7 +243,13 @@ def run_pipeline(
             return []
         _, res = cluster()
         stage = cfg.pretrain or {}
-        names = [b for b in stage.get("backbones", list(sp.backbones)) if b in sp.backbones]
+        asked = list(stage.get("backbones", sp.backbones))
+        unknown = sorted(set(asked) - set(load_search_space(space).backbones))
+        if unknown:
+            raise ConfigError(f"pretrain: backbone(s) {unknown} are not in {space}")
+        names = [b for b in asked if b in sp.backbones]
+        for name in sorted(set(asked) - set(names)):
+            say(f"[pipeline] pretrain {name}: not pretrained, the plan left it out")
         for name in names:
             if exp.pretrained_model(name).is_file():
                 say(f"[pipeline] pretrain {name}: {exp.pretrained_model(name)} exists, kept")

@@ -90,6 +90,24 @@ def prepared(synth_dir, tmp_path_factory: pytest.TempPathFactory) -> PreparedDat
 
 
 @pytest.fixture(scope="session")
+def with_pretrain(synth_dir, tmp_path_factory: pytest.TempPathFactory) -> PreparedData:
+    """The tiny data set, prepared with its TAU- and CochlScene-format pretraining clips."""
+    raw, _ = synth_dir
+    return prepare(
+        dev_meta=raw / DEV_METADATA,
+        eval_meta=raw / EVAL_METADATA,
+        audio_dirs=[raw / "audio"],
+        out=tmp_path_factory.mktemp("pretrain-data"),
+        sample_rate=SR,
+        clip_seconds=1.0,
+        folds=3,
+        workers=1,
+        tau=raw / "pretrain" / "tau",
+        cochlscene=raw / "pretrain" / "cochlscene",
+    )
+
+
+@pytest.fixture(scope="session")
 def learnable(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """More labelled clips than ``prepared``: one epoch at lr 1e-2 beats chance clearly."""
     raw = tmp_path_factory.mktemp("learnable-raw")

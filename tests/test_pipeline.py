@@ -16,6 +16,7 @@ import yaml
 from test_search import write_space
 
 from raysc.errors import ConfigError
+from raysc.models import load_model
 from raysc.pipeline import load_pipeline
 from raysc.submission import check_submission_file, make_submission
 
@@ -105,7 +106,7 @@ def test_pipeline_runs_end_to_end_and_resumes_after_a_kill(prepared, tmp_path):
 
 
 @pytest.mark.slow
-def test_a_round_whose_trials_all_fail_still_ends_with_a_submission(local_ray, prepared, tmp_path, monkeypatch):
+def test_a_round_whose_trials_all_fail_still_ends_with_a_submission(local_ray, with_pretrain, tmp_path, monkeypatch):
     from raysc import pipeline
     from raysc.leaderboard import leaderboard
     from raysc.search import SearchResult
@@ -120,11 +121,19 @@ def test_a_round_whose_trials_all_fail_still_ends_with_a_submission(local_ray, p
 
     monkeypatch.setattr(pipeline, "search", round_one_gets_nothing)
     space = write_space(tmp_path / "space.yaml", scheduler={"grace_steps": 1, "reduction_factor": 2, "max_epochs": 1})
-    cfg = pipeline.PipelineConfig(space=str(space), rounds=2, trials=2, ensemble_k=2)
+    # With a pretraining stage: one mobileascnet trunk, which every mobileascnet trial starts from.
+    pretrain = {"backbones": ["mobileascnet"], "epochs": 1}
+    cfg = pipeline.PipelineConfig(space=str(space), rounds=2, trials=2, ensemble_k=2, pretrain=pretrain)
     lines = []
-    result = pipeline.run_pipeline(cfg, data=prepared.out, experiment=tmp_path / "exp", progress=lines.append)
+    result = pipeline.run_pipeline(cfg, data=with_pretrain.out, experiment=tmp_path / "exp", progress=lines.append)
     assert any("round 1: no trial finished an epoch" in line for line in lines)
-    check_submission_file(result.submission, prepared.out)
+    trunk = tmp_path / "exp" / "pretrain" / "mobileascnet" / "model.pt"
+    assert load_model(trunk).artefact["info"]["pretrained"]["subset"] == "pretrain"
+    for config in (tmp_path / "exp" / "round-0" / "trials").glob("*/config.json"):
+        train = json.loads(config.read_text())["train"]
+        expected = str(trunk) if train["backbone"] == "mobileascnet" else None
+        assert train["init_from"] == expected and train["reset_head"] == (expected is not None)
+    check_submission_file(result.submission, with_pretrain.out)
     assert {m.round for m in result.final.members} == {0} and result.final.refit_of is not None
     board = leaderboard(tmp_path / "exp")
     assert (board["kind"] == "trial").sum() == 2 and (board["kind"] == "ensemble").sum() >= 2
@@ -153,7 +162,7 @@ def test_a_round_whose_trials_all_fail_still_ends_with_a_submission(local_ray, p
     assert sub.read_bytes() == before  # the complete file from before, never half of the new one
     assert list(sub.parent.glob(".submission.csv.*.tmp"))  # the half-written copy under another name
     again = make_submission(tmp_path / "exp", sub, address=address)  # the rerun: a complete file
-    check_submission_file(again.csv, prepared.out)
+    check_submission_file(again.csv, with_pretrain.out)
     assert sub.read_bytes() == before
 
 
@@ -165,13 +174,14 @@ def test_a_budget_that_runs_out_in_round_one_still_ends_with_a_submission(local_
 
     # 50 trials a round cannot fit in 3.5 minutes on 2 CPUs: the real clock cuts both searches.
     space = write_space(tmp_path / "space.yaml", scheduler={"grace_steps": 1, "reduction_factor": 2, "max_epochs": 3})
-    cfg = pipeline.PipelineConfig(space=str(space), rounds=2, trials=50, ensemble_k=2)
+    cfg = pipeline.PipelineConfig(space=str(space), rounds=2, trials=50, ensemble_k=2, pretrain={})
     lines = []
     t0 = time.perf_counter()
     result = pipeline.run_pipeline(
         cfg, data=prepared.out, experiment=tmp_path / "exp", time_budget_minutes=3.5, progress=lines.append
     )
     minutes = (time.perf_counter() - t0) / 60
+    assert any("pretrain: skipped: " in line and "has no pretraining clips" in line for line in lines)
     check_submission_file(result.submission, prepared.out)
     records = Experiment(tmp_path / "exp").records()
     round1 = [r for r in records if r.round == 1]

@@ -11,30 +11,10 @@ from raysc.cli import main
 from raysc.config import make_config
 from raysc.errors import ConfigError, RayscError
 from raysc.models import create_model, load_model
-from raysc.prepare import prepare
-from raysc.synth import DEV_METADATA, EVAL_METADATA
 from raysc.train import build_model, fit, make_optimizer
 from raysc.weights import import_weights, read_state_dict
 
 SMALL = {"model": {"width": 0.25, "frontend": FRONTEND}, "batch_size": 8, "lr": 3e-3}
-
-
-@pytest.fixture(scope="module")
-def with_pretrain(synth_dir, tmp_path_factory):
-    """The tiny data set, prepared with its TAU- and CochlScene-format pretraining clips."""
-    raw, _ = synth_dir
-    return prepare(
-        dev_meta=raw / DEV_METADATA,
-        eval_meta=raw / EVAL_METADATA,
-        audio_dirs=[raw / "audio"],
-        out=tmp_path_factory.mktemp("pretrain-data"),
-        sample_rate=8000,
-        clip_seconds=1.0,
-        folds=3,
-        workers=1,
-        tau=raw / "pretrain" / "tau",
-        cochlscene=raw / "pretrain" / "cochlscene",
-    )
 
 
 def _pretrained(data, out):
