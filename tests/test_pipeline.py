@@ -172,9 +172,9 @@ def test_a_budget_that_runs_out_in_round_one_still_ends_with_a_submission(local_
     from raysc.experiment import Experiment
     from raysc.leaderboard import leaderboard
 
-    # 50 trials a round cannot fit in 3.5 minutes on 2 CPUs: the real clock cuts both searches.
-    space = write_space(tmp_path / "space.yaml", scheduler={"grace_steps": 1, "reduction_factor": 2, "max_epochs": 3})
-    cfg = pipeline.PipelineConfig(space=str(space), rounds=2, trials=50, ensemble_k=2, pretrain={})
+    # The shipped default space (GPU shares) on a CPU-only local Ray, on tiny data. 50 trials a
+    # round cannot fit in 3.5 minutes on 2 CPUs: the real clock cuts both searches.
+    cfg = pipeline.PipelineConfig(space="default", rounds=2, trials=50, ensemble_k=2, pretrain={})
     lines = []
     t0 = time.perf_counter()
     result = pipeline.run_pipeline(
@@ -182,6 +182,9 @@ def test_a_budget_that_runs_out_in_round_one_still_ends_with_a_submission(local_
     )
     minutes = (time.perf_counter() - t0) / 60
     assert any("pretrain: skipped: " in line and "has no pretraining clips" in line for line in lines)
+    assert any("the cluster has no GPU: each trial runs 1 worker(s) on 1 CPU(s)" in line for line in lines)
+    plan = [line for line in lines if line.startswith("[pipeline] plan: 2 round(s)")]
+    assert plan and "2 trial(s) at once" in plan[0] and any(line.lstrip().startswith("stats ") for line in lines)
     check_submission_file(result.submission, prepared.out)
     records = Experiment(tmp_path / "exp").records()
     round1 = [r for r in records if r.round == 1]
