@@ -218,24 +218,48 @@ def _cmd_ensemble(args: argparse.Namespace) -> int:
     from .ensemble import build_ensemble
     from .experiment import Experiment
 
-    ens = build_ensemble(
-        args.experiment,
-        name=args.name,
-        method=args.method,
-        k=args.k,
-        rounds=args.rounds,
-        temperature=args.temperature,
-        session_smoothing=args.session_smoothing,
-    )
-    m = ens.metrics
-    print(
-        f"ensemble {ens.name} ({ens.method}, temperature {ens.temperature:.3g}): validation macro accuracy "
-        f"{m['macro_accuracy']:.4f}, accuracy {m['accuracy']:.4f}, log loss {m['log_loss']:.4f} "
-        f"on {m['clips']} clips"
-    )
-    for member in ens.members:
-        print(f"  {member.trial_id}  round {member.round}  {member.backbone:<13} weight {member.weight:.3f}")
-    print(f"written to {Experiment(args.experiment).ensemble_dir(ens.name)}")
+    if args.crossfit:
+        from .crossfit import crossfit_ensemble
+
+        if args.rounds or args.name:
+            raise RayscError("--crossfit takes its candidates from every round and names its ensembles itself")
+        built = crossfit_ensemble(
+            args.experiment,
+            candidates=args.crossfit,
+            method=args.method,
+            k=args.k,
+            temperature=args.temperature,
+            session_smoothing=args.session_smoothing,
+            cpus=args.cpus,
+            address=args.address,
+        )
+    else:
+        built = [
+            build_ensemble(
+                args.experiment,
+                name=args.name,
+                method=args.method,
+                k=args.k,
+                rounds=args.rounds,
+                temperature=args.temperature,
+                session_smoothing=args.session_smoothing,
+            )
+        ]
+    for ens in built:
+        m = ens.metrics
+        where = "out of fold on" if args.crossfit else "validation"
+        print(
+            f"ensemble {ens.name} ({ens.method}, temperature {ens.temperature:.3g}): {where} macro accuracy "
+            f"{m['macro_accuracy']:.4f}, accuracy {m['accuracy']:.4f}, log loss {m['log_loss']:.4f} "
+            f"on {m['clips']} clips" + (f" (+- {m['fold_macro_accuracy_std']:.4f} over folds)" if args.crossfit else "")
+        )
+        weights: dict[tuple, float] = {}  # a cross-fitted configuration's fold models share its weight
+        for mb in ens.members:
+            key = (mb.trial_id, mb.round, mb.backbone)
+            weights[key] = weights.get(key, 0.0) + mb.weight
+        for (trial_id, round_, backbone), weight in weights.items():
+            print(f"  {trial_id}  round {round_}  {backbone:<13} weight {weight:.3f}")
+        print(f"written to {Experiment(args.experiment).ensemble_dir(ens.name)}")
     return EXIT_OK
 
 
@@ -478,6 +502,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", action="store_true", help="fit one temperature after averaging")
     p.add_argument("--session-smoothing", action="store_true", help="average predictions over each session")
     p.add_argument("--name", help="ensemble name (default: from the settings)")
+    p.add_argument(
+        "--crossfit",
+        type=COUNT,
+        metavar="N",
+        help="retrain the best N trials (without pseudo-labels) once per fold on Ray and select on their "
+        "out-of-fold predictions over every labelled clip",
+    )
+    p.add_argument("--cpus", type=POSITIVE, default=1.0, help="CPUs per cross-fitting run (default 1)")
+    _add_address(p)
     p.set_defaults(func=_cmd_ensemble)
 
     p = sub.add_parser("leaderboard", help="every trial and ensemble, ranked by validation macro accuracy")

@@ -50,6 +50,7 @@ class TrainConfig:
     city_dropout: float = 0.0
     # Data
     fold: int = 0  # validation fold; -1 trains on every labelled clip without validation
+    keep_last: bool = False  # the last epoch's weights, not the best by validation (the fold only scores)
     session_labels: bool = True  # unlabelled clips of labelled sessions train with their session's scene
     session_label_weight: float = 1.0  # their loss weight relative to a labelled clip
     seed: int = 0

@@ -85,7 +85,8 @@ def smooth_sessions(probs: np.ndarray, sessions: np.ndarray) -> np.ndarray:
 # ---- building from an experiment
 
 
-def _candidates(exp: Experiment, rounds: list[int] | None) -> list[TrialRecord]:
+def candidate_records(exp: Experiment, rounds: list[int] | None) -> list[TrialRecord]:
+    """The trials an ensemble may take: finished, with validation predictions, of one fold."""
     records = [r for r in exp.records() if r.status != "failed" and r.predictions_path]
     if rounds is not None:
         records = [r for r in records if r.round in rounds]
@@ -120,7 +121,7 @@ def build_ensemble(
     if k < 1:
         raise ConfigError(f"ensemble size k must be >= 1, got {k}")
     exp = Experiment(experiment)
-    records = _candidates(exp, rounds)
+    records = candidate_records(exp, rounds)
     data_dir = exp.read_search_settings(records[0].round)["data"]
     fold = records[0].fold
     data = load_dataset(data_dir)

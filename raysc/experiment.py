@@ -272,6 +272,14 @@ class Experiment:
     def refit_dir(self, trial_id: str) -> Path:
         return self.root / "refit" / trial_id
 
+    def crossfit_dir(self, trial_id: str, fold: int) -> Path:
+        """Trial ``trial_id``'s configuration trained with ``fold`` held out (cross-fitting)."""
+        return self.root / "crossfit" / trial_id / f"fold-{fold}"
+
+
+# ``Ensemble.fold`` of a cross-fitted ensemble: validated out of fold on every labelled clip.
+OUT_OF_FOLD = -1
+
 
 def train_run_name(trial_id: str) -> str:
     """A stable Ray Train run name per trial: a restarted trial finds its own checkpoints."""
@@ -279,9 +287,14 @@ def train_run_name(trial_id: str) -> str:
 
 
 def final_ensemble(ensembles: list[Ensemble]) -> Ensemble:
-    """The one rule for the final model, shared by the pipeline and ``raysc submit``: among the
-    validated ensembles the best validation macro accuracy (ties: the name), and then its
-    retrained-on-every-label version when there is one."""
+    """The one rule for the final model, shared by the pipeline and ``raysc submit``: the
+    cross-fitted ensembles when there are any (chosen on every labelled clip, out of fold; their
+    fold models between them trained on every label), else the single-fold ones; among them the
+    best validation macro accuracy (ties: the name), and then its retrained-on-every-label
+    version when there is one."""
+    crossfitted = [e for e in ensembles if e.fold == OUT_OF_FOLD]
+    if crossfitted:
+        return max(crossfitted, key=lambda e: (e.metrics["macro_accuracy"], e.name))
     validated = [e for e in ensembles if e.refit_of is None] or ensembles
     best = max(validated, key=lambda e: (e.metrics["macro_accuracy"], e.name))
     return next((e for e in ensembles if e.refit_of == best.name), best)

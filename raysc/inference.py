@@ -42,17 +42,18 @@ def predict_ensemble(
     exp = Experiment(Path(experiment).resolve())
     gpu = 0.25 if ray.cluster_resources().get("GPU") else 0  # inference is light: share a GPU
     task = ray.remote(predict_clips).options(num_cpus=1, num_gpus=gpu)
+    # Keyed by member position: a cross-fitted ensemble holds one member per trial and fold.
     refs = [
-        (m.trial_id, task.remote(str(exp.root / m.model_path), ens.data, filenames[start : start + chunk]))
-        for m in ens.members
+        (i, task.remote(str(exp.root / m.model_path), ens.data, filenames[start : start + chunk]))
+        for i, m in enumerate(ens.members)
         for start in range(0, len(filenames), chunk)
     ]
-    parts: dict[str, list[pd.DataFrame]] = {m.trial_id: [] for m in ens.members}
-    for trial_id, ref in refs:
-        parts[trial_id].append(ray.get(ref))
+    parts: dict[int, list[pd.DataFrame]] = {i: [] for i in range(len(ens.members))}
+    for i, ref in refs:
+        parts[i].append(ray.get(ref))
     classes, mean = None, None
-    for m in ens.members:
-        p = pd.concat(parts[m.trial_id]).set_index("filename").loc[filenames]
+    for i, m in enumerate(ens.members):
+        p = pd.concat(parts[i]).set_index("filename").loc[filenames]
         classes = list(p.columns)
         mean = p.to_numpy(np.float64) * m.weight + (0 if mean is None else mean)
     final = apply_temperature(mean, ens.temperature) if ens.temperature != 1.0 else mean

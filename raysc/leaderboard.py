@@ -10,7 +10,7 @@ from pathlib import Path
 import pandas as pd
 
 from .errors import ConfigError, RayscError
-from .experiment import RECORD_METRICS, Experiment
+from .experiment import OUT_OF_FOLD, RECORD_METRICS, Experiment
 
 FORMATS = ("csv", "md", "html")
 COLUMNS = [
@@ -68,14 +68,21 @@ def leaderboard(experiment: str | Path, *, round: int | None = None) -> pd.DataF
         if round is not None and rounds != [round]:
             continue
         members = [by_id[m.trial_id] for m in e.members if m.trial_id in by_id]
+        trials = len({m.trial_id for m in e.members})
+        size = (
+            f"{trials} configurations x {len(e.members) // trials} folds"
+            if e.fold == OUT_OF_FOLD
+            else f"{trials} members"
+        )
         rows.append(
             {
                 "name": e.name,
                 "kind": "ensemble",
                 "round": "+".join(map(str, rounds)),
                 "backbone": "+".join(sorted({m.backbone for m in e.members})),
-                "params": f"{e.method}, {len(e.members)} members, T={e.temperature:.3g}"
-                + (", session smoothing" if e.session_smoothing else ""),
+                "params": f"{e.method}, {size}, T={e.temperature:.3g}"
+                + (", session smoothing" if e.session_smoothing else "")
+                + (", out of fold on every labelled clip" if e.fold == OUT_OF_FOLD else ""),
                 **{k: e.metrics.get(k) for k in RECORD_METRICS},
                 "parameters": sum(m.parameters or 0 for m in members),
                 "macs": sum(m.macs or 0 for m in members),

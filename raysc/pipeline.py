@@ -24,11 +24,12 @@ import pandas as pd
 
 from .candidates import write_candidates
 from .config import make_config
+from .crossfit import crossfit_ensemble
 from .dataset import load_dataset
 from .distributed import init_ray, train
 from .ensemble import build_ensemble
 from .errors import ConfigError, RayscError
-from .experiment import Ensemble, Experiment, final_ensemble, settings_changes
+from .experiment import OUT_OF_FOLD, Ensemble, Experiment, final_ensemble, rank_key, settings_changes
 from .fileio import read_yaml_mapping, write_json
 from .leaderboard import leaderboard
 from .plan import describe, kept, plan_space, restore_space
@@ -57,6 +58,9 @@ class PipelineConfig:
     temperature: bool = True
     session_smoothing: bool = True  # also score a session-smoothed variant (its own leaderboard row)
     refit: bool = True  # retrain the final ensemble's members on every labelled clip (when the budget allows)
+    # Cross-fit the best N round-0 trials once per fold and choose the final ensemble on their
+    # out-of-fold predictions over every labelled clip (0: off; when the budget allows).
+    crossfit: int = 0
     submission: str = "submission.csv"
     # Pretraining before round 0 on the data folder's TAU / CochlScene clips, e.g.
     # {backbones: [setrans], epochs: 10, config: {lr: 1.0e-3}}; every trial of a pretrained backbone
@@ -361,9 +365,49 @@ def run_pipeline(
 
             candidates = run_stage(f"pseudo-{r}", do_pseudo)
 
+    if cfg.crossfit:
+
+        def do_crossfit() -> list[str]:
+            # Each candidate runs once per fold for its best epoch's share of its trial's time.
+            records = sorted(
+                (r for r in exp.records() if r.status != "failed" and r.round == 0 and r.epochs), key=rank_key
+            )[: cfg.crossfit]
+            folds = len(dataset.folds())
+            total, res = cluster()
+            per_run = res.gpus_per_worker or res.cpus_per_worker
+            slots = max(1, int(total.get("GPU" if res.gpus_per_worker else "CPU", 1) // per_run))
+            need = sum(r.fit_seconds * (r.best_epoch or r.epochs) / r.epochs for r in records) * folds / slots / 60
+            if time_budget_minutes:
+                # Its ensemble predicts with every fold's model: the inference reserve grows with the folds.
+                reserve = reserve_minutes(0)
+                left = time_budget_minutes - (time.perf_counter() - t0) / 60 - reserve - (reserve - 1) * (folds - 1)
+                if need > left:
+                    say(f"[pipeline] cross-fitting skipped: about {need:.1f} min needed, {max(left, 0):.1f} min left")
+                    return []
+            built = crossfit_ensemble(
+                exp.root,
+                candidates=cfg.crossfit,
+                method=cfg.ensemble_method,
+                k=cfg.ensemble_k,
+                temperature=cfg.temperature,
+                session_smoothing=cfg.session_smoothing,
+                cpus=res.cpus_per_worker,
+                gpus=res.gpus_per_worker,
+                address=address,
+            )
+            for e in built:
+                say(
+                    f"[pipeline] ensemble {e.name}: {len({m.trial_id for m in e.members})} configuration(s) x "
+                    f"{folds} folds, out-of-fold macro accuracy {e.metrics['macro_accuracy']:.4f} on every "
+                    f"labelled clip (+- {e.metrics['fold_macro_accuracy_std']:.4f} over folds)"
+                )
+            return [e.name for e in built]
+
+        run_stage("crossfit", do_crossfit)
+
     # The final model: the same rule as `raysc submit` without --ensemble (experiment.final_ensemble).
     final = exp.load_ensemble()
-    if cfg.refit and final.refit_of is None:
+    if cfg.refit and final.refit_of is None and final.fold != OUT_OF_FOLD:
 
         def do_refit() -> str | None:
             records = {r.trial_id: r for r in exp.records()}

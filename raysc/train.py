@@ -484,7 +484,7 @@ def fit(
             preds, rep = evaluate(
                 net, val, val_rows, data, batch_size=per_rank_batch, device=dev, amp=use_amp, cache=cache
             )
-            improved = not state.best or rep["macro_accuracy"] > state.best["macro_accuracy"]
+            improved = cfg.keep_last or not state.best or rep["macro_accuracy"] > state.best["macro_accuracy"]
             if improved:
                 state.best = {**rep, "epoch": epoch + 1}
                 state.best_weights = _copy(model.state_dict())
