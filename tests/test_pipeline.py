@@ -16,6 +16,7 @@ import yaml
 from test_search import write_space
 
 from raysc.errors import ConfigError
+from raysc.experiment import OUT_OF_FOLD
 from raysc.models import load_model
 from raysc.pipeline import load_pipeline
 from raysc.submission import check_submission_file, make_submission
@@ -123,7 +124,9 @@ def test_a_round_whose_trials_all_fail_still_ends_with_a_submission(local_ray, w
     space = write_space(tmp_path / "space.yaml", scheduler={"grace_steps": 1, "reduction_factor": 2, "max_epochs": 1})
     # With a pretraining stage: one mobileascnet trunk, which every mobileascnet trial starts from.
     pretrain = {"backbones": ["mobileascnet"], "epochs": 1}
-    cfg = pipeline.PipelineConfig(space=str(space), rounds=2, trials=2, ensemble_k=2, pretrain=pretrain)
+    cfg = pipeline.PipelineConfig(
+        space=str(space), rounds=2, trials=2, ensemble_k=2, pretrain=pretrain, crossfit=2, session_smoothing=False
+    )
     lines = []
     result = pipeline.run_pipeline(cfg, data=with_pretrain.out, experiment=tmp_path / "exp", progress=lines.append)
     assert any("round 1: no trial finished an epoch" in line for line in lines)
@@ -134,7 +137,10 @@ def test_a_round_whose_trials_all_fail_still_ends_with_a_submission(local_ray, w
         expected = str(trunk) if train["backbone"] == "mobileascnet" else None
         assert train["init_from"] == expected and train["reset_head"] == (expected is not None)
     check_submission_file(result.submission, with_pretrain.out)
-    assert {m.round for m in result.final.members} == {0} and result.final.refit_of is not None
+    # The final model: round 0's two configurations cross-fitted, one model per fold each.
+    assert {m.round for m in result.final.members} == {0} and result.final.fold == OUT_OF_FOLD
+    assert len(result.final.members) == 2 * len(with_pretrain.folds())
+    assert all(m.model_path.startswith("crossfit/") for m in result.final.members)
     board = leaderboard(tmp_path / "exp")
     assert (board["kind"] == "trial").sum() == 2 and (board["kind"] == "ensemble").sum() >= 2
 
