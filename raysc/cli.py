@@ -231,6 +231,7 @@ def _cmd_ensemble(args: argparse.Namespace) -> int:
             temperature=args.temperature,
             session_smoothing=args.session_smoothing,
             cpus=args.cpus,
+            time_budget_minutes=args.time_budget,
             address=args.address,
         )
     else:
@@ -510,6 +511,9 @@ def build_parser() -> argparse.ArgumentParser:
         "out-of-fold predictions over every labelled clip",
     )
     p.add_argument("--cpus", type=POSITIVE, default=1.0, help="CPUs per cross-fitting run (default 1)")
+    p.add_argument(
+        "--time-budget", type=POSITIVE, metavar="MINUTES", help="cross-fit only the candidates that fit (estimated)"
+    )
     _add_address(p)
     p.set_defaults(func=_cmd_ensemble)
 

@@ -27,7 +27,7 @@ import pandas as pd
 
 from .config import make_config
 from .dataset import load_dataset
-from .distributed import fit_many
+from .distributed import fit_many, parallel_slots
 from .ensemble import apply_temperature, candidate_records, fit_temperature, greedy_selection, smooth_sessions, top_k
 from .errors import ConfigError, RayscError
 from .experiment import OUT_OF_FOLD, Ensemble, Experiment, Member, TrialRecord, rank_key
@@ -46,21 +46,34 @@ def crossfit_ensemble(
     session_smoothing: bool = True,
     cpus: float = 1.0,
     gpus: float = 0.0,
+    time_budget_minutes: float | None = None,
     address: str | None = None,
 ) -> list[Ensemble]:
     """Cross-fit the best ``candidates`` trials (without pseudo-labels), then select ``k`` of
     them on their out-of-fold predictions; returns the ensemble and, with ``session_smoothing``,
-    its session-smoothed variant (both saved, each scored out of fold)."""
+    its session-smoothed variant (both saved, each scored out of fold).
+
+    ``time_budget_minutes``: take the candidates in rank order while their runs (estimated from
+    each trial's own time for its best epoch's share, with as many runs at once as the cluster
+    holds) fit; one that would not fit is passed over for the next."""
     if candidates < 1 or k < 1:
         raise ConfigError(f"candidates and k must be >= 1, got {candidates} and {k}")
     exp = Experiment(experiment)
     records = [r for r in candidate_records(exp, None) if not _config(exp, r).get("pseudo_labels")]
     if not records:
         raise RayscError(f"{exp.root}: no finished trial without pseudo-labels to cross-fit")
-    top = sorted(records, key=rank_key)[:candidates]
-    data_dir = exp.read_search_settings(top[0].round)["data"]
+    data_dir = exp.read_search_settings(records[0].round)["data"]
     data = load_dataset(data_dir)
     folds = data.folds()
+    slots = parallel_slots(cpus, gpus, address) if time_budget_minutes is not None else 1
+    top, spent = [], 0.0
+    for r in sorted(records, key=rank_key):
+        cost = crossfit_minutes(r, len(folds), slots)
+        if len(top) < candidates and (time_budget_minutes is None or spent + cost <= time_budget_minutes):
+            top.append(r)
+            spent += cost
+    if not top:
+        raise RayscError(f"{exp.root}: no trial's cross-fitting fits in {time_budget_minutes:.1f} min")
 
     # ---- one run per configuration and fold (a rerun keeps those that finished)
     configs, outs = [], []
@@ -125,6 +138,13 @@ def crossfit_ensemble(
         )
         ensembles.append(ens)
     return ensembles
+
+
+def crossfit_minutes(r: TrialRecord, folds: int, slots: int = 1) -> float:
+    """The estimated time of a trial's cross-fitting: its fit time for its best epoch's share,
+    once per fold, over ``slots`` runs at once."""
+    share = (r.best_epoch or r.epochs) / max(1, r.epochs)
+    return r.fit_seconds * share * folds / max(1, slots) / 60
 
 
 def _config(exp: Experiment, r: TrialRecord) -> dict:

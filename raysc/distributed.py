@@ -103,6 +103,16 @@ def init_ray(address: str | None = None, **kwargs: Any) -> None:
         os.environ.pop("RAY_GCS_SERVER_PORT", None)
 
 
+def parallel_slots(cpus: float, gpus: float, address: str | None = None) -> int:
+    """How many runs of ``cpus`` CPUs and ``gpus`` GPUs the cluster holds at once."""
+    import ray  # lazy: see init_ray
+
+    init_ray(address)
+    total = ray.cluster_resources()
+    fits = [total.get("CPU", 1) // cpus] + ([total.get("GPU", 0) // gpus] if gpus else [])
+    return max(1, int(min(fits)))
+
+
 def _fit_task(train: dict[str, Any], data_dir: str, out_dir: str, threads: int) -> dict[str, Any]:
     """One ``fit`` in a Ray task (a single process: no Train controller, no worker group)."""
     torch.set_num_threads(threads)

@@ -29,7 +29,7 @@ from .dataset import load_dataset
 from .distributed import init_ray, train
 from .ensemble import build_ensemble
 from .errors import ConfigError, RayscError
-from .experiment import OUT_OF_FOLD, Ensemble, Experiment, final_ensemble, rank_key, settings_changes
+from .experiment import OUT_OF_FOLD, Ensemble, Experiment, final_ensemble, settings_changes
 from .fileio import read_yaml_mapping, write_json
 from .leaderboard import leaderboard
 from .plan import describe, kept, plan_space, restore_space
@@ -368,38 +368,33 @@ def run_pipeline(
     if cfg.crossfit:
 
         def do_crossfit() -> list[str]:
-            # Each candidate runs once per fold for its best epoch's share of its trial's time.
-            records = sorted(
-                (r for r in exp.records() if r.status != "failed" and r.round == 0 and r.epochs), key=rank_key
-            )[: cfg.crossfit]
-            folds = len(dataset.folds())
-            total, res = cluster()
-            per_run = res.gpus_per_worker or res.cpus_per_worker
-            slots = max(1, int(total.get("GPU" if res.gpus_per_worker else "CPU", 1) // per_run))
-            need = sum(r.fit_seconds * (r.best_epoch or r.epochs) / r.epochs for r in records) * folds / slots / 60
+            _, res = cluster()
+            budget = None
             if time_budget_minutes:
                 # Its ensemble predicts with every fold's model: the inference reserve grows with the folds.
-                reserve = reserve_minutes(0)
-                left = time_budget_minutes - (time.perf_counter() - t0) / 60 - reserve - (reserve - 1) * (folds - 1)
-                if need > left:
-                    say(f"[pipeline] cross-fitting skipped: about {need:.1f} min needed, {max(left, 0):.1f} min left")
-                    return []
-            built = crossfit_ensemble(
-                exp.root,
-                candidates=cfg.crossfit,
-                method=cfg.ensemble_method,
-                k=cfg.ensemble_k,
-                temperature=cfg.temperature,
-                session_smoothing=cfg.session_smoothing,
-                cpus=res.cpus_per_worker,
-                gpus=res.gpus_per_worker,
-                address=address,
-            )
+                reserve, folds = reserve_minutes(0), len(dataset.folds())
+                budget = time_budget_minutes - (time.perf_counter() - t0) / 60 - reserve - (reserve - 1) * (folds - 1)
+            try:
+                built = crossfit_ensemble(
+                    exp.root,
+                    candidates=cfg.crossfit,
+                    method=cfg.ensemble_method,
+                    k=cfg.ensemble_k,
+                    temperature=cfg.temperature,
+                    session_smoothing=cfg.session_smoothing,
+                    cpus=res.cpus_per_worker,
+                    gpus=res.gpus_per_worker,
+                    time_budget_minutes=budget,
+                    address=address,
+                )
+            except RayscError as exc:
+                say(f"[pipeline] cross-fitting skipped: {exc}")
+                return []
             for e in built:
                 say(
                     f"[pipeline] ensemble {e.name}: {len({m.trial_id for m in e.members})} configuration(s) x "
-                    f"{folds} folds, out-of-fold macro accuracy {e.metrics['macro_accuracy']:.4f} on every "
-                    f"labelled clip (+- {e.metrics['fold_macro_accuracy_std']:.4f} over folds)"
+                    f"{len(dataset.folds())} folds, out-of-fold macro accuracy {e.metrics['macro_accuracy']:.4f} on "
+                    f"every labelled clip (+- {e.metrics['fold_macro_accuracy_std']:.4f} over folds)"
                 )
             return [e.name for e in built]
 

@@ -12,6 +12,7 @@ from conftest import FRONTEND
 from raysc.config import make_config
 from raysc.crossfit import crossfit_ensemble
 from raysc.ensemble import build_ensemble
+from raysc.errors import RayscError
 from raysc.experiment import OUT_OF_FOLD, Experiment, TrialRecord, final_ensemble
 from raysc.fileio import write_json
 from raysc.train import fit
@@ -73,3 +74,6 @@ def test_crossfitted_ensembles_are_chosen_out_of_fold_on_every_labelled_clip(loc
     # The final model: a cross-fitted ensemble when there is one.
     assert final_ensemble([single, plain, smoothed]).fold == OUT_OF_FOLD
     assert final_ensemble([single]) == single
+    # A budget that holds no candidate's runs: refused by name before anything trains.
+    with pytest.raises(RayscError, match=r"no trial's cross-fitting fits in 0\.0 min"):
+        crossfit_ensemble(exp.root, candidates=3, k=2, time_budget_minutes=0.0001, address=address)
