@@ -46,9 +46,8 @@ def test_crossfitted_ensembles_are_chosen_out_of_fold_on_every_labelled_clip(loc
     _trial(exp, prepared, "cccc2222", lr=3e-3, pseudo_labels=str(tmp_path / "cands.csv"))
     single = build_ensemble(exp.root, k=2)
 
-    plain, smoothed = crossfit_ensemble(
-        exp.root, candidates=3, k=2, address=local_ray.get_runtime_context().gcs_address
-    )
+    address = local_ray.get_runtime_context().gcs_address
+    plain, smoothed = crossfit_ensemble(exp.root, candidates=3, k=2, address=address)
 
     labelled = m[m["subset"] == "labelled"]
     folds = sorted(labelled["fold"].unique())
