@@ -122,6 +122,8 @@ def import_weights(
     """Map the state dict at ``path`` onto a ``backbone`` network (built for ``data``'s classes,
     cities and sample rate when given) and write it as a raysc model file at ``out``."""
     cls = model_class(backbone)
+    if Path(out).exists():
+        raise RayscError(f"{out} already exists; choose another --out (raysc never replaces a file it was not asked to)")
     source = read_state_dict(path)
     overrides = dict(model or {})
     if data is not None:
