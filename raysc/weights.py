@@ -123,7 +123,7 @@ def import_weights(
     cities and sample rate when given) and write it as a raysc model file at ``out``."""
     cls = model_class(backbone)
     if Path(out).exists():
-        raise RayscError(f"{out} already exists; choose another --out (raysc never replaces a file it was not asked to)")
+        raise RayscError(f"{out} already exists; choose another --out (raysc replaces no file it did not write)")
     source = read_state_dict(path)
     overrides = dict(model or {})
     if data is not None:

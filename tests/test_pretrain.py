@@ -102,7 +102,7 @@ def test_import_weights_maps_another_code_bases_names_by_name_and_shape(tmp_path
     for k, v in theirs.state_dict().items():
         if not k.startswith("frontend.") and not k.endswith("num_batches_tracked"):
             assert torch.equal(ours[k], v), k
-    with pytest.raises(RayscError, match="imported.pt already exists; choose another --out"):
+    with pytest.raises(RayscError, match=r"imported\.pt already exists; choose another --out"):
         import_weights(path, backbone="setrans", out=out, model={"width": 0.25})
     report = import_weights(path, backbone="setrans", out=tmp_path / "again.pt", model={"width": 0.25})
     assert report.unused == ["unused_layer.weight"] and report.missing == []
