@@ -98,7 +98,9 @@ def test_search_with_asha_stops_and_a_failure_completes_and_releases_everything(
             "lr": {"type": "categorical", "choices": [1e-7]},
             "init_from": {"type": "categorical", "choices": [str(good_pt), str(constant_pt), missing]},
         },
-        scheduler={"grace_steps": 1, "reduction_factor": 2, "max_epochs": 2},
+        # Six epochs: a stopped trial keeps training until the stop reaches it (a fraction of a
+        # second, longer under load); it must not reach its last epoch first.
+        scheduler={"grace_steps": 1, "reduction_factor": 2, "max_epochs": 6},
     )
     # Run one at a time in a known order. The outcome is fixed by construction, not by the
     # numerics of a tiny run: the good trial starts from a trained model (and a learning rate too
@@ -119,8 +121,8 @@ def test_search_with_asha_stops_and_a_failure_completes_and_releases_everything(
     )
     by_status = {s: [r for r in result.records if r.status == s] for s in ("completed", "stopped", "failed")}
     assert len(result.records) == 4
-    assert len(by_status["completed"]) == 1 and by_status["completed"][0].epochs == 2
-    assert len(by_status["stopped"]) == 2 and all(r.epochs == 1 for r in by_status["stopped"])
+    assert len(by_status["completed"]) == 1 and by_status["completed"][0].epochs == 6
+    assert len(by_status["stopped"]) == 2 and all(r.epochs < 6 for r in by_status["stopped"])
     assert len(by_status["failed"]) == 1 and "missing.pt" in by_status["failed"][0].error
     assert result.best.trial_id == by_status["completed"][0].trial_id
     # The conditional space: each trial holds its own backbone's parameters, never another's.
