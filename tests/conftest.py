@@ -75,37 +75,31 @@ def synth_dir(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, SynthSumm
     return out, summary
 
 
-@pytest.fixture(scope="session")
-def prepared(synth_dir, tmp_path_factory: pytest.TempPathFactory) -> PreparedData:
-    raw, _ = synth_dir
+def _prepare_tiny(raw: Path, out: Path, **extra) -> PreparedData:
     return prepare(
         dev_meta=raw / DEV_METADATA,
         eval_meta=raw / EVAL_METADATA,
         audio_dirs=[raw / "audio"],
-        out=tmp_path_factory.mktemp("data"),
+        out=out,
         sample_rate=SR,
         clip_seconds=1.0,
         folds=3,
         workers=1,
+        **extra,
     )
+
+
+@pytest.fixture(scope="session")
+def prepared(synth_dir, tmp_path_factory: pytest.TempPathFactory) -> PreparedData:
+    return _prepare_tiny(synth_dir[0], tmp_path_factory.mktemp("data"))
 
 
 @pytest.fixture(scope="session")
 def with_pretrain(synth_dir, tmp_path_factory: pytest.TempPathFactory) -> PreparedData:
     """The tiny data set, prepared with its TAU- and CochlScene-format pretraining clips."""
-    raw, _ = synth_dir
-    return prepare(
-        dev_meta=raw / DEV_METADATA,
-        eval_meta=raw / EVAL_METADATA,
-        audio_dirs=[raw / "audio"],
-        out=tmp_path_factory.mktemp("pretrain-data"),
-        sample_rate=SR,
-        clip_seconds=1.0,
-        folds=3,
-        workers=1,
-        tau=raw / "pretrain" / "tau",
-        cochlscene=raw / "pretrain" / "cochlscene",
-    )
+    raw = synth_dir[0]
+    out = tmp_path_factory.mktemp("pretrain-data")
+    return _prepare_tiny(raw, out, tau=raw / "pretrain" / "tau", cochlscene=raw / "pretrain" / "cochlscene")
 
 
 @pytest.fixture(scope="session")
