@@ -491,6 +491,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--no-early-stopping", dest="early_stopping", action="store_false", help="no ASHA: every trial runs its epochs"
     )
+    p.add_argument(
+        "--ray-train",
+        choices=["auto", "always"],
+        default="auto",
+        help="auto (default): a one-worker trial trains in its own, reused Tune process; always: every trial "
+        "through a Ray Train TorchTrainer (multi-worker trials always are)",
+    )
     p.add_argument("--resume", action="store_true", help="continue an interrupted search in --experiment")
     _add_address(p)
     p.set_defaults(func=_cmd_search)

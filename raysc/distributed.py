@@ -11,7 +11,8 @@ import logging
 import os
 import socket
 import tempfile
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -140,16 +141,30 @@ def fit_many(
     return ray.get(refs)
 
 
+@contextmanager
+def log_to(path: Path) -> Iterator[None]:
+    """raysc's log lines (INFO and up) also go to ``path`` while inside."""
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    logger = logging.getLogger("raysc")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+        handler.close()
+
+
 def _train_worker(config: dict[str, Any]) -> None:
     """Runs in every Ray Train worker: ``fit`` with Ray's checkpoint and report plumbing."""
     import ray  # lazy: see init_ray
     import ray.train
 
     if config.get("log_file") and ray.train.get_context().get_world_rank() == 0:
-        handler = logging.FileHandler(config["log_file"])
-        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
-        logging.getLogger("raysc").addHandler(handler)
-        logging.getLogger("raysc").setLevel(logging.INFO)
+        log_to(Path(config["log_file"])).__enter__()  # the worker process ends with the run
 
     # Ray Train workers start with one torch thread whatever CPUs they reserved: use them all.
     torch.set_num_threads(config["threads"])

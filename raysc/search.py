@@ -1,11 +1,20 @@
-"""`raysc search`: Ray Tune + OptunaSearch (TPE) + ASHA, each trial a Ray Train ``TorchTrainer``.
+"""`raysc search`: Ray Tune + OptunaSearch (TPE) + ASHA.
 
 One search is one round of an experiment folder (its layout: ``raysc.experiment``).
 
-A trial is a small driver function (it reserves the ``raysc_driver`` resource, not a CPU) that
-starts a ``TorchTrainer`` sized by the space's resources; ASHA stops it between epochs. Whether a
-trial completed or was stopped, its result is read back from its latest Train checkpoint, which
-holds the best weights so far, their validation predictions and the history.
+How a trial trains depends on its size:
+- one worker (every CPU space, and most GPU ones): ``fit`` runs in the Tune trial's own process,
+  which reserves the worker's CPUs and GPU share. Tune keeps these processes across trials
+  (``reuse_actors``), so torch is imported once per slot, not once per trial: a Ray Train run
+  costs 15-20 s of start-up and tear-down per trial, which on a CPU budget is a third of a short
+  trial (``benchmarks/trial_overhead.py``).
+- several workers (DDP): a small driver (it reserves the ``raysc_driver`` resource, not a CPU)
+  starts a Ray Train ``TorchTrainer`` sized by the space's resources.
+Either way every epoch's checkpoint lands in the trial's own run folder under a stable name, so
+a retried trial (a lost process or node) or a resumed search continues from its latest epoch,
+and ASHA stops trials between epochs. Whether a trial completed or was stopped, its result is
+read back from its latest checkpoint, which holds the best weights so far, their validation
+predictions and the history.
 """
 
 from __future__ import annotations
@@ -23,9 +32,11 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from .config import make_config
+import torch
+
+from .config import TrainConfig, make_config
 from .dataset import load_dataset
-from .distributed import DRIVER_RESOURCE, init_ray, make_trainer
+from .distributed import DRIVER_RESOURCE, init_ray, log_to, make_trainer
 from .errors import ConfigError, RayscError
 from .experiment import (
     RECORD_METRICS,
@@ -41,6 +52,7 @@ from .models import count_macs, count_parameters, load_model
 from .models.base import config_to_dict
 from .pseudo import read_candidates
 from .search_space import Resources, SearchSpace, load_search_space
+from .train import PARTIAL, fit
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +74,7 @@ class SearchOptions:
     max_concurrent: int | None = None  # default: what the cluster's CPUs and GPUs fit
     sampler: str = "tpe"  # tpe | random
     early_stopping: bool = True  # ASHA; off: every trial runs max_epochs (or to its patience_steps)
+    ray_train: str = "auto"  # auto: one-worker trials train in their warm Tune process; always: Ray Train
 
 
 @dataclass(frozen=True)
@@ -153,6 +166,8 @@ def _check_inputs(sp: SearchSpace, s: SearchSettings, exp: Experiment) -> None:
         raise ConfigError(f"--trials must be >= 1, got {s.trials}")
     if s.sampler not in ("tpe", "random"):
         raise ConfigError(f"sampler {s.sampler!r} (valid: tpe, random)")
+    if s.ray_train not in ("auto", "always"):
+        raise ConfigError(f"ray_train {s.ray_train!r} (valid: auto, always)")
     if s.max_epochs < 1:
         raise ConfigError(f"--max-epochs must be >= 1, got {s.max_epochs}")
     if s.round >= 1 and not s.pseudo_candidates:
@@ -266,6 +281,16 @@ def _run_trial(
     out = exp.trial_dir(settings.round, trial_id)
     out.mkdir(parents=True, exist_ok=True)
     res = resources
+    if _in_process(res, settings):
+        _fit_in_trial(
+            cfg,
+            settings.data,
+            out,
+            exp.train_run(settings.round, trial_id),
+            res,
+            exp.trial_log(settings.round, trial_id),
+        )
+        return
     trainer = make_trainer(
         cfg,
         settings.data,
@@ -284,7 +309,36 @@ def _run_trial(
         raise RayscError(f"trial {trial_id} failed: {result.error}")
 
 
-def _trial_resources(ray: Any) -> dict[str, float]:
+def _in_process(res: Resources, s: SearchSettings) -> bool:
+    """Whether a trial runs ``fit`` in its own Tune process instead of a Ray Train run."""
+    return res.workers == 1 and s.ray_train == "auto"
+
+
+def _fit_in_trial(cfg: TrainConfig, data: str, out: Path, run_dir: Path, res: Resources, log_file: Path) -> None:
+    """A one-worker trial in this (reused) Tune process: metrics to Tune every epoch, the
+    checkpoint to the trial's run folder, from which a retried or resumed trial continues."""
+    import ray  # lazy: Ray (see _run_tune)
+    import ray.tune
+
+    torch.set_num_threads(max(1, int(res.cpus_per_worker)))  # Ray starts the process with one thread
+    run_dir.mkdir(parents=True, exist_ok=True)
+    resume = _latest_checkpoint(run_dir)
+    with log_to(log_file):
+        node = ray.get_runtime_context().get_node_id()
+        log.info("trial runs in process %d on node %s (Tune's, kept for the next trial)", os.getpid(), node)
+        fit(
+            cfg,
+            data,
+            out_dir=out,
+            report=lambda metrics, _: ray.tune.report(metrics),
+            resume=resume,
+            checkpoint_dir=run_dir,
+        )
+
+
+def _trial_resources(ray: Any, res: Resources, s: SearchSettings) -> dict[str, float]:
+    if _in_process(res, s):
+        return {"CPU": res.cpus_per_worker, **({"GPU": res.gpus_per_worker} if res.gpus_per_worker else {})}
     if ray.cluster_resources().get(DRIVER_RESOURCE):
         return {DRIVER_RESOURCE: 1}
     # A cluster started without the driver resource: a sliver of CPU per trial driver.
@@ -352,7 +406,7 @@ def _run_tune(
         )
     trainable = ray.tune.with_resources(
         ray.tune.with_parameters(_run_trial, space=space, settings=s, experiment=str(exp.root), resources=resources),
-        _trial_resources(ray),
+        _trial_resources(ray, resources, s),
     )
     view = LiveView(total=s.trials, round=s.round, write=progress)
     tune_dir = exp.tune_dir(s.round)
@@ -392,6 +446,8 @@ def _run_tune(
                 scheduler=asha if s.early_stopping else None,
                 num_samples=s.trials,
                 max_concurrent_trials=_concurrency(total, resources, space, s),
+                # In-process trials keep their process (torch imported, threads set) for the next.
+                reuse_actors=_in_process(resources, s),
                 time_budget_s=s.time_budget_minutes * 60 if s.time_budget_minutes else None,
             ),
             run_config=ray.tune.RunConfig(
@@ -430,9 +486,12 @@ def _log_to_file(path: Path) -> None:
 
 
 def _latest_checkpoint(train_dir: Path) -> Path | None:
-    """The checkpoint with the most epochs (each holds metrics.json with its history)."""
+    """The checkpoint with the most epochs (each holds metrics.json with its history): Ray
+    Train's ``checkpoint_*`` or an in-process trial's ``epoch-*`` (not one still being written)."""
     best, best_epochs = None, -1
-    for ckpt in train_dir.glob("checkpoint_*"):
+    for ckpt in [*train_dir.glob("checkpoint_*"), *train_dir.glob("epoch-*")]:
+        if ckpt.name.endswith(PARTIAL):
+            continue
         metrics = ckpt / "metrics.json"
         if metrics.is_file():
             epochs = len(json.loads(metrics.read_text())["history"])

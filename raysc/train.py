@@ -40,6 +40,8 @@ from .pseudo import Selection, read_candidates, select
 
 log = logging.getLogger(__name__)
 
+PARTIAL = ".partial"  # a checkpoint being written
+
 # report(metrics, checkpoint_dir): called once per epoch by every rank; only rank 0 passes a
 # checkpoint directory (model.pt = current weights, best.pt = best so far, state.pt = the rest).
 Report = Callable[[dict[str, Any], Path | None], None]
@@ -507,7 +509,14 @@ def fit(
         metrics["final"] = stop or epoch + 1 == cfg.epochs  # the run ends here (a scheduler's stop is not final)
         written = None
         if rank == 0 and ckpt_dir is not None:
-            written = state.save(ckpt_dir / f"epoch-{epoch + 1:04d}", model, opt, sched, cfg, final=metrics["final"])
+            # Written under a temporary name and renamed: a kill mid-write leaves the previous
+            # checkpoint as the latest whole one.
+            written = ckpt_dir / f"epoch-{epoch + 1:04d}"
+            partial = state.save(
+                written.with_name(written.name + PARTIAL), model, opt, sched, cfg, final=metrics["final"]
+            )
+            shutil.rmtree(written, ignore_errors=True)
+            partial.rename(written)
             for old in ckpt_dir.glob("epoch-*"):  # keep the latest only; a reporter has taken its copy
                 if old != written:
                     shutil.rmtree(old, ignore_errors=True)

@@ -89,7 +89,10 @@ def _planted_models(data: Path, out: Path) -> tuple[Path, Path]:
 
 
 @pytest.mark.slow
-def test_search_with_asha_stops_and_a_failure_completes_and_releases_everything(local_ray, learnable, tmp_path):
+@pytest.mark.parametrize("ray_train", ["auto", "always"])
+def test_search_with_asha_stops_and_a_failure_completes_and_releases_everything(
+    local_ray, learnable, ray_train, tmp_path
+):
     good_pt, constant_pt = _planted_models(learnable, tmp_path / "planted")
     missing = str(tmp_path / "missing.pt")
     space = write_space(
@@ -118,6 +121,7 @@ def test_search_with_asha_stops_and_a_failure_completes_and_releases_everything(
         max_concurrent=1,
         points_to_evaluate=[good, bad, broken, bad],
         progress=lines.append,
+        ray_train=ray_train,
     )
     by_status = {s: [r for r in result.records if r.status == s] for s in ("completed", "stopped", "failed")}
     assert len(result.records) == 4
@@ -143,6 +147,16 @@ def test_search_with_asha_stops_and_a_failure_completes_and_releases_everything(
         assert r.fit_seconds > 0 and r.predict_seconds > 0
     assert {s for states in _journal_trials(exp / "round-0" / "study.journal").values() for s in states} <= {1, 3}
     assert (exp / "round-0" / "search.log").stat().st_size > 0
+    # In-process trials (one worker) keep their process: the bad trial that follows the good one
+    # trains in the same process (the failed trial's process is not kept, so the last may not).
+    # Ray Train starts new workers for every trial.
+    ran = sorted(by_status["completed"] + by_status["stopped"], key=lambda r: r.started)
+    logs = [(exp / r.predictions_path).with_name("train.log").read_text() for r in ran]
+    pids = [re.findall(r"trial runs in process (\d+)", text) for text in logs]
+    if ray_train == "auto":
+        assert all(len(p) == 1 for p in pids) and pids[0] == pids[1], pids
+    else:
+        assert pids == [[], [], []]
     # The live view: one line per start and end, and a final status line with the best trial.
     assert sum(" start " in line for line in lines) == 4
     assert f"best macro acc {result.best.metrics['macro_accuracy']:.4f} ({result.best.trial_id}" in lines[-1]
@@ -221,6 +235,8 @@ def test_search_input_errors_stop_before_ray_starts(prepared, tmp_path):
         search(space, data=prepared.out, experiment=exp, fold=7)
     with pytest.raises(ConfigError, match="--trials must be >= 1, got 0"):
         search(space, data=prepared.out, experiment=exp, trials=0)
+    with pytest.raises(ConfigError, match=r"ray_train 'never' \(valid: auto, always\)"):
+        search(space, data=prepared.out, experiment=exp, ray_train="never")
     with pytest.raises(RayscError, match="no search to resume"):
         search(space, data=prepared.out, experiment=exp, resume=True)
     (exp / "round-0").mkdir(parents=True)
