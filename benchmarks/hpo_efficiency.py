@@ -14,6 +14,7 @@ their ratio (random / TPE+ASHA: above 1 means TPE+ASHA got there cheaper), and w
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import tempfile
@@ -57,10 +58,29 @@ def cost_to_reach(records: list, target: float) -> tuple[int, bool]:
     return spent, False
 
 
+def survives_halving(exp: Path, records: list, trial_id: str) -> bool:
+    """Whether ``trial_id`` of a search without early stopping would have passed every ASHA rung
+    of SPACE's schedule, replayed synchronously on the full histories: at the k-th rung (grace x
+    factor^k steps) only the best 1/factor^k of the trials by running best go on."""
+    grace, factor = SPACE["scheduler"]["grace_steps"], SPACE["scheduler"]["reduction_factor"]
+    curves = {}
+    for r in records:
+        history = json.loads((exp / r.model_path).with_name("metrics.json").read_text())["history"]
+        curves[r.trial_id] = [(h["steps"], h["best_macro_accuracy"]) for h in history]
+    alive, rung, k = set(curves), grace, 1
+    while any(curves[t][-1][0] >= rung for t in alive):
+        at = {t: next((v for steps, v in curves[t] if steps >= rung), curves[t][-1][1]) for t in alive}
+        alive = set(sorted(at, key=at.get, reverse=True)[: max(1, len(records) // factor**k)])
+        if trial_id not in alive:
+            return False
+        rung, k = rung * factor, k + 1
+    return True
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--trials", type=int, default=8)
+    parser.add_argument("--trials", type=int, default=16)
     parser.add_argument("--max-epochs", type=int, default=8)
     parser.add_argument("--clips", type=int, default=600)
     parser.add_argument("--smoke-test", action="store_true")
@@ -94,6 +114,10 @@ def main() -> int:
                     "best": max(r.metrics["macro_accuracy"] or 0 for r in recs),
                 }
             run["ratio"] = cost["random_full"][0] / max(cost["tpe_asha"][0], 1)
+            # Would ASHA have let random search's best configuration finish?
+            recs = found["random_full"][0]
+            top = max(recs, key=lambda r: r.metrics["macro_accuracy"] or 0)
+            run["random_best_survives_asha"] = survives_halving(tmp / f"random_full-{seed}", recs, top.trial_id)
             runs.append(run)
             rows.append(
                 [
@@ -104,6 +128,7 @@ def main() -> int:
                     *[f"{run[n]['total_epochs']}" for n in found],
                     *[f"{run[n]['wall_s']:.0f}" for n in found],
                     f"{run['ratio']:.2f}",
+                    "yes" if run["random_best_survives_asha"] else "no",
                 ]
             )
     ratios = [r["ratio"] for r in runs]
@@ -123,6 +148,7 @@ def main() -> int:
                 "wall s TPE+ASHA",
                 "wall s random",
                 "ratio random/TPE+ASHA",
+                "random's best would pass ASHA's rungs",
             ],
             rows,
         )

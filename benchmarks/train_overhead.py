@@ -6,9 +6,14 @@ Side by side in one run, the same backbone, clips, batch size and epochs:
 - fit: ``raysc.train.fit`` in this process (loaders from the memory-mapped store, metrics,
   checkpoints, outputs);
 - ray x1 / ray x2: ``raysc train`` through Ray Train with 1 worker on all cores and 2 workers
-  on half each (Ray gives a worker one torch thread per CPU it holds; gloo between workers).
+  on half each (Ray gives a worker one torch thread per CPU it holds; gloo between workers);
+- search trial: the same configuration as the one trial of a ``raysc search`` (no early
+  stopping), which trains in its own Tune process on all cores;
+- fit again while a local Ray idles beside it: what Ray's own processes (raylet, GCS,
+  dashboard) take from the cores, whatever runs the training.
 Reported: wall time of the whole call (Ray's start-up included) and steady-state seconds per
-epoch (epochs 2.., from each run's own timing), with ratios to the bare loop.
+epoch (epochs 2..): for raysc's runs the time from one epoch's end to the next's, so each
+epoch's checkpoint and report are in it, with ratios to the bare loop.
 
     python benchmarks/train_overhead.py
     python benchmarks/train_overhead.py --smoke-test
@@ -17,6 +22,7 @@ epoch (epochs 2.., from each run's own timing), with ratios to the bare loop.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import tempfile
 import time
@@ -24,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 from common import md_table, write_results  # the script folder is on sys.path
 
 from raysc.config import make_config
@@ -31,6 +38,7 @@ from raysc.dataset import load_dataset
 from raysc.distributed import init_ray, train
 from raysc.models import create_model
 from raysc.prepare import prepare
+from raysc.search import search
 from raysc.synth import DEV_METADATA, EVAL_METADATA, synthesize
 from raysc.train import fit
 
@@ -77,6 +85,13 @@ def bare_loop(cfg, data_dir: Path) -> tuple[float, list[float]]:
     return time.perf_counter() - t0, epochs
 
 
+def loop_seconds(history: list[dict]) -> list[float]:
+    """Seconds per epoch of a raysc run: epoch 1's own timing, then from one epoch's end to the
+    next's (so a checkpoint written and a result reported between them count)."""
+    ends = [h["finished_at"] for h in history]
+    return [history[0]["epoch_seconds"], *np.diff(ends).tolist()]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--backbone", default="rm3")
@@ -119,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
                 "epochs": args.epochs,
                 "batch_size": args.batch_size,
                 "lr": 1e-3,
+                "session_labels": False,  # the bare loop trains on the labelled clips only
             }
         )
         runs = {}
@@ -126,18 +142,43 @@ def main(argv: list[str] | None = None) -> int:
         runs["bare PyTorch loop"] = (total, epochs)
         t = time.perf_counter()
         res = fit(cfg, data, out_dir=Path(tmp) / "fit")
-        runs["raysc fit (no Ray)"] = (time.perf_counter() - t, [h["epoch_seconds"] for h in res.history])
+        runs["raysc fit (no Ray)"] = (time.perf_counter() - t, loop_seconds(res.history))
         labelled = res.history[0]["train_clips"]
         init_ray()
+        # The same fit with a local Ray idling beside it: what Ray's own processes take from the cores.
+        t = time.perf_counter()
+        res = fit(cfg, data, out_dir=Path(tmp) / "fit-ray-idle")
+        runs["raysc fit (no Ray), a local Ray idling"] = (time.perf_counter() - t, loop_seconds(res.history))
         cores = os.cpu_count() or 1
         for workers in (1, 2):
             # Ray gives a worker as many torch threads as CPUs: split the cores as the bare loop uses them.
             t = time.perf_counter()
             metrics = train(cfg, data, Path(tmp) / f"ray{workers}", workers=workers, cpus_per_worker=cores / workers)
-            runs[f"raysc train --workers {workers}"] = (
-                time.perf_counter() - t,
-                [h["epoch_seconds"] for h in metrics["history"]],
+            runs[f"raysc train --workers {workers}"] = (time.perf_counter() - t, loop_seconds(metrics["history"]))
+        space = Path(tmp) / "space.yaml"
+        space.write_text(
+            yaml.safe_dump(
+                {
+                    "fixed": {
+                        "model.width": args.width,
+                        "batch_size": args.batch_size,
+                        "epochs": args.epochs,
+                        "session_labels": False,
+                    },
+                    "params": {"lr": {"type": "categorical", "choices": [1e-3]}},
+                    "backbones": {args.backbone: {}},
+                    "resources": {"workers": 1, "cpus_per_worker": cores},
+                    "scheduler": {"grace_steps": 1, "reduction_factor": 2, "max_epochs": args.epochs},
+                }
             )
+        )
+        t = time.perf_counter()
+        found = search(space, data=data, experiment=Path(tmp) / "exp", trials=1, early_stopping=False)
+        history = json.loads((Path(tmp) / "exp" / found.best.model_path).with_name("metrics.json").read_text())
+        runs["raysc search, one trial (in its Tune process)"] = (
+            time.perf_counter() - t,
+            loop_seconds(history["history"]),
+        )
     base_total, base_epochs = runs["bare PyTorch loop"]
     base_steady = float(np.mean(base_epochs[1:] or base_epochs))
     rows, result = [], {}

@@ -163,33 +163,35 @@ def _train_worker(config: dict[str, Any]) -> None:
     import ray  # lazy: see init_ray
     import ray.train
 
-    if config.get("log_file") and ray.train.get_context().get_world_rank() == 0:
-        log_to(Path(config["log_file"])).__enter__()  # the worker process ends with the run
-
-    # Ray Train workers start with one torch thread whatever CPUs they reserved: use them all.
-    torch.set_num_threads(config["threads"])
     ctx = ray.train.get_context()
-    log.info(
-        "worker %d of %d on node %s",
-        ctx.get_world_rank(),
-        ctx.get_world_size(),
-        ray.get_runtime_context().get_node_id(),
-    )
-    cfg = make_config(config["train"])
-    checkpoint = ray.train.get_checkpoint()
-
-    def report(metrics: dict[str, Any], path: Path | None) -> None:
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(path) if path else None)
-
-    with checkpoint.as_directory() if checkpoint else nullcontext(None) as resume, tempfile.TemporaryDirectory() as tmp:
-        fit(
-            cfg,
-            config["data_dir"],
-            out_dir=config["out_dir"] if ctx.get_world_rank() == 0 else None,
-            report=report,
-            resume=resume,
-            checkpoint_dir=tmp,
+    logged = config.get("log_file") and ctx.get_world_rank() == 0
+    with log_to(Path(config["log_file"])) if logged else nullcontext():
+        # Ray Train workers start with one torch thread whatever CPUs they reserved: use them all.
+        torch.set_num_threads(config["threads"])
+        log.info(
+            "worker %d of %d on node %s",
+            ctx.get_world_rank(),
+            ctx.get_world_size(),
+            ray.get_runtime_context().get_node_id(),
         )
+        cfg = make_config(config["train"])
+        checkpoint = ray.train.get_checkpoint()
+
+        def report(metrics: dict[str, Any], path: Path | None) -> None:
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(path) if path else None)
+
+        with (
+            checkpoint.as_directory() if checkpoint else nullcontext(None) as resume,
+            tempfile.TemporaryDirectory() as tmp,
+        ):
+            fit(
+                cfg,
+                config["data_dir"],
+                out_dir=config["out_dir"] if ctx.get_world_rank() == 0 else None,
+                report=report,
+                resume=resume,
+                checkpoint_dir=tmp,
+            )
 
 
 def check_run_dir(out_dir: str | Path) -> None:

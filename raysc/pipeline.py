@@ -233,7 +233,12 @@ def run_pipeline(
             return dict.fromkeys(sp.backbones)
         concurrency = cfg.max_concurrent or max(1, int(total.get("CPU", 1) // (res.workers * res.cpus_per_worker)))
         plans = plan_space(
-            sp, dataset, budget_minutes=budget, concurrency=concurrency, threads=max(1, int(res.cpus_per_worker))
+            sp,
+            dataset,
+            budget_minutes=budget,
+            concurrency=concurrency,
+            threads=max(1, int(res.cpus_per_worker)),
+            trials=cfg.trials,
         )
         say(
             f"[pipeline] plan: {cfg.rounds} round(s) of up to {cfg.trials} trials, {budget:.1f} min of search each, "

@@ -3,12 +3,12 @@
 Before round 0 the pipeline measures each candidate backbone's seconds per training step on
 this machine (a few steps on cached features, with the threads a trial gets; the result is kept
 per data folder and hardware) and turns it into seconds per epoch. A trial may take an eighth of
-the round's trial time (``TRIAL_SHARE``), so that a round holds enough trials for the sampler and
-the ensemble: that many epochs, at most the space's, become the backbone's schedule, so its
-learning rate really decays before the budget ends. A backbone whose schedule in that time would
-not reach twice ASHA's grace period (a first rung with room past it) is shrunk (``model.width``)
-first, and left out only if even the narrowest width does not fit: it is never started just to be
-stopped by the clock.
+the round's trial time (``TRIAL_SHARE``; a round of fewer trials splits the time among them), so
+that a round holds enough trials for the sampler and the ensemble: that many epochs, at most the
+space's, become the backbone's schedule, so its learning rate really decays before the budget
+ends. A backbone whose schedule in that time would not reach twice ASHA's grace period (a first
+rung with room past it) is shrunk (``model.width``) first, and left out only if even the
+narrowest width does not fit: it is never started just to be stopped by the clock.
 
 Measured (``benchmarks/budget.py``, 2 CPUs, 60 minutes): with a quarter of the round per trial,
 full-width networks took 18-22 minutes a trial, a round held six trials, and the submission fell
@@ -109,14 +109,19 @@ def plan_space(
     budget_minutes: float,
     concurrency: int,
     threads: int,
+    trials: int = TRIAL_SHARE,
 ) -> list[BackbonePlan]:
     """The plan of every backbone for ``budget_minutes`` of search with ``concurrency`` trials at
-    once: kept (``fits``, at ``width``) or left out, and why. ``restore_space`` applies it."""
+    once and ``trials`` a round: kept (``fits``, at ``width``) or left out, and why.
+    ``restore_space`` applies it."""
     plans = []
     train_rows, val_rows = data.split(0)
     grace = space.scheduler.grace_steps
     max_epochs = space.scheduler.max_epochs
-    share = budget_minutes * 60 * concurrency / TRIAL_SHARE  # the seconds one trial may take
+    # The seconds one trial may take: 1/TRIAL_SHARE of the round's trial time, or, for a round of
+    # fewer trials, its part of that time (a one-trial round, e.g. the baseline's, gets all of it).
+    parts = min(TRIAL_SHARE, trials)
+    share = budget_minutes * 60 * min(concurrency, trials) / parts
     for name, (own_fixed, own) in space.backbones.items():
         values = {**space.fixed, **dict(own_fixed), "backbone": name, "init_from": None}  # the cost is the same
         searched = {k: d for k, d in {**space.params, **own}.items() if k != "init_from"}
@@ -136,7 +141,7 @@ def plan_space(
             epochs = min(max_epochs, int(share // epoch_s))
             fits = epochs * steps >= GRACE_ROOM * grace or epochs == max_epochs
             reason = (
-                f"{share / 60:.1f} min a trial (1/{TRIAL_SHARE} of the round's trial time) holds {epochs} epoch(s) "
+                f"{share / 60:.1f} min a trial (1/{parts} of the round's trial time) holds {epochs} epoch(s) "
                 f"of {steps} steps"
                 + (": its schedule" if fits else f", short of {GRACE_ROOM}x ASHA's grace period ({grace} steps)")
             )

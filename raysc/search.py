@@ -388,10 +388,10 @@ def _run_tune(
     import optuna
     import ray
     import ray.tune
-    from ray.tune.search.optuna import OptunaSearch
 
     from .asha import step_asha
     from .live import LiveView
+    from .sampler import StopAwareOptunaSearch
     from .tunestate import StateBackup, repair_state, requeue_lost_trials
 
     rdir = exp.round_dir(s.round)
@@ -429,7 +429,7 @@ def _run_tune(
             sampler = optuna.samplers.TPESampler(seed=s.seed, n_startup_trials=s.startup_trials)
         journal = optuna.storages.journal.JournalFileBackend(str(exp.study_journal(s.round)))
         storage = optuna.storages.JournalStorage(journal)
-        searcher = OptunaSearch(
+        searcher = StopAwareOptunaSearch(
             partial(_define_by_run, space=space, round=s.round),
             metric=METRIC,
             mode="max",

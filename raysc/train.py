@@ -399,6 +399,7 @@ def fit(
     rank, world = _rank_world()
     dev = device()
     use_amp = cfg.amp == "bf16" or (cfg.amp == "auto" and dev.type == "cuda")
+    log.info("training on %s, rank %d of %d, bf16 autocast %s", dev, rank, world, "on" if use_amp else "off")
     seed_everything(cfg.seed)  # the same on every rank: identical initial weights
 
     # ---- data: the training folds (+ pseudo-labels), the validation fold
@@ -497,6 +498,7 @@ def fit(
         else:
             state.best_weights = _copy(model.state_dict())
         metrics["epoch_seconds"] = time.perf_counter() - t0
+        metrics["finished_at"] = time.time()  # successive epochs' difference: the loop's whole cost per epoch
         state.history.append(metrics)
         log.info(
             "epoch %d/%d %s",

@@ -58,6 +58,12 @@ def test_a_network_that_cannot_reach_the_grace_period_is_shrunk_or_left_out(prep
     assert by["stats"].epochs == 4 and planned.backbones["stats"][0]["epochs"] == 4
     share = 60 / plan.TRIAL_SHARE  # one minute of budget, one trial at once
     assert by["mobileascnet"].epochs == min(4, int(share // by["mobileascnet"].epoch_seconds))
+    # A round of one trial (the baseline's) gives it the whole round, whatever the slots: setrans
+    # at 25 s an epoch gets two epochs of the one minute, not an eighth of it.
+    cost["setrans"] = 25 / (by["setrans"].epoch_seconds / by["setrans"].seconds_per_step)
+    one = plan.plan_space(space, load_dataset(prepared.out), budget_minutes=1.0, concurrency=2, threads=1, trials=1)
+    (alone,) = [p for p in one if p.backbone == "setrans"]
+    assert alone.epochs == 2 and "1.0 min a trial (1/1 of the round's trial time)" in alone.reason
 
 
 def test_a_planned_schedule_reaches_the_trials(tmp_path):

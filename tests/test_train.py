@@ -69,7 +69,7 @@ def test_fit_writes_a_complete_run(prepared, tmp_path):
 def test_same_seed_same_metrics(prepared):
     cfg = tiny_config(mixup_alpha=0.4, time_shift=0.1, spec_augment=1, city_dropout=0.2)
     a, b = fit(cfg, prepared.out), fit(cfg, prepared.out)
-    strip = lambda h: [{k: v for k, v in e.items() if k != "epoch_seconds"} for e in h]  # noqa: E731
+    strip = lambda h: [{k: v for k, v in e.items() if k not in ("epoch_seconds", "finished_at")} for e in h]  # noqa: E731
     assert strip(a.history) == strip(b.history)
     assert strip(a.history) != strip(fit(tiny_config(seed=1), prepared.out).history)
 
@@ -81,7 +81,7 @@ def test_resume_continues_exactly(prepared, tmp_path):
     assert checkpoint.name == "epoch-0002"  # only the latest is kept
     resumed = fit(tiny_config(epochs=4, mixup_alpha=0.4), prepared.out, resume=checkpoint, out_dir=tmp_path / "run")
     # "final" marks the last epoch of the 2-epoch run, which the 4-epoch runs continue past.
-    strip = lambda h: [{k: v for k, v in e.items() if k not in ("epoch_seconds", "final")} for e in h]  # noqa: E731
+    strip = lambda h: [{k: v for k, v in e.items() if k not in ("epoch_seconds", "finished_at", "final")} for e in h]  # noqa: E731
     assert strip(resumed.history) == strip(straight.history)
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["resumed_at_epochs"] == [3]
 

@@ -1,0 +1,36 @@
+"""The search's Optuna searcher: a trial that ASHA stopped is told to Optuna as PRUNED.
+
+Ray's ``OptunaSearch`` tells every trial that ended without an error COMPLETE, with its last
+value, so a trial stopped at ASHA's first rung counts for TPE as a finished configuration worth
+that early value. Told PRUNED instead, it keeps its intermediate values (reported per optimiser
+step, which a resumed trial continues, not per Tune iteration, which restarts at 1), and TPE
+ranks it below every completed trial and pruned trials by how far they got: what an early stop
+really says about a configuration.
+"""
+
+from __future__ import annotations
+
+from optuna.trial import TrialState
+from ray.tune.search.optuna import OptunaSearch
+
+
+class StopAwareOptunaSearch(OptunaSearch):
+    """``OptunaSearch`` that reports by optimiser step and tells stopped trials PRUNED (a
+    trial's last result says ``final`` when it ended by itself)."""
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if trial_id in self._completed_trials or self.metric not in result:
+            return super().on_trial_result(trial_id, result)
+        step = int(result.get("steps") or result["training_iteration"])
+        last = getattr(self, "_last_step", {})  # not set by __init__: OptunaSearch restores its __dict__
+        if step > last.get(trial_id, -1):  # a retried trial repeats the steps of its checkpoint
+            self._ot_trials[trial_id].report(result[self.metric], step)
+            self._last_step = {**last, trial_id: step}
+        return None
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        if error or not result or result.get("final") or trial_id in self._completed_trials:
+            super().on_trial_complete(trial_id, result, error)
+            return
+        self._ot_study.tell(self._ot_trials[trial_id], state=TrialState.PRUNED)
+        self._completed_trials.add(trial_id)
