@@ -10,6 +10,8 @@ really says about a configuration.
 
 from __future__ import annotations
 
+from typing import Any
+
 from optuna.trial import TrialState
 from ray.tune.search.optuna import OptunaSearch
 
@@ -18,14 +20,17 @@ class StopAwareOptunaSearch(OptunaSearch):
     """``OptunaSearch`` that reports by optimiser step and tells stopped trials PRUNED (a
     trial's last result says ``final`` when it ended by itself)."""
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._last_step: dict[str, int] = {}  # trial id -> the last step told (saved and restored with the rest)
+
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         if trial_id in self._completed_trials or self.metric not in result:
             return super().on_trial_result(trial_id, result)
         step = int(result.get("steps") or result["training_iteration"])
-        last = getattr(self, "_last_step", {})  # not set by __init__: OptunaSearch restores its __dict__
-        if step > last.get(trial_id, -1):  # a retried trial repeats the steps of its checkpoint
+        if step > self._last_step.get(trial_id, -1):  # a retried trial repeats the steps of its checkpoint
             self._ot_trials[trial_id].report(result[self.metric], step)
-            self._last_step = {**last, trial_id: step}
+            self._last_step[trial_id] = step
         return None
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:

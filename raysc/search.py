@@ -6,8 +6,8 @@ How a trial trains depends on its size:
 - one worker (every CPU space, and most GPU ones): ``fit`` runs in the Tune trial's own process,
   which reserves the worker's CPUs and GPU share. Tune keeps these processes across trials
   (``reuse_actors``), so torch is imported once per slot, not once per trial: a Ray Train run
-  costs 15-20 s of start-up and tear-down per trial, which on a CPU budget is a third of a short
-  trial (``benchmarks/trial_overhead.py``).
+  costs about 13 s of start-up and tear-down per trial on 2 CPUs, against under 1 s this way
+  (``benchmarks/trial_overhead.py``).
 - several workers (DDP): a small driver (it reserves the ``raysc_driver`` resource, not a CPU)
   starts a Ray Train ``TorchTrainer`` sized by the space's resources.
 Either way every epoch's checkpoint lands in the trial's own run folder under a stable name, so
@@ -320,7 +320,7 @@ def _fit_in_trial(cfg: TrainConfig, data: str, out: Path, run_dir: Path, res: Re
     import ray  # lazy: Ray (see _run_tune)
     import ray.tune
 
-    torch.set_num_threads(max(1, int(res.cpus_per_worker)))  # Ray starts the process with one thread
+    torch.set_num_threads(max(1, int(res.cpus_per_worker)))  # what it reserved, whatever ran here before
     run_dir.mkdir(parents=True, exist_ok=True)
     resume = _latest_checkpoint(run_dir)
     with log_to(log_file):

@@ -504,7 +504,7 @@ def fit(
             "epoch %d/%d %s",
             epoch + 1,
             cfg.epochs,
-            " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float)),
+            " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float) and k != "finished_at"),
         )
 
         stop = val is not None and 0 < cfg.patience_steps <= sched.last_epoch - state.best_step

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from itertools import pairwise
 
 import numpy as np
@@ -17,7 +18,7 @@ from raysc.distributed import check_run_dir
 from raysc.errors import ConfigError, DataError, RayscError
 from raysc.loader import Batch
 from raysc.models import create_model, load_model
-from raysc.train import augment, fit, lr_factor, soft_cross_entropy
+from raysc.train import PARTIAL, augment, fit, lr_factor, soft_cross_entropy
 
 
 def tiny_config(**kw) -> TrainConfig:
@@ -84,6 +85,23 @@ def test_resume_continues_exactly(prepared, tmp_path):
     strip = lambda h: [{k: v for k, v in e.items() if k not in ("epoch_seconds", "finished_at", "final")} for e in h]  # noqa: E731
     assert strip(resumed.history) == strip(straight.history)
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["resumed_at_epochs"] == [3]
+
+
+def test_a_half_written_checkpoint_is_never_resumed_from_and_is_cleared(prepared, tmp_path):
+    from raysc.search import _latest_checkpoint
+
+    ck = tmp_path / "ck"
+    fit(tiny_config(epochs=2), prepared.out, checkpoint_dir=ck)
+    # A kill while epoch 3 was written: its folder holds a newer history, under the partial name.
+    partial = ck / f"epoch-0003{PARTIAL}"
+    shutil.copytree(ck / "epoch-0002", partial)
+    m = json.loads((partial / "metrics.json").read_text())
+    (partial / "metrics.json").write_text(json.dumps({**m, "history": [*m["history"], m["history"][-1]]}))
+    (partial / "state.pt").write_bytes(b"cut short")
+    assert _latest_checkpoint(ck) == ck / "epoch-0002"
+    again = fit(tiny_config(epochs=3), prepared.out, resume=_latest_checkpoint(ck), checkpoint_dir=ck)
+    assert [h["epoch"] for h in again.history] == [1, 2, 3]
+    assert sorted(p.name for p in ck.iterdir()) == ["epoch-0003"]  # the partial one renamed over, the old gone
 
 
 def test_a_run_resumed_from_its_final_checkpoint_reports_its_last_result_and_trains_no_more(prepared, tmp_path):
