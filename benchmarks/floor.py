@@ -35,7 +35,8 @@ def meta_features(m: pd.DataFrame, n_cities: int) -> np.ndarray:
 
 
 def logistic_regression(x: np.ndarray, y: np.ndarray, x_test: np.ndarray, *, l2: float = 1e-2) -> np.ndarray:
-    """Full-batch L-BFGS softmax regression on standardised features; returns test predictions."""
+    """Full-batch L-BFGS softmax regression on standardised features; returns the test clips'
+    class probabilities."""
     mu, sd = x.mean(0), x.std(0) + 1e-6
     xt = torch.from_numpy((x - mu) / sd).float()
     xe = torch.from_numpy((x_test - mu) / sd).float()
@@ -52,13 +53,13 @@ def logistic_regression(x: np.ndarray, y: np.ndarray, x_test: np.ndarray, *, l2:
 
     opt.step(closure)
     with torch.no_grad():
-        return lin(xe).argmax(1).numpy()
+        return torch.softmax(lin(xe), 1).numpy()
 
 
 def floor_predictions(
     store: FeatureStore, train: pd.DataFrame, test: pd.DataFrame, n_cities: int, *, features: str = "both"
 ) -> np.ndarray:
-    """Class indices predicted for ``test`` by the floor trained on ``train`` (rows with ``label``);
+    """Class probabilities for ``test`` from the floor trained on ``train`` (rows with ``label``);
     ``features``: audio, metadata or both."""
     y = train["label"].map(CLASSES.index).to_numpy()
     parts_tr, parts_unk, parts_te = [], [], []

@@ -103,12 +103,14 @@ def main(argv: list[str] | None = None) -> int:
             {
                 "config": "logistic regression",
                 "train_clips": len(train),
-                **eval_score(floor_predictions(data.store, train, ev, len(data.cities)), ev),
+                **eval_score(floor_predictions(data.store, train, ev, len(data.cities)).argmax(1), ev),
             },
             {
                 "config": "logistic regression + session labels",
                 "train_clips": len(train) + len(sessions),
-                **eval_score(floor_predictions(data.store, pd.concat([train, sessions]), ev, len(data.cities)), ev),
+                **eval_score(
+                    floor_predictions(data.store, pd.concat([train, sessions]), ev, len(data.cities)).argmax(1), ev
+                ),
             },
         ]
         floor_s = time.perf_counter() - t0

@@ -103,9 +103,8 @@ def main(argv: list[str] | None = None) -> int:
         train = data.split(0)[0]
         rows = []
         t0 = time.perf_counter()
-        floor = eval_score(
-            floor_predictions(data.store, pd.concat([train, session_labelled(data, 0)]), ev, len(data.cities)), ev
-        )
+        with_sessions = pd.concat([train, session_labelled(data, 0)])
+        floor = eval_score(floor_predictions(data.store, with_sessions, ev, len(data.cities)).argmax(1), ev)
         rows.append({"system": "logistic regression (+ session labels)", "minutes": None, "epochs": None, **floor})
         rows[-1]["minutes"] = round((time.perf_counter() - t0) / 60, 2)
 

@@ -65,7 +65,7 @@ def run_seed(seed: int, work: Path, clips: int, eval_clips: int, clip_seconds: f
             np.concatenate([a_te, m_te], 1),
         ),
     }.items():
-        pred = logistic_regression(xtr, ytr, xte)
+        pred = logistic_regression(xtr, ytr, xte).argmax(1)
         out[name] = macro_accuracy(y_test, pred, len(CLASSES))
         out[f"{name}_seen"] = macro_accuracy(y_test[~unseen], pred[~unseen], len(CLASSES))
         if unseen.any():
