@@ -29,7 +29,7 @@ from floor import eval_score, floor_predictions
 from raysc.data import CLASSES
 from raysc.dataset import load_dataset
 from raysc.ensemble import smooth_sessions
-from raysc.experiment import Experiment
+from raysc.experiment import Experiment, score_of
 from raysc.inference import predict_clips
 from raysc.synth import EVAL_LABELS
 from raysc.train import session_labelled
@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
             sub = pd.read_csv(experiment.submission("submission.csv")).set_index("filename").loc[ev["filename"]]
             final = eval_score(sub["scene_label"].map(CLASSES.index).to_numpy(), ev)
             records = [r for r in experiment.records() if r.status != "failed"]
-            best = max(records, key=lambda r: r.metrics["macro_accuracy"] or -1)
+            best = max(records, key=lambda r: score_of(r.metrics))
             probs = predict_clips(exp / best.model_path, data_dir, list(ev["filename"]))
             single = eval_score(probs[list(CLASSES)].to_numpy().argmax(1), ev)
             ens = experiment.load_ensemble()

@@ -25,19 +25,23 @@ def write_candidates(
     *,
     ensemble: str | None = None,
     selection: Selection | None = None,
+    without_session_label: bool = False,
     address: str | None = None,
 ) -> tuple[Path, pd.DataFrame]:
     """Score every unlabelled clip outside the ensemble's validation sessions with the ensemble
     (Ray batch inference) and write ``candidates.csv`` (filename, one probability per class,
     label, confidence) and ``summary.csv`` (per class: candidates, threshold, and what
     ``selection`` would keep) into the experiment's pseudo-label folder of that ensemble.
-    Returns (candidates path, summary)."""
+    ``without_session_label``: only the clips of sessions without any label (the only ones a run
+    with session labels takes pseudo-labels for). Returns (candidates path, summary)."""
     exp = Experiment(experiment)
     ens = exp.load_ensemble(ensemble)
     data = load_dataset(ens.data)
     m = data.manifest
     # Unlabelled clips of validation sessions share the validation fold: never candidates.
     unl = m[(m["subset"] == "unlabelled") & (m["fold"] != ens.fold)]
+    if without_session_label:
+        unl = unl[unl["session_label"].isna()]
     if unl.empty:
         raise DataError([f"{ens.data}: no unlabelled clip outside validation fold {ens.fold}"], what="pseudo-labels")
     probs = predict_ensemble(ens, exp.root, list(unl["filename"]), address=address)

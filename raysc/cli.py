@@ -160,7 +160,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if best:
         print(
             f"best epoch {best['epoch']}: macro accuracy {best['macro_accuracy']:.4f}, accuracy "
-            f"{best['accuracy']:.4f}, log loss {best['log_loss']:.4f}"
+            f"{best['accuracy']:.4f}, log loss {best['log_loss']:.4f}; city held out (<unk>) "
+            f"{best['unk_city_macro_accuracy']:.4f}, score {best['score']:.4f}"
         )
     print(f"run written to {args.out} (model.pt, metrics.json, val_predictions.csv, config.json)")
     if cfg.train_on == "pretrain":
@@ -190,8 +191,9 @@ def describe(result: SearchResult) -> str:
         + ", ".join(f"{v} {k}" for k, v in counts.items())
     ]
     for r in result.records[:5]:
-        acc = r.metrics.get("macro_accuracy")
+        acc, unk = r.metrics.get("macro_accuracy"), r.metrics.get("unk_city_macro_accuracy")
         outcome = f"macro acc {acc:.4f}" if acc is not None else f"error: {r.error}"
+        outcome += f", city held out {unk:.4f}" if unk is not None else ""
         lines.append(f"  {r.trial_id}  {r.backbone:<13} {r.status:<9} {outcome}")
     lines.append(f"trials table: {Experiment(result.round_dir.parent).trials_table}")
     return "\n".join(lines)
@@ -252,7 +254,9 @@ def _cmd_ensemble(args: argparse.Namespace) -> int:
         print(
             f"ensemble {ens.name} ({ens.method}, temperature {ens.temperature:.3g}): {where} macro accuracy "
             f"{m['macro_accuracy']:.4f}, accuracy {m['accuracy']:.4f}, log loss {m['log_loss']:.4f} "
-            f"on {m['clips']} clips" + (f" (+- {m['fold_macro_accuracy_std']:.4f} over folds)" if args.crossfit else "")
+            f"on {m['clips']} clips"
+            + (f" (+- {m['fold_macro_accuracy_std']:.4f} over folds)" if args.crossfit else "")
+            + (f"; city held out (<unk>) {unk:.4f}" if (unk := m.get("unk_city_macro_accuracy")) is not None else "")
         )
         weights: dict[tuple, float] = {}  # a cross-fitted configuration's fold models share its weight
         for mb in ens.members:

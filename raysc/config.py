@@ -51,6 +51,9 @@ class TrainConfig:
     # Data
     fold: int = 0  # validation fold; -1 trains on every labelled clip without validation
     keep_last: bool = False  # the last epoch's weights, not the best by validation (the fold only scores)
+    # Share of the city-held-out score in the objective (metrics.objective); None: the data's share
+    # of eval clips from cities absent in development.
+    unseen_weight: float | None = None
     session_labels: bool = True  # unlabelled clips of labelled sessions train with their session's scene
     session_label_weight: float = 1.0  # their loss weight relative to a labelled clip
     seed: int = 0
@@ -93,8 +96,8 @@ class TrainConfig:
         for name in ("lr", "epochs", "batch_size", "step_size", "trunk_lr_scale"):
             if getattr(self, name) <= 0:
                 problems.append(f"{name} must be > 0, got {getattr(self, name)}")
-        for name in ("mixup_prob", "city_dropout", "label_smoothing", "pseudo_threshold"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
+        for name in ("mixup_prob", "city_dropout", "label_smoothing", "pseudo_threshold", "unseen_weight"):
+            if getattr(self, name) is not None and not 0.0 <= getattr(self, name) <= 1.0:
                 problems.append(f"{name} must be in [0, 1], got {getattr(self, name)}")
         for name in (
             "mixup_alpha",

@@ -25,15 +25,20 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .candidates import write_candidates
 from .config import make_config
-from .dataset import load_dataset
+from .dataset import PreparedData, load_dataset
 from .distributed import fit_many, parallel_slots
 from .ensemble import apply_temperature, candidate_records, fit_temperature, greedy_selection, smooth_sessions, top_k
 from .errors import ConfigError, RayscError
 from .experiment import OUT_OF_FOLD, Ensemble, Experiment, Member, TrialRecord, rank_key
-from .metrics import classification_report, confusion_matrix, macro_accuracy
+from .metrics import classification_report, confusion_matrix, macro_accuracy, objective, unk_columns
+from .pseudo import Selection
 
 log = logging.getLogger(__name__)
+
+# The pseudo-label round's selection (benchmarks/semi_supervised.py): hard labels above 0.7.
+DEFAULT_SELECTION = Selection(threshold=0.7, targets="hard")
 
 
 def crossfit_ensemble(
@@ -59,7 +64,7 @@ def crossfit_ensemble(
     if candidates < 1 or k < 1:
         raise ConfigError(f"candidates and k must be >= 1, got {candidates} and {k}")
     exp = Experiment(experiment)
-    records = [r for r in candidate_records(exp, None) if not _config(exp, r).get("pseudo_labels")]
+    records = [r for r in candidate_records(exp, None) if not exp.train_config(r).get("pseudo_labels")]
     if not records:
         raise RayscError(f"{exp.root}: no finished trial without pseudo-labels to cross-fit")
     data_dir = exp.read_search_settings(records[0].round)["data"]
@@ -78,7 +83,7 @@ def crossfit_ensemble(
     # ---- one run per configuration and fold (a rerun keeps those that finished)
     configs, outs = [], []
     for r in top:
-        train = _config(exp, r)
+        train = exp.train_config(r)
         epochs = max(1, r.best_epoch or train["epochs"])
         for f in folds:
             if not (exp.crossfit_dir(r.trial_id, f) / "model.pt").is_file():
@@ -93,11 +98,22 @@ def crossfit_ensemble(
     rows = pd.concat([data.split(f)[1] for f in folds], ignore_index=True)  # with "seen" per fold
     y = data.labels(rows)
     classes = data.classes
-    probs = []
+    weight = data.unseen_weight(exp.train_config(top[0]).get("unseen_weight"))
+    probs, unk = [], []
     for r in top:
-        parts = [pd.read_csv(exp.crossfit_dir(r.trial_id, f) / "val_predictions.csv") for f in folds]
-        probs.append(pd.concat(parts).set_index("filename").loc[rows["filename"], classes].to_numpy(np.float64))
-    scores = [macro_accuracy(y, p.argmax(1), len(classes)) for p in probs]
+        parts = pd.concat([pd.read_csv(exp.crossfit_dir(r.trial_id, f) / "val_predictions.csv") for f in folds])
+        parts = parts.set_index("filename").loc[rows["filename"]]
+        probs.append(parts[classes].to_numpy(np.float64))
+        # Fold models trained before the city-held-out score existed have no <unk> columns.
+        unk.append(parts[unk_columns(classes)].to_numpy(np.float64) if unk_columns(classes)[0] in parts else None)
+    scores = [
+        objective(
+            macro_accuracy(y, p.argmax(1), len(classes)),
+            None if u is None else macro_accuracy(y, u.argmax(1), len(classes)),
+            weight,
+        )
+        for p, u in zip(probs, unk, strict=True)
+    ]
     picks = top_k(scores, k) if method == "topk" else greedy_selection(probs, y, steps=k)
     counts = Counter(picks)
     total = sum(counts.values())
@@ -108,21 +124,19 @@ def crossfit_ensemble(
         for f in folds
     )
     mean = sum(probs[i] * c for i, c in counts.items()) / total
+    has_unk = all(unk[i] is not None for i in counts)
+    unk_mean = sum(unk[i] * c for i, c in counts.items()) / total if has_unk else None
     t = fit_temperature(mean, y) if temperature else 1.0
     calibrated = apply_temperature(mean, t) if t != 1.0 else mean
 
     ensembles = []
     for smooth in (False, True) if session_smoothing else (False,):
         final = smooth_sessions(calibrated, rows["session"].to_numpy()) if smooth else calibrated
-        report = classification_report(
-            final, y, classes=classes, cities=rows["city"].to_numpy(), seen=rows["seen"].to_numpy()
-        )
-        report["confusion"] = confusion_matrix(y, final.argmax(1), len(classes)).tolist()
-        per_fold = [
-            macro_accuracy(y[mask], final[mask].argmax(1), len(classes))
-            for mask in (rows["fold"].to_numpy() == f for f in folds)
-        ]
-        report |= {"fold_macro_accuracy": per_fold, "fold_macro_accuracy_std": float(np.std(per_fold))}
+        final_unk = None
+        if unk_mean is not None:  # the same temperature; smoothing does not depend on the city
+            final_unk = apply_temperature(unk_mean, t) if t != 1.0 else unk_mean
+            final_unk = smooth_sessions(final_unk, rows["session"].to_numpy()) if smooth else final_unk
+        report = _oof_report(final, final_unk, y, rows, data, folds, weight)
         name = f"crossfit-{method}{k}" + ("-session" if smooth else "")
         ens = Ensemble(name, method, members, OUT_OF_FOLD, data_dir, t, smooth, report)
         preds = pd.DataFrame(final, columns=classes)
@@ -147,5 +161,136 @@ def crossfit_minutes(r: TrialRecord, folds: int, slots: int = 1) -> float:
     return r.fit_seconds * share * folds / max(1, slots) / 60
 
 
-def _config(exp: Experiment, r: TrialRecord) -> dict:
-    return json.loads((exp.root / r.model_path).with_name("config.json").read_text())["train"]
+def crossfit_pseudo_round(
+    experiment: str | Path,
+    teacher: str,
+    *,
+    round: int = 1,
+    selection: Selection = DEFAULT_SELECTION,
+    cpus: float = 1.0,
+    gpus: float = 0.0,
+    time_budget_minutes: float | None = None,
+    address: str | None = None,
+) -> Ensemble:
+    """A pseudo-label round of a cross-fitted ensemble: the teacher (every fold model of it)
+    scores the unlabelled clips, and each of its fold models is trained again, same configuration
+    and fold, on its labelled and session-labelled clips plus the teacher's ``selection`` of the
+    clips of sessions without any label. Saved as ``TEACHER-pseudoROUND``, with the teacher's
+    weights, temperature and smoothing, and marked as the teacher's replacement (``refit_of``).
+
+    Nothing is chosen on this round's out-of-fold score: the teacher saw every fold's labels, so
+    that score is optimistic (``metrics["teacher_saw_folds"]``). Whether the round helps was
+    measured on eval data (benchmarks/semi_supervised.py)."""
+    exp = Experiment(experiment)
+    ens = exp.load_ensemble(teacher)
+    if ens.fold != OUT_OF_FOLD:
+        raise ConfigError(f"{teacher}: a cross-fitted ensemble is needed as the teacher (fold {ens.fold})")
+    data = load_dataset(ens.data)
+    folds = data.folds()
+    # One configuration per teacher trial, with its fold models' summed weight.
+    weights: dict[str, float] = {}
+    backbones: dict[str, str] = {}
+    for m in ens.members:
+        weights[m.trial_id] = weights.get(m.trial_id, 0.0) + m.weight
+        backbones[m.trial_id] = m.backbone
+    key = {tid: f"{tid}-pseudo{round}" for tid in weights}
+    sources = {(tid, f): exp.crossfit_dir(tid, f) for tid in weights for f in folds}
+    trains = {k: json.loads((d / "config.json").read_text())["train"] for k, d in sources.items()}
+    todo = [k for k in sources if not (exp.crossfit_dir(key[k[0]], k[1]) / "model.pt").is_file()]
+    # Estimated from the teacher's own fold runs (a few more clips each: the pseudo-labels).
+    seconds = {
+        k: sum(h.get("epoch_seconds", 0.0) for h in json.loads((d / "metrics.json").read_text())["history"])
+        for k, d in sources.items()
+    }
+    slots = parallel_slots(cpus, gpus, address) if time_budget_minutes is not None else 1
+    need = sum(seconds[k] for k in todo) / max(1, slots) / 60
+    if time_budget_minutes is not None and need > time_budget_minutes:
+        raise RayscError(
+            f"{exp.root}: the pseudo-label round needs about {need:.1f} min, {time_budget_minutes:.1f} left"
+        )
+    # Runs with session labels take pseudo-labels only for clips of sessions without a label.
+    pool_only = all(t.get("session_labels", True) for t in trains.values())
+    path, _ = write_candidates(
+        exp.root, ensemble=teacher, selection=selection, without_session_label=pool_only, address=address
+    )
+    pseudo = {
+        "pseudo_labels": str(path),
+        "pseudo_threshold": selection.threshold,
+        "pseudo_weight": selection.weight,
+        "pseudo_targets": selection.targets,
+    }
+    configs = [make_config({**trains[k], **pseudo}, where=f"pseudo-label round of {k[0]}") for k in todo]
+    outs = [exp.crossfit_dir(key[tid], f) for tid, f in todo]
+    if configs:
+        log.info("pseudo-label round %d of %s: %d run(s)", round, teacher, len(configs))
+        fit_many(configs, ens.data, outs, cpus=cpus, gpus=gpus, address=address)
+
+    rows = pd.concat([data.split(f)[1] for f in folds], ignore_index=True)
+    y = data.labels(rows)
+    classes = data.classes
+    mean = unk = 0.0
+    for tid, w in weights.items():
+        parts = pd.concat([pd.read_csv(exp.crossfit_dir(key[tid], f) / "val_predictions.csv") for f in folds])
+        parts = parts.set_index("filename").loc[rows["filename"]]
+        mean = mean + w * parts[classes].to_numpy(np.float64)
+        unk = unk + w * parts[unk_columns(classes)].to_numpy(np.float64)
+    final, final_unk = (apply_temperature(p, ens.temperature) if ens.temperature != 1.0 else p for p in (mean, unk))
+    if ens.session_smoothing:
+        final, final_unk = (smooth_sessions(p, rows["session"].to_numpy()) for p in (final, final_unk))
+    report = _oof_report(final, final_unk, y, rows, data, folds, data.unseen_weight(_override(exp, ens)))
+    report["teacher_saw_folds"] = True
+    members = tuple(
+        Member(tid, round, backbones[tid], exp.relative(exp.crossfit_dir(key[tid], f) / "model.pt"), w / len(folds))
+        for tid, w in weights.items()
+        for f in folds
+    )
+    name = f"{teacher}-pseudo{round}"
+    out = Ensemble(
+        name, ens.method, members, OUT_OF_FOLD, ens.data, ens.temperature, ens.session_smoothing, report, teacher
+    )
+    preds = pd.DataFrame(final, columns=classes)
+    preds.insert(0, "filename", rows["filename"].to_numpy())
+    exp.save_ensemble(out, preds)
+    log.info(
+        "%s: %d configuration(s) x %d folds retrained with pseudo-labels from %s (%d selected at most per fold)",
+        name,
+        len(weights),
+        len(folds),
+        teacher,
+        len(pd.read_csv(path)),
+    )
+    return out
+
+
+def _override(exp: Experiment, ens: Ensemble) -> float | None:
+    """The ``unseen_weight`` the ensemble's first member trained with (None: the data's share)."""
+    cfg = exp.root / Path(ens.members[0].model_path).with_name("config.json")
+    return json.loads(cfg.read_text())["train"].get("unseen_weight")
+
+
+def _oof_report(
+    final: np.ndarray,
+    final_unk: np.ndarray | None,
+    y: np.ndarray,
+    rows: pd.DataFrame,
+    data: PreparedData,
+    folds: list[int],
+    weight: float,
+) -> dict:
+    """An out-of-fold ensemble's report over every labelled clip, with its spread over folds."""
+    classes = data.classes
+    report = classification_report(
+        final,
+        y,
+        classes=classes,
+        cities=rows["city"].to_numpy(),
+        seen=rows["seen"].to_numpy(),
+        unk_probs=final_unk,
+        unseen_weight=weight,
+    )
+    report["confusion"] = confusion_matrix(y, final.argmax(1), len(classes)).tolist()
+    per_fold = [
+        macro_accuracy(y[mask], final[mask].argmax(1), len(classes))
+        for mask in (rows["fold"].to_numpy() == f for f in folds)
+    ]
+    return report | {"fold_macro_accuracy": per_fold, "fold_macro_accuracy_std": float(np.std(per_fold))}

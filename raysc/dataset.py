@@ -61,6 +61,16 @@ class PreparedData:
         train, val = labelled[labelled["fold"] != fold], labelled[labelled["fold"] == fold].copy()
         return train, mark_unseen(val, train)
 
+    def unseen_weight(self, override: float | None = None) -> float:
+        """The city-held-out score's share of the objective (``metrics.objective``): ``override``
+        when given, else the share of eval clips whose city no development clip comes from (0
+        without eval clips)."""
+        if override is not None:
+            return float(override)
+        ev = self.rows("eval")
+        dev_cities = set(self.manifest.loc[self.manifest["subset"] != "eval", "city"])
+        return float((~ev["city"].isin(dev_cities)).mean()) if len(ev) else 0.0
+
     def labels(self, rows: pd.DataFrame) -> np.ndarray:
         """Class indices of labelled rows."""
         return rows["label"].map(self.classes.index).to_numpy()

@@ -19,8 +19,8 @@ import pandas as pd
 
 from .dataset import load_dataset
 from .errors import ConfigError, RayscError
-from .experiment import Ensemble, Experiment, Member, TrialRecord
-from .metrics import classification_report, confusion_matrix, log_loss, macro_accuracy
+from .experiment import Ensemble, Experiment, Member, TrialRecord, score_of
+from .metrics import classification_report, confusion_matrix, log_loss, macro_accuracy, unk_columns
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +128,7 @@ def build_ensemble(
     _, val = data.split(fold)
     classes = data.classes
     y = data.labels(val)
-    probs = []
+    probs, unk = [], []
     for r in records:
         path = exp.root / r.predictions_path
         p = pd.read_csv(path).set_index("filename")
@@ -136,8 +136,11 @@ def build_ensemble(
         if missing:
             raise RayscError(f"{path}: lacks {len(missing)} validation clip(s) of fold {fold}")
         probs.append(p.loc[val["filename"], classes].to_numpy(np.float64))
+        # Trials run before the city-held-out score existed have no <unk> columns.
+        has_unk = unk_columns(classes)[0] in p.columns
+        unk.append(p.loc[val["filename"], unk_columns(classes)].to_numpy(np.float64) if has_unk else None)
     if method == "topk":
-        picks = top_k([r.metrics["macro_accuracy"] or 0.0 for r in records], k)
+        picks = top_k([max(score_of(r.metrics), 0.0) for r in records], k)
     else:
         picks = greedy_selection(probs, y, steps=k)
     counts = Counter(picks)
@@ -149,10 +152,21 @@ def build_ensemble(
     mean = sum(probs[i] * c for i, c in counts.items()) / total
     t = fit_temperature(mean, y) if temperature else 1.0
     final = apply_temperature(mean, t) if t != 1.0 else mean
+    final_unk = None
+    if all(unk[i] is not None for i in counts):  # the same temperature and smoothing
+        final_unk = sum(unk[i] * c for i, c in counts.items()) / total
+        final_unk = apply_temperature(final_unk, t) if t != 1.0 else final_unk
     if session_smoothing:
         final = smooth_sessions(final, val["session"].to_numpy())
+        final_unk = None if final_unk is None else smooth_sessions(final_unk, val["session"].to_numpy())
     report = classification_report(
-        final, y, classes=classes, cities=val["city"].to_numpy(), seen=val["seen"].to_numpy()
+        final,
+        y,
+        classes=classes,
+        cities=val["city"].to_numpy(),
+        seen=val["seen"].to_numpy(),
+        unk_probs=final_unk,
+        unseen_weight=data.unseen_weight(exp.train_config(records[0]).get("unseen_weight")),
     )
     report["confusion"] = confusion_matrix(y, final.argmax(1), len(classes)).tolist()
     rounds_used = sorted({m.round for m in members})

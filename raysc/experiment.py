@@ -37,9 +37,17 @@ from .errors import RayscError
 from .fileio import write_csv, write_json
 
 # The validation metrics a record keeps, the trials table's columns and the leaderboard's.
-RECORD_METRICS = ("macro_accuracy", "accuracy", "log_loss", "seen_city_macro_accuracy", "unseen_city_macro_accuracy")
+RECORD_METRICS = (
+    "score",
+    "macro_accuracy",
+    "accuracy",
+    "log_loss",
+    "seen_city_macro_accuracy",
+    "unseen_city_macro_accuracy",
+    "unk_city_macro_accuracy",
+)
 # What a run reports every epoch as its best so far: ASHA and TPE judge a trial by its best epoch.
-RUNNING_BEST = "best_macro_accuracy"
+RUNNING_BEST = "best_score"
 
 
 def settings_changes(stored: dict[str, Any], current: dict[str, Any]) -> str:
@@ -79,9 +87,16 @@ class TrialRecord:
         return {**{k: v for k, v in d.items() if k != "metrics"}, **self.metrics}
 
 
+def score_of(metrics: dict[str, Any]) -> float:
+    """The objective (``metrics.objective``) of a trial's or an ensemble's validation metrics;
+    macro accuracy for those written before it existed."""
+    value = metrics.get("score", metrics.get("macro_accuracy"))
+    return -1.0 if value is None else float(value)
+
+
 def rank_key(r: TrialRecord) -> tuple:
-    """Best validation macro accuracy first, failed trials last."""
-    return (r.status == "failed", -(r.metrics.get("macro_accuracy") or -1.0), r.trial_id)
+    """Best validation score first, failed trials last."""
+    return (r.status == "failed", -score_of(r.metrics), r.trial_id)
 
 
 @dataclass(frozen=True)
@@ -103,9 +118,10 @@ class Ensemble:
     temperature: float
     session_smoothing: bool
     metrics: dict[str, Any]  # validation report of the ensemble's predictions
-    # The ensemble whose members this one retrained on every labelled clip (same weights,
-    # temperature and smoothing; its metrics are that ensemble's validation, which a model
-    # trained on the validation fold cannot have).
+    # The ensemble whose members this one retrained and which it replaces as the final model:
+    # on every labelled clip (a refit; same weights, temperature and smoothing; its metrics are
+    # that ensemble's validation, which a model trained on the validation fold cannot have), or
+    # with pseudo-labels (``crossfit_pseudo_round``).
     refit_of: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -192,6 +208,10 @@ class Experiment:
 
     def trial_log(self, round: int, trial_id: str) -> Path:
         return self.trial_dir(round, trial_id) / "train.log"
+
+    def train_config(self, r: TrialRecord) -> dict[str, Any]:
+        """The training config a trial ran with (its run folder's config.json)."""
+        return json.loads((self.root / r.model_path).with_name("config.json").read_text())["train"]
 
     def relative(self, path: Path) -> str:
         return str(Path(path).relative_to(self.root))
@@ -289,12 +309,14 @@ def train_run_name(trial_id: str) -> str:
 def final_ensemble(ensembles: list[Ensemble]) -> Ensemble:
     """The one rule for the final model, shared by the pipeline and ``raysc submit``: the
     cross-fitted ensembles when there are any (chosen on every labelled clip, out of fold; their
-    fold models between them trained on every label), else the single-fold ones; among them the
-    best validation macro accuracy (ties: the name), and then its retrained-on-every-label
-    version when there is one."""
+    fold models between them trained on every label), else the single-fold ones; among those not
+    retrained from another, the best validation score (``score_of``; ties: the name); then its
+    retrained version when there is one (``refit_of``: on every labelled clip, or with the
+    pseudo-labels of a pseudo-label round), and that one's, down the chain."""
     crossfitted = [e for e in ensembles if e.fold == OUT_OF_FOLD]
-    if crossfitted:
-        return max(crossfitted, key=lambda e: (e.metrics["macro_accuracy"], e.name))
-    validated = [e for e in ensembles if e.refit_of is None] or ensembles
-    best = max(validated, key=lambda e: (e.metrics["macro_accuracy"], e.name))
-    return next((e for e in ensembles if e.refit_of == best.name), best)
+    pool = crossfitted or ensembles
+    validated = [e for e in pool if e.refit_of is None] or pool
+    best = max(validated, key=lambda e: (score_of(e.metrics), e.name))
+    while (retrained := next((e for e in ensembles if e.refit_of == best.name), None)) is not None:
+        best = retrained
+    return best

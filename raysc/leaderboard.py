@@ -1,5 +1,6 @@
-"""The leaderboard: every trial of every round and every ensemble, ranked by validation macro
-accuracy; as CSV, Markdown or a self-contained sortable HTML page."""
+"""The leaderboard: every trial of every round and every ensemble, ranked by validation score
+(macro accuracy mixed with the city-held-out score, ``metrics.objective``); as CSV, Markdown or a
+self-contained sortable HTML page."""
 
 from __future__ import annotations
 
@@ -41,7 +42,7 @@ def _short_params(params: dict) -> str:
 
 
 def leaderboard(experiment: str | Path, *, round: int | None = None) -> pd.DataFrame:
-    """One row per trial (failed ones last) and per ensemble, best validation macro accuracy first.
+    """One row per trial (failed ones last) and per ensemble, best validation score first.
     ``round``: trials of that round and ensembles whose members all come from it."""
     exp = Experiment(experiment)
     every = exp.records()
@@ -95,7 +96,8 @@ def leaderboard(experiment: str | Path, *, round: int | None = None) -> pd.DataF
         raise RayscError(f"{exp.root}: nothing to rank yet" + (f" in round {round}" if round is not None else ""))
     table = pd.DataFrame(rows)
     table["_failed"] = table["status"] == "failed"
-    table = table.sort_values(["_failed", "macro_accuracy", "name"], ascending=[True, False, True], na_position="last")
+    table["score"] = table["score"].fillna(table["macro_accuracy"])  # runs from before the score existed
+    table = table.sort_values(["_failed", "score", "name"], ascending=[True, False, True], na_position="last")
     table.insert(0, "rank", range(1, len(table) + 1))
     return table.drop(columns="_failed")[COLUMNS].reset_index(drop=True)
 

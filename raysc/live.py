@@ -31,7 +31,7 @@ class LiveView(Callback):
         if not self.best:
             return "best: -"
         value, trial_id, backbone = self.best
-        return f"best macro acc {value:.4f} ({trial_id}, {backbone})"
+        return f"best score {value:.4f} ({trial_id}, {backbone})"
 
     def status_line(self, running: int) -> str:
         counts = {k: sum(v == k for v in self.ended.values()) for k in ("completed", "stopped", "failed")}
@@ -59,7 +59,7 @@ class LiveView(Callback):
         self.ended[trial.trial_id] = status
         last = trial.last_result or {}
         epochs, value = last.get("epoch"), last.get(METRIC)
-        detail = f"after {epochs} epoch(s), best macro acc {value:.4f}" if value is not None else "no result"
+        detail = f"after {epochs} epoch(s), best score {value:.4f}" if value is not None else "no result"
         self.write(f"[round {self.round} {self._elapsed()}] {status} {trial.trial_id} {detail}")
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:

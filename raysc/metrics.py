@@ -31,6 +31,20 @@ def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> 
     return np.bincount(y_true * n_classes + y_pred, minlength=n_classes * n_classes).reshape(n_classes, n_classes)
 
 
+def unk_columns(classes: list[str]) -> list[str]:
+    """Prediction columns of the same clips scored with their city as ``<unk>``."""
+    return [f"<unk>:{c}" for c in classes]
+
+
+def objective(macro: float, unk_city: float | None, unseen_weight: float) -> float:
+    """What a search maximises and a run selects its epoch by: macro accuracy, mixed with the
+    city-held-out macro accuracy in the share ``unseen_weight`` (by default the share of eval
+    clips from cities absent in development, which the models meet as ``<unk>``)."""
+    if unk_city is None:
+        return macro
+    return (1.0 - unseen_weight) * macro + unseen_weight * unk_city
+
+
 def classification_report(
     probs: np.ndarray,
     y_true: np.ndarray,
@@ -38,12 +52,16 @@ def classification_report(
     classes: list[str],
     cities: np.ndarray,
     seen: np.ndarray,
+    unk_probs: np.ndarray | None = None,
+    unseen_weight: float = 0.0,
 ) -> dict:
     """Every metric raysc reports for one set of predictions.
 
     ``macro_accuracy`` (the challenge metric), ``accuracy``, ``log_loss``, per class, per city
     (accuracy and clip count), and macro accuracy over clips from cities seen / not seen in
-    training (None when there are none).
+    training (None when there are none). ``unk_probs``: the same clips predicted with their city
+    as ``<unk>``; their macro accuracy is ``unk_city_macro_accuracy`` (a city-held-out score:
+    how the model does on a city it has never seen), mixed into ``score`` (see ``objective``).
     """
     n = len(classes)
     y_true = np.asarray(y_true)
@@ -57,6 +75,7 @@ def classification_report(
         "per_city": {},
         "seen_city_macro_accuracy": None,
         "unseen_city_macro_accuracy": None,
+        "unk_city_macro_accuracy": None,
         "clips": len(y_true),
     }
     for city in sorted(set(cities)):
@@ -65,4 +84,7 @@ def classification_report(
     for key, mask in (("seen_city_macro_accuracy", seen), ("unseen_city_macro_accuracy", ~seen)):
         if mask.any():
             report[key] = macro_accuracy(y_true[mask], y_pred[mask], n)
+    if unk_probs is not None:
+        report["unk_city_macro_accuracy"] = macro_accuracy(y_true, np.asarray(unk_probs).argmax(1), n)
+    report["score"] = objective(report["macro_accuracy"], report["unk_city_macro_accuracy"], unseen_weight)
     return report

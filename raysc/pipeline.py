@@ -24,7 +24,7 @@ import pandas as pd
 
 from .candidates import write_candidates
 from .config import make_config
-from .crossfit import crossfit_ensemble
+from .crossfit import DEFAULT_SELECTION, crossfit_ensemble, crossfit_pseudo_round
 from .dataset import load_dataset
 from .distributed import init_ray, train
 from .ensemble import build_ensemble
@@ -34,6 +34,7 @@ from .fileio import read_yaml_mapping, write_json
 from .leaderboard import leaderboard
 from .plan import describe, kept, plan_space, restore_space
 from .plots import write_plots
+from .pseudo import Selection
 from .refit import refit_ensemble
 from .search import resolve_resources, search
 from .search_space import Resources, SearchSpace, load_search_space, space_path
@@ -67,6 +68,10 @@ class PipelineConfig:
     # out-of-fold predictions over every labelled clip (0: off). Default: with --time-budget, the
     # best 10 that what the budget leaves holds (benchmarks/crossfit.py); without one, off.
     crossfit: int | None = None
+    # With cross-fitting, rounds after 0 are not searched: each retrains the final cross-fitted
+    # ensemble's fold models with its pseudo-labels (crossfit.crossfit_pseudo_round), selected so.
+    pseudo_threshold: float = DEFAULT_SELECTION.threshold
+    pseudo_targets: str = DEFAULT_SELECTION.targets
     submission: str = "submission.csv"
     # Pretraining before round 0 on the data folder's TAU / CochlScene clips, e.g.
     # {backbones: [setrans], epochs: 10, config: {lr: 1.0e-3}}; every trial of a pretrained backbone
@@ -82,7 +87,13 @@ class PipelineConfig:
 BUILTIN = {
     "default": PipelineConfig(),
     "baseline": PipelineConfig(
-        space="baseline", rounds=2, trials=1, ensemble_k=1, temperature=False, session_smoothing=False
+        space="baseline",
+        rounds=2,
+        trials=1,
+        ensemble_k=1,
+        temperature=False,
+        session_smoothing=False,
+        crossfit=0,  # the recipe: a searched round 1 on the first model's pseudo-labels
     ),
 }
 
@@ -102,6 +113,11 @@ def load_pipeline(path: str | Path | None) -> PipelineConfig:
     cfg = PipelineConfig(**raw)
     if cfg.rounds < 1 or cfg.trials < 1 or cfg.ensemble_k < 1:
         raise ConfigError(f"{path}: rounds, trials and ensemble_k must be >= 1")
+    if not 0.0 <= cfg.pseudo_threshold <= 1.0 or cfg.pseudo_targets not in ("hard", "soft"):
+        raise ConfigError(
+            f"{path}: pseudo_threshold must be in [0, 1] and pseudo_targets hard or soft, got "
+            f"{cfg.pseudo_threshold!r} and {cfg.pseudo_targets!r}"
+        )
     if cfg.pretrain is not None:
         _check_pretrain(cfg.pretrain, f"{path}: pretrain")
     return cfg
@@ -292,9 +308,14 @@ def run_pipeline(
     if cfg.pretrain is not None:
         sp = with_pretrained(sp, run_stage("pretrain", do_pretrain))
 
+    crossfit = cfg.crossfit if cfg.crossfit is not None else (CROSSFIT_CANDIDATES if time_budget_minutes else 0)
+    # Cross-fitting trains only configurations without pseudo-labels (their teacher must not have
+    # seen the held-out fold), so a searched round 1 could not reach the final model: with it,
+    # the pseudo-label rounds retrain the cross-fitted fold models instead.
+    searched_rounds = 1 if crossfit else cfg.rounds
     candidates: str | None = None
     ensembles: list[str] = []
-    for r in range(cfg.rounds):
+    for r in range(searched_rounds):
         started = exp.search_settings(r).is_file()
         if r > 0 and not started and time_budget_minutes and f"search-{r}" not in state.done:
             left = time_budget_minutes - (time.perf_counter() - t0) / 60 - reserve_minutes(cfg.rounds - r - 1)
@@ -362,7 +383,7 @@ def run_pipeline(
             return [e.name for e in built]
 
         ensembles = run_stage(f"ensemble-{r}", do_ensemble)
-        if r + 1 < cfg.rounds:
+        if r + 1 < searched_rounds:
             # The candidates come from the best ensemble so far (the same rule as the final model).
             best = final_ensemble([exp.load_ensemble(n) for n in ensembles])
 
@@ -376,16 +397,20 @@ def run_pipeline(
 
             candidates = run_stage(f"pseudo-{r}", do_pseudo)
 
-    crossfit = cfg.crossfit if cfg.crossfit is not None else (CROSSFIT_CANDIDATES if time_budget_minutes else 0)
+    def after_crossfit_minutes() -> float:
+        """What the time budget has left for fold-model training: its ensemble predicts with every
+        fold's model, so the inference reserve grows with the folds."""
+        reserve, folds = reserve_minutes(0), len(dataset.folds())
+        return time_budget_minutes - (time.perf_counter() - t0) / 60 - reserve - (reserve - 1) * (folds - 1)
+
     if crossfit:
 
         def do_crossfit() -> list[str]:
             _, res = cluster()
             budget = None
             if time_budget_minutes:
-                # Its ensemble predicts with every fold's model: the inference reserve grows with the folds.
-                reserve, folds = reserve_minutes(0), len(dataset.folds())
-                budget = time_budget_minutes - (time.perf_counter() - t0) / 60 - reserve - (reserve - 1) * (folds - 1)
+                # The pseudo-label rounds retrain up to ensemble_k configurations each: their share.
+                budget = after_crossfit_minutes() * crossfit / (crossfit + cfg.ensemble_k * (cfg.rounds - 1))
             try:
                 built = crossfit_ensemble(
                     exp.root,
@@ -411,6 +436,39 @@ def run_pipeline(
             return [e.name for e in built]
 
         run_stage("crossfit", do_crossfit)
+
+        for r in range(1, cfg.rounds):
+
+            def do_pseudo_round(r: int = r) -> str | None:
+                teacher = exp.load_ensemble()  # the final rule: the best cross-fitted one, or its last round
+                if teacher.fold != OUT_OF_FOLD:
+                    say(f"[pipeline] pseudo-label round {r} skipped: no cross-fitted ensemble to teach")
+                    return None
+                _, res = cluster()
+                budget = after_crossfit_minutes() / (cfg.rounds - r) if time_budget_minutes else None
+                try:
+                    built = crossfit_pseudo_round(
+                        exp.root,
+                        teacher.name,
+                        round=r,
+                        selection=Selection(threshold=cfg.pseudo_threshold, targets=cfg.pseudo_targets),
+                        cpus=res.cpus_per_worker,
+                        gpus=res.gpus_per_worker,
+                        time_budget_minutes=budget,
+                        address=address,
+                    )
+                except RayscError as exc:
+                    say(f"[pipeline] pseudo-label round {r} skipped: {exc}")
+                    return None
+                say(
+                    f"[pipeline] {built.name}: {teacher.name}'s fold models retrained with its pseudo-labels "
+                    f"({cfg.pseudo_targets}, threshold {cfg.pseudo_threshold:g}); out-of-fold macro accuracy "
+                    f"{built.metrics['macro_accuracy']:.4f} (optimistic: the teacher saw every fold)"
+                )
+                return built.name
+
+            if run_stage(f"pseudo-round-{r}", do_pseudo_round) is None:
+                break
 
     # The final model: the same rule as `raysc submit` without --ensemble (experiment.final_ensemble).
     final = exp.load_ensemble()

@@ -44,6 +44,7 @@ from .experiment import (
     Experiment,
     TrialRecord,
     rank_key,
+    score_of,
     settings_changes,
     train_run_name,
 )
@@ -157,7 +158,7 @@ def search(
     records = collect_records(exp, sp, settings)
     exp.write_trials_table()
     done = [r for r in records if r.status != "failed"]
-    best = max(done, key=lambda r: r.metrics["macro_accuracy"] or -1.0) if done else None
+    best = max(done, key=lambda r: score_of(r.metrics)) if done else None
     return SearchResult(rdir, sorted(records, key=rank_key), best, time.perf_counter() - t0)
 
 

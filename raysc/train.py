@@ -29,11 +29,11 @@ from .audio import FeatureStore
 from .config import TrainConfig
 from .dataset import PreparedData, load_dataset
 from .errors import ConfigError, RayscError
-from .experiment import RECORD_METRICS, RUNNING_BEST
+from .experiment import RECORD_METRICS, RUNNING_BEST, score_of
 from .featcache import FeatureCache
 from .fileio import atomic_path, write_csv, write_json
 from .loader import Batch, ClipTable, make_loader
-from .metrics import classification_report, confusion_matrix
+from .metrics import classification_report, confusion_matrix, unk_columns
 from .models import ASCModel, create_model, load_model, save_model
 from .models.base import config_to_dict
 from .pseudo import Selection, read_candidates, select
@@ -165,9 +165,11 @@ def predict(
     device: torch.device | None = None,
     amp: bool = False,
     cache: FeatureCache | None = None,
+    unknown_city: bool = False,
 ) -> pd.DataFrame:
     """Class probabilities for every clip of ``table`` on this rank's share, keyed by filename
-    (from cached log-mels when ``cache`` is given)."""
+    (from cached log-mels when ``cache`` is given; with ``unknown_city``, every clip's city
+    given to the model as ``<unk>``)."""
     rank, world = _rank_world()
     device = device or next(model.parameters()).device
     model.eval()
@@ -177,8 +179,9 @@ def predict(
     )
     for batch in loader:
         b = batch.to(device)
+        city = torch.zeros_like(b.city) if unknown_city else b.city  # 0 = <unk>
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
-            logits = model(b.wave, b.city, b.time, spec=b.spec)
+            logits = model(b.wave, city, b.time, spec=b.spec)
         probs.append(torch.softmax(logits.float(), dim=-1).cpu().numpy())
         names += b.filename
     classes = list(_unwrap(model).cfg.classes)
@@ -408,6 +411,11 @@ def fit(
     train_rows, val_rows = data.split(cfg.fold, cfg.train_on)
     train = training_table(cfg, data, train_rows)
     val = ClipTable.from_rows(val_rows, data.one_hot(val_rows)) if len(val_rows) else None
+    # The score that picks the best epoch (and that a search maximises) mixes in the validation
+    # clips scored with their city as <unk>, in the share of eval clips from unseen cities.
+    unseen_weight = data.unseen_weight(cfg.unseen_weight)
+    if val is not None:
+        log.info("objective: macro accuracy, %.2f of it from the city held out (<unk>)", unseen_weight)
 
     # ---- model, optimiser, schedule
     model = build_model(cfg, data).to(dev)
@@ -485,16 +493,24 @@ def fit(
         # Validation every epoch: the best epoch's weights and predictions are the run's result.
         if val is not None:
             preds, rep = evaluate(
-                net, val, val_rows, data, batch_size=per_rank_batch, device=dev, amp=use_amp, cache=cache
+                net,
+                val,
+                val_rows,
+                data,
+                batch_size=per_rank_batch,
+                device=dev,
+                amp=use_amp,
+                cache=cache,
+                unseen_weight=unseen_weight,
             )
-            improved = cfg.keep_last or not state.best or rep["macro_accuracy"] > state.best["macro_accuracy"]
+            improved = cfg.keep_last or not state.best or rep["score"] > score_of(state.best)
             if improved:
                 state.best = {**rep, "epoch": epoch + 1}
                 state.best_weights = _copy(model.state_dict())
                 state.best_predictions = preds
                 state.best_step = sched.last_epoch
             metrics |= {k: rep[k] for k in EPOCH_METRICS}
-            metrics[RUNNING_BEST] = state.best["macro_accuracy"]
+            metrics[RUNNING_BEST] = score_of(state.best)
         else:
             state.best_weights = _copy(model.state_dict())
         metrics["epoch_seconds"] = time.perf_counter() - t0
@@ -531,8 +547,8 @@ def fit(
     # ---- the result: the best epoch's weights, its predictions and confusion matrix
     model.load_state_dict(state.best_weights)
     if state.best_predictions is None and val is not None and resume:
-        state.best_predictions = gather_predictions(
-            predict(net, val, data.store, batch_size=per_rank_batch, device=dev, cache=cache)
+        state.best_predictions, _ = evaluate(
+            net, val, val_rows, data, batch_size=per_rank_batch, device=dev, amp=use_amp, cache=cache
         )
     if val is not None and state.best_predictions is not None:
         pred = state.best_predictions.set_index("filename").loc[val_rows["filename"], data.classes].to_numpy()
@@ -556,21 +572,28 @@ def evaluate(
     device: torch.device,
     amp: bool,
     cache: FeatureCache | None = None,
+    unseen_weight: float = 0.0,
 ) -> tuple[pd.DataFrame, dict[str, Any]]:
-    """Validation predictions over every rank's share, in ``val_rows``' order, and their report
-    (with ``predict_seconds``)."""
+    """Validation predictions over every rank's share, in ``val_rows``' order, with the same
+    clips predicted with their city as ``<unk>`` (columns ``unk_columns``), and their report (with
+    ``predict_seconds``, the plain prediction's time)."""
+    kw = {"batch_size": batch_size, "device": device, "amp": amp, "cache": cache}
     t0 = time.perf_counter()
-    preds = gather_predictions(
-        predict(net, val, data.store, batch_size=batch_size, device=device, amp=amp, cache=cache)
-    )
+    preds = gather_predictions(predict(net, val, data.store, **kw))
     seconds = time.perf_counter() - t0
-    preds = preds.set_index("filename").loc[val_rows["filename"]].reset_index()
+    unk = gather_predictions(predict(net, val, data.store, unknown_city=True, **kw))
+    preds = preds.set_index("filename").loc[val_rows["filename"]]
+    unk = unk.set_index("filename").loc[val_rows["filename"], data.classes]
+    preds[unk_columns(data.classes)] = unk.to_numpy()
+    preds = preds.reset_index()
     rep = classification_report(
         preds[data.classes].to_numpy(),
         data.labels(val_rows),
         classes=data.classes,
         cities=val_rows["city"].to_numpy(),
         seen=val_rows["seen"].to_numpy(),
+        unk_probs=preds[unk_columns(data.classes)].to_numpy(),
+        unseen_weight=unseen_weight,
     )
     return preds, {**rep, "predict_seconds": seconds}
 

@@ -10,11 +10,13 @@ import pytest
 from conftest import FRONTEND
 
 from raysc.config import make_config
-from raysc.crossfit import crossfit_ensemble
+from raysc.crossfit import crossfit_ensemble, crossfit_pseudo_round
 from raysc.ensemble import build_ensemble
-from raysc.errors import RayscError
+from raysc.errors import ConfigError, RayscError
 from raysc.experiment import OUT_OF_FOLD, Experiment, TrialRecord, final_ensemble
 from raysc.fileio import write_json
+from raysc.metrics import objective
+from raysc.pseudo import Selection
 from raysc.train import fit
 
 pytestmark = pytest.mark.slow
@@ -51,6 +53,7 @@ def test_crossfitted_ensembles_are_chosen_out_of_fold_on_every_labelled_clip(loc
 
     labelled = m[m["subset"] == "labelled"]
     folds = sorted(labelled["fold"].unique())
+    weight = prepared.unseen_weight()
     assert not (exp.root / "crossfit" / "cccc2222").exists()
     for trial_id in ("aaaa0000", "bbbb1111"):
         seen = []
@@ -69,10 +72,43 @@ def test_crossfitted_ensembles_are_chosen_out_of_fold_on_every_labelled_clip(loc
         assert len(ens.metrics["fold_macro_accuracy"]) == len(folds) and ens.metrics["fold_macro_accuracy_std"] >= 0
         assert len(ens.members) == 2 * len(folds) and sum(mb.weight for mb in ens.members) == pytest.approx(1.0)
         assert {mb.trial_id for mb in ens.members} == {"aaaa0000", "bbbb1111"}
+        # The objective mixes in the fold models' predictions with the city held out (<unk>).
+        unk = ens.metrics["unk_city_macro_accuracy"]
+        assert unk is not None
+        assert ens.metrics["score"] == pytest.approx(objective(ens.metrics["macro_accuracy"], unk, weight))
     assert smoothed.session_smoothing and not plain.session_smoothing
     # The final model: a cross-fitted ensemble when there is one.
     assert final_ensemble([single, plain, smoothed]).fold == OUT_OF_FOLD
     assert final_ensemble([single]) == single
+    # A pseudo-label round: the same configurations and folds, retrained with the teacher's
+    # pseudo-labels for the clips of sessions without a label; it replaces its teacher.
+    teacher = final_ensemble([plain, smoothed])
+    student = crossfit_pseudo_round(
+        exp.root, teacher.name, round=1, selection=Selection(threshold=0.0), address=address
+    )
+    pool = set(m.loc[(m["subset"] == "unlabelled") & m["session_label"].isna(), "filename"])
+    assert pool  # the tiny data has clips of sessions without any label
+    assert set(pd.read_csv(exp.pseudo_candidates(teacher.name))["filename"]) == pool
+    for mb in student.members:
+        run = exp.root / mb.model_path
+        train = json.loads(run.with_name("config.json").read_text())["train"]
+        source = exp.crossfit_dir(mb.trial_id, train["fold"])
+        assert run.parent.parent.name == f"{mb.trial_id}-pseudo1" and mb.round == 1
+        assert train["pseudo_labels"] == str(exp.pseudo_candidates(teacher.name))
+        before = json.loads((source / "config.json").read_text())["train"]
+        assert {k: v for k, v in train.items() if not k.startswith("pseudo_")} == {
+            k: v for k, v in before.items() if not k.startswith("pseudo_")
+        }
+        clips = [
+            json.loads((d / "metrics.json").read_text())["history"][0]["train_clips"] for d in (source, run.parent)
+        ]
+        assert clips[1] > clips[0]  # pseudo-labelled clips added (threshold 0: every pool clip outside the fold)
+    assert sum(mb.weight for mb in student.members) == pytest.approx(1.0)
+    assert student.refit_of == teacher.name and student.metrics["teacher_saw_folds"]
+    assert student.temperature == teacher.temperature and student.session_smoothing == teacher.session_smoothing
+    assert final_ensemble([single, plain, smoothed, student]) == student
+    with pytest.raises(ConfigError, match="a cross-fitted ensemble is needed as the teacher"):
+        crossfit_pseudo_round(exp.root, single.name, address=address)
     # A budget that holds no candidate's runs: refused by name before anything trains.
     with pytest.raises(RayscError, match=r"no trial's cross-fitting fits in 0\.0 min"):
         crossfit_ensemble(exp.root, candidates=3, k=2, time_budget_minutes=0.0001, address=address)

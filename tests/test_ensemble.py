@@ -122,3 +122,7 @@ def test_the_final_ensemble_is_the_best_validated_one_or_its_refit():
     b_refit = ens("b-refit", 0.7, refit_of="b")
     assert final_ensemble([a, b, b_refit]) is b_refit
     assert final_ensemble([a, ens("a-refit", 0.5, refit_of="a"), b]) is b  # a refit never outranks by itself
+    # Ranked by the objective (macro accuracy mixed with the city-held-out score) where it exists.
+    c = Ensemble("c", "topk", (), 0, "d", 1.0, False, {"macro_accuracy": 0.8, "score": 0.6})
+    d = Ensemble("d", "topk", (), 0, "d", 1.0, False, {"macro_accuracy": 0.7, "score": 0.65})
+    assert final_ensemble([c, d]) is d

@@ -163,7 +163,7 @@ def test_search_with_asha_stops_and_a_failure_completes_and_releases_everything(
         assert pids == [[], [], []] and all("worker 0 of 1 on node" in text for text in logs)
     # The live view: one line per start and end, and a final status line with the best trial.
     assert sum(" start " in line for line in lines) == 4
-    assert f"best macro acc {result.best.metrics['macro_accuracy']:.4f} ({result.best.trial_id}" in lines[-1]
+    assert f"best score {result.best.metrics['score']:.4f} ({result.best.trial_id}" in lines[-1]
     assert "completed 1, stopped 2, failed 1 of 4" in lines[-1]
     assert resources_released()
 

@@ -16,9 +16,10 @@ from raysc.config import TrainConfig, load_config, make_config, parse_sets
 from raysc.data import CLASSES
 from raysc.distributed import check_run_dir
 from raysc.errors import ConfigError, DataError, RayscError
-from raysc.loader import Batch
+from raysc.loader import Batch, ClipTable
+from raysc.metrics import macro_accuracy, objective, unk_columns
 from raysc.models import create_model, load_model
-from raysc.train import PARTIAL, augment, fit, lr_factor, soft_cross_entropy
+from raysc.train import PARTIAL, augment, fit, lr_factor, predict, soft_cross_entropy
 
 
 def tiny_config(**kw) -> TrainConfig:
@@ -51,11 +52,11 @@ def test_fit_writes_a_complete_run(prepared, tmp_path):
         "epoch",
     ):
         assert key in best
-    assert best["macro_accuracy"] == max(h["macro_accuracy"] for h in metrics["history"])
+    assert best["score"] == max(h["score"] for h in metrics["history"])  # the best epoch by the objective
     m = prepared.manifest
     val = m[(m["subset"] == "labelled") & (m["fold"] == 0)]
     preds = pd.read_csv(run / "val_predictions.csv")
-    assert list(preds.columns) == ["filename", *CLASSES]
+    assert list(preds.columns) == ["filename", *CLASSES, *unk_columns(list(CLASSES))]
     assert sorted(preds["filename"]) == sorted(val["filename"])
     assert np.allclose(preds[list(CLASSES)].sum(axis=1), 1.0, atol=1e-5)
     assert np.array(best["confusion"]).sum() == len(val)
@@ -65,6 +66,42 @@ def test_fit_writes_a_complete_run(prepared, tmp_path):
     assert result.best["epoch"] == best["epoch"]
     with pytest.raises(RayscError, match="already holds a finished run"):
         check_run_dir(run)
+
+
+def test_the_city_held_out_score_is_the_validation_clips_scored_as_unk_and_mixed_into_the_objective(prepared):
+    m = prepared.manifest
+    dev_cities = set(m.loc[m["subset"] != "eval", "city"])
+    ev = m[m["subset"] == "eval"]
+    share = (~ev["city"].isin(dev_cities)).mean()
+    assert 0 < share < 1  # the tiny data has eval-only cities
+    assert prepared.unseen_weight() == pytest.approx(share)
+    assert prepared.unseen_weight(0.25) == 0.25
+
+    result = fit(tiny_config(epochs=2, city_dropout=0.5), prepared.out)
+    _, val_rows = prepared.split(0)
+    table = ClipTable.from_rows(val_rows, prepared.one_hot(val_rows))
+    # The <unk> columns are the best model's predictions with every city replaced by <unk>.
+    unk = predict(result.model, table, prepared.store, unknown_city=True).set_index("filename")
+    saved = result.predictions.set_index("filename").loc[unk.index, unk_columns(list(CLASSES))]
+    assert np.allclose(saved.to_numpy(), unk[list(CLASSES)].to_numpy(), atol=1e-5)
+    plain = predict(result.model, table, prepared.store).set_index("filename")
+    assert not np.allclose(plain[list(CLASSES)].to_numpy(), unk[list(CLASSES)].to_numpy())  # the city counts
+
+    y = prepared.labels(val_rows)
+    best = result.best
+    expected = macro_accuracy(y, unk.loc[val_rows["filename"], list(CLASSES)].to_numpy().argmax(1), len(CLASSES))
+    assert best["unk_city_macro_accuracy"] == pytest.approx(expected)
+    assert best["score"] == pytest.approx(objective(best["macro_accuracy"], expected, share))
+
+
+def test_with_unseen_weight_one_the_best_epoch_is_the_best_city_held_out_one(prepared):
+    stats = {"backbone": "stats", "model": {"frontend": FRONTEND}}
+    result = fit(tiny_config(epochs=4, unseen_weight=1.0, **stats), prepared.out)
+    held_out = [h["unk_city_macro_accuracy"] for h in result.history]
+    assert [h["score"] for h in result.history] == held_out
+    assert result.best["epoch"] == held_out.index(max(held_out)) + 1
+    assert objective(0.8, 0.2, 0.0) == 0.8 and objective(0.8, 0.2, 0.5) == pytest.approx(0.5)
+    assert objective(0.8, None, 0.5) == 0.8  # nothing held out: macro accuracy alone
 
 
 def test_same_seed_same_metrics(prepared):
@@ -113,7 +150,7 @@ def test_a_run_resumed_from_its_final_checkpoint_reports_its_last_result_and_tra
     assert len(again.history) == 2 and again.best == done.best
     ((metrics, path),) = reports  # the last result once more, without a new checkpoint
     assert path is None and metrics["final"] and metrics["epoch"] == 2
-    assert metrics["best_macro_accuracy"] == done.best["macro_accuracy"]
+    assert metrics["best_score"] == done.best["score"]
 
 
 def test_early_stopping_counts_optimiser_steps(prepared):
@@ -267,6 +304,7 @@ def test_init_from_reset_head_and_freeze(prepared, tmp_path):
         ({"backbone": "setrans", "lr": "fast"}, "lr must be a number, got 'fast'"),
         ({"backbone": "setrans", "epochs": 2.5}, "epochs must be an integer, got 2.5"),
         ({"backbone": "setrans", "mixup_prob": 1.5}, "mixup_prob must be in [0, 1], got 1.5"),
+        ({"backbone": "setrans", "unseen_weight": -0.1}, "unseen_weight must be in [0, 1], got -0.1"),
     ],
 )
 def test_config_errors_name_the_key(values, message):
