@@ -2,9 +2,10 @@
 
 Side by side in one run, for several seeds: the same space, data, number of trials and maximum
 epochs; trials run one at a time so that "spent so far" is well defined. For each seed, the
-target is the best validation score (macro accuracy mixed with the city-held-out score, as the search maximises) either strategy found, minus 1 point; each
-strategy's cost is the trial-epochs it had spent when a trial first reached the target
-(a strategy that never reaches it is charged everything it spent). Reported: those costs,
+target is the best validation score (macro accuracy mixed with the city-held-out score, as the
+search maximises) either strategy found, minus 1 point; each strategy's cost is the
+trial-epochs it had spent when a trial first reached the target (a strategy that never reaches
+it is charged everything it spent). Reported: those costs,
 their ratio (random / TPE+ASHA: above 1 means TPE+ASHA got there cheaper), and wall time.
 
     python benchmarks/hpo_efficiency.py

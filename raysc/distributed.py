@@ -275,7 +275,7 @@ def make_trainer(
         use_gpu=gpus_per_worker > 0,
         resources_per_worker={"CPU": cpus_per_worker, **({"GPU": gpus_per_worker} if gpus_per_worker else {})},
     )
-    score = {"checkpoint_score_attribute": "macro_accuracy", "checkpoint_score_order": "max"} if cfg.fold != -1 else {}
+    score = {"checkpoint_score_attribute": "score", "checkpoint_score_order": "max"} if cfg.fold != -1 else {}
     return TorchTrainer(
         _train_worker,
         train_loop_config={
