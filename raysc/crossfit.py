@@ -189,10 +189,10 @@ def crossfit_pseudo_round(
     folds = data.folds()
     # One configuration per teacher trial, with its fold models' summed weight.
     weights: dict[str, float] = {}
-    backbones: dict[str, str] = {}
+    teachers: dict[str, Member] = {}
     for m in ens.members:
         weights[m.trial_id] = weights.get(m.trial_id, 0.0) + m.weight
-        backbones[m.trial_id] = m.backbone
+        teachers[m.trial_id] = m
     key = {tid: f"{tid}-pseudo{round}" for tid in weights}
     sources = {(tid, f): exp.crossfit_dir(tid, f) for tid in weights for f in folds}
     trains = {k: json.loads((d / "config.json").read_text())["train"] for k, d in sources.items()}
@@ -239,8 +239,15 @@ def crossfit_pseudo_round(
         final, final_unk = (smooth_sessions(p, rows["session"].to_numpy()) for p in (final, final_unk))
     report = _oof_report(final, final_unk, y, rows, data, folds, data.unseen_weight(_override(exp, ens)))
     report["teacher_saw_folds"] = True
+    # A member keeps its trial's round: that is where its record lives.
     members = tuple(
-        Member(tid, round, backbones[tid], exp.relative(exp.crossfit_dir(key[tid], f) / "model.pt"), w / len(folds))
+        Member(
+            tid,
+            teachers[tid].round,
+            teachers[tid].backbone,
+            exp.relative(exp.crossfit_dir(key[tid], f) / "model.pt"),
+            w / len(folds),
+        )
         for tid, w in weights.items()
         for f in folds
     )

@@ -238,7 +238,7 @@ class Experiment:
         return self.root / min(done, key=rank_key).model_path if done else None
 
     def write_trials_table(self) -> Path:
-        """``trials.csv``: every record of every round, best validation macro accuracy first."""
+        """``trials.csv``: every record of every round, best validation score first."""
         records = sorted(self.records(), key=rank_key)
         write_csv(self.trials_table, pd.DataFrame([r.row() for r in records]))
         return self.trials_table

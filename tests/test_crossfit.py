@@ -93,7 +93,7 @@ def test_crossfitted_ensembles_are_chosen_out_of_fold_on_every_labelled_clip(loc
         run = exp.root / mb.model_path
         train = json.loads(run.with_name("config.json").read_text())["train"]
         source = exp.crossfit_dir(mb.trial_id, train["fold"])
-        assert run.parent.parent.name == f"{mb.trial_id}-pseudo1" and mb.round == 1
+        assert run.parent.parent.name == f"{mb.trial_id}-pseudo1" and mb.round == 0  # the trial's round
         assert train["pseudo_labels"] == str(exp.pseudo_candidates(teacher.name))
         before = json.loads((source / "config.json").read_text())["train"]
         assert {k: v for k, v in train.items() if not k.startswith("pseudo_")} == {

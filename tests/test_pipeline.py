@@ -202,7 +202,8 @@ def test_a_budget_that_runs_out_in_round_one_still_ends_with_a_submission(local_
     assert {r.round for r in records} == {0} and len(records) < 50, "\n".join(lines)  # the clock ended it
     # The final model: the cross-fitted ensemble's fold models retrained with its pseudo-labels.
     assert result.final.fold == OUT_OF_FOLD and result.final.name.endswith("-pseudo1"), "\n".join(lines)
-    assert {m.round for m in result.final.members} == {1} and result.final.refit_of
+    assert {m.round for m in result.final.members} == {0} and result.final.refit_of
+    assert all("-pseudo1/" in m.model_path for m in result.final.members)
     board = leaderboard(tmp_path / "exp")
     assert (board["kind"] == "trial").sum() == len(records) and (board["kind"] == "ensemble").any()
     assert minutes < 2.5 * 1.5, f"{minutes:.1f} min for a 2.5-minute budget"  # the budget covers the whole job
