@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +33,8 @@ from .distributed import fit_many, parallel_slots
 from .ensemble import apply_temperature, candidate_records, fit_temperature, greedy_selection, smooth_sessions, top_k
 from .errors import ConfigError, RayscError
 from .experiment import OUT_OF_FOLD, Ensemble, Experiment, Member, TrialRecord, rank_key
+from .fileio import write_csv
+from .inference import predict_clips
 from .metrics import classification_report, confusion_matrix, macro_accuracy, objective, unk_columns
 from .pseudo import Selection
 
@@ -128,14 +131,17 @@ def crossfit_ensemble(
     unk_mean = sum(unk[i] * c for i, c in counts.items()) / total if has_unk else None
     t = fit_temperature(mean, y) if temperature else 1.0
     calibrated = apply_temperature(mean, t) if t != 1.0 else mean
+    if session_smoothing:
+        session_mean = _session_means(exp, data, {top[i].trial_id: c / total for i, c in counts.items()}, folds, t)
 
     ensembles = []
     for smooth in (False, True) if session_smoothing else (False,):
-        final = smooth_sessions(calibrated, rows["session"].to_numpy()) if smooth else calibrated
+        final = session_mean(rows, "plain") if smooth else calibrated
         final_unk = None
-        if unk_mean is not None:  # the same temperature; smoothing does not depend on the city
+        if smooth:
+            final_unk = session_mean(rows, "unk")
+        elif unk_mean is not None:  # the same temperature
             final_unk = apply_temperature(unk_mean, t) if t != 1.0 else unk_mean
-            final_unk = smooth_sessions(final_unk, rows["session"].to_numpy()) if smooth else final_unk
         report = _oof_report(final, final_unk, y, rows, data, folds, weight)
         name = f"crossfit-{method}{k}" + ("-session" if smooth else "")
         ens = Ensemble(name, method, members, OUT_OF_FOLD, data_dir, t, smooth, report)
@@ -236,7 +242,8 @@ def crossfit_pseudo_round(
         unk = unk + w * parts[unk_columns(classes)].to_numpy(np.float64)
     final, final_unk = (apply_temperature(p, ens.temperature) if ens.temperature != 1.0 else p for p in (mean, unk))
     if ens.session_smoothing:
-        final, final_unk = (smooth_sessions(p, rows["session"].to_numpy()) for p in (final, final_unk))
+        session_mean = _session_means(exp, data, {key[tid]: w for tid, w in weights.items()}, folds, ens.temperature)
+        final, final_unk = session_mean(rows, "plain"), session_mean(rows, "unk")
     report = _oof_report(final, final_unk, y, rows, data, folds, data.unseen_weight(_override(exp, ens)))
     report["teacher_saw_folds"] = True
     # A member keeps its trial's round: that is where its record lives.
@@ -301,3 +308,41 @@ def _oof_report(
         for mask in (rows["fold"].to_numpy() == f for f in folds)
     ]
     return report | {"fold_macro_accuracy": per_fold, "fold_macro_accuracy_std": float(np.std(per_fold))}
+
+
+def _session_means(
+    exp: Experiment, data: PreparedData, weights: dict[str, float], folds: list[int], temperature: float
+) -> Callable[[pd.DataFrame, str], np.ndarray]:
+    """Session smoothing scored out of fold as it will act on the eval clips, over whole sessions:
+    every development clip (labelled or not) predicted by the fold model that held its fold out,
+    weighted over configurations, with the temperature; ``fn(rows, "plain" | "unk")`` gives the
+    labelled ``rows``' session means. Smoothing over the labelled clips alone would measure
+    little: a labelled session holds few labelled clips, an eval session many clips."""
+    m = data.manifest
+    dev = m[m["subset"].isin(["labelled", "unlabelled"])]
+    classes = data.classes
+    sums = {"plain": 0.0, "unk": 0.0}
+    for key, w in weights.items():
+        parts = []
+        for f in folds:
+            run = exp.crossfit_dir(key, f)
+            path = run / "fold_predictions.csv"  # the fold's clips, plain and with <unk> cities
+            if not path.is_file():
+                names = list(dev.loc[dev["fold"] == f, "filename"])
+                plain = predict_clips(run / "model.pt", data, names)
+                unk = predict_clips(run / "model.pt", data, names, unknown_city=True)
+                plain[unk_columns(classes)] = unk[classes].to_numpy()
+                write_csv(path, plain)
+            parts.append(pd.read_csv(path))
+        table = pd.concat(parts).set_index("filename").loc[dev["filename"]]
+        sums["plain"] = sums["plain"] + w * table[classes].to_numpy(np.float64)
+        sums["unk"] = sums["unk"] + w * table[unk_columns(classes)].to_numpy(np.float64)
+    sessions = dev["session"].to_numpy()
+    smoothed = {
+        k: pd.DataFrame(
+            smooth_sessions(apply_temperature(v, temperature) if temperature != 1.0 else v, sessions),
+            index=dev["filename"],
+        )
+        for k, v in sums.items()
+    }
+    return lambda rows, kind: smoothed[kind].loc[rows["filename"]].to_numpy()

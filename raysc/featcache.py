@@ -62,6 +62,12 @@ class FeatureCache:
                     _build(path, store, frontend)
         return cls(path, store)
 
+    @classmethod
+    def existing(cls, data_dir: str | Path, store: FeatureStore, frontend: FrontendConfig) -> FeatureCache | None:
+        """The cache of ``frontend`` for this data folder when one has been built, else None."""
+        path = Path(data_dir) / CACHE_DIR / cache_key(frontend, store)
+        return cls(path, store) if (path / "spec.json").is_file() else None
+
     @property
     def features(self) -> np.ndarray:
         """The [clips, frames, mels] array, opened read-only on first use (per process)."""

@@ -8,22 +8,30 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .dataset import load_dataset
+from .dataset import PreparedData, load_dataset
 from .distributed import init_ray
 from .ensemble import apply_temperature, smooth_sessions
 from .experiment import Ensemble, Experiment
+from .featcache import FeatureCache
 from .loader import ClipTable
 from .models import load_model
 from .train import device, predict
 
 
-def predict_clips(model_path: str | Path, data_dir: str | Path, filenames: list[str]) -> pd.DataFrame:
-    """One model's probabilities for ``filenames`` (keyed by filename), on this process's device."""
-    data = load_dataset(data_dir)
+def predict_clips(
+    model_path: str | Path, data: str | Path | PreparedData, filenames: list[str], *, unknown_city: bool = False
+) -> pd.DataFrame:
+    """One model's probabilities for ``filenames`` of a data folder (its path, or loaded) keyed by
+    filename, on this process's device; from the data folder's cached log-mels when training left
+    them (the same numbers as the model's own front end, without recomputing it), with
+    ``unknown_city`` every city as ``<unk>``."""
+    data = data if isinstance(data, PreparedData) else load_dataset(data)
     rows = data.manifest.set_index("filename").loc[filenames].reset_index()
     table = ClipTable.from_rows(rows, np.zeros((len(rows), len(data.classes)), np.float32))
     dev = device()
-    return predict(load_model(model_path).to(dev), table, data.store, device=dev)
+    model = load_model(model_path).to(dev)
+    cache = None if model.uses_wave else FeatureCache.existing(data.out, data.store, model.cfg.frontend)
+    return predict(model, table, data.store, device=dev, cache=cache, unknown_city=unknown_city)
 
 
 def predict_ensemble(

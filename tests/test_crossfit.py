@@ -77,6 +77,15 @@ def test_crossfitted_ensembles_are_chosen_out_of_fold_on_every_labelled_clip(loc
         assert unk is not None
         assert ens.metrics["score"] == pytest.approx(objective(ens.metrics["macro_accuracy"], unk, weight))
     assert smoothed.session_smoothing and not plain.session_smoothing
+    # Smoothing is scored over whole sessions, as on the eval clips: every development clip of a
+    # fold predicted by the fold model that held it out, and one prediction per session.
+    dev = m[m["subset"].isin(["labelled", "unlabelled"])]
+    for trial_id in ("aaaa0000", "bbbb1111"):
+        for f in folds:
+            fold_preds = pd.read_csv(exp.crossfit_dir(trial_id, f) / "fold_predictions.csv")
+            assert set(fold_preds["filename"]) == set(dev.loc[dev["fold"] == f, "filename"])
+    oof = pd.read_csv(exp.ensemble_predictions(smoothed.name)).merge(m[["filename", "session"]], on="filename")
+    assert (oof.groupby("session")[prepared.classes].nunique() == 1).all().all()
     # The final model: a cross-fitted ensemble when there is one.
     assert final_ensemble([single, plain, smoothed]).fold == OUT_OF_FOLD
     assert final_ensemble([single]) == single

@@ -13,7 +13,9 @@ from raysc.config import make_config
 from raysc.dataset import load_dataset
 from raysc.featcache import CACHE_DIR, FeatureCache
 from raysc.features import Frontend, FrontendConfig
+from raysc.inference import predict_clips
 from raysc.loader import Batch
+from raysc.models import load_model
 from raysc.train import augment, fit
 
 
@@ -39,6 +41,20 @@ def test_training_on_cached_features_matches_training_on_waveforms(prepared):
     waves = fit(tiny_config(cache_features=False), prepared.out)
     for a, b in zip(cached.history, waves.history, strict=True):
         assert abs(a["train_loss"] - b["train_loss"]) < 1e-4 and abs(a["log_loss"] - b["log_loss"]) < 1e-4
+
+
+def test_inference_reads_the_cache_when_there_is_one_and_predicts_the_same(prepared, tmp_path, monkeypatch):
+    fit(tiny_config(epochs=1), prepared.out, out_dir=tmp_path / "run")
+    names = list(prepared.rows("eval")["filename"][:9])
+    fe = load_model(tmp_path / "run" / "model.pt").cfg.frontend
+    assert FeatureCache.existing(prepared.out, prepared.store, fe) is not None  # training built it
+    cached = predict_clips(tmp_path / "run" / "model.pt", prepared.out, names)
+    monkeypatch.setattr(FeatureCache, "existing", classmethod(lambda cls, *a: None))  # as without a cache
+    waves = predict_clips(tmp_path / "run" / "model.pt", prepared.out, names)
+    assert list(cached["filename"]) == names == list(waves["filename"])
+    assert np.abs(cached.drop(columns="filename").to_numpy() - waves.drop(columns="filename").to_numpy()).max() < 1e-4
+    other = dataclasses.replace(fe, n_mels=fe.n_mels + 3)
+    assert FeatureCache.existing(prepared.out, prepared.store, other) is None  # never built: no cache
 
 
 def test_time_shift_of_cached_features_rolls_whole_frames():

@@ -190,10 +190,8 @@ def test_a_killed_search_resumes_without_rerunning_finished_trials(learnable, tm
     first = (tmp_path / "first.out").read_text()
     finished = set(ended.findall(first))
     assert finished, first
-    ckpts_before = {
-        t: sorted(p.name for p in (tmp_path / "exp/round-0/train" / f"train-{t}").glob("checkpoint_*"))
-        for t in finished
-    }
+    ckpts_before = {t: _files(tmp_path / "exp/round-0/train" / f"train-{t}") for t in finished}
+    assert all(ckpts_before.values()), ckpts_before  # every finished trial left its checkpoint
     # Tune rewrites its state files in place; make this kill the worst case, one in the middle of that write.
     (state,) = (tmp_path / "exp/round-0/tune").glob("experiment_state-*.json")
     state.write_text(state.read_text()[:100])
@@ -217,17 +215,19 @@ def test_a_killed_search_resumes_without_rerunning_finished_trials(learnable, tm
     ran = [r.params for r in records]
     assert all(p in ran for p in lost), (lost, ran, again.stdout)  # run with the values Optuna had given it
     saved_ended = {t["trial_id"] for t in restored if t["status"] == "TERMINATED"}
-    for t in finished:  # never trained again: no new checkpoint
-        assert (
-            sorted(p.name for p in (tmp_path / "exp/round-0/train" / f"train-{t}").glob("checkpoint_*"))
-            == ckpts_before[t]
-        )
+    for t in finished:  # never trained again: no checkpoint written or rewritten
+        assert _files(tmp_path / "exp/round-0/train" / f"train-{t}") == ckpts_before[t]
         # A trial that ended after Tune's last complete save is RUNNING in the restored state, so
         # Tune starts it again (its Train run finds the final checkpoint); one saved as ended is not.
         assert t not in saved_ended or f"start {t}" not in again.stdout
     told = _journal_trials(tmp_path / "exp" / "round-0" / "study.journal")
     assert len(told) == 3 and all(states == [1] for states in told.values())
     assert len(pd.read_csv(tmp_path / "exp" / "trials.csv")) == 3
+
+
+def _files(run: Path) -> dict[str, int]:
+    """Every file under a trial's training run folder, with its modification time."""
+    return {str(p.relative_to(run)): p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()}
 
 
 def test_search_input_errors_stop_before_ray_starts(prepared, tmp_path):
