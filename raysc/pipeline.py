@@ -238,13 +238,24 @@ def run_pipeline(
         total = ray.cluster_resources()
         return total, resolve_resources(sp.resources, total, cfg.max_concurrent)
 
+    crossfit = cfg.crossfit if cfg.crossfit is not None else (CROSSFIT_CANDIDATES if time_budget_minutes else 0)
+    # Cross-fitting trains only configurations without pseudo-labels (their teacher must not have
+    # seen the held-out fold), so a searched round 1 could not reach the final model: with it,
+    # the pseudo-label rounds retrain the cross-fitted fold models instead.
+    searched_rounds = 1 if crossfit else cfg.rounds
+    rounds_said = f"{searched_rounds} searched round(s) of up to {cfg.trials} trials" + (
+        f" (then cross-fitting and {cfg.rounds - 1} pseudo-label round(s) of the fold models)"
+        if crossfit and cfg.rounds > 1
+        else ""
+    )
+
     def do_plan() -> dict[str, dict[str, Any] | None]:
         total, res = cluster()
         budget = (time_budget_minutes - reserve_minutes(cfg.rounds - 1)) / cfg.rounds
         if res.gpus_per_worker:  # GPU trials: a step measured on the driver's CPU would say nothing
             say(
-                f"[pipeline] plan: {cfg.rounds} round(s) of up to {cfg.trials} trials, {budget:.1f} min of search "
-                f"each, on GPUs: every backbone of {sp.name} kept"
+                f"[pipeline] plan: {rounds_said}, {budget:.1f} min of search each, on GPUs: every backbone of "
+                f"{sp.name} kept"
             )
             return dict.fromkeys(sp.backbones)
         concurrency = cfg.max_concurrent or max(1, int(total.get("CPU", 1) // (res.workers * res.cpus_per_worker)))
@@ -257,8 +268,8 @@ def run_pipeline(
             trials=cfg.trials,
         )
         say(
-            f"[pipeline] plan: {cfg.rounds} round(s) of up to {cfg.trials} trials, {budget:.1f} min of search each, "
-            f"{concurrency} trial(s) at once; epochs up to {cfg.max_epochs or sp.scheduler.max_epochs}, ASHA from "
+            f"[pipeline] plan: {rounds_said}, {budget:.1f} min of search each, {concurrency} trial(s) at once;"
+            f" epochs up to {cfg.max_epochs or sp.scheduler.max_epochs}, ASHA from "
             f"step {sp.scheduler.grace_steps} (x{sp.scheduler.reduction_factor}); measured on this machine:"
         )
         for line in describe(plans):
@@ -308,11 +319,6 @@ def run_pipeline(
     if cfg.pretrain is not None:
         sp = with_pretrained(sp, run_stage("pretrain", do_pretrain))
 
-    crossfit = cfg.crossfit if cfg.crossfit is not None else (CROSSFIT_CANDIDATES if time_budget_minutes else 0)
-    # Cross-fitting trains only configurations without pseudo-labels (their teacher must not have
-    # seen the held-out fold), so a searched round 1 could not reach the final model: with it,
-    # the pseudo-label rounds retrain the cross-fitted fold models instead.
-    searched_rounds = 1 if crossfit else cfg.rounds
     candidates: str | None = None
     ensembles: list[str] = []
     for r in range(searched_rounds):
