@@ -102,13 +102,7 @@ def crossfit_ensemble(
     y = data.labels(rows)
     classes = data.classes
     weight = data.unseen_weight(exp.train_config(top[0]).get("unseen_weight"))
-    probs, unk = [], []
-    for r in top:
-        parts = pd.concat([pd.read_csv(exp.crossfit_dir(r.trial_id, f) / "val_predictions.csv") for f in folds])
-        parts = parts.set_index("filename").loc[rows["filename"]]
-        probs.append(parts[classes].to_numpy(np.float64))
-        # Fold models trained before the city-held-out score existed have no <unk> columns.
-        unk.append(parts[unk_columns(classes)].to_numpy(np.float64) if unk_columns(classes)[0] in parts else None)
+    probs, unk = zip(*(_out_of_fold(exp, r.trial_id, folds, rows, classes) for r in top), strict=True)
     scores = [
         objective(
             macro_accuracy(y, p.argmax(1), len(classes)),
@@ -236,15 +230,14 @@ def crossfit_pseudo_round(
     classes = data.classes
     mean = unk = 0.0
     for tid, w in weights.items():
-        parts = pd.concat([pd.read_csv(exp.crossfit_dir(key[tid], f) / "val_predictions.csv") for f in folds])
-        parts = parts.set_index("filename").loc[rows["filename"]]
-        mean = mean + w * parts[classes].to_numpy(np.float64)
-        unk = unk + w * parts[unk_columns(classes)].to_numpy(np.float64)
+        plain, held_out = _out_of_fold(exp, key[tid], folds, rows, classes)
+        mean, unk = mean + w * plain, unk + w * held_out
     final, final_unk = (apply_temperature(p, ens.temperature) if ens.temperature != 1.0 else p for p in (mean, unk))
     if ens.session_smoothing:
         session_mean = _session_means(exp, data, {key[tid]: w for tid, w in weights.items()}, folds, ens.temperature)
         final, final_unk = session_mean(rows, "plain"), session_mean(rows, "unk")
-    report = _oof_report(final, final_unk, y, rows, data, folds, data.unseen_weight(_override(exp, ens)))
+    override = exp.member_files(ens.members[0])["config"]["train"].get("unseen_weight")
+    report = _oof_report(final, final_unk, y, rows, data, folds, data.unseen_weight(override))
     report["teacher_saw_folds"] = True
     # A member keeps its trial's round: that is where its record lives.
     members = tuple(
@@ -266,7 +259,7 @@ def crossfit_pseudo_round(
     preds.insert(0, "filename", rows["filename"].to_numpy())
     exp.save_ensemble(out, preds)
     log.info(
-        "%s: %d configuration(s) x %d folds retrained with pseudo-labels from %s (%d selected at most per fold)",
+        "%s: %d configuration(s) x %d folds retrained with pseudo-labels from %s (%d candidate clips)",
         name,
         len(weights),
         len(folds),
@@ -276,10 +269,15 @@ def crossfit_pseudo_round(
     return out
 
 
-def _override(exp: Experiment, ens: Ensemble) -> float | None:
-    """The ``unseen_weight`` the ensemble's first member trained with (None: the data's share)."""
-    cfg = exp.root / Path(ens.members[0].model_path).with_name("config.json")
-    return json.loads(cfg.read_text())["train"].get("unseen_weight")
+def _out_of_fold(
+    exp: Experiment, key: str, folds: list[int], rows: pd.DataFrame, classes: list[str]
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """A configuration's out-of-fold predictions of ``rows`` (each fold's from the model that held
+    it out), plain and with the city as ``<unk>`` (None for fold runs from before that existed)."""
+    parts = pd.concat([pd.read_csv(exp.crossfit_dir(key, f) / "val_predictions.csv") for f in folds])
+    parts = parts.set_index("filename").loc[rows["filename"]]
+    has_unk = unk_columns(classes)[0] in parts
+    return parts[classes].to_numpy(np.float64), parts[unk_columns(classes)].to_numpy(np.float64) if has_unk else None
 
 
 def _oof_report(

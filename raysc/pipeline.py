@@ -69,7 +69,7 @@ class PipelineConfig:
     # best 10 that what the budget leaves holds (benchmarks/crossfit.py); without one, off.
     crossfit: int | None = None
     # With cross-fitting, rounds after 0 are not searched: each retrains the final cross-fitted
-    # ensemble's fold models with its pseudo-labels (crossfit.crossfit_pseudo_round), selected so.
+    # ensemble's fold models with its pseudo-labels (crossfit.crossfit_pseudo_round), selected by these.
     pseudo_threshold: float = DEFAULT_SELECTION.threshold
     pseudo_targets: str = DEFAULT_SELECTION.targets
     submission: str = "submission.csv"
