@@ -139,9 +139,7 @@ def crossfit_ensemble(
         report = _oof_report(final, final_unk, y, rows, data, folds, weight)
         name = f"crossfit-{method}{k}" + ("-session" if smooth else "")
         ens = Ensemble(name, method, members, OUT_OF_FOLD, data_dir, t, smooth, report)
-        preds = pd.DataFrame(final, columns=classes)
-        preds.insert(0, "filename", rows["filename"].to_numpy())
-        exp.save_ensemble(ens, preds)
+        _save(exp, ens, final, rows, classes)
         log.info(
             "%s: %d configuration(s) x %d folds, out-of-fold macro accuracy %.4f (+- %.4f over folds)",
             name,
@@ -255,9 +253,7 @@ def crossfit_pseudo_round(
     out = Ensemble(
         name, ens.method, members, OUT_OF_FOLD, ens.data, ens.temperature, ens.session_smoothing, report, teacher
     )
-    preds = pd.DataFrame(final, columns=classes)
-    preds.insert(0, "filename", rows["filename"].to_numpy())
-    exp.save_ensemble(out, preds)
+    _save(exp, out, final, rows, classes)
     log.info(
         "%s: %d configuration(s) x %d folds retrained with pseudo-labels from %s (%d candidate clips)",
         name,
@@ -267,6 +263,13 @@ def crossfit_pseudo_round(
         len(pd.read_csv(path)),
     )
     return out
+
+
+def _save(exp: Experiment, ens: Ensemble, final: np.ndarray, rows: pd.DataFrame, classes: list[str]) -> None:
+    """An out-of-fold ensemble and its predictions of the labelled ``rows``."""
+    preds = pd.DataFrame(final, columns=classes)
+    preds.insert(0, "filename", rows["filename"].to_numpy())
+    exp.save_ensemble(ens, preds)
 
 
 def _out_of_fold(

@@ -118,6 +118,11 @@ def test_crossfitted_ensembles_are_chosen_out_of_fold_on_every_labelled_clip(loc
     assert final_ensemble([single, plain, smoothed, student]) == student
     with pytest.raises(ConfigError, match="a cross-fitted ensemble is needed as the teacher"):
         crossfit_pseudo_round(exp.root, single.name, address=address)
+    # A round that does not fit in the time left: refused by name before it scores or trains.
+    with pytest.raises(RayscError, match=r"the pseudo-label round needs about [0-9.]+ min, 0\.0 left"):
+        crossfit_pseudo_round(exp.root, student.name, round=2, time_budget_minutes=0.0001, address=address)
+    assert not list((exp.root / "crossfit").glob("*-pseudo2"))
+    assert not exp.pseudo_candidates(student.name).exists()
     # A budget that holds no candidate's runs: refused by name before anything trains.
     with pytest.raises(RayscError, match=r"no trial's cross-fitting fits in 0\.0 min"):
         crossfit_ensemble(exp.root, candidates=3, k=2, time_budget_minutes=0.0001, address=address)
