@@ -10,7 +10,9 @@ Side by side in one run, the same backbone, clips, batch size and epochs:
 - search trial: the same configuration as the one trial of a ``raysc search`` (no early
   stopping), which trains in its own Tune process on all cores;
 - fit again while a local Ray idles beside it: what Ray's own processes (raylet, GCS,
-  dashboard) take from the cores, whatever runs the training.
+  dashboard) take from the cores, whatever runs the training;
+- ray x1 again as its own ``raysc train`` process with Ray's default worker niceness (15; raysc
+  starts a local Ray's workers at 0): what the niceness costs.
 Reported: wall time of the whole call (Ray's start-up included) and steady-state seconds per
 epoch (epochs 2..): for raysc's runs the time from one epoch's end to the next's, so each
 epoch's checkpoint and report are in it, with ratios to the bare loop.
@@ -24,6 +26,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -144,12 +148,25 @@ def main(argv: list[str] | None = None) -> int:
         res = fit(cfg, data, out_dir=Path(tmp) / "fit")
         runs["raysc fit (no Ray)"] = (time.perf_counter() - t, loop_seconds(res.history))
         labelled = res.history[0]["train_clips"]
+        # Before this process starts its own Ray: a CLI run whose local Ray keeps Ray's default niceness.
+        cores = os.cpu_count() or 1
+        cfg_file = Path(tmp) / "train.yaml"
+        cfg_file.write_text(yaml.safe_dump(cfg.to_dict()))
+        run_dir = Path(tmp) / "ray1-nice15"
+        cmd = [sys.executable, "-m", "raysc.cli", "train", "--data", str(data), "--out", str(run_dir)]
+        cmd += ["--config", str(cfg_file), "--workers", "1", "--cpus-per-worker", str(cores)]
+        t = time.perf_counter()
+        subprocess.run(cmd, check=True, env={**os.environ, "RAY_worker_niceness": "15"}, stdout=subprocess.DEVNULL)
+        history = json.loads((run_dir / "metrics.json").read_text())["history"]
+        runs["raysc train --workers 1, Ray's default worker niceness (15)"] = (
+            time.perf_counter() - t,
+            loop_seconds(history),
+        )
         init_ray()
         # The same fit with a local Ray idling beside it: what Ray's own processes take from the cores.
         t = time.perf_counter()
         res = fit(cfg, data, out_dir=Path(tmp) / "fit-ray-idle")
         runs["raysc fit (no Ray), a local Ray idling"] = (time.perf_counter() - t, loop_seconds(res.history))
-        cores = os.cpu_count() or 1
         for workers in (1, 2):
             # Ray gives a worker as many torch threads as CPUs: split the cores as the bare loop uses them.
             t = time.perf_counter()

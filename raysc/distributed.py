@@ -35,6 +35,12 @@ RAY_ENV = {
     "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
     "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "600",
 }
+# Ray starts its workers at niceness 15, so that its daemons stay responsive under load. A
+# training process then yields each core to every wake-up of the raylet, GCS, dashboard and Tune
+# loop, and torch's threads wait for the one that was preempted (measured: 1.57x the bare loop's
+# epoch on 2 cores; benchmarks/train_overhead.py). A local Ray starts them at the driver's
+# niceness; a cluster started with `ray start` needs the same variable set there (README).
+LOCAL_RAY_ENV = {"RAY_worker_niceness": "0"}
 
 
 # A custom resource for search drivers (one Tune trial = one small driver that launches a
@@ -91,7 +97,7 @@ def init_ray(address: str | None = None, **kwargs: Any) -> None:
         check_reachable(address)
     env = dict(RAY_ENV)
     if not address:
-        for k, v in RAY_ENV.items():
+        for k, v in {**RAY_ENV, **LOCAL_RAY_ENV}.items():
             os.environ.setdefault(k, v)  # for the local cluster's own processes
         kwargs.setdefault("resources", {DRIVER_RESOURCE: DRIVER_SLOTS})
         kwargs.setdefault("dashboard_port", free_port(8265))
