@@ -11,8 +11,9 @@ Side by side in one run, the same backbone, clips, batch size and epochs:
   stopping), which trains in its own Tune process on all cores;
 - fit again while a local Ray idles beside it: what Ray's own processes (raylet, GCS,
   dashboard) take from the cores, whatever runs the training;
-- ray x1 again as its own ``raysc train`` process with Ray's default worker niceness (15; raysc
-  starts a local Ray's workers at 0): what the niceness costs.
+- the bare loop again in a process with glibc's default malloc settings: this script runs with
+  the settings raysc gives its Ray workers (``raysc.distributed.MALLOC_ENV``), so that every
+  other row compares like with like, and this row shows what the settings themselves buy.
 Reported: wall time of the whole call (Ray's start-up included) and steady-state seconds per
 epoch (epochs 2..): for raysc's runs the time from one epoch's end to the next's, so each
 epoch's checkpoint and report are in it, with ratios to the bare loop.
@@ -39,7 +40,7 @@ from common import md_table, write_results  # the script folder is on sys.path
 
 from raysc.config import make_config
 from raysc.dataset import load_dataset
-from raysc.distributed import init_ray, train
+from raysc.distributed import MALLOC_ENV, init_ray, train
 from raysc.models import create_model
 from raysc.prepare import prepare
 from raysc.search import search
@@ -89,6 +90,19 @@ def bare_loop(cfg, data_dir: Path) -> tuple[float, list[float]]:
     return time.perf_counter() - t0, epochs
 
 
+def bare_loop_default_malloc(cfg, data_dir: Path) -> tuple[float, list[float]]:
+    """``bare_loop`` in a fresh process started without raysc's malloc settings."""
+    env = {k: v for k, v in os.environ.items() if k not in MALLOC_ENV}
+    code = (
+        "import json, sys; from train_overhead import bare_loop; from raysc.config import make_config; "
+        "print(json.dumps(bare_loop(make_config(json.loads(sys.argv[1])), sys.argv[2])))"
+    )
+    cmd = [sys.executable, "-c", code, json.dumps(cfg.to_dict()), str(data_dir)]
+    out = subprocess.run(cmd, env=env, cwd=Path(__file__).parent, capture_output=True, text=True, check=True)
+    total, epochs = json.loads(out.stdout.strip().splitlines()[-1])
+    return total, epochs
+
+
 def loop_seconds(history: list[dict]) -> list[float]:
     """Seconds per epoch of a raysc run: epoch 1's own timing, then from one epoch's end to the
     next's (so a checkpoint written and a result reported between them count)."""
@@ -105,6 +119,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--smoke-test", action="store_true")
     args = parser.parse_args(argv)
+    if any(os.environ.get(k) != v for k, v in MALLOC_ENV.items()):
+        # glibc reads them at start: run again with the settings raysc's Ray workers get.
+        script = [sys.executable, str(Path(__file__).resolve()), *(sys.argv[1:] if argv is None else argv)]
+        os.execve(sys.executable, script, {**os.environ, **MALLOC_ENV})
     seconds = 10.0
     if args.smoke_test:
         args.clips, args.epochs, seconds = 120, 2, 1.0
@@ -144,29 +162,17 @@ def main(argv: list[str] | None = None) -> int:
         runs = {}
         total, epochs = bare_loop(cfg, data)
         runs["bare PyTorch loop"] = (total, epochs)
+        runs["bare PyTorch loop, glibc's default malloc settings"] = bare_loop_default_malloc(cfg, data)
         t = time.perf_counter()
         res = fit(cfg, data, out_dir=Path(tmp) / "fit")
         runs["raysc fit (no Ray)"] = (time.perf_counter() - t, loop_seconds(res.history))
         labelled = res.history[0]["train_clips"]
-        # Before this process starts its own Ray: a CLI run whose local Ray keeps Ray's default niceness.
-        cores = os.cpu_count() or 1
-        cfg_file = Path(tmp) / "train.yaml"
-        cfg_file.write_text(yaml.safe_dump(cfg.to_dict()))
-        run_dir = Path(tmp) / "ray1-nice15"
-        cmd = [sys.executable, "-m", "raysc.cli", "train", "--data", str(data), "--out", str(run_dir)]
-        cmd += ["--config", str(cfg_file), "--workers", "1", "--cpus-per-worker", str(cores)]
-        t = time.perf_counter()
-        subprocess.run(cmd, check=True, env={**os.environ, "RAY_worker_niceness": "15"}, stdout=subprocess.DEVNULL)
-        history = json.loads((run_dir / "metrics.json").read_text())["history"]
-        runs["raysc train --workers 1, Ray's default worker niceness (15)"] = (
-            time.perf_counter() - t,
-            loop_seconds(history),
-        )
         init_ray()
         # The same fit with a local Ray idling beside it: what Ray's own processes take from the cores.
         t = time.perf_counter()
         res = fit(cfg, data, out_dir=Path(tmp) / "fit-ray-idle")
         runs["raysc fit (no Ray), a local Ray idling"] = (time.perf_counter() - t, loop_seconds(res.history))
+        cores = os.cpu_count() or 1
         for workers in (1, 2):
             # Ray gives a worker as many torch threads as CPUs: split the cores as the bare loop uses them.
             t = time.perf_counter()

@@ -35,12 +35,18 @@ RAY_ENV = {
     "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
     "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "600",
 }
-# Ray starts its workers at niceness 15, so that its daemons stay responsive under load. A
-# training process then yields each core to every wake-up of the raylet, GCS, dashboard and Tune
-# loop, and torch's threads wait for the one that was preempted (measured: 1.57x the bare loop's
-# epoch on 2 cores; benchmarks/train_overhead.py). A local Ray starts them at the driver's
-# niceness; a cluster started with `ray start` needs the same variable set there (README).
-LOCAL_RAY_ENV = {"RAY_worker_niceness": "0"}
+# glibc's malloc gives every thread that allocates its own arena, and maps each large tensor
+# fresh (page faults on every batch) and returns it at once. Ray Train and Tune run the training
+# function in a thread of the worker, so a CPU epoch there took 1.7x the bare loop's
+# (benchmarks/train_overhead.py). One arena and large blocks kept in the heap make the worker as
+# fast as a bare loop in a main thread, at the cost of holding the peak's memory. Workers read
+# these at start; a user's own values win.
+MALLOC_ENV = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_THRESHOLD_": str(1 << 30), "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}
+
+
+def worker_env() -> dict[str, str]:
+    """Environment variables for every Ray worker raysc starts work in."""
+    return {**RAY_ENV, **{k: os.environ.get(k, v) for k, v in MALLOC_ENV.items()}}
 
 
 # A custom resource for search drivers (one Tune trial = one small driver that launches a
@@ -95,9 +101,9 @@ def init_ray(address: str | None = None, **kwargs: Any) -> None:
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address:
         check_reachable(address)
-    env = dict(RAY_ENV)
+    env = worker_env()
     if not address:
-        for k, v in {**RAY_ENV, **LOCAL_RAY_ENV}.items():
+        for k, v in RAY_ENV.items():
             os.environ.setdefault(k, v)  # for the local cluster's own processes
         kwargs.setdefault("resources", {DRIVER_RESOURCE: DRIVER_SLOTS})
         kwargs.setdefault("dashboard_port", free_port(8265))

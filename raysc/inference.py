@@ -40,10 +40,12 @@ def predict_ensemble(
     filenames: list[str],
     *,
     chunk: int = 2048,
+    unknown_city: bool = False,
     address: str | None = None,
 ) -> pd.DataFrame:
     """The ensemble's probabilities for ``filenames``: the members' weighted mean, its
-    temperature, and session smoothing when the ensemble has it."""
+    temperature, and session smoothing when the ensemble has it; ``unknown_city`` every city as
+    ``<unk>``."""
     import ray  # lazy: importing Ray costs seconds, and only the launching commands need it
 
     init_ray(address)
@@ -52,7 +54,12 @@ def predict_ensemble(
     task = ray.remote(predict_clips).options(num_cpus=1, num_gpus=gpu)
     # Keyed by member position: a cross-fitted ensemble holds one member per trial and fold.
     refs = [
-        (i, task.remote(str(exp.root / m.model_path), ens.data, filenames[start : start + chunk]))
+        (
+            i,
+            task.remote(
+                str(exp.root / m.model_path), ens.data, filenames[start : start + chunk], unknown_city=unknown_city
+            ),
+        )
         for i, m in enumerate(ens.members)
         for start in range(0, len(filenames), chunk)
     ]

@@ -11,10 +11,11 @@ from conftest import FRONTEND
 
 from raysc.config import make_config
 from raysc.crossfit import crossfit_ensemble, crossfit_pseudo_round
-from raysc.ensemble import build_ensemble
+from raysc.ensemble import apply_temperature, build_ensemble
 from raysc.errors import ConfigError, RayscError
 from raysc.experiment import OUT_OF_FOLD, Experiment, TrialRecord, final_ensemble
 from raysc.fileio import write_json
+from raysc.inference import predict_clips, predict_ensemble
 from raysc.metrics import objective
 from raysc.pseudo import Selection
 from raysc.train import fit
@@ -77,6 +78,18 @@ def test_crossfitted_ensembles_are_chosen_out_of_fold_on_every_labelled_clip(loc
         assert unk is not None
         assert ens.metrics["score"] == pytest.approx(objective(ens.metrics["macro_accuracy"], unk, weight))
     assert smoothed.session_smoothing and not plain.session_smoothing
+    # An ensemble predicts with every city withheld (<unk>) as its members do.
+    names = list(m.loc[m["subset"] == "eval", "filename"])
+    withheld = predict_ensemble(plain, exp.root, names, unknown_city=True, address=address)
+    members = sum(
+        mb.weight
+        * predict_clips(exp.root / mb.model_path, prepared, names, unknown_city=True)[prepared.classes].to_numpy()
+        for mb in plain.members
+    )
+    expected = apply_temperature(members, plain.temperature)
+    np.testing.assert_allclose(withheld[prepared.classes].to_numpy(), expected, atol=1e-5)
+    as_given = predict_ensemble(plain, exp.root, names, address=address)
+    assert not np.allclose(as_given[prepared.classes].to_numpy(), expected, atol=1e-4)
     # Smoothing is scored over whole sessions, as on the eval clips: every development clip of a
     # fold predicted by the fold model that held it out, and one prediction per session.
     dev = m[m["subset"].isin(["labelled", "unlabelled"])]

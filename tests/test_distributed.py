@@ -110,3 +110,19 @@ def test_failures_beyond_the_limit_are_an_error(local_ray, prepared, tmp_path):
             _cfg(pseudo_labels=str(tmp_path / "missing.csv")), prepared.out, tmp_path / "bad", workers=1, max_failures=0
         )
     assert resources_released()
+
+
+def test_ray_workers_start_with_one_malloc_arena_and_large_blocks_kept(local_ray, monkeypatch):
+    from raysc.distributed import MALLOC_ENV, worker_env
+
+    def start_environment() -> dict[str, str]:
+        """The environment the worker was started with (glibc reads its malloc settings then)."""
+        with open("/proc/self/environ", "rb") as f:
+            return dict(item.decode().split("=", 1) for item in f.read().split(b"\0") if b"=" in item)
+
+    env = local_ray.get(local_ray.remote(start_environment).remote())
+    for key, value in MALLOC_ENV.items():
+        assert env[key] == value
+    # A user's own setting wins over raysc's.
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "4")
+    assert worker_env()["MALLOC_ARENA_MAX"] == "4" and worker_env()["MALLOC_TRIM_THRESHOLD_"] == str(1 << 30)
