@@ -46,10 +46,6 @@ log = logging.getLogger(__name__)
 # (benchmarks/crossfit.py): 0.744 eval macro accuracy against its final ensemble's 0.718, and 0.553
 # against 0.412 on eval-only cities, in 7 of the 11 minutes the run had left.
 CROSSFIT_CANDIDATES = 10
-# Trials of a round: without a budget, that many are trained; with one, the search stops at its
-# share of the time. A 30-minute run's round 0 (16 trials of about 40 s for `stats`) ended with
-# half of its share unused, so a budgeted search with cross-fitting may start up to 48.
-TRIALS, BUDGET_TRIALS = 16, 48
 
 
 @dataclass(frozen=True)
@@ -58,7 +54,7 @@ class PipelineConfig:
 
     space: str = "default"  # a search space file, or the name of one in search_spaces/
     rounds: int = 2  # round 0 on labelled clips, then rounds - 1 semi-supervised rounds
-    trials: int | None = None  # per round; default: 16, or 48 with a time budget and cross-fitting
+    trials: int = 16  # per round
     max_epochs: int | None = None  # default: the space's
     fold: int = 0  # validation fold of every trial and ensemble
     seed: int = 0
@@ -115,7 +111,7 @@ def load_pipeline(path: str | Path | None) -> PipelineConfig:
     if unknown:
         raise ConfigError(f"{path}: unknown key(s) {unknown} (valid: {', '.join(sorted(names))})")
     cfg = PipelineConfig(**raw)
-    if cfg.rounds < 1 or (cfg.trials is not None and cfg.trials < 1) or cfg.ensemble_k < 1:
+    if cfg.rounds < 1 or cfg.trials < 1 or cfg.ensemble_k < 1:
         raise ConfigError(f"{path}: rounds, trials and ensemble_k must be >= 1")
     if not 0.0 <= cfg.pseudo_threshold <= 1.0 or cfg.pseudo_targets not in ("hard", "soft"):
         raise ConfigError(
@@ -247,8 +243,7 @@ def run_pipeline(
     # seen the held-out fold), so a searched round 1 could not reach the final model: with it,
     # the pseudo-label rounds retrain the cross-fitted fold models instead.
     searched_rounds = 1 if crossfit else cfg.rounds
-    trials = cfg.trials or (BUDGET_TRIALS if time_budget_minutes and crossfit else TRIALS)
-    rounds_said = f"{searched_rounds} searched round(s) of up to {trials} trials" + (
+    rounds_said = f"{searched_rounds} searched round(s) of up to {cfg.trials} trials" + (
         f" (then cross-fitting and {cfg.rounds - 1} pseudo-label round(s) of the fold models)"
         if crossfit and cfg.rounds > 1
         else ""
@@ -270,7 +265,7 @@ def run_pipeline(
             budget_minutes=budget,
             concurrency=concurrency,
             threads=max(1, int(res.cpus_per_worker)),
-            trials=trials,
+            trials=cfg.trials,
         )
         say(
             f"[pipeline] plan: {rounds_said}, {budget:.1f} min of search each, {concurrency} trial(s) at once;"
@@ -351,7 +346,7 @@ def run_pipeline(
                 sp,
                 data=data,
                 experiment=exp.root,
-                trials=trials,
+                trials=cfg.trials,
                 max_epochs=cfg.max_epochs,
                 time_budget_minutes=budget,
                 fold=cfg.fold,
