@@ -91,6 +91,16 @@ def curve(name: str, values: dict[str, Any], data: PreparedData, ev: pd.DataFram
     return points
 
 
+def save_plot(fig: plt.Figure, ax: plt.Axes, xlabel: str, name: str) -> None:
+    """Eval macro accuracy against ``xlabel`` on a log axis, to results/bench/NAME.png."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("eval macro accuracy")
+    ax.set_xscale("log")
+    ax.legend(fontsize=7)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    fig.savefig(RESULTS / f"{name}.png", dpi=110, bbox_inches="tight")
+
+
 def with_labelled(data: PreparedData, keep: int, out: Path, *, seed: int = 0) -> PreparedData:
     """A data folder sharing ``data``'s store and feature cache in which only ``keep`` labelled
     clips (a seeded random draw, so that smaller counts are subsets of larger ones) keep their
@@ -188,13 +198,8 @@ def label_curves(args: argparse.Namespace, work: Path) -> int:
         ax.plot(table["labelled"], table[col], color="grey", linestyle=style, marker="o", label=col)
     for name in args.backbones:
         ax.plot(table["labelled"], table[name], marker="o", label=f"{name} + session labels (epoch chosen on fold 0)")
-    ax.set_xlabel("labelled development clips")
-    ax.set_ylabel("eval macro accuracy")
-    ax.set_xscale("log")
-    ax.legend(fontsize=7)
     name = "learning_curve_labelled" + ("_smoke" if args.smoke_test else "")
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    fig.savefig(RESULTS / f"{name}.png", dpi=110, bbox_inches="tight")
+    save_plot(fig, ax, "labelled development clips", name)
     header = ["labelled clips", "train clips (outside fold 0, + session labels)", "logistic regression"]
     header += ["logistic regression + session labels"] + [f"{b} + session labels" for b in args.backbones]
     md_rows = [
@@ -281,13 +286,8 @@ def main(argv: list[str] | None = None) -> int:
         ax.plot(part["steps"], part["eval"], marker=".", label=label)
     for f, style in zip(floors, (":", "--"), strict=True):
         ax.axhline(f["eval"], color="grey", linestyle=style, label=f["config"])
-    ax.set_xlabel("optimiser steps")
-    ax.set_ylabel("eval macro accuracy")
-    ax.set_xscale("log")
-    ax.legend(fontsize=7)
     name = "learning_curve" + ("_smoke" if args.smoke_test else "")
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    fig.savefig(RESULTS / f"{name}.png", dpi=110, bbox_inches="tight")
+    save_plot(fig, ax, "optimiser steps", name)
     cmd = "python benchmarks/learning_curve.py" + (" --smoke-test" if args.smoke_test else "")
     md = f"`{cmd}` ({args.epochs} epochs, validation fold 0 held out; {len(ev)} eval clips):\n\n" + md_table(
         [
