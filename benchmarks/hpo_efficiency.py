@@ -59,11 +59,10 @@ def cost_to_reach(records: list, target: float) -> tuple[int, bool]:
     return spent, False
 
 
-def survives_halving(exp: Path, records: list, trial_id: str) -> bool:
+def survives_halving(exp: Path, records: list, trial_id: str, *, grace: int, factor: int) -> bool:
     """Whether ``trial_id`` of a search without early stopping would have passed every ASHA rung
-    of SPACE's schedule, replayed synchronously on the full histories: at the k-th rung (grace x
+    of the schedule, replayed synchronously on the full histories: at the k-th rung (grace x
     factor^k steps) only the best 1/factor^k of the trials by running best go on."""
-    grace, factor = SPACE["scheduler"]["grace_steps"], SPACE["scheduler"]["reduction_factor"]
     curves = {}
     for r in records:
         history = json.loads((exp / r.model_path).with_name("metrics.json").read_text())["history"]
@@ -84,6 +83,9 @@ def main() -> int:
     parser.add_argument("--trials", type=int, default=16)
     parser.add_argument("--max-epochs", type=int, default=8)
     parser.add_argument("--clips", type=int, default=600)
+    # ASHA's schedule: the first rung (optimiser steps) and the halving factor.
+    parser.add_argument("--grace-steps", type=int, default=SPACE["scheduler"]["grace_steps"])
+    parser.add_argument("--reduction-factor", type=int, default=SPACE["scheduler"]["reduction_factor"])
     parser.add_argument("--smoke-test", action="store_true")
     args = parser.parse_args()
     if args.smoke_test:
@@ -94,7 +96,8 @@ def main() -> int:
         tmp = Path(tmp)
         data = small_data(tmp, args.clips)
         space = tmp / "space.yaml"
-        space.write_text(yaml.safe_dump({**SPACE, "scheduler": {**SPACE["scheduler"], "max_epochs": args.max_epochs}}))
+        schedule = {"grace_steps": args.grace_steps, "reduction_factor": args.reduction_factor}
+        space.write_text(yaml.safe_dump({**SPACE, "scheduler": {**schedule, "max_epochs": args.max_epochs}}))
         for seed in range(args.seeds):
             found = {}
             for name, kw in (("tpe_asha", {}), ("random_full", {"sampler": "random", "early_stopping": False})):
@@ -118,7 +121,9 @@ def main() -> int:
             # Would ASHA have let random search's best configuration finish?
             recs = found["random_full"][0]
             top = max(recs, key=lambda r: score_of(r.metrics))
-            run["random_best_survives_asha"] = survives_halving(tmp / f"random_full-{seed}", recs, top.trial_id)
+            run["random_best_survives_asha"] = survives_halving(
+                tmp / f"random_full-{seed}", recs, top.trial_id, grace=args.grace_steps, factor=args.reduction_factor
+            )
             runs.append(run)
             rows.append(
                 [
@@ -135,7 +140,8 @@ def main() -> int:
     ratios = [r["ratio"] for r in runs]
     md = (
         f"TPE + ASHA vs random search without early stopping: {args.trials} trials of at most {args.max_epochs} "
-        f"epochs each, one at a time, {args.seeds} seed(s); target = best of both - 1 point.\n\n"
+        f"epochs each, one at a time, {args.seeds} seed(s); ASHA from step {args.grace_steps}, x"
+        f"{args.reduction_factor} per rung; target = best of both - 1 point.\n\n"
         + md_table(
             [
                 "seed",

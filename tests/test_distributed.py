@@ -48,8 +48,9 @@ def test_one_and_two_workers_reach_the_same_metrics(local_ray, prepared, tmp_pat
     assert resources_released()
 
 
-@pytest.mark.parametrize("train_on", ["labelled", "pretrain"])  # raysc train, raysc pretrain
-def test_a_killed_worker_is_replaced_and_resumes_from_its_checkpoint(local_ray, request, train_on, tmp_path):
+# `raysc pretrain` runs through the same `train` (train_on: pretrain); its resume from a
+# checkpoint is tested without Ray in tests/test_train.py.
+def test_a_killed_worker_is_replaced_and_resumes_from_its_checkpoint(local_ray, prepared, tmp_path):
     from ray.util.state import list_actors
 
     from raysc.distributed import train
@@ -91,9 +92,8 @@ def test_a_killed_worker_is_replaced_and_resumes_from_its_checkpoint(local_ray, 
 
     watcher = threading.Thread(target=kill_after_first_checkpoint, daemon=True)
     watcher.start()
-    data = request.getfixturevalue("prepared" if train_on == "labelled" else "with_pretrain")
-    cfg = _cfg(epochs=12, model={"width": 0.5, "frontend": FRONTEND}, train_on=train_on)
-    metrics = train(cfg, data.out, out, workers=1, max_failures=1)
+    cfg = _cfg(epochs=12, model={"width": 0.5, "frontend": FRONTEND})
+    metrics = train(cfg, prepared.out, out, workers=1, max_failures=1)
     watcher.join(timeout=5)
     assert killed, "no worker was killed"
     assert metrics["resumed_at_epochs"] and 2 <= metrics["resumed_at_epochs"][0] <= 12

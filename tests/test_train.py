@@ -112,12 +112,16 @@ def test_same_seed_same_metrics(prepared):
     assert strip(a.history) != strip(fit(tiny_config(seed=1), prepared.out).history)
 
 
-def test_resume_continues_exactly(prepared, tmp_path):
-    straight = fit(tiny_config(epochs=4, mixup_alpha=0.4), prepared.out)
-    fit(tiny_config(epochs=2, mixup_alpha=0.4), prepared.out, checkpoint_dir=tmp_path / "ck")
+@pytest.mark.parametrize("train_on", ["labelled", "pretrain"])  # raysc train, raysc pretrain
+def test_resume_continues_exactly(request, train_on, tmp_path):
+    # A killed Ray worker resumes through this path (tests/test_distributed.py kills one).
+    data = request.getfixturevalue("prepared" if train_on == "labelled" else "with_pretrain").out
+    cfg = lambda epochs: tiny_config(epochs=epochs, mixup_alpha=0.4, train_on=train_on)  # noqa: E731
+    straight = fit(cfg(4), data)
+    fit(cfg(2), data, checkpoint_dir=tmp_path / "ck")
     (checkpoint,) = sorted((tmp_path / "ck").glob("epoch-*"))
     assert checkpoint.name == "epoch-0002"  # only the latest is kept
-    resumed = fit(tiny_config(epochs=4, mixup_alpha=0.4), prepared.out, resume=checkpoint, out_dir=tmp_path / "run")
+    resumed = fit(cfg(4), data, resume=checkpoint, out_dir=tmp_path / "run")
     # "final" marks the last epoch of the 2-epoch run, which the 4-epoch runs continue past.
     strip = lambda h: [{k: v for k, v in e.items() if k not in ("epoch_seconds", "finished_at", "final")} for e in h]  # noqa: E731
     assert strip(resumed.history) == strip(straight.history)
