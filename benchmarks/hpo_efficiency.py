@@ -9,6 +9,7 @@ it is charged everything it spent). Reported: those costs,
 their ratio (random / TPE+ASHA: above 1 means TPE+ASHA got there cheaper), and wall time.
 
     python benchmarks/hpo_efficiency.py
+    python benchmarks/hpo_efficiency.py --grace-steps 26 --reduction-factor 3   # a gentler ASHA
     python benchmarks/hpo_efficiency.py --smoke-test
 """
 
