@@ -306,8 +306,12 @@ def _cmd_check_submission(args: argparse.Namespace) -> int:
 def _cmd_submit(args: argparse.Namespace) -> int:
     from .submission import make_submission
 
-    sub = make_submission(args.experiment, args.out, ensemble=args.ensemble, address=args.address)
+    sub = make_submission(
+        args.experiment, args.out, ensemble=args.ensemble, session_labels=args.session_labels, address=args.address
+    )
     print(f"wrote {sub.csv} ({sum(sub.counts.values())} eval clips), {sub.probabilities}, {sub.info}")
+    if args.session_labels:
+        print(f"{sub.session_labelled} eval clip(s) took the label of their development session")
     return EXIT_OK
 
 
@@ -553,6 +557,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("experiment", type=Path, help="experiment folder")
     p.add_argument("--ensemble", help="ensemble name (default: the best by validation)")
     p.add_argument("--out", type=Path, required=True, help="submission CSV to write")
+    p.add_argument(
+        "--no-session-labels",
+        dest="session_labels",
+        action="store_false",
+        help="predict every eval clip with the ensemble, also those recorded in a labelled development session",
+    )
     _add_address(p)
     p.set_defaults(func=_cmd_submit)
 

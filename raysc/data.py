@@ -357,13 +357,14 @@ def build_manifest(
     return m[list(MANIFEST_COLUMNS)], vocab
 
 
-def session_labels(m: pd.DataFrame) -> pd.Series:
-    """The scene of each unlabelled development clip whose recording session holds labelled
-    clips (a session is one recording of one scene; a session with mixed labels gives its most
-    frequent one); None elsewhere. Folds follow sessions, so such a label never crosses folds."""
+def session_labels(m: pd.DataFrame, subset: str = "unlabelled") -> pd.Series:
+    """The scene of each clip of ``subset`` whose recording session holds labelled clips (a
+    session is one recording of one scene; a session with mixed labels gives its most frequent
+    one); None elsewhere. Folds follow sessions, so an unlabelled clip's label never crosses
+    folds; an eval clip gets one when its session continues a labelled development session."""
     labelled = m[m["subset"] == "labelled"]
     scene = labelled.groupby("session")["label"].agg(lambda s: s.value_counts().idxmax())
-    out = m["session"].map(scene).where(m["subset"] == "unlabelled")
+    out = m["session"].map(scene).where(m["subset"] == subset)
     return out.astype(object).where(out.notna(), None)
 
 

@@ -73,6 +73,8 @@ class PipelineConfig:
     pseudo_threshold: float = DEFAULT_SELECTION.threshold
     pseudo_targets: str = DEFAULT_SELECTION.targets
     submission: str = "submission.csv"
+    # Eval clips recorded in a labelled development session take its label in the submission.
+    eval_session_labels: bool = True
     # Pretraining before round 0 on the data folder's TAU / CochlScene clips, e.g.
     # {backbones: [setrans], epochs: 10, config: {lr: 1.0e-3}}; every trial of a pretrained backbone
     # then starts from it (init_from: pretrained, reset_head) unless the space searches init_from.
@@ -94,6 +96,7 @@ BUILTIN = {
         temperature=False,
         session_smoothing=False,
         crossfit=0,  # the recipe: a searched round 1 on the first model's pseudo-labels
+        eval_session_labels=False,  # the recipe predicts every eval clip with its model
     ),
 }
 
@@ -111,6 +114,10 @@ def load_pipeline(path: str | Path | None) -> PipelineConfig:
     if unknown:
         raise ConfigError(f"{path}: unknown key(s) {unknown} (valid: {', '.join(sorted(names))})")
     cfg = PipelineConfig(**raw)
+    flags = ("temperature", "session_smoothing", "refit", "eval_session_labels")
+    not_bool = {k: getattr(cfg, k) for k in flags if not isinstance(getattr(cfg, k), bool)}
+    if not_bool:
+        raise ConfigError(f"{path}: true or false expected, got {not_bool}")
     if cfg.rounds < 1 or cfg.trials < 1 or cfg.ensemble_k < 1:
         raise ConfigError(f"{path}: rounds, trials and ensemble_k must be >= 1")
     if not 0.0 <= cfg.pseudo_threshold <= 1.0 or cfg.pseudo_targets not in ("hard", "soft"):
@@ -508,8 +515,13 @@ def run_pipeline(
     out = exp.submission(cfg.submission)
 
     def do_submit() -> str:
-        sub = make_submission(exp.root, out, ensemble=final.name, address=address)
-        say(f"[pipeline] submission {sub.csv} from {final.name} (predicted per class: {sub.counts})")
+        sub = make_submission(
+            exp.root, out, ensemble=final.name, session_labels=cfg.eval_session_labels, address=address
+        )
+        say(
+            f"[pipeline] submission {sub.csv} from {final.name} (per class: {sub.counts}); "
+            f"{sub.session_labelled} eval clip(s) took the label of their development session"
+        )
         return str(sub.csv)
 
     submission = Path(run_stage("submit", do_submit))

@@ -30,6 +30,9 @@ def test_pipeline_file_errors(tmp_path):
     bad.write_text("rounds: 0\n")
     with pytest.raises(ConfigError, match="rounds, trials and ensemble_k must be >= 1"):
         load_pipeline(bad)
+    bad.write_text("eval_session_labels: flase\n")
+    with pytest.raises(ConfigError, match=r"true or false expected, got \{'eval_session_labels': 'flase'\}"):
+        load_pipeline(bad)
     bad.write_text("pseudo_targets: fuzzy\n")
     with pytest.raises(ConfigError, match=r"pseudo_targets hard or soft, got 0\.7 and 'fuzzy'"):
         load_pipeline(bad)
@@ -101,6 +104,12 @@ def test_pipeline_runs_end_to_end_and_resumes_after_a_kill(prepared, tmp_path):
     check_submission_file(sub, prepared.out)
     info = json.loads((exp / "submission" / "submission_info.json").read_text())
     assert info["members"] and info["versions"]["ray"].startswith("2.60")
+    # Eval clips recorded in a labelled development session carry its label.
+    scene = m[m["subset"] == "labelled"].groupby("session")["label"].first()
+    ev = m[m["subset"] == "eval"].merge(pd.read_csv(sub)[["filename", "scene_label"]], on="filename")
+    known = ev["session"].map(scene)
+    assert info["session_labels"] == {"on": True, "clips": int(known.notna().sum())} and known.notna().any()
+    assert (ev.loc[known.notna(), "scene_label"] == known.dropna()).all()
     assert len(pd.read_csv(exp / "submission" / "submission_probabilities.csv")) == (m["subset"] == "eval").sum()
     # Plots and the leaderboard (printed at the end): trials of both rounds and the ensembles.
     for name in ("confusion_matrix", "per_city_accuracy", "learning_curves", "search_history"):
@@ -175,6 +184,21 @@ def test_a_round_whose_trials_all_fail_still_ends_with_a_submission(local_ray, w
     again = make_submission(tmp_path / "exp", sub, address=address)  # the rerun: a complete file
     check_submission_file(again.csv, with_pretrain.out)
     assert sub.read_bytes() == before
+
+    # `raysc submit --no-session-labels`: every eval clip as the ensemble predicts it, where the
+    # default gives the clips of labelled development sessions their session's label.
+    from raysc import cli
+
+    off = tmp_path / "off.csv"
+    argv = ["submit", str(tmp_path / "exp"), "--out", str(off), "--no-session-labels", "--address", address]
+    assert cli.main(argv) == 0
+    check_submission_file(off, with_pretrain.out)
+    on_info = json.loads(again.info.read_text())["session_labels"]
+    assert json.loads(off.with_name("off_info.json").read_text())["session_labels"] == {"on": False, "clips": 0}
+    assert on_info["on"] and on_info["clips"] == again.session_labelled > 0
+    top_on = pd.read_csv(again.probabilities).drop(columns="filename").max(axis=1)
+    top_off = pd.read_csv(off.with_name("off_probabilities.csv")).drop(columns="filename").max(axis=1)
+    assert (top_on == 1.0).sum() == on_info["clips"] and (top_off < 1.0).all()
 
 
 @pytest.mark.slow

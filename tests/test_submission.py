@@ -10,7 +10,7 @@ import pytest
 
 from raysc.errors import ConfigError, DataError
 from raysc.leaderboard import render
-from raysc.submission import COLUMNS, check_submission_file, validate_submission
+from raysc.submission import COLUMNS, apply_session_labels, check_submission_file, validate_submission
 
 
 @pytest.fixture
@@ -39,6 +39,24 @@ def test_a_valid_submission_passes_and_matches_the_eval_metadata_order(prepared,
     check_submission_file(path, prepared.out)
     raw_eval = pd.read_csv(prepared.out / "manifest.csv").query("subset == 'eval'")
     assert list(sub["filename"]) == list(raw_eval["filename"])
+
+
+def test_eval_clips_recorded_in_a_labelled_development_session_take_its_label(prepared):
+    m, classes = prepared.manifest, prepared.classes
+    ev = m[m["subset"] == "eval"].sample(frac=1.0, random_state=0)  # any order of clips
+    p = np.random.default_rng(0).dirichlet(np.ones(len(classes)), len(ev))
+    probs = pd.DataFrame(p, columns=classes)
+    probs.insert(0, "filename", ev["filename"].to_numpy())
+    out, hit = apply_session_labels(probs, m, classes)
+    labelled = m[m["subset"] == "labelled"]
+    assert hit.any() and not hit.all()  # the tiny data has eval sessions of both kinds
+    for i, row in enumerate(ev.itertuples()):
+        same = labelled[(labelled["city"] == row.city) & (labelled["record_time"] == row.record_time)]
+        assert hit[i] == (len(same) > 0)
+        if hit[i]:  # the session's scene, certain
+            assert out[classes].iloc[i].to_dict() == {c: float(c == same["label"].mode()[0]) for c in classes}
+    assert np.array_equal(out.loc[~hit, classes].to_numpy(), p[~hit])  # the others as predicted
+    assert list(out["filename"]) == list(ev["filename"])
 
 
 def test_every_kind_of_wrong_submission_is_rejected(prepared, good, tmp_path):
