@@ -7,7 +7,7 @@ data whose eval labels `raysc synth` kept. The cross-fitting takes what ``--time
 of the gain is in the table. A copy of the experiment is cross-fitted: the original stays as the
 pipeline left it.
 
-    python benchmarks/crossfit.py --experiment W/exp-default --raw RAW [--candidates 10] [--time-budget 10]
+    python benchmarks/crossfit.py --experiment W/exp-default --raw RAW [--candidates 10] [--k 5] [--time-budget 10]
 """
 
 from __future__ import annotations
@@ -67,9 +67,9 @@ def main(argv: list[str] | None = None) -> int:
                 }
             )
     header = (
-        f"`python benchmarks/crossfit.py --experiment {args.experiment} --candidates {args.candidates} --time-budget "
-        f"{args.time_budget:g}`: {len(ev)} eval clips; eval macro accuracy (chance 0.100); minutes of cross-fitting "
-        "runs; out-of-fold macro accuracy on every labelled clip (+- over folds).\n\n"
+        f"`python benchmarks/crossfit.py --experiment {args.experiment} --candidates {args.candidates} --k {args.k} "
+        f"--time-budget {args.time_budget:g}`: {len(ev)} eval clips; eval macro accuracy (chance 0.100); minutes of "
+        "cross-fitting runs; out-of-fold macro accuracy on every labelled clip (+- over folds).\n\n"
     )
     table = md_table(
         ["system", "cross-fit min", "out of fold", "eval macro acc", "seen cities", "eval-only cities"],
