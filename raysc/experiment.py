@@ -50,11 +50,13 @@ RECORD_METRICS = (
 RUNNING_BEST = "best_score"
 
 
-def settings_changes(stored: dict[str, Any], current: dict[str, Any]) -> str:
+def settings_changes(stored: dict[str, Any], current: dict[str, Any], defaults: dict[str, Any] | None = None) -> str:
     """The keys of ``current`` whose value differs from ``stored``, as text ('' when none): a
     resumed search or pipeline must run with the settings it started with. Keys that only
-    ``stored`` has (settings an older raysc had) do not count."""
-    changed = {k: (stored.get(k), v) for k, v in current.items() if stored.get(k) != v}
+    ``stored`` has (settings an older raysc had) do not count; a key ``stored`` lacks (a setting
+    a newer raysc added) is compared with its value in ``defaults``."""
+    was = {**(defaults or {}), **stored}
+    changed = {k: (was.get(k), v) for k, v in current.items() if was.get(k) != v}
     return ", ".join(f"{k}: was {a!r}, now {b!r}" for k, (a, b) in changed.items())
 
 

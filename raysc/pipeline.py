@@ -171,7 +171,7 @@ class _State:
         self.path = exp.pipeline_state
         if self.path.is_file():
             stored = json.loads(self.path.read_text())
-            changes = settings_changes(stored["settings"], settings)
+            changes = settings_changes(stored["settings"], settings, dataclasses.asdict(PipelineConfig()))
             if changes:
                 raise RayscError(
                     f"{exp.root} holds a pipeline with other settings ({changes}); use another --experiment"

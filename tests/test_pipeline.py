@@ -40,6 +40,26 @@ def test_pipeline_file_errors(tmp_path):
         load_pipeline(None).__class__(space="all_backbonez").space_path()
 
 
+def test_a_pipeline_started_before_a_setting_existed_resumes_and_a_changed_setting_is_refused(tmp_path):
+    import dataclasses
+
+    from raysc.errors import RayscError
+    from raysc.experiment import Experiment
+    from raysc.fileio import write_json
+    from raysc.pipeline import PipelineConfig, _State
+
+    exp = Experiment(tmp_path / "exp")
+    exp.root.mkdir()
+    settings = {**dataclasses.asdict(PipelineConfig()), "space": "space.yaml", "data": "data"}
+    older = {k: v for k, v in settings.items() if k != "eval_session_labels"}  # written before it existed
+    write_json(exp.pipeline_state, {"settings": older, "done": {"search-0": {"trials": 2, "best": "a"}}})
+    assert _State(exp, settings).done == {"search-0": {"trials": 2, "best": "a"}}  # its default: no change
+    with pytest.raises(RayscError, match=r"other settings \(eval_session_labels: was True, now False\)"):
+        _State(exp, {**settings, "eval_session_labels": False})
+    with pytest.raises(RayscError, match=r"other settings \(trials: was 16, now 8\); use another --experiment"):
+        _State(exp, {**settings, "trials": 8})
+
+
 @pytest.mark.slow
 def test_pipeline_runs_end_to_end_and_resumes_after_a_kill(prepared, tmp_path):
     # Tiny models are unsure: thresholds low enough that round 1 surely keeps pseudo-labels.
