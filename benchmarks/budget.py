@@ -11,12 +11,18 @@ the final ensemble also as its models predict (no such labels) and with every ci
 Wall time per stage comes from the pipeline's own progress lines.
 
     python benchmarks/budget.py --raw RAW --data DATA --time-budget 60
+    python benchmarks/budget.py --raw RAW --data DATA --work W --pipelines default --rescore
     python benchmarks/budget.py --smoke-test
+
+``--rescore`` runs no pipeline: it scores what an earlier run left under ``--work`` again, its
+final ensemble through this version's submission step (written beside the pipeline's own
+submission as ``rescored.csv``).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -34,7 +40,7 @@ from raysc.dataset import load_dataset
 from raysc.ensemble import smooth_sessions
 from raysc.experiment import Experiment, score_of
 from raysc.inference import predict_clips, predict_ensemble
-from raysc.submission import apply_session_labels
+from raysc.submission import apply_session_labels, make_submission
 from raysc.synth import EVAL_LABELS
 from raysc.train import session_labelled
 
@@ -78,6 +84,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--time-budget", type=float, default=60.0, help="minutes per pipeline (default 60)")
     parser.add_argument("--pipelines", nargs="+", default=["default", "baseline"])
     parser.add_argument("--work", type=Path, help="keep the experiments here (default: a temporary folder)")
+    parser.add_argument(
+        "--rescore",
+        action="store_true",
+        help="no pipeline run: score the finished experiments under --work with this version's submission step",
+    )
     parser.add_argument("--smoke-test", action="store_true", help="tiny data, 3-minute budgets, for CI")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
@@ -135,9 +146,17 @@ def main(argv: list[str] | None = None) -> int:
             f["minutes"] = round(floor_minutes / 3, 2)  # three regressions trained
         for name in args.pipelines:
             exp = work / f"exp-{name}"
-            seconds, stages, _ = run_pipeline(name, data_dir, exp, args.time_budget)
             experiment = Experiment(exp)
-            sub = pd.read_csv(experiment.submission("submission.csv")).set_index("filename").loc[ev["filename"]]
+            if args.rescore:
+                # This version's submission step on the finished experiment's final ensemble.
+                if "submit" not in json.loads(experiment.pipeline_state.read_text())["done"]:
+                    raise SystemExit(f"--rescore: {exp} holds no finished pipeline")
+                seconds, stages, csv = None, {}, experiment.submission("rescored.csv")
+                make_submission(exp, csv, ensemble=experiment.load_ensemble().name)
+            else:
+                seconds, stages, _ = run_pipeline(name, data_dir, exp, args.time_budget)
+                csv = experiment.submission("submission.csv")
+            sub = pd.read_csv(csv).set_index("filename").loc[ev["filename"]]
             final = eval_score(sub["scene_label"].map(CLASSES.index).to_numpy(), ev)
             records = [r for r in experiment.records() if r.status != "failed"]
             best = max(records, key=lambda r: score_of(r.metrics))
@@ -152,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
             results.append(
                 {
                     "system": f"pipeline {name}: final ensemble ({ens.name}, {len(ens.members)} members)",
-                    "minutes": round(seconds / 60, 1),
+                    "minutes": round(seconds / 60, 1) if seconds else None,
                     **final,
                     "trials": len(records),
                     "stages": {k: round(v / 60, 2) for k, v in stages.items()},
@@ -192,10 +211,10 @@ def main(argv: list[str] | None = None) -> int:
     stage_rows = [
         [r["system"].split(":")[0], ", ".join(f"{k} {v}" for k, v in r["stages"].items())]
         for r in results
-        if "stages" in r
+        if r.get("stages")
     ]
     cmd = "python benchmarks/budget.py" + (
-        " --smoke-test" if args.smoke_test else f" --time-budget {args.time_budget:g}"
+        " --smoke-test" if args.smoke_test else " --rescore" if args.rescore else f" --time-budget {args.time_budget:g}"
     )
     md = (
         f"`{cmd}`: {len(ev)} eval clips ({int((ev['city_idx'] == 0).sum())} from eval-only cities), "
