@@ -12,8 +12,10 @@ The floors are timed on warm processes; the ratio is against the faster floor.
     python benchmarks/prepare.py --smoke-test
 
 ``--distinct N`` synthesises N development clips (and N / 5 eval clips) and copies each file
-under new names (and metadata rows) up to ``--clips``: decoding costs the same whatever a clip
-holds, and synthesising 9,800 clips of 10 s takes about half an hour on 2 cores.
+under new names (and metadata rows) until there are at least ``--clips`` development clips
+(each clip the same number of times: ``--clips`` a multiple of N gives exactly that many).
+Decoding costs the same whatever a clip holds, and synthesising 9,800 clips of 10 s takes about
+half an hour on 2 cores.
 """
 
 from __future__ import annotations
@@ -83,12 +85,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clips", type=int, default=400)
     parser.add_argument("--clip-seconds", type=float, default=10.0)
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--distinct", type=int, default=None, help="synthesise this many clips, copy up to --clips")
+    parser.add_argument("--distinct", type=int, default=None, help="synthesise N clips, copy to at least --clips")
     parser.add_argument("--smoke-test", action="store_true")
     args = parser.parse_args(argv)
     if args.smoke_test:
         args.clips, args.clip_seconds = 30, 1.0
-        args.distinct = args.distinct and 15
+        if args.distinct:  # 30 clips synthesised (enough labelled sessions for 5 folds), copied once
+            args.clips, args.distinct = 60, 30
     distinct = min(args.distinct or args.clips, args.clips)
     copies = math.ceil(args.clips / distinct)
     with tempfile.TemporaryDirectory() as tmp:
