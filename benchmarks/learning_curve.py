@@ -55,7 +55,11 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "stats": {**_COMMON, "backbone": "stats", "lr": 3e-3, "weight_decay": 1e-2},
     "mobileascnet": {**_NETWORK, "backbone": "mobileascnet"},
     "setrans": {**_NETWORK, "backbone": "setrans", "model": {"width": 0.5}},
+    "rm3": {**_NETWORK, "backbone": "rm3", "model": {"width": 0.5}},
+    "resnet_cbam": {**_NETWORK, "backbone": "resnet_cbam", "model": {"width": 0.25}},
 }
+# Not here: ascmamba. At paper size one training step on 2 clips of 10 s did not finish in 8
+# minutes on this CPU (benchmarks/models.py); it is a GPU network.
 
 
 def eval_rows(data: PreparedData, raw: Path) -> pd.DataFrame:
