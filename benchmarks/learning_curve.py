@@ -22,6 +22,7 @@ and each backbone train on it as above.
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
 import time
 from pathlib import Path
@@ -233,6 +234,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=12)
     parser.add_argument("--labelled", type=int, nargs="+", help="labelled-clip counts: the curve against labels")
     parser.add_argument("--work", type=Path, help="keep the --labelled data here (default: a temporary folder)")
+    parser.add_argument(
+        "--plot-with",
+        type=Path,
+        nargs="+",
+        default=[],
+        help="earlier runs' learning_curve.json on the same data: their curves join this run's plot",
+    )
     parser.add_argument("--smoke-test", action="store_true", help="tiny data, 2 epochs, for CI")
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
@@ -285,8 +293,10 @@ def main(argv: list[str] | None = None) -> int:
                 f"{last['unseen']:.3f}",
             ]
         )
+    # Earlier runs' curves on the same data join the plot (a run of every backbone takes an hour).
+    earlier = pd.DataFrame([p for path in args.plot_with for p in json.loads(path.read_text())["points"]])
     fig, ax = plt.subplots(figsize=(8, 5))
-    for label, part in table.groupby("config", sort=False):
+    for label, part in pd.concat([table, earlier]).groupby("config", sort=False):
         ax.plot(part["steps"], part["eval"], marker=".", label=label)
     for f, style in zip(floors, (":", "--"), strict=True):
         ax.axhline(f["eval"], color="grey", linestyle=style, label=f["config"])
