@@ -32,7 +32,12 @@ from pathlib import Path
 
 import pandas as pd
 import ray
-from common import challenge_data, md_table, write_results  # the script folder is on sys.path
+from common import (  # the script folder is on sys.path
+    add_challenge_data_options,
+    challenge_data,
+    md_table,
+    write_results,
+)
 from floor import eval_score, floor_predictions
 
 from raysc.data import CLASSES
@@ -79,8 +84,7 @@ def run_pipeline(name: str, data: Path, exp: Path, budget: float) -> tuple[float
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--raw", type=Path, help="a `raysc synth` folder (default: synthesised here)")
-    parser.add_argument("--data", type=Path, help="its prepared data folder (prepared here when missing)")
+    add_challenge_data_options(parser)
     parser.add_argument("--time-budget", type=float, default=60.0, help="minutes per pipeline (default 60)")
     parser.add_argument("--pipelines", nargs="+", default=["default", "baseline"])
     parser.add_argument("--work", type=Path, help="keep the experiments here (default: a temporary folder)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -57,6 +58,12 @@ def small_data(work: Path, clips: int) -> Path:
         folds=3,
         workers=1,
     ).out
+
+
+def add_challenge_data_options(parser: argparse.ArgumentParser) -> None:
+    """``--raw`` and ``--data``, the two arguments of ``challenge_data``."""
+    parser.add_argument("--raw", type=Path, help="a `raysc synth` folder (default: synthesised at challenge shape)")
+    parser.add_argument("--data", type=Path, help="its prepared data folder (prepared here when missing)")
 
 
 def challenge_data(raw: Path | None, data: Path | None, work: Path, *, smoke: bool) -> tuple[Path, Path]:

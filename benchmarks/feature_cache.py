@@ -23,7 +23,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from common import challenge_data, md_table, write_results  # the script folder is on sys.path
+from common import (  # the script folder is on sys.path
+    add_challenge_data_options,
+    challenge_data,
+    md_table,
+    write_results,
+)
 from learning_curve import CONFIGS
 
 from raysc.config import make_config
@@ -45,8 +50,7 @@ def epochs_of(values: dict[str, Any], data: PreparedData, epochs: int) -> list[d
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--raw", type=Path, help="a `raysc synth` folder (default: synthesised at challenge shape)")
-    parser.add_argument("--data", type=Path, help="its prepared data folder (prepared here when missing)")
+    add_challenge_data_options(parser)
     parser.add_argument("--backbones", nargs="+", default=list(BACKBONES), choices=list(BACKBONES))
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--smoke-test", action="store_true", help="tiny data, 2 epochs, small widths, for CI")

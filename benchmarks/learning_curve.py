@@ -35,7 +35,13 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import torch
-from common import RESULTS, challenge_data, md_table, write_results  # the script folder is on sys.path
+from common import (  # the script folder is on sys.path
+    RESULTS,
+    add_challenge_data_options,
+    challenge_data,
+    md_table,
+    write_results,
+)
 from floor import eval_score, floor_predictions
 
 from raysc.config import make_config
@@ -228,8 +234,7 @@ def label_curves(args: argparse.Namespace, work: Path) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--raw", type=Path, help="a `raysc synth` folder (default: synthesised at challenge shape)")
-    parser.add_argument("--data", type=Path, help="its prepared data folder (prepared here when missing)")
+    add_challenge_data_options(parser)
     parser.add_argument("--backbones", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     parser.add_argument("--epochs", type=int, default=12)
     parser.add_argument("--labelled", type=int, nargs="+", help="labelled-clip counts: the curve against labels")

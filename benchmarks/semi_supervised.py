@@ -29,7 +29,12 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from common import challenge_data, md_table, write_results  # the script folder is on sys.path
+from common import (  # the script folder is on sys.path
+    add_challenge_data_options,
+    challenge_data,
+    md_table,
+    write_results,
+)
 from floor import eval_score, floor_predictions
 
 from raysc.config import make_config
@@ -128,8 +133,7 @@ def row(name: str, probs: np.ndarray, ev: pd.DataFrame, seconds: float, **extra:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--raw", type=Path, help="a `raysc synth` folder (default: synthesised at challenge shape)")
-    parser.add_argument("--data", type=Path, help="its prepared data folder (prepared here when missing)")
+    add_challenge_data_options(parser)
     parser.add_argument("--epochs", type=int, default=12, help="epochs per fold model (default 12)")
     parser.add_argument("--fixed-threshold", type=float, default=0.7, help="default 0.7 (the searched range's middle)")
     parser.add_argument("--thresholds", type=float, nargs="+", default=[0.5, 0.9], help="others to choose among")
