@@ -33,7 +33,7 @@ from learning_curve import CONFIGS
 
 from raysc.config import make_config
 from raysc.dataset import PreparedData, load_dataset
-from raysc.featcache import _build, cache_key
+from raysc.featcache import FeatureCache, cache_key
 from raysc.train import build_model, fit
 
 BACKBONES = ("stats", "mobileascnet", "setrans", "resnet_cbam")
@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
             key = cache_key(frontend, data.store)
             if key not in builds:  # one build per front end, as a first trial pays it
                 t0 = time.perf_counter()
-                _build(Path(tmp) / "cache" / key, data.store, frontend)
+                FeatureCache.ensure(Path(tmp) / "cache", data.store, frontend)  # a data folder of its own
                 builds[key] = time.perf_counter() - t0
             runs = {}
             for cached in (False, True):

@@ -244,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
         type=Path,
         nargs="+",
         default=[],
-        help="earlier runs' learning_curve.json on the same data: their curves join this run's plot",
+        help="earlier runs' learning_curve.json on the same data: their curves join the plot (not with --labelled)",
     )
     parser.add_argument("--smoke-test", action="store_true", help="tiny data, 2 epochs, for CI")
     args = parser.parse_args(argv)
