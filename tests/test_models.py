@@ -160,3 +160,29 @@ def test_paper_defaults():
     base = create_model("setrans").cfg
     assert dataclasses.asdict(base.frontend)["hop_length"] == 882 and len(base.cities) == 23
     assert np.isclose(create_model("resnet_cbam").cfg.fusion_dropout, 0.3)
+
+
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_band_statistics_match_torch_reductions(requires_grad):
+    """The fast path (numpy's sort for a plain CPU tensor) and the autograd path both give
+    mean, std, linearly interpolated quantiles and delta statistics over time, per band."""
+    from raysc.models.stats import band_statistics
+
+    spec = (torch.randn(3, 1, 57, 8, generator=torch.Generator().manual_seed(0)) * 10 - 40).requires_grad_(
+        requires_grad
+    )
+    got = band_statistics(spec, (0.1, 0.5, 0.9), deltas=True)
+    x = spec.detach().squeeze(1)  # [B, T, F]
+    d = x[:, 1:] - x[:, :-1]
+    expected = torch.cat(
+        [
+            x.mean(1),
+            x.std(1, unbiased=False),
+            *torch.quantile(x, torch.tensor([0.1, 0.5, 0.9]), dim=1),
+            d.abs().mean(1),
+            d.std(1, unbiased=False),
+        ],
+        dim=-1,
+    )
+    assert got.shape == (3, 8 * 7) and got.requires_grad == requires_grad
+    torch.testing.assert_close(got.detach(), expected, rtol=1e-5, atol=1e-4)

@@ -11,8 +11,10 @@ metadata and classified. ``hidden: 0`` makes it a logistic regression on the fus
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -37,15 +39,36 @@ class StatsConfig(ModelConfig):
 
 
 def band_statistics(spec: torch.Tensor, quantiles: tuple[float, ...], deltas: bool) -> torch.Tensor:
-    """[B, 1, T, F] log-mel -> [B, F * (2 + len(quantiles) + 2 * deltas)] statistics over time."""
-    x = spec.squeeze(1).float()  # [B, T, F]
-    parts = [x.mean(1), x.std(1, unbiased=False)]
+    """[B, 1, T, F] log-mel -> [B, F * (2 + len(quantiles) + 2 * deltas)] statistics over time.
+
+    Quantiles interpolate linearly between the sorted frames (as ``torch.quantile``)."""
+    x = spec.squeeze(1).float().transpose(1, 2).contiguous()  # [B, F, T]: reductions over the last dim
+    mean = x.mean(2)
+    parts = [mean, _std(x, mean)]
     if quantiles:
-        parts += list(torch.quantile(x, torch.tensor(quantiles, device=x.device), dim=1))
+        s = _sort_frames(x)
+        last = s.shape[2] - 1
+        for q in quantiles:
+            lo = math.floor(q * last)
+            hi, w = min(lo + 1, last), q * last - lo
+            parts.append(s[..., lo] + w * (s[..., hi] - s[..., lo]))
     if deltas:
-        d = x[:, 1:] - x[:, :-1]
-        parts += [d.abs().mean(1), d.std(1, unbiased=False)]
+        d = x[..., 1:] - x[..., :-1]
+        parts += [d.abs().mean(2), _std(d, d.mean(2))]
     return torch.cat(parts, dim=-1)
+
+
+def _std(x: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    # Two elementwise passes: torch's fused std is several times slower on the CPU for these shapes.
+    return (x - mean.unsqueeze(2)).square().mean(2).sqrt()
+
+
+def _sort_frames(x: torch.Tensor) -> torch.Tensor:
+    if x.device.type == "cpu" and not x.requires_grad:
+        # numpy's SIMD sort is about 10x faster than torch's CPU sort on these rows; the
+        # quantiles were most of a training step's time.
+        return torch.from_numpy(np.sort(x.numpy(), axis=2))
+    return x.sort(dim=2).values
 
 
 @register("stats")
