@@ -30,9 +30,9 @@ from typing import Any
 
 import torch
 
+from . import __version__
 from .config import make_config
 from .dataset import PreparedData
-from . import __version__
 from .featcache import CACHE_DIR, FeatureCache
 from .fileio import write_json
 from .loader import make_loader
@@ -62,7 +62,8 @@ class BackbonePlan:
 def _hardware_key(threads: int) -> str:
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
     # raysc's version too: a faster model after an upgrade must not be planned with old step times
-    what = f"{platform.machine()}|{platform.processor()}|{os.cpu_count()}|{threads}|{gpu}|{torch.__version__}|{__version__}"
+    parts = (platform.machine(), platform.processor(), os.cpu_count(), threads, gpu, torch.__version__, __version__)
+    what = "|".join(map(str, parts))
     return hashlib.sha256(what.encode()).hexdigest()[:12]
 
 
