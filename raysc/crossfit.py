@@ -330,10 +330,7 @@ def _session_means(
             path = run / "fold_predictions.csv"  # the fold's clips, plain and with <unk> cities
             if not path.is_file():
                 names = list(dev.loc[dev["fold"] == f, "filename"])
-                plain = predict_clips(run / "model.pt", data, names)
-                unk = predict_clips(run / "model.pt", data, names, unknown_city=True)
-                plain[unk_columns(classes)] = unk[classes].to_numpy()
-                write_csv(path, plain)
+                write_csv(path, predict_clips(run / "model.pt", data, names, with_unknown_city=True))
             parts.append(pd.read_csv(path))
         table = pd.concat(parts).set_index("filename").loc[dev["filename"]]
         sums["plain"] = sums["plain"] + w * table[classes].to_numpy(np.float64)

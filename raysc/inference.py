@@ -19,19 +19,32 @@ from .train import device, predict
 
 
 def predict_clips(
-    model_path: str | Path, data: str | Path | PreparedData, filenames: list[str], *, unknown_city: bool = False
+    model_path: str | Path,
+    data: str | Path | PreparedData,
+    filenames: list[str],
+    *,
+    unknown_city: bool = False,
+    with_unknown_city: bool = False,
 ) -> pd.DataFrame:
     """One model's probabilities for ``filenames`` of a data folder (its path, or loaded) keyed by
     filename, on this process's device; from the data folder's cached log-mels when training left
     them (the same numbers as the model's own front end, without recomputing it), with
-    ``unknown_city`` every city as ``<unk>``."""
+    ``unknown_city`` every city as ``<unk>``, with ``with_unknown_city`` both (``predict``)."""
     data = data if isinstance(data, PreparedData) else load_dataset(data)
     rows = data.manifest.set_index("filename").loc[filenames].reset_index()
     table = ClipTable.from_rows(rows, np.zeros((len(rows), len(data.classes)), np.float32))
     dev = device()
     model = load_model(model_path).to(dev)
     cache = None if model.uses_wave else FeatureCache.existing(data.out, data.store, model.cfg.frontend)
-    return predict(model, table, data.store, device=dev, cache=cache, unknown_city=unknown_city)
+    return predict(
+        model,
+        table,
+        data.store,
+        device=dev,
+        cache=cache,
+        unknown_city=unknown_city,
+        with_unknown_city=with_unknown_city,
+    )
 
 
 def predict_ensemble(

@@ -166,28 +166,33 @@ def predict(
     amp: bool = False,
     cache: FeatureCache | None = None,
     unknown_city: bool = False,
+    with_unknown_city: bool = False,
 ) -> pd.DataFrame:
     """Class probabilities for every clip of ``table`` on this rank's share, keyed by filename
-    (from cached log-mels when ``cache`` is given; with ``unknown_city``, every clip's city
-    given to the model as ``<unk>``)."""
+    (from cached log-mels when ``cache`` is given). With ``unknown_city``, every clip's city is
+    given to the model as ``<unk>``; with ``with_unknown_city``, the ``<unk>`` probabilities come
+    too, in the columns ``unk_columns``, from the same pass through the trunk."""
     rank, world = _rank_world()
     device = device or next(model.parameters()).device
-    model.eval()
+    net = _unwrap(model)  # no DDP in inference: each rank predicts its own share
+    net.eval()
+    classes = list(net.cfg.classes)
+    columns = classes + (unk_columns(classes) if with_unknown_city else [])
     names, probs = [], []
     loader = make_loader(
         table, store, batch_size=batch_size, shuffle=False, seed=0, rank=rank, world_size=world, cache=cache
     )
     for batch in loader:
         b = batch.to(device)
-        city = torch.zeros_like(b.city) if unknown_city else b.city  # 0 = <unk>
+        unk = torch.zeros_like(b.city)  # 0 = <unk>
+        cities = [unk] if unknown_city else [b.city, unk] if with_unknown_city else [b.city]
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
-            logits = model(b.wave, city, b.time, spec=b.spec)
-        probs.append(torch.softmax(logits.float(), dim=-1).cpu().numpy())
+            logits = net.logits_per_city(b.wave, cities, b.time, spec=b.spec)
+        probs.append(torch.cat([torch.softmax(x.float(), dim=-1) for x in logits], dim=-1).cpu().numpy())
         names += b.filename
-    classes = list(_unwrap(model).cfg.classes)
-    return pd.DataFrame(np.concatenate(probs) if probs else np.zeros((0, len(classes))), columns=classes).assign(
+    return pd.DataFrame(np.concatenate(probs) if probs else np.zeros((0, len(columns))), columns=columns).assign(
         filename=names
-    )[["filename", *classes]]
+    )[["filename", *columns]]
 
 
 def gather_predictions(local: pd.DataFrame) -> pd.DataFrame:
@@ -576,16 +581,12 @@ def evaluate(
 ) -> tuple[pd.DataFrame, dict[str, Any]]:
     """Validation predictions over every rank's share, in ``val_rows``' order, with the same
     clips predicted with their city as ``<unk>`` (columns ``unk_columns``), and their report (with
-    ``predict_seconds``, the plain prediction's time)."""
+    ``predict_seconds``: the time of that one pass)."""
     kw = {"batch_size": batch_size, "device": device, "amp": amp, "cache": cache}
     t0 = time.perf_counter()
-    preds = gather_predictions(predict(net, val, data.store, **kw))
+    preds = gather_predictions(predict(net, val, data.store, with_unknown_city=True, **kw))
     seconds = time.perf_counter() - t0
-    unk = gather_predictions(predict(net, val, data.store, unknown_city=True, **kw))
-    preds = preds.set_index("filename").loc[val_rows["filename"]]
-    unk = unk.set_index("filename").loc[val_rows["filename"], data.classes]
-    preds[unk_columns(data.classes)] = unk.to_numpy()
-    preds = preds.reset_index()
+    preds = preds.set_index("filename").loc[val_rows["filename"]].reset_index()
     rep = classification_report(
         preds[data.classes].to_numpy(),
         data.labels(val_rows),

@@ -61,6 +61,20 @@ def test_forward_backward_shapes_and_metadata_gradients(name):
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.meta.time.parameters())
 
 
+@pytest.mark.parametrize("fusion", ["concat", "film"])
+def test_logits_per_city_equal_one_forward_per_city(name, fusion):
+    """Validation scores each clip with its city and with <unk> through one trunk pass; the
+    logits must be the ones a forward per city gives (ASCMamba's FiLM blocks take the city)."""
+    model = tiny(name, fusion=fusion).eval()
+    wave, city, time = batch()
+    unk = torch.zeros_like(city)
+    with torch.no_grad():
+        own, withheld = model.logits_per_city(wave, [city, unk], time)
+        torch.testing.assert_close(own, model(wave, city, time))
+        torch.testing.assert_close(withheld, model(wave, unk, time))
+    assert not torch.allclose(own, withheld)
+
+
 @pytest.mark.parametrize("fusion", FUSIONS)
 def test_logits_follow_city_and_time_unless_fusion_is_none(name, fusion):
     model = tiny(name, fusion=fusion).eval()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import abc
 import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -39,8 +38,10 @@ class ModelConfig:
             raise ConfigError(f"width must be > 0, got {self.width}")
 
 
-class ASCModel(nn.Module, abc.ABC):
-    """waveform + city + time -> logits. Subclasses build ``embed`` and ``head``.
+class ASCModel(nn.Module):
+    """waveform + city + time -> logits. Subclasses build ``fusion`` and ``head``, and either
+    ``embed_audio`` (the metadata enters at the fusion only) or, when the metadata conditions the
+    trunk itself, ``embed``.
 
     ``forward_features`` returns the embedding the head classifies; ``forward`` the logits.
     ``target`` (soft or one-hot, [B, classes]) is used only by heads with a training-time
@@ -57,9 +58,13 @@ class ASCModel(nn.Module, abc.ABC):
         self.frontend = Frontend(cfg.frontend)
         self.meta = MetaEncoder(len(cfg.cities), cfg.meta)
 
-    @abc.abstractmethod
+    def embed_audio(self, spec: torch.Tensor, wave: torch.Tensor) -> torch.Tensor:
+        """Log-mel [B, 1, T, F] (+ waveform) -> audio embedding [B, D], before the fusion."""
+        raise NotImplementedError(f"{type(self).__name__} defines neither embed_audio nor embed")
+
     def embed(self, spec: torch.Tensor, meta: torch.Tensor, wave: torch.Tensor) -> torch.Tensor:
-        """Log-mel [B, 1, T, F] (+ metadata vector, + waveform) -> fused embedding [B, D]."""
+        """Log-mel [B, 1, T, F] + metadata vector (+ waveform) -> fused embedding [B, D]."""
+        return self.fusion(self.embed_audio(spec, wave), meta)
 
     def forward_features(
         self, wave: torch.Tensor, city: torch.Tensor, time: torch.Tensor, spec: torch.Tensor | None = None
@@ -78,6 +83,22 @@ class ASCModel(nn.Module, abc.ABC):
         spec: torch.Tensor | None = None,
     ) -> torch.Tensor:
         return self.head(self.forward_features(wave, city, time, spec))
+
+    def logits_per_city(
+        self,
+        wave: torch.Tensor,
+        cities: list[torch.Tensor],
+        time: torch.Tensor,
+        spec: torch.Tensor | None = None,
+    ) -> list[torch.Tensor]:
+        """Inference logits of the same clips under each city tensor of ``cities`` (e.g. their
+        own and ``<unk>``). Where the metadata enters at the fusion only, the trunk runs once:
+        validation scores every clip twice, and the trunk is nearly all of the cost."""
+        spec = self.frontend(wave) if spec is None else self.frontend.augment(spec)
+        if type(self).embed is not ASCModel.embed:  # the metadata conditions the trunk
+            return [self.head(self.embed(spec, self.meta(c, time), wave)) for c in cities]
+        audio = self.embed_audio(spec, wave)
+        return [self.head(self.fusion(audio, self.meta(c, time))) for c in cities]
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:

@@ -59,7 +59,7 @@ class MobileASCNet(ASCModel):
         self.fusion = Fusion(cfg.fusion, hidden, self.meta.out_dim)
         self.head = nn.Linear(self.fusion.out_dim, len(cfg.classes))
 
-    def embed(self, spec: torch.Tensor, meta: torch.Tensor, wave: torch.Tensor) -> torch.Tensor:
+    def embed_audio(self, spec: torch.Tensor, wave: torch.Tensor) -> torch.Tensor:
         x = self.blocks(spec).mean(dim=3).transpose(1, 2)  # [B, T', C]: frequency averaged out
         x, _ = self.gru(x)
-        return self.fusion(self.dropout(x.mean(dim=1)), meta)
+        return self.dropout(x.mean(dim=1))

@@ -98,5 +98,5 @@ class ResNetCBAM(ASCModel):
             d = h
         self.head = nn.Sequential(*head, nn.Linear(d, len(cfg.classes)))
 
-    def embed(self, spec: torch.Tensor, meta: torch.Tensor, wave: torch.Tensor) -> torch.Tensor:
-        return self.fusion(self.pool(self.stages(self.stem(spec))), meta)
+    def embed_audio(self, spec: torch.Tensor, wave: torch.Tensor) -> torch.Tensor:
+        return self.pool(self.stages(self.stem(spec)))

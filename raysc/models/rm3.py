@@ -139,7 +139,7 @@ class RM3(ASCModel):
         self.fusion = Fusion(cfg.fusion, emb, self.meta.out_dim, hidden=emb)
         self.head = ArcFace(self.fusion.out_dim, len(cfg.classes), cfg.arcface_scale, cfg.arcface_margin)
 
-    def embed(self, spec: torch.Tensor, meta: torch.Tensor, wave: torch.Tensor) -> torch.Tensor:
+    def embed_audio(self, spec: torch.Tensor, wave: torch.Tensor) -> torch.Tensor:
         mel = spec.transpose(2, 3)  # [B, 1, mels, T]
         wg = self.wavegram(wave.unsqueeze(1).to(mel.dtype)).unsqueeze(1)  # [B, 1, mels, T']
         frames = min(mel.shape[-1], wg.shape[-1])
@@ -147,7 +147,7 @@ class RM3(ASCModel):
         x = (x - x.mean(dim=(2, 3), keepdim=True)) / (x.std(dim=(2, 3), keepdim=True) + 1e-5)
         x = x * self.attention(x)
         x = self.gdc(self.gdc_pool(self.body(x))).flatten(1)
-        return self.fusion(self.embedding(x), meta)
+        return self.embedding(x)
 
     def forward(
         self,

@@ -66,9 +66,8 @@ class SETrans(ASCModel):
         self.fusion = Fusion(cfg.fusion, c2, self.meta.out_dim, hidden=scaled(cfg.fusion_dim, cfg.width))
         self.head = nn.Linear(self.fusion.out_dim, len(cfg.classes))
 
-    def embed(self, spec: torch.Tensor, meta: torch.Tensor, wave: torch.Tensor) -> torch.Tensor:
+    def embed_audio(self, spec: torch.Tensor, wave: torch.Tensor) -> torch.Tensor:
         x = self.input_norm(spec.transpose(1, 3)).transpose(1, 3)  # normalise each mel bin
         x = self.blocks(x)  # [B, C, T/4, F/4]
         tokens = self.pool(x).squeeze(-1).transpose(1, 2)  # [B, 16, C]
-        x = self.encoder(tokens).amax(dim=1)
-        return self.fusion(x, meta)
+        return self.encoder(tokens).amax(dim=1)

@@ -85,6 +85,6 @@ class Stats(ASCModel):
         self.fusion = Fusion(cfg.fusion, n_stats, self.meta.out_dim, hidden=hidden, norm=True, dropout=fusion_dropout)
         self.head = nn.Linear(self.fusion.out_dim, len(cfg.classes))
 
-    def embed(self, spec: torch.Tensor, meta: torch.Tensor, wave: torch.Tensor) -> torch.Tensor:
+    def embed_audio(self, spec: torch.Tensor, wave: torch.Tensor) -> torch.Tensor:
         stats = band_statistics(spec, self.cfg.quantiles, self.cfg.deltas)
-        return self.fusion(self.dropout(self.input_norm(stats)), meta)
+        return self.dropout(self.input_norm(stats))
