@@ -12,6 +12,7 @@ Wall time per stage comes from the pipeline's own progress lines.
 
     python benchmarks/budget.py --raw RAW --data DATA --time-budget 60
     python benchmarks/budget.py --raw RAW --data DATA --work W --pipelines default --rescore
+    python benchmarks/budget.py --raw RAW --data DATA --time-budget 10 --pipelines default --seeds 0 1 2
     python benchmarks/budget.py --smoke-test
 
 ``--rescore`` runs no pipeline: it scores what an earlier run left under ``--work`` again, its
@@ -24,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -50,7 +52,7 @@ from raysc.synth import EVAL_LABELS
 from raysc.train import session_labelled
 
 
-def run_pipeline(name: str, data: Path, exp: Path, budget: float) -> tuple[float, dict[str, float], str]:
+def run_pipeline(name: str, data: Path, exp: Path, budget: float, seed: int) -> tuple[float, dict[str, float], str]:
     """The CLI, timed; returns wall seconds, seconds per stage, and its output."""
     cmd = [
         sys.executable,
@@ -64,6 +66,8 @@ def run_pipeline(name: str, data: Path, exp: Path, budget: float) -> tuple[float
         str(exp),
         "--time-budget",
         str(budget),
+        "--seed",
+        str(seed),
     ]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     t0 = time.perf_counter()
@@ -82,6 +86,68 @@ def run_pipeline(name: str, data: Path, exp: Path, budget: float) -> tuple[float
     return time.perf_counter() - t0, stages, "".join(lines)
 
 
+def score_pipeline(
+    name: str, label: str, exp: Path, data_dir: Path, ev: pd.DataFrame, args: argparse.Namespace, seed: int
+) -> list[dict]:
+    """Run (or, with --rescore, re-submit) one pipeline and score it: its submission first, then
+    the same ensemble without eval session labels and with every city withheld, and its best
+    single model."""
+    rows: list[dict] = []
+    experiment = Experiment(exp)
+    if args.rescore:
+        # This version's submission step on the finished experiment's final ensemble.
+        if "submit" not in json.loads(experiment.pipeline_state.read_text())["done"]:
+            raise SystemExit(f"--rescore: {exp} holds no finished pipeline")
+        seconds, stages, csv = None, {}, experiment.submission("rescored.csv")
+        make_submission(exp, csv, ensemble=experiment.load_ensemble().name)
+    else:
+        seconds, stages, _ = run_pipeline(name, data_dir, exp, args.time_budget, seed)
+        csv = experiment.submission("submission.csv")
+    sub = pd.read_csv(csv).set_index("filename").loc[ev["filename"]]
+    final = eval_score(sub["scene_label"].map(CLASSES.index).to_numpy(), ev)
+    records = [r for r in experiment.records() if r.status != "failed"]
+    best = max(records, key=lambda r: score_of(r.metrics))
+    probs = predict_clips(exp / best.model_path, data_dir, list(ev["filename"]))
+    single = eval_score(probs[list(CLASSES)].to_numpy().argmax(1), ev)
+    ens = experiment.load_ensemble()
+    # The same ensemble with every city withheld (<unk>): how much of the seen cities'
+    # score is their city's prior, which eval-only cities cannot have.
+    withheld = predict_ensemble(ens, exp, list(ev["filename"]), unknown_city=True)
+    as_predicted = predict_ensemble(ens, exp, list(ev["filename"]))  # no eval session labels
+    ray.shutdown()  # the next pipeline starts a Ray of its own
+    rows.append(
+        {
+            "system": f"{label}: final ensemble ({ens.name}, {len(ens.members)} members)",
+            "minutes": round(seconds / 60, 1) if seconds else None,
+            **final,
+            "trials": len(records),
+            "stages": {k: round(v / 60, 2) for k, v in stages.items()},
+        }
+    )
+    rows.append(
+        {
+            "system": f"{label}: final ensemble, no eval session labels",
+            "minutes": None,
+            **eval_score(as_predicted[list(CLASSES)].to_numpy().argmax(1), ev),
+        }
+    )
+    rows.append(
+        {
+            "system": f"{label}: final ensemble, every city withheld (<unk>)",
+            "minutes": None,
+            **eval_score(withheld[list(CLASSES)].to_numpy().argmax(1), ev),
+        }
+    )
+    rows.append(
+        {
+            "system": f"{label}: best single model ({best.backbone}, {best.trial_id})",
+            "minutes": None,
+            **single,
+        }
+    )
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_challenge_data_options(parser)
@@ -92,6 +158,13 @@ def main(argv: list[str] | None = None) -> int:
         "--rescore",
         action="store_true",
         help="no pipeline run: score the finished experiments under --work with this version's submission step",
+    )
+    parser.add_argument(
+        "--seeds",
+        nargs="+",
+        type=int,
+        default=[0],
+        help="run each pipeline once per seed (its sampler's and trials'); with several, the mean and spread too",
     )
     parser.add_argument("--smoke-test", action="store_true", help="tiny data, 3-minute budgets, for CI")
     args = parser.parse_args(argv)
@@ -150,66 +223,30 @@ def main(argv: list[str] | None = None) -> int:
         for f in results:
             f["minutes"] = round(floor_minutes / 3, 2)  # three regressions trained
         for name in args.pipelines:
-            exp = work / f"exp-{name}"
-            experiment = Experiment(exp)
-            if args.rescore:
-                # This version's submission step on the finished experiment's final ensemble.
-                if "submit" not in json.loads(experiment.pipeline_state.read_text())["done"]:
-                    raise SystemExit(f"--rescore: {exp} holds no finished pipeline")
-                seconds, stages, csv = None, {}, experiment.submission("rescored.csv")
-                make_submission(exp, csv, ensemble=experiment.load_ensemble().name)
-            else:
-                seconds, stages, _ = run_pipeline(name, data_dir, exp, args.time_budget)
-                csv = experiment.submission("submission.csv")
-            sub = pd.read_csv(csv).set_index("filename").loc[ev["filename"]]
-            final = eval_score(sub["scene_label"].map(CLASSES.index).to_numpy(), ev)
-            records = [r for r in experiment.records() if r.status != "failed"]
-            best = max(records, key=lambda r: score_of(r.metrics))
-            probs = predict_clips(exp / best.model_path, data_dir, list(ev["filename"]))
-            single = eval_score(probs[list(CLASSES)].to_numpy().argmax(1), ev)
-            ens = experiment.load_ensemble()
-            # The same ensemble with every city withheld (<unk>): how much of the seen cities'
-            # score is their city's prior, which eval-only cities cannot have.
-            withheld = predict_ensemble(ens, exp, list(ev["filename"]), unknown_city=True)
-            as_predicted = predict_ensemble(ens, exp, list(ev["filename"]))  # no eval session labels
-            ray.shutdown()  # the next pipeline starts a Ray of its own
-            results.append(
-                {
-                    "system": f"pipeline {name}: final ensemble ({ens.name}, {len(ens.members)} members)",
-                    "minutes": round(seconds / 60, 1) if seconds else None,
-                    **final,
-                    "trials": len(records),
-                    "stages": {k: round(v / 60, 2) for k, v in stages.items()},
-                }
-            )
-            results.append(
-                {
-                    "system": f"pipeline {name}: final ensemble, no eval session labels",
-                    "minutes": None,
-                    **eval_score(as_predicted[list(CLASSES)].to_numpy().argmax(1), ev),
-                }
-            )
-            results.append(
-                {
-                    "system": f"pipeline {name}: final ensemble, every city withheld (<unk>)",
-                    "minutes": None,
-                    **eval_score(withheld[list(CLASSES)].to_numpy().argmax(1), ev),
-                }
-            )
-            results.append(
-                {
-                    "system": f"pipeline {name}: best single model ({best.backbone}, {best.trial_id})",
-                    "minutes": None,
-                    **single,
-                }
-            )
+            finals = []
+            for seed in args.seeds:
+                # Seed 0 keeps the folder name of a single run, so --rescore finds earlier runs.
+                exp = work / (f"exp-{name}" if seed == 0 else f"exp-{name}-seed{seed}")
+                label = f"pipeline {name}" + (f" (seed {seed})" if len(args.seeds) > 1 else "")
+                rows = score_pipeline(name, label, exp, data_dir, ev, args, seed)
+                finals.append(rows[0])
+                results += rows
+            if len(finals) > 1:
+                results.append(
+                    {
+                        "system": f"pipeline {name}: final ensemble, mean (sample sd) over seeds {args.seeds}",
+                        "minutes": round(statistics.mean(r["minutes"] for r in finals if r["minutes"]), 1)
+                        if all(r["minutes"] for r in finals)
+                        else None,
+                        **{k: statistics.mean(r[k] for r in finals) for k in ("eval", "seen", "unseen")},
+                        "sd": {k: statistics.stdev(r[k] for r in finals) for k in ("eval", "seen", "unseen")},
+                    }
+                )
     rows = [
         [
             r["system"],
             r["minutes"] if r["minutes"] is not None else "",
-            f"{r['eval']:.3f}",
-            f"{r['seen']:.3f}",
-            f"{r['unseen']:.3f}",
+            *(f"{r[k]:.3f}" + (f" ± {r['sd'][k]:.3f}" if "sd" in r else "") for k in ("eval", "seen", "unseen")),
         ]
         for r in results
     ]
@@ -218,8 +255,16 @@ def main(argv: list[str] | None = None) -> int:
         for r in results
         if r.get("stages")
     ]
-    cmd = "python benchmarks/budget.py" + (
-        " --smoke-test" if args.smoke_test else " --rescore" if args.rescore else f" --time-budget {args.time_budget:g}"
+    cmd = (
+        "python benchmarks/budget.py"
+        + (
+            " --smoke-test"
+            if args.smoke_test
+            else " --rescore"
+            if args.rescore
+            else f" --time-budget {args.time_budget:g}"
+        )
+        + (f" --seeds {' '.join(map(str, args.seeds))}" if len(args.seeds) > 1 else "")
     )
     md = (
         f"`{cmd}`: {len(ev)} eval clips ({int((ev['city_idx'] == 0).sum())} from eval-only cities), "
