@@ -329,6 +329,8 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
     cfg = load_pipeline(args.pipeline)
     if args.max_concurrent:
         cfg = dataclasses.replace(cfg, max_concurrent=args.max_concurrent)
+    if args.seed is not None:
+        cfg = dataclasses.replace(cfg, seed=args.seed)
     result = run_pipeline(
         cfg,
         data=args.data,
@@ -579,6 +581,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--experiment", type=Path, required=True, help="experiment folder")
     p.add_argument("--time-budget", type=POSITIVE, metavar="MINUTES", help="shared by the rounds' searches")
     p.add_argument("--max-concurrent", type=COUNT, help="trials at once (overrides the file; for autoscaling clusters)")
+    p.add_argument("--seed", type=INDEX, help="seed of the searches' sampler and trials (overrides the file's)")
     _add_address(p)
     p.set_defaults(func=_cmd_pipeline)
 

@@ -11,6 +11,7 @@ from conftest import write_metadata
 from raysc import __version__
 from raysc.cli import main
 from raysc.data import read_manifest
+from raysc.errors import RayscError
 from raysc.synth import DEV_METADATA, EVAL_METADATA
 
 
@@ -22,6 +23,23 @@ def test_version_and_help(capsys):
         main(["--help"])
     out = capsys.readouterr().out
     assert "synth" in out and "prepare" in out
+
+
+def test_pipeline_options_override_the_pipeline_file(monkeypatch, caplog):
+    import raysc.pipeline
+
+    seen = []
+
+    def fake_run(cfg, **_):
+        seen.append(cfg)
+        raise RayscError("stopped before anything ran")
+
+    monkeypatch.setattr(raysc.pipeline, "run_pipeline", fake_run)
+    base = ["pipeline", "--data", "d", "--experiment", "e"]
+    assert main(base) == 2 and "stopped before anything ran" in caplog.text
+    assert main([*base, "--seed", "3", "--max-concurrent", "2"]) == 2
+    assert (seen[0].seed, seen[0].max_concurrent) == (0, None)
+    assert (seen[1].seed, seen[1].max_concurrent) == (3, 2)
 
 
 def test_console_script_is_installed():
