@@ -61,6 +61,15 @@ def test_forward_backward_shapes_and_metadata_gradients(name):
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.meta.time.parameters())
 
 
+def test_a_backbone_without_embed_audio_or_embed_is_refused_where_it_is_defined():
+    from raysc.models.base import ASCModel
+
+    with pytest.raises(TypeError, match="NoTrunk must define embed_audio"):
+
+        class NoTrunk(ASCModel):
+            pass
+
+
 @pytest.mark.parametrize("fusion", ["concat", "film"])
 def test_logits_per_city_equal_one_forward_per_city(name, fusion):
     """Validation scores each clip with its city and with <unk> through one trunk pass; the

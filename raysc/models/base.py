@@ -58,9 +58,11 @@ class ASCModel(nn.Module):
         self.frontend = Frontend(cfg.frontend)
         self.meta = MetaEncoder(len(cfg.cities), cfg.meta)
 
-    def embed_audio(self, spec: torch.Tensor, wave: torch.Tensor) -> torch.Tensor:
-        """Log-mel [B, 1, T, F] (+ waveform) -> audio embedding [B, D], before the fusion."""
-        raise NotImplementedError(f"{type(self).__name__} defines neither embed_audio nor embed")
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        # embed_audio(spec [B, 1, T, F], wave) -> audio embedding [B, D], before the fusion.
+        if cls.embed is ASCModel.embed and not callable(getattr(cls, "embed_audio", None)):
+            raise TypeError(f"{cls.__name__} must define embed_audio (or embed, when the metadata enters its trunk)")
 
     def embed(self, spec: torch.Tensor, meta: torch.Tensor, wave: torch.Tensor) -> torch.Tensor:
         """Log-mel [B, 1, T, F] + metadata vector (+ waveform) -> fused embedding [B, D]."""
