@@ -172,6 +172,8 @@ def predict(
     (from cached log-mels when ``cache`` is given). With ``unknown_city``, every clip's city is
     given to the model as ``<unk>``; with ``with_unknown_city``, the ``<unk>`` probabilities come
     too, in the columns ``unk_columns``, from the same pass through the trunk."""
+    if unknown_city and with_unknown_city:
+        raise ValueError("predict: unknown_city and with_unknown_city exclude each other")
     rank, world = _rank_world()
     device = device or next(model.parameters()).device
     net = _unwrap(model)  # no DDP in inference: each rank predicts its own share

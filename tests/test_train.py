@@ -86,6 +86,11 @@ def test_the_city_held_out_score_is_the_validation_clips_scored_as_unk_and_mixed
     assert np.allclose(saved.to_numpy(), unk[list(CLASSES)].to_numpy(), atol=1e-5)
     plain = predict(result.model, table, prepared.store).set_index("filename")
     assert not np.allclose(plain[list(CLASSES)].to_numpy(), unk[list(CLASSES)].to_numpy())  # the city counts
+    both = predict(result.model, table, prepared.store, with_unknown_city=True).set_index("filename")
+    assert np.allclose(both[list(CLASSES)].to_numpy(), plain[list(CLASSES)].to_numpy(), atol=1e-6)
+    assert np.allclose(both[unk_columns(list(CLASSES))].to_numpy(), unk[list(CLASSES)].to_numpy(), atol=1e-6)
+    with pytest.raises(ValueError, match="exclude each other"):
+        predict(result.model, table, prepared.store, unknown_city=True, with_unknown_city=True)
 
     y = prepared.labels(val_rows)
     best = result.best
