@@ -87,65 +87,55 @@ def run_pipeline(name: str, data: Path, exp: Path, budget: float, seed: int) -> 
 
 
 def score_pipeline(
-    name: str, label: str, exp: Path, data_dir: Path, ev: pd.DataFrame, args: argparse.Namespace, seed: int
+    name: str, label: str, exp: Path, data_dir: Path, ev: pd.DataFrame, *, budget: float, seed: int, rescore: bool
 ) -> list[dict]:
-    """Run (or, with --rescore, re-submit) one pipeline and score it: its submission first, then
+    """Run (or, with ``rescore``, re-submit) one pipeline and score it: its submission first, then
     the same ensemble without eval session labels and with every city withheld, and its best
     single model."""
-    rows: list[dict] = []
     experiment = Experiment(exp)
-    if args.rescore:
+    if rescore:
         # This version's submission step on the finished experiment's final ensemble.
         if "submit" not in json.loads(experiment.pipeline_state.read_text())["done"]:
             raise SystemExit(f"--rescore: {exp} holds no finished pipeline")
         seconds, stages, csv = None, {}, experiment.submission("rescored.csv")
         make_submission(exp, csv, ensemble=experiment.load_ensemble().name)
     else:
-        seconds, stages, _ = run_pipeline(name, data_dir, exp, args.time_budget, seed)
+        seconds, stages, _ = run_pipeline(name, data_dir, exp, budget, seed)
         csv = experiment.submission("submission.csv")
     sub = pd.read_csv(csv).set_index("filename").loc[ev["filename"]]
-    final = eval_score(sub["scene_label"].map(CLASSES.index).to_numpy(), ev)
     records = [r for r in experiment.records() if r.status != "failed"]
     best = max(records, key=lambda r: score_of(r.metrics))
     probs = predict_clips(exp / best.model_path, data_dir, list(ev["filename"]))
-    single = eval_score(probs[list(CLASSES)].to_numpy().argmax(1), ev)
     ens = experiment.load_ensemble()
     # The same ensemble with every city withheld (<unk>): how much of the seen cities'
     # score is their city's prior, which eval-only cities cannot have.
     withheld = predict_ensemble(ens, exp, list(ev["filename"]), unknown_city=True)
     as_predicted = predict_ensemble(ens, exp, list(ev["filename"]))  # no eval session labels
     ray.shutdown()  # the next pipeline starts a Ray of its own
-    rows.append(
+    return [
         {
             "system": f"{label}: final ensemble ({ens.name}, {len(ens.members)} members)",
             "minutes": round(seconds / 60, 1) if seconds else None,
-            **final,
+            **eval_score(sub["scene_label"].map(CLASSES.index).to_numpy(), ev),
             "trials": len(records),
             "stages": {k: round(v / 60, 2) for k, v in stages.items()},
-        }
-    )
-    rows.append(
+        },
         {
             "system": f"{label}: final ensemble, no eval session labels",
             "minutes": None,
             **eval_score(as_predicted[list(CLASSES)].to_numpy().argmax(1), ev),
-        }
-    )
-    rows.append(
+        },
         {
             "system": f"{label}: final ensemble, every city withheld (<unk>)",
             "minutes": None,
             **eval_score(withheld[list(CLASSES)].to_numpy().argmax(1), ev),
-        }
-    )
-    rows.append(
+        },
         {
             "system": f"{label}: best single model ({best.backbone}, {best.trial_id})",
             "minutes": None,
-            **single,
-        }
-    )
-    return rows
+            **eval_score(probs[list(CLASSES)].to_numpy().argmax(1), ev),
+        },
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -228,16 +218,16 @@ def main(argv: list[str] | None = None) -> int:
                 # Seed 0 keeps the folder name of a single run, so --rescore finds earlier runs.
                 exp = work / (f"exp-{name}" if seed == 0 else f"exp-{name}-seed{seed}")
                 label = f"pipeline {name}" + (f" (seed {seed})" if len(args.seeds) > 1 else "")
-                rows = score_pipeline(name, label, exp, data_dir, ev, args, seed)
+                rows = score_pipeline(
+                    name, label, exp, data_dir, ev, budget=args.time_budget, seed=seed, rescore=args.rescore
+                )
                 finals.append(rows[0])
                 results += rows
             if len(finals) > 1:
                 results.append(
                     {
                         "system": f"pipeline {name}: final ensemble, mean (sample sd) over seeds {args.seeds}",
-                        "minutes": round(statistics.mean(r["minutes"] for r in finals if r["minutes"]), 1)
-                        if all(r["minutes"] for r in finals)
-                        else None,
+                        "minutes": None if args.rescore else round(statistics.mean(r["minutes"] for r in finals), 1),
                         **{k: statistics.mean(r[k] for r in finals) for k in ("eval", "seen", "unseen")},
                         "sd": {k: statistics.stdev(r[k] for r in finals) for k in ("eval", "seen", "unseen")},
                     }

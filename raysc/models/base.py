@@ -93,9 +93,10 @@ class ASCModel(nn.Module):
         time: torch.Tensor,
         spec: torch.Tensor | None = None,
     ) -> list[torch.Tensor]:
-        """Inference logits of the same clips under each city tensor of ``cities`` (e.g. their
-        own and ``<unk>``). Where the metadata enters at the fusion only, the trunk runs once:
-        validation scores every clip twice, and the trunk is nearly all of the cost."""
+        """Logits of the same clips under each city tensor of ``cities`` (e.g. their own and
+        ``<unk>``; call it in eval mode for inference). Where the metadata enters at the fusion
+        only, the trunk runs once: validation scores every clip twice, and the trunk is nearly all
+        of the cost."""
         spec = self.frontend(wave) if spec is None else self.frontend.augment(spec)
         if type(self).embed is not ASCModel.embed:  # the metadata conditions the trunk
             return [self.head(self.embed(spec, self.meta(c, time), wave)) for c in cities]
