@@ -35,7 +35,7 @@ import yaml
 from common import FRONTEND_8K, dumps, machine, md_table, small_data  # the script folder is on sys.path
 
 from raysc.config import make_config
-from raysc.distributed import init_ray, train
+from raysc.distributed import ddp_backend, free_port, init_ray, train
 from raysc.experiment import Experiment
 from raysc.models import create_model, list_models
 from raysc.models.mamba import selective_scan, selective_scan_reference
@@ -50,29 +50,40 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def check_throughput(device: str, smoke: bool) -> dict[str, Any]:
+def check_throughput(device: str, smoke: bool, progress: Callable[[list[dict[str, Any]]], None]) -> dict[str, Any]:
+    """Calls ``progress`` after each backbone, so that those measured survive a cut-short run.
+
+    A backbone that runs out of memory at the paper's batch is measured at the largest halved
+    batch that fits (the row says which), since that is what a user of that GPU would train with.
+    """
     width, batch, seconds = (0.125, 2, 1.0) if smoke else (1.0, 32, 10.0)
-    rows = []
+    rows: list[dict[str, Any]] = []
     for name in list_models():
         row: dict[str, Any] = {"backbone": name, "width": width, "batch": batch}
         for amp in ("bf16", None):
-            torch.manual_seed(0)
-            model = create_model(name, width=width)
-            if device == "cuda":
-                torch.cuda.empty_cache()
-                torch.cuda.reset_peak_memory_stats()
-            key = amp or "fp32"
-            try:
-                row[f"{key}_clips_per_s"] = training_throughput(
-                    model, batch=batch, seconds=seconds, device=device, amp=amp, min_steps=2, min_time=4.0
-                )
+            key, b = amp or "fp32", batch
+            while b >= 1:
+                torch.manual_seed(0)
+                model = create_model(name, width=width)
                 if device == "cuda":
-                    row[f"{key}_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
-            except torch.OutOfMemoryError as exc:
-                row[f"{key}_error"] = f"out of memory: {exc}"[:300]
-            del model
+                    torch.cuda.empty_cache()
+                    torch.cuda.reset_peak_memory_stats()
+                try:
+                    row[f"{key}_clips_per_s"] = training_throughput(
+                        model, batch=b, seconds=seconds, device=device, amp=amp, min_steps=2, min_time=3.0
+                    )
+                    if device == "cuda":
+                        row[f"{key}_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+                    row[f"{key}_batch"] = b
+                    break
+                except torch.OutOfMemoryError:
+                    row[f"{key}_oom_at_batch"] = b
+                    b //= 2
+                finally:
+                    del model
         rows.append(row)
         log.info("throughput %s", row)
+        progress(rows)
     return {"rows": rows}
 
 
@@ -93,6 +104,7 @@ def check_search(device: str, data: Path, work: Path) -> dict[str, Any]:
     space.write_text(yaml.safe_dump(_space(gpus, cpus)))
     lines: list[tuple[float, str]] = []
     t0 = time.time()
+    init_ray(None, num_cpus=None if device == "cuda" else 2)
     result = search(
         space,
         data=data,
@@ -136,6 +148,7 @@ def check_ddp(device: str, data: Path, work: Path) -> dict[str, Any]:
             "lr": 3e-3,
         }
     )
+    init_ray(None, num_cpus=None if device == "cuda" else 2)
     runs = {}
     for workers in (1, 2):
         t0 = time.time()
@@ -150,8 +163,50 @@ def check_ddp(device: str, data: Path, work: Path) -> dict[str, Any]:
         "ok": runs[1]["train_clips"] == runs[2]["train_clips"]
         and abs(runs[1]["macro_accuracy"] - runs[2]["macro_accuracy"]) <= 0.15,
         "gpus_per_worker_with_2": gpus / 2,
+        "backend_with_2": ddp_backend(2, gpus / 2),
         "runs": runs,
     }
+
+
+def _allreduce_rank(rank: int, world: int, backend: str, port: int, results: Any) -> None:
+    import torch.distributed as dist
+
+    try:
+        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+        x = torch.full((1024,), float(rank + 1), device="cuda" if backend == "nccl" else "cpu")
+        dist.all_reduce(x)
+        torch.cuda.synchronize() if backend == "nccl" else None
+        results.put((rank, "ok", float(x[0])))
+        dist.destroy_process_group()
+    except Exception as exc:  # reported to the parent, which records it
+        results.put((rank, "error", f"{type(exc).__name__}: {exc}"[:500]))
+
+
+def check_nccl(device: str) -> dict[str, Any]:
+    """Two NCCL ranks on the one GPU, outside Ray: the case ``ddp_backend`` routes to gloo."""
+    import torch.multiprocessing as mp
+
+    backend = "nccl" if device == "cuda" else "gloo"
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_allreduce_rank, args=(r, 2, backend, port, results)) for r in range(2)]
+    for p in procs:
+        p.start()
+    outcomes = []
+    deadline = time.time() + 90  # a hang is an outcome too
+    while len(outcomes) < 2 and time.time() < deadline:
+        try:
+            outcomes.append(results.get(timeout=max(0.1, deadline - time.time())))
+        except Exception:  # queue.Empty at the deadline
+            break
+    for p in procs:
+        p.join(timeout=5)
+        if p.is_alive():
+            p.kill()
+    two_ranks_ok = len(outcomes) == 2 and all(o[1] == "ok" and o[2] == 3.0 for o in outcomes)
+    # Not a pass/fail check: it records whether this NCCL accepts two ranks on one GPU.
+    return {"backend": backend, "two_ranks_one_gpu_ok": two_ranks_ok, "outcomes": sorted(outcomes)}
 
 
 def check_mamba(device: str, smoke: bool) -> dict[str, Any]:
@@ -197,38 +252,27 @@ def _run(name: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, required=True, help="folder for gpu_check.json and .md")
-    parser.add_argument("--smoke-test", action="store_true", help="tiny sizes; runs on a CPU")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    device = "cuda" if torch.cuda.is_available() and not args.smoke_test else "cpu"
-    if device == "cpu" and not args.smoke_test:
-        parser.error("no CUDA device: this check is for a GPU machine (--smoke-test runs it tiny on a CPU)")
-    args.out.mkdir(parents=True, exist_ok=True)
-    checks: dict[str, Any] = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu"}
-    checks["throughput"] = _run("throughput", lambda: check_throughput(device, args.smoke_test))
-    checks["mamba"] = _run("mamba", lambda: check_mamba(device, args.smoke_test))
-    with tempfile.TemporaryDirectory() as tmp:
-        work = Path(tmp)
-        data = small_data(work, 60 if args.smoke_test else 240)
-        init_ray(None, num_cpus=2 if args.smoke_test else None)
-        checks["search"] = _run("search", lambda: check_search(device, data, work))
-        checks["ddp"] = _run("ddp", lambda: check_ddp(device, data, work))
-    (args.out / "gpu_check.json").write_text(dumps({**checks, "machine": machine()}))
-    tput = checks["throughput"].get("rows", [])
-    md = (
+def _cell(row: dict[str, Any], amp: str, key: str) -> str:
+    if f"{amp}_clips_per_s" not in row:
+        return "out of memory at batch 1" if key.endswith("clips_per_s") else ""
+    value = row.get(key, "")
+    return f"{value:.1f}" if isinstance(value, float) else str(value)
+
+
+def _markdown(checks: dict[str, Any]) -> str:
+    tput = checks.get("throughput", {}).get("rows", [])
+    return (
         f"`bash benchmarks/gpu_check.sh OUT` on {checks['device']}: training throughput at width "
         f"{tput[0]['width'] if tput else '-'}, batch {tput[0]['batch'] if tput else '-'}\n\n"
         + md_table(
-            ["backbone", "bf16 clips/s", "bf16 peak GiB", "fp32 clips/s", "fp32 peak GiB"],
+            ["backbone", "bf16 batch", "bf16 clips/s", "bf16 peak GiB", "fp32 batch", "fp32 clips/s", "fp32 peak GiB"],
             [
                 [
                     r["backbone"],
                     *(
-                        f"{r[k]:.1f}" if isinstance(r.get(k), float) else r.get(k.replace("clips_per_s", "error"), "")
-                        for k in ("bf16_clips_per_s", "bf16_peak_gib", "fp32_clips_per_s", "fp32_peak_gib")
+                        _cell(r, amp, k)
+                        for amp in ("bf16", "fp32")
+                        for k in (f"{amp}_batch", f"{amp}_clips_per_s", f"{amp}_peak_gib")
                     ),
                 ]
                 for r in tput
@@ -246,13 +290,71 @@ def main(argv: list[str] | None = None) -> int:
                         :400
                     ],
                 ]
-                for name in ("search", "ddp", "mamba")
+                for name in ("search", "ddp", "mamba", "nccl")
+                if name in checks
             ],
         )
     )
-    (args.out / "gpu_check.md").write_text(md)
-    print(md)
-    return 0 if all(checks[n].get("ok") for n in ("search", "ddp", "mamba")) else 1
+
+
+def _save(out: Path, checks: dict[str, Any]) -> None:
+    """Write what is measured so far, so that a run cut short by its time limit still reports."""
+    (out / "gpu_check.json").write_text(dumps({**checks, "machine": machine()}))
+    (out / "gpu_check.md").write_text(_markdown(checks))
+
+
+PARTS = ("mamba", "nccl", "search", "ddp", "throughput")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, required=True, help="folder for gpu_check.json and .md")
+    parser.add_argument("--smoke-test", action="store_true", help="tiny sizes; runs on a CPU")
+    parser.add_argument(
+        "--parts",
+        default=",".join(PARTS),
+        help="comma-separated checks to run (default all); results merge into OUT/gpu_check.json",
+    )
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    parts = args.parts.split(",")
+    if unknown := sorted(set(parts) - set(PARTS)):
+        parser.error(f"unknown part(s) {unknown}; choose from {', '.join(PARTS)}")
+    device = "cuda" if torch.cuda.is_available() and not args.smoke_test else "cpu"
+    if device == "cpu" and not args.smoke_test:
+        parser.error("no CUDA device: this check is for a GPU machine (--smoke-test runs it tiny on a CPU)")
+    args.out.mkdir(parents=True, exist_ok=True)
+    # Another invocation's parts (the shell script runs Ray's checks apart, under their own time limit).
+    saved = args.out / "gpu_check.json"
+    checks: dict[str, Any] = json.loads(saved.read_text()) if saved.is_file() else {}
+    checks.pop("machine", None)
+    checks["device"] = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+    if "mamba" in parts:
+        checks["mamba"] = _run("mamba", lambda: check_mamba(device, args.smoke_test))
+        _save(args.out, checks)
+    if "nccl" in parts:
+        checks["nccl"] = _run("nccl", lambda: check_nccl(device))
+        _save(args.out, checks)
+    if "search" in parts or "ddp" in parts:
+        with tempfile.TemporaryDirectory() as tmp:
+            work = Path(tmp)
+            data = small_data(work, 60 if args.smoke_test else 240)
+            if "search" in parts:
+                checks["search"] = _run("search", lambda: check_search(device, data, work))
+                _save(args.out, checks)
+            if "ddp" in parts:
+                checks["ddp"] = _run("ddp", lambda: check_ddp(device, data, work))
+                _save(args.out, checks)
+    if "throughput" in parts:
+        checks["throughput"] = _run(
+            "throughput",
+            lambda: check_throughput(
+                device, args.smoke_test, lambda rows: _save(args.out, {**checks, "throughput": {"rows": rows}})
+            ),
+        )
+        _save(args.out, checks)
+    print(_markdown(checks))
+    return 0 if all(checks[n].get("ok") for n in ("search", "ddp", "mamba") if n in parts) else 1
 
 
 if __name__ == "__main__":

@@ -262,6 +262,20 @@ def train(
     return json.loads(metrics_path.read_text())
 
 
+def ddp_backend(workers: int, gpus_per_worker: float) -> str:
+    """The torch.distributed backend for ``workers`` workers of ``gpus_per_worker`` GPUs each.
+
+    NCCL needs a GPU of its own per rank ("Duplicate GPU detected" otherwise), and Ray packs
+    workers of fractional GPUs onto the same GPU, so those use gloo, which reduces CUDA tensors
+    through host memory: slower, but only small models are given fractional GPUs.
+    """
+    if gpus_per_worker <= 0:
+        return "gloo"
+    if workers > 1 and gpus_per_worker < 1:
+        return "gloo"
+    return "nccl"
+
+
 def make_trainer(
     cfg: TrainConfig,
     data_dir: str | Path,
@@ -280,7 +294,7 @@ def make_trainer(
     """The ``TorchTrainer`` that runs ``fit`` for ``cfg``; ``name`` must be stable so that a
     restarted run finds its own checkpoints under ``storage_path``."""
     import ray.train  # lazy: see init_ray
-    from ray.train.torch import TorchTrainer
+    from ray.train.torch import TorchConfig, TorchTrainer
 
     scaled = ray.train.ScalingConfig(
         num_workers=workers,
@@ -298,6 +312,7 @@ def make_trainer(
             "log_file": str(log_file) if log_file else None,
         },
         scaling_config=scaled,
+        torch_config=TorchConfig(backend=ddp_backend(workers, gpus_per_worker)),
         run_config=ray.train.RunConfig(
             name=name,
             storage_path=storage_path,

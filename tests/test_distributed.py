@@ -30,6 +30,29 @@ def _cfg(**kw):
     )
 
 
+def test_workers_sharing_a_gpu_reduce_through_gloo(tmp_path):
+    from raysc.distributed import ddp_backend, make_trainer
+
+    # NCCL refuses two ranks on one GPU, and Ray packs fractional-GPU workers onto one GPU.
+    assert ddp_backend(2, 0.5) == "gloo"
+    assert ddp_backend(4, 0.25) == "gloo"
+    assert ddp_backend(2, 1.0) == "nccl"
+    assert ddp_backend(1, 0.25) == "nccl"  # one rank: nothing to share
+    assert ddp_backend(2, 0.0) == "gloo"
+    trainer = make_trainer(
+        _cfg(),
+        tmp_path,
+        tmp_path,
+        name="backend",
+        storage_path=str(tmp_path),
+        workers=2,
+        gpus_per_worker=0.5,
+        cpus_per_worker=1,
+        max_failures=0,
+    )
+    assert trainer.backend_config.backend == "gloo"
+
+
 def test_one_and_two_workers_reach_the_same_metrics(local_ray, prepared, tmp_path):
     from raysc.distributed import train
 
