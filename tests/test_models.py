@@ -21,7 +21,7 @@ TINY = {
     "mobileascnet": {"width": 0.25, "frontend": SMALL_FRONTEND},
     "ascmamba": {"width": 0.125, "blocks": 1, "expand": 2, "frontend": {**SMALL_FRONTEND, "n_mels": 16}},
     "rm3": {"width": 0.25, "wavegram_kernel": 256, "gdc_size": [2, 4], "frontend": SMALL_FRONTEND},
-    "stats": {"width": 0.25, "frontend": SMALL_FRONTEND},
+    "stats": {"width": 0.25, "frontend": SMALL_FRONTEND, "modulation": True},  # as the default spaces set it
 }
 # Parameter counts of the papers (RM3: 874k reported; ASCMamba: no published size, ours).
 PAPER_PARAMS = {"setrans": 0.36e6, "resnet_cbam": 21.6e6, "mobileascnet": 0.37e6, "rm3": 0.874e6}
@@ -209,3 +209,46 @@ def test_band_statistics_match_torch_reductions(requires_grad):
     )
     assert got.shape == (3, 8 * 7) and got.requires_grad == requires_grad
     torch.testing.assert_close(got.detach(), expected, rtol=1e-5, atol=1e-4)
+
+
+def _modulated_bands(rate: float, frames: int, hz: dict[int, float], seed: int = 0) -> torch.Tensor:
+    """[1, 1, T, 8] log-mel-like input: noise, plus a sinusoidal level swing at ``hz[band]``."""
+    g = torch.Generator().manual_seed(seed)
+    t = torch.arange(frames) / rate
+    spec = torch.randn(1, 1, frames, 8, generator=g) * 0.5 - 40
+    for band, f in hz.items():
+        spec[0, 0, :, band] += 6 * torch.sin(2 * torch.pi * f * t)
+    return spec
+
+
+def test_modulation_energies_find_the_modulation_rate_and_ignore_a_band_gain():
+    from raysc.models.stats import modulation_energies
+
+    rate, edges = 50.0, (0.5, 1.5, 3.0, 6.0, 12.0, 24.0)
+    spec = _modulated_bands(rate, 500, {2: 4.0, 5: 0.8})  # babble-like 4 Hz, pass-by-like 0.8 Hz
+    got = modulation_energies(spec, edges, groups=8, frame_rate=rate).reshape(5, 8).T  # [group, band]
+    assert got[2].argmax() == 2  # 4 Hz lies in 3-6 Hz
+    assert got[5].argmax() == 0  # 0.8 Hz lies in 0.5-1.5 Hz
+    assert (got[2, 2] - got[0, 2]) > 2.0  # far above an unmodulated band's noise (log scale)
+    # A device or room that scales each band by a constant adds a constant to its log-mel.
+    gain = torch.linspace(-12, 12, 8)
+    torch.testing.assert_close(modulation_energies(spec + gain, edges, 8, rate).reshape(5, 8).T, got, atol=1e-3, rtol=0)
+
+
+def test_modulation_energies_of_a_clip_too_short_for_a_band_stay_finite():
+    from raysc.models.stats import modulation_energies
+
+    spec = _modulated_bands(50.0, 12, {0: 4.0})  # 0.24 s: bins 4.2 Hz apart, none in 0.5-1.5 Hz
+    got = modulation_energies(spec, (0.5, 1.5, 3.0), groups=4, frame_rate=50.0)
+    assert got.shape == (1, 4 * 2) and torch.isfinite(got).all()
+
+
+def test_bad_modulation_settings_are_named():
+    with pytest.raises(ConfigError, match=r"modulation_edges reach 40.0 Hz, above the front end's frame-rate Nyquist"):
+        create_model("stats", modulation=True, modulation_edges=[1.0, 40.0])
+    with pytest.raises(ConfigError, match=r"modulation_edges must be at least two increasing values"):
+        create_model("stats", modulation=True, modulation_edges=[3.0, 1.0])
+    with pytest.raises(ConfigError, match=r"modulation_groups must be in \[1, n_mels=64\], got 65"):
+        create_model("stats", modulation=True, modulation_groups=65)
+    # Off, the edges are not checked against the front end (nothing uses them).
+    assert not create_model("stats", modulation_edges=[1.0, 40.0]).cfg.modulation

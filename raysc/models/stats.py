@@ -81,7 +81,7 @@ def band_statistics(spec: torch.Tensor, quantiles: tuple[float, ...], deltas: bo
 
 
 def modulation_energies(spec: torch.Tensor, edges: tuple[float, ...], groups: int, frame_rate: float) -> torch.Tensor:
-    """[B, 1, T, F] log-mel -> [B, groups * (len(edges) - 1)]: log mean magnitude of each mel
+    """[B, 1, T, F] log-mel -> [B, (len(edges) - 1) * groups], band-major: log mean magnitude of each mel
     group's trajectory spectrum in each modulation band. A band too narrow for the clip's
     frequency resolution takes the bin nearest its centre, so short clips still get a value."""
     x = spec.squeeze(1).float()  # [B, T, F]
