@@ -22,6 +22,7 @@ import argparse
 import json
 import logging
 import math
+import queue
 import re
 import tempfile
 import time
@@ -175,7 +176,8 @@ def _allreduce_rank(rank: int, world: int, backend: str, port: int, results: Any
         dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
         x = torch.full((1024,), float(rank + 1), device="cuda" if backend == "nccl" else "cpu")
         dist.all_reduce(x)
-        torch.cuda.synchronize() if backend == "nccl" else None
+        if backend == "nccl":
+            torch.cuda.synchronize()
         results.put((rank, "ok", float(x[0])))
         dist.destroy_process_group()
     except Exception as exc:  # reported to the parent, which records it
@@ -198,7 +200,7 @@ def check_nccl(device: str) -> dict[str, Any]:
     while len(outcomes) < 2 and time.time() < deadline:
         try:
             outcomes.append(results.get(timeout=max(0.1, deadline - time.time())))
-        except Exception:  # queue.Empty at the deadline
+        except queue.Empty:
             break
     for p in procs:
         p.join(timeout=5)

@@ -9,9 +9,11 @@ modulation spectrum: the mel bands averaged into ``modulation_groups`` groups, e
 log-mel trajectory Fourier-transformed over time, and its mean magnitude (log) in each
 modulation band between ``modulation_edges`` (Hz). It tells babble (syllables, 3-6 Hz) from
 pass-bys (under 1 Hz), beats and impacts, and it does not change when a device or room scales a
-band by a constant gain, which is what an unseen city's recordings do. The statistics are standardised by
-BatchNorm (its running estimates act as the dataset's mean and scale), then fused with the
-metadata and classified. ``hidden: 0`` makes it a logistic regression on the fused vector.
+band by a constant gain, which is what an unseen city's recordings do.
+
+The statistics are standardised by BatchNorm (its running estimates act as the dataset's mean and
+scale), then fused with the metadata and classified. ``hidden: 0`` makes it a logistic
+regression on the fused vector.
 """
 
 from __future__ import annotations
@@ -81,9 +83,9 @@ def band_statistics(spec: torch.Tensor, quantiles: tuple[float, ...], deltas: bo
 
 
 def modulation_energies(spec: torch.Tensor, edges: tuple[float, ...], groups: int, frame_rate: float) -> torch.Tensor:
-    """[B, 1, T, F] log-mel -> [B, (len(edges) - 1) * groups], band-major: log mean magnitude of each mel
-    group's trajectory spectrum in each modulation band. A band too narrow for the clip's
-    frequency resolution takes the bin nearest its centre, so short clips still get a value."""
+    """[B, 1, T, F] log-mel -> [B, (len(edges) - 1) * groups], band-major: the log mean magnitude
+    of each mel group's trajectory spectrum in each modulation band. A band too narrow for the
+    clip's frequency resolution takes the bin nearest its centre, so short clips get a value."""
     x = spec.squeeze(1).float()  # [B, T, F]
     x = nn.functional.adaptive_avg_pool1d(x, groups).transpose(1, 2)  # [B, groups, T]
     x = x - x.mean(2, keepdim=True)  # a constant gain per band drops out here
@@ -94,7 +96,8 @@ def modulation_energies(spec: torch.Tensor, edges: tuple[float, ...], groups: in
     for lo, hi in itertools.pairwise(edges):
         inside = (freqs >= lo) & (freqs < hi)
         if not inside.any():
-            inside = (freqs - (lo + hi) / 2).abs() == (freqs - (lo + hi) / 2).abs().min()
+            off_centre = (freqs - (lo + hi) / 2).abs()
+            inside = off_centre == off_centre.min()
         parts.append(torch.log(mag[..., inside].mean(2) + 1e-6))
     return torch.cat(parts, dim=1)
 
