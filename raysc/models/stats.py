@@ -38,7 +38,7 @@ class StatsConfig(ModelConfig):
     hidden: int = 256  # fused width (times ``width``); 0: no hidden layer
     dropout: float = 0.3  # on the statistics and on the hidden layer
     modulation: bool = False
-    modulation_edges: tuple[float, ...] = (0.5, 1.5, 3.0, 6.0, 12.0, 24.0)  # Hz; 5 bands
+    modulation_edges: tuple[float, ...] = (0.1, 0.5, 1.5, 3.0, 6.0, 12.0, 24.0)  # Hz; 6 bands
     modulation_groups: int = 16  # mel bands are averaged into this many groups first
 
     def __post_init__(self) -> None:
