@@ -4,7 +4,7 @@
 # GPU (0.25 each), 2-worker DDP on the one GPU, NCCL with two ranks on one GPU, the parallel
 # Mamba scan on CUDA.
 #
-#     bash benchmarks/gpu_check.sh OUT      # writes OUT/gpu_check.{json,md} and OUT/nvidia-smi.txt
+#     bash benchmarks/gpu_check.sh OUT      # writes OUT/gpu_check.{json,md,log}, nvidia-smi.txt, versions.txt
 #     bash benchmarks/gpu_check.sh OUT --smoke-test   # the same, tiny, on a CPU
 #
 # Ray's checks run in their own process under their own limit, so that a Ray that hangs

@@ -269,11 +269,8 @@ def ddp_backend(workers: int, gpus_per_worker: float) -> str:
     workers of fractional GPUs onto the same GPU, so those use gloo, which reduces CUDA tensors
     through host memory: slower, but only small models are given fractional GPUs.
     """
-    if gpus_per_worker <= 0:
-        return "gloo"
-    if workers > 1 and gpus_per_worker < 1:
-        return "gloo"
-    return "nccl"
+    shares_a_gpu = workers > 1 and gpus_per_worker < 1
+    return "gloo" if gpus_per_worker <= 0 or shares_a_gpu else "nccl"
 
 
 def make_trainer(
