@@ -158,3 +158,39 @@ def spec_augment(spec: torch.Tensor, cfg: FrontendConfig) -> torch.Tensor:
         mask |= _masks(cfg.time_masks, cfg.time_mask_width, t, b, spec.device)[:, :, None]
     fill = spec.mean(dim=(-2, -1), keepdim=True)
     return torch.where(mask.unsqueeze(1), fill, spec)
+
+
+# An eval-only city records through a device and rooms no training clip had. A random room acts
+# on the log-mel as what such a city changes: a smooth EQ over the mel bands (a device, a
+# housing) and a late-reverb tail per band (energy decaying 60 dB in RT60, at a random
+# reverberant-to-direct level).
+ROOM_RT60_S = (0.1, 1.0)
+ROOM_REVERB_MIX = (0.05, 0.4)  # reverb amplitude relative to the direct sound
+ROOM_EQ_DB = 6.0  # standard deviation of the EQ gain at each knot, in power dB
+ROOM_EQ_KNOTS = 8  # spread evenly over the mel bands
+
+
+def random_rooms(spec: torch.Tensor, cfg: FrontendConfig) -> torch.Tensor:
+    """Each clip of a [B, 1, T, F] log-mel batch (made by a front end with ``cfg``) as recorded
+    in a random room through a random device. Uses torch's global generator."""
+    b, _, t, f = spec.shape
+    x = spec.float()
+    per_db = cfg.power / 2  # the front end's dB are of magnitude (power 1) or power (power 2)
+    energy = torch.pow(10.0, x / (10 * per_db))
+    dev = x.device
+    rt60 = torch.empty(b, device=dev).uniform_(*ROOM_RT60_S)
+    mix = torch.empty(b, device=dev).uniform_(*ROOM_REVERB_MIX)
+    decay = torch.pow(10.0, -6.0 / (rt60 * cfg.sample_rate / cfg.hop_length))  # energy kept per frame
+    # An exponential tail whose weights sum to mix**2: the reverb's share of a steady sound's energy.
+    kernel = (mix**2 * (1 - decay))[:, None] * decay[:, None] ** torch.arange(t, device=dev)
+    n = 2 * t  # zero-padded: a linear, causal convolution along time
+    tail = torch.fft.irfft(
+        torch.fft.rfft(energy, n, dim=2) * torch.fft.rfft(kernel, n, dim=1)[:, None, :, None], n, dim=2
+    )
+    y = 10 * per_db * torch.log10((energy + tail[:, :, :t].clamp_min(0)).clamp_min(1e-30))
+    knots = torch.randn(b, 1, ROOM_EQ_KNOTS, device=dev) * ROOM_EQ_DB
+    gains = nn.functional.interpolate(knots, size=f, mode="linear", align_corners=True)  # [B, 1, F]
+    y = y + per_db * gains[:, :, None, :]
+    if cfg.log == "db" and cfg.top_db is not None:  # the front end's floor, per clip
+        y = torch.maximum(y, y.amax(dim=(-2, -1), keepdim=True) - cfg.top_db)
+    return y.to(spec.dtype)

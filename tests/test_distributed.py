@@ -7,6 +7,7 @@ import os
 import signal
 import threading
 import time
+from pathlib import Path
 
 import pytest
 from conftest import FRONTEND, resources_released
@@ -149,3 +150,27 @@ def test_ray_workers_start_with_one_malloc_arena_and_large_blocks_kept(local_ray
     # A user's own setting wins over raysc's.
     monkeypatch.setenv("MALLOC_ARENA_MAX", "4")
     assert worker_env()["MALLOC_ARENA_MAX"] == "4" and worker_env()["MALLOC_TRIM_THRESHOLD_"] == str(1 << 30)
+
+
+def test_a_local_ray_polls_for_its_dashboard_rarely(local_ray, monkeypatch):
+    from raysc.distributed import QUIET_ENV, local_ray_env
+
+    # The daemons of this session's Ray name its GCS address on their command lines.
+    gcs = local_ray.get_runtime_context().gcs_address
+    daemons = {}
+    for proc in Path("/proc").iterdir():
+        try:
+            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            env = (proc / "environ").read_bytes()
+        except OSError:
+            continue
+        if gcs in cmd and ("dashboard/agent.py" in cmd or "dashboard/dashboard.py" in cmd):
+            daemons[cmd] = dict(item.decode().split("=", 1) for item in env.split(b"\0") if b"=" in item)
+    assert len(daemons) >= 2, f"no dashboard daemons found for {gcs}"
+    for env in daemons.values():
+        for key, value in QUIET_ENV.items():
+            assert env[key] == value
+    # A user's own setting wins over raysc's.
+    monkeypatch.setenv("REPORTER_UPDATE_INTERVAL_MS", "1000")
+    assert local_ray_env()["REPORTER_UPDATE_INTERVAL_MS"] == "1000"
+    assert local_ray_env()["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == "0.2"

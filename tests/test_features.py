@@ -8,7 +8,15 @@ import numpy as np
 import pytest
 import torch
 
-from raysc.features import FRONTENDS, Frontend, FrontendConfig, frontend_preset
+from raysc.features import (
+    FRONTENDS,
+    ROOM_REVERB_MIX,
+    ROOM_RT60_S,
+    Frontend,
+    FrontendConfig,
+    frontend_preset,
+    random_rooms,
+)
 
 
 def _hz_to_mel(f: np.ndarray, scale: str) -> np.ndarray:
@@ -107,6 +115,48 @@ def test_spec_augment_masks_only_in_training():
         fill = clean[b].mean()
         assert torch.allclose(masked[b, 0][m], fill.expand(int(m.sum())), atol=1e-4)
         assert changed[b, 0].all(dim=0).sum() <= 2 * 8 and changed[b, 0].all(dim=1).sum() <= 2 * 20
+
+
+def test_random_rooms_add_a_causal_exponential_tail_and_one_eq_per_clip():
+    # Power dB at 1,000 frames a second: a tail decays a fraction of a dB a frame, so its slope and
+    # level can be read back from a few frames after an impulse.
+    cfg = FrontendConfig(sample_rate=8000, hop_length=8, n_mels=16, power=2.0, log="eps", top_db=None)
+    rate = cfg.sample_rate / cfg.hop_length
+    quiet = torch.full((8, 1, 60, 16), -200.0)
+    impulse = quiet.clone()
+    impulse[:, :, 20] = 0.0
+    torch.manual_seed(0)
+    y = random_rooms(impulse, cfg)
+    torch.manual_seed(0)
+    y_quiet = random_rooms(quiet, cfg)  # the same rooms
+    # Nothing before the sound (causal), up to the float FFT's rounding: 1e-7 of the loudest energy.
+    leak = (10 ** (y[:, :, :20] / 10) - 10 ** (y_quiet[:, :, :20] / 10)).abs().max()
+    assert leak < 1e-7 * 10 ** (y.amax() / 10)
+    steps = y[:, 0, 22:40] - y[:, 0, 21:39]  # dB a frame, per clip and band
+    assert torch.allclose(steps, steps[:, :1], atol=0.02)  # exponential, the same in every band
+    decay = 10 ** (steps[:, 0, 0] / 10)  # energy kept per frame
+    rt60 = -60 / (steps[:, 0, 0] * rate)
+    assert ((rt60 > ROOM_RT60_S[0] - 1e-3) & (rt60 < ROOM_RT60_S[1] + 1e-3)).all(), rt60
+    assert rt60.std() > 0.05  # each clip its own room
+    # The first tail frame against the impulse's: mix**2 (1 - a) a / (1 + mix**2 (1 - a)).
+    r = 10 ** ((y[:, 0, 21, 0] - y[:, 0, 20, 0]) / 10)
+    mix = (r / ((1 - decay) * (decay - r))).sqrt()
+    assert ((mix > ROOM_REVERB_MIX[0] - 1e-3) & (mix < ROOM_REVERB_MIX[1] + 1e-3)).all(), mix
+    # The EQ: one gain per clip and band, constant in time, smooth over the bands, not flat.
+    gain = y[:, 0, 20] - 10 * torch.log10(1 + mix[:, None] ** 2 * (1 - decay[:, None]))
+    assert gain.std() > 1.0 and (gain[:, 1:] - gain[:, :-1]).abs().max() < gain.abs().max()
+    assert torch.allclose(y[:, 0, 30] - y[:, 0, 29], steps[:, 8], atol=1e-4)
+
+
+def test_random_rooms_keep_the_front_ends_floor_and_magnitude_decibels():
+    cfg = dataclasses.replace(FRONTENDS["baseline"], sample_rate=8000, hop_length=80, n_mels=16, f_max=4000.0)
+    fe = Frontend(cfg).eval()
+    spec = fe(torch.from_numpy(np.stack([_test_signal(1.0, 8000, s) for s in range(4)])))
+    torch.manual_seed(1)
+    y = random_rooms(spec, cfg)
+    assert y.shape == spec.shape and y.dtype == spec.dtype and not torch.equal(y, spec)
+    low, high = y.amin(dim=(1, 2, 3)), y.amax(dim=(1, 2, 3))
+    assert (low >= high - cfg.top_db - 1e-3).all()  # the 80 dB floor, per clip
 
 
 def test_presets_and_bad_values():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 
 import numpy as np
 import pytest
@@ -115,6 +116,23 @@ def test_city_dropout_trains_the_unk_embedding(name):
     model(wave, city, time, torch.eye(len(CLASSES))[[0, 1, 2]]).sum().backward()
     grad = model.meta.city.weight.grad
     assert grad[0].abs().sum() > 0 and grad[1:].abs().sum() == 0
+
+
+def test_unseen_rooms_show_training_clips_as_from_an_unknown_city(name):
+    model = tiny(name, unseen_rooms=1.0).train()
+    wave, city, time = batch()
+    outs = []
+    for c in (city, torch.zeros_like(city)):
+        torch.manual_seed(0)  # the same rooms (and dropout) for both calls
+        outs.append(model(wave, c, time, torch.eye(len(CLASSES))[[0, 1, 2]]))
+    assert torch.allclose(outs[0], outs[1], atol=1e-6)  # every clip was shown as <unk>
+    # Inference never moves a clip: the same as the same weights without unseen rooms.
+    plain = tiny(name)
+    plain.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        assert torch.equal(model.eval()(wave, city, time), plain.eval()(wave, city, time))
+    with pytest.raises(ConfigError, match=r"unseen_rooms must be in \[0, 1\], got 1.5"):
+        tiny(name, unseen_rooms=1.5)
 
 
 def test_save_load_gives_identical_outputs(name, tmp_path):
@@ -241,6 +259,26 @@ def test_modulation_energies_of_a_clip_too_short_for_a_band_stay_finite():
     spec = _modulated_bands(50.0, 12, {0: 4.0})  # 0.24 s: bins 4.2 Hz apart, none in 0.5-1.5 Hz
     got = modulation_energies(spec, (0.5, 1.5, 3.0), groups=4, frame_rate=50.0)
     assert got.shape == (1, 4 * 2) and torch.isfinite(got).all()
+
+
+def test_modulation_groups_pool_the_same_whether_they_divide_the_bands_or_not():
+    from raysc.models import stats
+
+    spec = _modulated_bands(50.0, 200, {1: 2.0, 6: 9.0})  # 8 bands
+    edges = (0.5, 1.5, 3.0, 6.0, 12.0, 24.0)
+    for groups in (2, 4, 8, 3):  # 3 does not divide 8: adaptive pooling
+        x = spec.squeeze(1)
+        pooled = torch.nn.functional.adaptive_avg_pool1d(x, groups).transpose(1, 2)
+        pooled = pooled - pooled.mean(2, keepdim=True)
+        got = stats.modulation_energies(spec, edges, groups, 50.0)
+        # The reshape path against adaptive pooling: the same band energies.
+        mag = torch.fft.rfft(pooled * torch.hann_window(200, periodic=False), dim=2).abs()
+        freqs = torch.fft.rfftfreq(200, 1 / 50.0)
+        expected = torch.cat(
+            [torch.log(mag[..., (freqs >= lo) & (freqs < hi)].mean(2) + 1e-6) for lo, hi in itertools.pairwise(edges)],
+            1,
+        )
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)
 
 
 def test_bad_modulation_settings_are_named():

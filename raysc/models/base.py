@@ -12,7 +12,7 @@ from torch import nn
 
 from ..data import CLASSES, OFFICIAL_CITIES, UNK_CITY
 from ..errors import ConfigError
-from ..features import Frontend, FrontendConfig
+from ..features import Frontend, FrontendConfig, random_rooms
 from .layers import FUSIONS, MetaConfig, MetaEncoder
 
 DEFAULT_CITIES: tuple[str, ...] = (UNK_CITY, *OFFICIAL_CITIES)
@@ -28,8 +28,13 @@ class ModelConfig:
     meta: MetaConfig = field(default_factory=MetaConfig)
     fusion: str = "concat"
     width: float = 1.0  # channel multiplier: small, fast variants for tests and quick searches
+    # Share of training clips shown as from a city never seen: through a random room and device
+    # (``features.random_rooms``), with the city <unk>. Trains <unk> for what eval-only cities sound like.
+    unseen_rooms: float = 0.0
 
     def __post_init__(self) -> None:
+        if not 0.0 <= self.unseen_rooms <= 1.0:
+            raise ConfigError(f"unseen_rooms must be in [0, 1], got {self.unseen_rooms}")
         if self.fusion not in FUSIONS:
             raise ConfigError(f"unknown fusion {self.fusion!r} (valid: {', '.join(FUSIONS)})")
         if not self.cities or self.cities[0] != UNK_CITY:
@@ -74,6 +79,12 @@ class ASCModel(nn.Module):
         """``spec``: the front end's log-mel of ``wave`` when it is already known (a feature
         cache); only SpecAugment is then applied here."""
         spec = self.frontend(wave) if spec is None else self.frontend.augment(spec)
+        if self.training and self.cfg.unseen_rooms > 0:
+            moved = torch.rand(city.shape, device=city.device) < self.cfg.unseen_rooms
+            if moved.any():
+                spec = spec.clone()
+                spec[moved] = random_rooms(spec[moved], self.frontend.cfg)
+                city = city.masked_fill(moved, 0)  # 0 = <unk>
         return self.embed(spec, self.meta(city, time), wave)
 
     def forward(

@@ -87,7 +87,11 @@ def modulation_energies(spec: torch.Tensor, edges: tuple[float, ...], groups: in
     of each mel group's trajectory spectrum in each modulation band. A band too narrow for the
     clip's frequency resolution takes the bin nearest its centre, so short clips get a value."""
     x = spec.squeeze(1).float()  # [B, T, F]
-    x = nn.functional.adaptive_avg_pool1d(x, groups).transpose(1, 2)  # [B, groups, T]
+    b, t, f = x.shape
+    if f % groups == 0:  # equal groups: a reshape, twice as fast as adaptive pooling on the CPU
+        x = x.reshape(b, t, groups, f // groups).mean(3).transpose(1, 2)  # [B, groups, T]
+    else:
+        x = nn.functional.adaptive_avg_pool1d(x, groups).transpose(1, 2)
     x = x - x.mean(2, keepdim=True)  # a constant gain per band drops out here
     frames = x.shape[2]
     mag = torch.fft.rfft(x * torch.hann_window(frames, periodic=False, device=x.device), dim=2).abs()
