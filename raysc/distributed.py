@@ -36,9 +36,9 @@ RAY_ENV = {
     "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "600",
 }
 # A local Ray's daemons poll on timers made for a dashboard someone watches (node stats every
-# 5 s, metrics every 10 s, event files every 2 s). On 2 idle cores they used 21 % of one core,
-# 16 % with these; every trial shares the cores with them. Only the local Ray raysc starts gets
-# them, and a user's own values win.
+# 5 s, metrics every 5-10 s, event files every 2 s). Idle on 2 cores they used 15 % of one core,
+# 11 % with these (benchmarks/ray_idle.py); every trial shares the cores with them. Only the
+# local Ray raysc starts gets them, and a user's own values win.
 QUIET_ENV = {
     "REPORTER_UPDATE_INTERVAL_MS": "30000",
     "NODE_STATS_UPDATE_INTERVAL_SECONDS": "60",
