@@ -86,12 +86,7 @@ def modulation_energies(spec: torch.Tensor, edges: tuple[float, ...], groups: in
     """[B, 1, T, F] log-mel -> [B, (len(edges) - 1) * groups], band-major: the log mean magnitude
     of each mel group's trajectory spectrum in each modulation band. A band too narrow for the
     clip's frequency resolution takes the bin nearest its centre, so short clips get a value."""
-    x = spec.squeeze(1).float()  # [B, T, F]
-    b, t, f = x.shape
-    if f % groups == 0:  # equal groups: a reshape, twice as fast as adaptive pooling on the CPU
-        x = x.reshape(b, t, groups, f // groups).mean(3).transpose(1, 2)  # [B, groups, T]
-    else:
-        x = nn.functional.adaptive_avg_pool1d(x, groups).transpose(1, 2)
+    x = _pool_groups(spec.squeeze(1).float(), groups).transpose(1, 2)  # [B, groups, T]
     x = x - x.mean(2, keepdim=True)  # a constant gain per band drops out here
     frames = x.shape[2]
     mag = torch.fft.rfft(x * torch.hann_window(frames, periodic=False, device=x.device), dim=2).abs()
@@ -104,6 +99,14 @@ def modulation_energies(spec: torch.Tensor, edges: tuple[float, ...], groups: in
             inside = off_centre == off_centre.min()
         parts.append(torch.log(mag[..., inside].mean(2) + 1e-6))
     return torch.cat(parts, dim=1)
+
+
+def _pool_groups(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """[B, T, F] -> [B, T, groups], the mean of each group of adjacent bands (adaptive pooling)."""
+    b, t, f = x.shape
+    if f % groups == 0:  # equal groups: a reshape, twice as fast as adaptive pooling on the CPU
+        return x.reshape(b, t, groups, f // groups).mean(3)
+    return nn.functional.adaptive_avg_pool1d(x, groups)
 
 
 def _std(x: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
