@@ -67,89 +67,90 @@ def crossfit_ensemble(
     if candidates < 1 or k < 1:
         raise ConfigError(f"candidates and k must be >= 1, got {candidates} and {k}")
     exp = Experiment(experiment)
-    records = [r for r in candidate_records(exp, None) if not exp.train_config(r).get("pseudo_labels")]
-    if not records:
-        raise RayscError(f"{exp.root}: no finished trial without pseudo-labels to cross-fit")
-    data_dir = exp.read_search_settings(records[0].round)["data"]
-    data = load_dataset(data_dir)
-    folds = data.folds()
-    slots = parallel_slots(cpus, gpus, address) if time_budget_minutes is not None else 1
-    top, spent = [], 0.0
-    for r in sorted(records, key=rank_key):
-        cost = crossfit_minutes(r, len(folds), slots)
-        if len(top) < candidates and (time_budget_minutes is None or spent + cost <= time_budget_minutes):
-            top.append(r)
-            spent += cost
-    if not top:
-        raise RayscError(f"{exp.root}: no trial's cross-fitting fits in {time_budget_minutes:.1f} min")
+    with exp.in_use():  # another process writing this experiment is refused
+        records = [r for r in candidate_records(exp, None) if not exp.train_config(r).get("pseudo_labels")]
+        if not records:
+            raise RayscError(f"{exp.root}: no finished trial without pseudo-labels to cross-fit")
+        data_dir = exp.read_search_settings(records[0].round)["data"]
+        data = load_dataset(data_dir)
+        folds = data.folds()
+        slots = parallel_slots(cpus, gpus, address) if time_budget_minutes is not None else 1
+        top, spent = [], 0.0
+        for r in sorted(records, key=rank_key):
+            cost = crossfit_minutes(r, len(folds), slots)
+            if len(top) < candidates and (time_budget_minutes is None or spent + cost <= time_budget_minutes):
+                top.append(r)
+                spent += cost
+        if not top:
+            raise RayscError(f"{exp.root}: no trial's cross-fitting fits in {time_budget_minutes:.1f} min")
 
-    # ---- one run per configuration and fold (a rerun keeps those that finished)
-    configs, outs = [], []
-    for r in top:
-        train = exp.train_config(r)
-        epochs = max(1, r.best_epoch or train["epochs"])
-        for f in folds:
-            if not (exp.crossfit_dir(r.trial_id, f) / "model.pt").is_file():
-                values = {**train, "fold": f, "epochs": epochs, "keep_last": True}
-                configs.append(make_config(values, where=f"cross-fit of {r.trial_id}"))
-                outs.append(exp.crossfit_dir(r.trial_id, f))
-    if configs:
-        log.info("cross-fitting %d configuration(s) x %d folds: %d run(s)", len(top), len(folds), len(configs))
-        fit_many(configs, data_dir, outs, cpus=cpus, gpus=gpus, address=address)
+        # ---- one run per configuration and fold (a rerun keeps those that finished)
+        configs, outs = [], []
+        for r in top:
+            train = exp.train_config(r)
+            epochs = max(1, r.best_epoch or train["epochs"])
+            for f in folds:
+                if not (exp.crossfit_dir(r.trial_id, f) / "model.pt").is_file():
+                    values = {**train, "fold": f, "epochs": epochs, "keep_last": True}
+                    configs.append(make_config(values, where=f"cross-fit of {r.trial_id}"))
+                    outs.append(exp.crossfit_dir(r.trial_id, f))
+        if configs:
+            log.info("cross-fitting %d configuration(s) x %d folds: %d run(s)", len(top), len(folds), len(configs))
+            fit_many(configs, data_dir, outs, cpus=cpus, gpus=gpus, address=address)
 
-    # ---- out-of-fold predictions over every labelled clip, each from the model without its fold
-    rows = pd.concat([data.split(f)[1] for f in folds], ignore_index=True)  # with "seen" per fold
-    y = data.labels(rows)
-    classes = data.classes
-    weight = data.unseen_weight(exp.train_config(top[0]).get("unseen_weight"))
-    probs, unk = zip(*(_out_of_fold(exp, r.trial_id, folds, rows, classes) for r in top), strict=True)
-    scores = [
-        objective(
-            macro_accuracy(y, p.argmax(1), len(classes)),
-            None if u is None else macro_accuracy(y, u.argmax(1), len(classes)),
-            weight,
+        # ---- out-of-fold predictions over every labelled clip, each from the model without its fold
+        rows = pd.concat([data.split(f)[1] for f in folds], ignore_index=True)  # with "seen" per fold
+        y = data.labels(rows)
+        classes = data.classes
+        weight = data.unseen_weight(exp.train_config(top[0]).get("unseen_weight"))
+        probs, unk = zip(*(_out_of_fold(exp, r.trial_id, folds, rows, classes) for r in top), strict=True)
+        scores = [
+            objective(
+                macro_accuracy(y, p.argmax(1), len(classes)),
+                None if u is None else macro_accuracy(y, u.argmax(1), len(classes)),
+                weight,
+            )
+            for p, u in zip(probs, unk, strict=True)
+        ]
+        picks = top_k(scores, k) if method == "topk" else greedy_selection(probs, y, steps=k)
+        counts = Counter(picks)
+        total = sum(counts.values())
+        members = tuple(
+            Member(r.trial_id, r.round, r.backbone, exp.relative(exp.crossfit_dir(r.trial_id, f) / "model.pt"), w)
+            for i, c in sorted(counts.items(), key=lambda ic: (-ic[1], ic[0]))
+            for r, w in [(top[i], c / total / len(folds))]
+            for f in folds
         )
-        for p, u in zip(probs, unk, strict=True)
-    ]
-    picks = top_k(scores, k) if method == "topk" else greedy_selection(probs, y, steps=k)
-    counts = Counter(picks)
-    total = sum(counts.values())
-    members = tuple(
-        Member(r.trial_id, r.round, r.backbone, exp.relative(exp.crossfit_dir(r.trial_id, f) / "model.pt"), w)
-        for i, c in sorted(counts.items(), key=lambda ic: (-ic[1], ic[0]))
-        for r, w in [(top[i], c / total / len(folds))]
-        for f in folds
-    )
-    mean = sum(probs[i] * c for i, c in counts.items()) / total
-    has_unk = all(unk[i] is not None for i in counts)
-    unk_mean = sum(unk[i] * c for i, c in counts.items()) / total if has_unk else None
-    t = fit_temperature(mean, y) if temperature else 1.0
-    calibrated = apply_temperature(mean, t) if t != 1.0 else mean
-    if session_smoothing:
-        session_mean = _session_means(exp, data, {top[i].trial_id: c / total for i, c in counts.items()}, folds, t)
+        mean = sum(probs[i] * c for i, c in counts.items()) / total
+        has_unk = all(unk[i] is not None for i in counts)
+        unk_mean = sum(unk[i] * c for i, c in counts.items()) / total if has_unk else None
+        t = fit_temperature(mean, y) if temperature else 1.0
+        calibrated = apply_temperature(mean, t) if t != 1.0 else mean
+        if session_smoothing:
+            session_mean = _session_means(exp, data, {top[i].trial_id: c / total for i, c in counts.items()}, folds, t)
 
-    ensembles = []
-    for smooth in (False, True) if session_smoothing else (False,):
-        final = session_mean(rows, "plain") if smooth else calibrated
-        final_unk = None
-        if smooth:
-            final_unk = session_mean(rows, "unk")
-        elif unk_mean is not None:  # the same temperature
-            final_unk = apply_temperature(unk_mean, t) if t != 1.0 else unk_mean
-        report = _oof_report(final, final_unk, y, rows, data, folds, weight)
-        name = f"crossfit-{method}{k}" + ("-session" if smooth else "")
-        ens = Ensemble(name, method, members, OUT_OF_FOLD, data_dir, t, smooth, report)
-        _save(exp, ens, final, rows, classes)
-        log.info(
-            "%s: %d configuration(s) x %d folds, out-of-fold macro accuracy %.4f (+- %.4f over folds)",
-            name,
-            len(counts),
-            len(folds),
-            report["macro_accuracy"],
-            report["fold_macro_accuracy_std"],
-        )
-        ensembles.append(ens)
-    return ensembles
+        ensembles = []
+        for smooth in (False, True) if session_smoothing else (False,):
+            final = session_mean(rows, "plain") if smooth else calibrated
+            final_unk = None
+            if smooth:
+                final_unk = session_mean(rows, "unk")
+            elif unk_mean is not None:  # the same temperature
+                final_unk = apply_temperature(unk_mean, t) if t != 1.0 else unk_mean
+            report = _oof_report(final, final_unk, y, rows, data, folds, weight)
+            name = f"crossfit-{method}{k}" + ("-session" if smooth else "")
+            ens = Ensemble(name, method, members, OUT_OF_FOLD, data_dir, t, smooth, report)
+            _save(exp, ens, final, rows, classes)
+            log.info(
+                "%s: %d configuration(s) x %d folds, out-of-fold macro accuracy %.4f (+- %.4f over folds)",
+                name,
+                len(counts),
+                len(folds),
+                report["macro_accuracy"],
+                report["fold_macro_accuracy_std"],
+            )
+            ensembles.append(ens)
+        return ensembles
 
 
 def crossfit_minutes(r: TrialRecord, folds: int, slots: int = 1) -> float:
@@ -180,89 +181,91 @@ def crossfit_pseudo_round(
     that score is optimistic (``metrics["teacher_saw_folds"]``). Whether the round helps was
     measured on eval data (benchmarks/semi_supervised.py)."""
     exp = Experiment(experiment)
-    ens = exp.load_ensemble(teacher)
-    if ens.fold != OUT_OF_FOLD:
-        raise ConfigError(f"{teacher}: a cross-fitted ensemble is needed as the teacher (fold {ens.fold})")
-    data = load_dataset(ens.data)
-    folds = data.folds()
-    # One configuration per teacher trial, with its fold models' summed weight.
-    weights: dict[str, float] = {}
-    teachers: dict[str, Member] = {}
-    for m in ens.members:
-        weights[m.trial_id] = weights.get(m.trial_id, 0.0) + m.weight
-        teachers[m.trial_id] = m
-    key = {tid: f"{tid}-pseudo{round}" for tid in weights}
-    sources = {(tid, f): exp.crossfit_dir(tid, f) for tid in weights for f in folds}
-    trains = {k: json.loads((d / "config.json").read_text())["train"] for k, d in sources.items()}
-    todo = [k for k in sources if not (exp.crossfit_dir(key[k[0]], k[1]) / "model.pt").is_file()]
-    # Estimated from the teacher's own fold runs (a few more clips each: the pseudo-labels).
-    seconds = {
-        k: sum(h.get("epoch_seconds", 0.0) for h in json.loads((d / "metrics.json").read_text())["history"])
-        for k, d in sources.items()
-    }
-    slots = parallel_slots(cpus, gpus, address) if time_budget_minutes is not None else 1
-    need = sum(seconds[k] for k in todo) / max(1, slots) / 60
-    if time_budget_minutes is not None and need > time_budget_minutes:
-        raise RayscError(
-            f"{exp.root}: the pseudo-label round needs about {need:.1f} min, {time_budget_minutes:.1f} left"
+    with exp.in_use():  # another process writing this experiment is refused
+        ens = exp.load_ensemble(teacher)
+        if ens.fold != OUT_OF_FOLD:
+            raise ConfigError(f"{teacher}: a cross-fitted ensemble is needed as the teacher (fold {ens.fold})")
+        data = load_dataset(ens.data)
+        folds = data.folds()
+        # One configuration per teacher trial, with its fold models' summed weight.
+        weights: dict[str, float] = {}
+        teachers: dict[str, Member] = {}
+        for m in ens.members:
+            weights[m.trial_id] = weights.get(m.trial_id, 0.0) + m.weight
+            teachers[m.trial_id] = m
+        key = {tid: f"{tid}-pseudo{round}" for tid in weights}
+        sources = {(tid, f): exp.crossfit_dir(tid, f) for tid in weights for f in folds}
+        trains = {k: json.loads((d / "config.json").read_text())["train"] for k, d in sources.items()}
+        todo = [k for k in sources if not (exp.crossfit_dir(key[k[0]], k[1]) / "model.pt").is_file()]
+        # Estimated from the teacher's own fold runs (a few more clips each: the pseudo-labels).
+        seconds = {
+            k: sum(h.get("epoch_seconds", 0.0) for h in json.loads((d / "metrics.json").read_text())["history"])
+            for k, d in sources.items()
+        }
+        slots = parallel_slots(cpus, gpus, address) if time_budget_minutes is not None else 1
+        need = sum(seconds[k] for k in todo) / max(1, slots) / 60
+        if time_budget_minutes is not None and need > time_budget_minutes:
+            raise RayscError(
+                f"{exp.root}: the pseudo-label round needs about {need:.1f} min, {time_budget_minutes:.1f} left"
+            )
+        # Runs with session labels take pseudo-labels only for clips of sessions without a label.
+        pool_only = all(t.get("session_labels", True) for t in trains.values())
+        path, _ = write_candidates(
+            exp.root, ensemble=teacher, selection=selection, without_session_label=pool_only, address=address
         )
-    # Runs with session labels take pseudo-labels only for clips of sessions without a label.
-    pool_only = all(t.get("session_labels", True) for t in trains.values())
-    path, _ = write_candidates(
-        exp.root, ensemble=teacher, selection=selection, without_session_label=pool_only, address=address
-    )
-    pseudo = {
-        "pseudo_labels": str(path),
-        "pseudo_threshold": selection.threshold,
-        "pseudo_weight": selection.weight,
-        "pseudo_targets": selection.targets,
-    }
-    configs = [make_config({**trains[k], **pseudo}, where=f"pseudo-label round of {k[0]}") for k in todo]
-    outs = [exp.crossfit_dir(key[tid], f) for tid, f in todo]
-    if configs:
-        log.info("pseudo-label round %d of %s: %d run(s)", round, teacher, len(configs))
-        fit_many(configs, ens.data, outs, cpus=cpus, gpus=gpus, address=address)
+        pseudo = {
+            "pseudo_labels": str(path),
+            "pseudo_threshold": selection.threshold,
+            "pseudo_weight": selection.weight,
+            "pseudo_targets": selection.targets,
+        }
+        configs = [make_config({**trains[k], **pseudo}, where=f"pseudo-label round of {k[0]}") for k in todo]
+        outs = [exp.crossfit_dir(key[tid], f) for tid, f in todo]
+        if configs:
+            log.info("pseudo-label round %d of %s: %d run(s)", round, teacher, len(configs))
+            fit_many(configs, ens.data, outs, cpus=cpus, gpus=gpus, address=address)
 
-    rows = pd.concat([data.split(f)[1] for f in folds], ignore_index=True)
-    y = data.labels(rows)
-    classes = data.classes
-    mean = unk = 0.0
-    for tid, w in weights.items():
-        plain, held_out = _out_of_fold(exp, key[tid], folds, rows, classes)
-        mean, unk = mean + w * plain, unk + w * held_out
-    final, final_unk = (apply_temperature(p, ens.temperature) if ens.temperature != 1.0 else p for p in (mean, unk))
-    if ens.session_smoothing:
-        session_mean = _session_means(exp, data, {key[tid]: w for tid, w in weights.items()}, folds, ens.temperature)
-        final, final_unk = session_mean(rows, "plain"), session_mean(rows, "unk")
-    override = exp.member_files(ens.members[0])["config"]["train"].get("unseen_weight")
-    report = _oof_report(final, final_unk, y, rows, data, folds, data.unseen_weight(override))
-    report["teacher_saw_folds"] = True
-    # A member keeps its trial's round: that is where its record lives.
-    members = tuple(
-        Member(
-            tid,
-            teachers[tid].round,
-            teachers[tid].backbone,
-            exp.relative(exp.crossfit_dir(key[tid], f) / "model.pt"),
-            w / len(folds),
+        rows = pd.concat([data.split(f)[1] for f in folds], ignore_index=True)
+        y = data.labels(rows)
+        classes = data.classes
+        mean = unk = 0.0
+        for tid, w in weights.items():
+            plain, held_out = _out_of_fold(exp, key[tid], folds, rows, classes)
+            mean, unk = mean + w * plain, unk + w * held_out
+        final, final_unk = (apply_temperature(p, ens.temperature) if ens.temperature != 1.0 else p for p in (mean, unk))
+        if ens.session_smoothing:
+            by_trial = {key[tid]: w for tid, w in weights.items()}
+            session_mean = _session_means(exp, data, by_trial, folds, ens.temperature)
+            final, final_unk = session_mean(rows, "plain"), session_mean(rows, "unk")
+        override = exp.member_files(ens.members[0])["config"]["train"].get("unseen_weight")
+        report = _oof_report(final, final_unk, y, rows, data, folds, data.unseen_weight(override))
+        report["teacher_saw_folds"] = True
+        # A member keeps its trial's round: that is where its record lives.
+        members = tuple(
+            Member(
+                tid,
+                teachers[tid].round,
+                teachers[tid].backbone,
+                exp.relative(exp.crossfit_dir(key[tid], f) / "model.pt"),
+                w / len(folds),
+            )
+            for tid, w in weights.items()
+            for f in folds
         )
-        for tid, w in weights.items()
-        for f in folds
-    )
-    name = f"{teacher}-pseudo{round}"
-    out = Ensemble(
-        name, ens.method, members, OUT_OF_FOLD, ens.data, ens.temperature, ens.session_smoothing, report, teacher
-    )
-    _save(exp, out, final, rows, classes)
-    log.info(
-        "%s: %d configuration(s) x %d folds retrained with pseudo-labels from %s (%d candidate clips)",
-        name,
-        len(weights),
-        len(folds),
-        teacher,
-        len(pd.read_csv(path)),
-    )
-    return out
+        name = f"{teacher}-pseudo{round}"
+        out = Ensemble(
+            name, ens.method, members, OUT_OF_FOLD, ens.data, ens.temperature, ens.session_smoothing, report, teacher
+        )
+        _save(exp, out, final, rows, classes)
+        log.info(
+            "%s: %d configuration(s) x %d folds retrained with pseudo-labels from %s (%d candidate clips)",
+            name,
+            len(weights),
+            len(folds),
+            teacher,
+            len(pd.read_csv(path)),
+        )
+        return out
 
 
 def _save(exp: Experiment, ens: Ensemble, final: np.ndarray, rows: pd.DataFrame, classes: list[str]) -> None:

@@ -26,10 +26,16 @@ records are relative to the experiment folder, so a moved experiment still loads
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import json
+import os
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import pandas as pd
 
@@ -134,11 +140,56 @@ class Ensemble:
         return cls(**{**d, "members": tuple(Member(**m) for m in d["members"])})
 
 
+# Experiment folders this process holds (see ``Experiment.in_use``): the open lock file and depth.
+_HELD: dict[Path, tuple[IO[str], int]] = {}
+
+
 class Experiment:
     """An experiment folder: its paths, records and ensembles."""
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
+
+    @contextmanager
+    def in_use(self) -> Iterator[None]:
+        """Hold the folder for this process while it writes into it. Two processes writing one
+        experiment delete each other's checkpoints and interleave one Optuna study, so another
+        raysc process asking for a held folder is refused, naming the holder. Reentrant within a
+        process (a pipeline runs searches); released by the kernel when the process ends, so a
+        killed run leaves nothing to clean up."""
+        key = self.root.resolve()
+        if key in _HELD:
+            f, depth = _HELD[key]
+            _HELD[key] = (f, depth + 1)
+        else:
+            key.mkdir(parents=True, exist_ok=True)
+            f = (key / ".in-use").open("a+")
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                f.seek(0)
+                holder = f.read().strip() or "another process"
+                f.close()
+                raise RayscError(
+                    f"{self.root} is in use by {holder}; two runs in one experiment folder would overwrite "
+                    "each other. Wait for it to end, or stop it and continue with the same command "
+                    "(an interrupted run resumes), or choose another folder"
+                ) from None
+            f.seek(0)
+            f.truncate()
+            command = " ".join(["raysc", *sys.argv[1:]]) if sys.argv[0].endswith("raysc") else "a Python process"
+            f.write(f"{command} (pid {os.getpid()}, since {time.strftime('%Y-%m-%d %H:%M:%S')})\n")
+            f.flush()
+            _HELD[key] = (f, 1)
+        try:
+            yield
+        finally:
+            f, depth = _HELD[key]
+            if depth > 1:
+                _HELD[key] = (f, depth - 1)
+            else:
+                del _HELD[key]
+                f.close()  # closing releases the lock
 
     # ---- the pipeline and the tables
     @property

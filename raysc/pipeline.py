@@ -200,10 +200,27 @@ def run_pipeline(
     progress: Callable[[str], None] | None = None,
 ) -> PipelineResult:
     """Run (or continue) the pipeline; the time budget is shared by the rounds' searches and
-    always leaves a reserve for the ensembles, pseudo-labels and the submission."""
+    always leaves a reserve for the ensembles, pseudo-labels and the submission. Another raysc
+    process using ``experiment`` at the time is refused (``Experiment.in_use``)."""
+    exp = Experiment(Path(experiment).resolve())
+    load_dataset(data)  # a wrong data folder fails before the experiment folder is made
+    with exp.in_use():
+        return _run_pipeline(
+            cfg, data=data, exp=exp, time_budget_minutes=time_budget_minutes, address=address, progress=progress
+        )
+
+
+def _run_pipeline(
+    cfg: PipelineConfig,
+    *,
+    data: str | Path,
+    exp: Experiment,
+    time_budget_minutes: float | None,
+    address: str | None,
+    progress: Callable[[str], None] | None,
+) -> PipelineResult:
     say = progress or log.info
     t0 = time.perf_counter()
-    exp = Experiment(Path(experiment).resolve())
     space = cfg.space_path()
     data = str(Path(data).resolve())
     dataset = load_dataset(data)  # fails early on a wrong folder

@@ -115,7 +115,8 @@ def search(
     ``{"backbone": "setrans", "lr": 1e-4}``); what they leave out is sampled.
 
     Everything is checked before Ray starts: the space, the data folder, the fold, the
-    pseudo-label candidates (required from round 1), and that one trial fits the cluster.
+    pseudo-label candidates (required from round 1), that one trial fits the cluster, and that
+    no other raysc process is using the experiment (``Experiment.in_use``).
     """
     names = {f.name for f in dataclasses.fields(SearchOptions)}
     unknown = sorted(set(options) - names)
@@ -137,29 +138,32 @@ def search(
         startup_trials=min(10, max(1, opts.trials // 3)),
     )
     _check_inputs(sp, settings, exp)
-    settings_path = exp.search_settings(opts.round)
-    if resume:
-        if not settings_path.is_file():
-            raise RayscError(f"{rdir}: no search to resume (no search.json); run without --resume")
-        changes = settings_changes(json.loads(settings_path.read_text()), dataclasses.asdict(settings))
-        if changes:
-            raise RayscError(f"{rdir}: --resume with different settings ({changes}); give the original ones")
-    elif rdir.exists() and any(rdir.iterdir()):
-        raise RayscError(f"{rdir} already holds a search; pass --resume to continue it or choose another --experiment")
-    rdir.mkdir(parents=True, exist_ok=True)
-    write_json(settings_path, dataclasses.asdict(settings))
-    if not exp.space_copy(opts.round).exists():
-        shutil.copyfile(sp.path, exp.space_copy(opts.round))
+    with exp.in_use():  # another process searching this experiment is refused
+        settings_path = exp.search_settings(opts.round)
+        if resume:
+            if not settings_path.is_file():
+                raise RayscError(f"{rdir}: no search to resume (no search.json); run without --resume")
+            changes = settings_changes(json.loads(settings_path.read_text()), dataclasses.asdict(settings))
+            if changes:
+                raise RayscError(f"{rdir}: --resume with different settings ({changes}); give the original ones")
+        elif rdir.exists() and any(rdir.iterdir()):
+            raise RayscError(
+                f"{rdir} already holds a search; pass --resume to continue it or choose another --experiment"
+            )
+        rdir.mkdir(parents=True, exist_ok=True)
+        write_json(settings_path, dataclasses.asdict(settings))
+        if not exp.space_copy(opts.round).exists():
+            shutil.copyfile(sp.path, exp.space_copy(opts.round))
 
-    t0 = time.perf_counter()
-    _run_tune(
-        sp, settings, exp, resume=resume, address=address, points=points_to_evaluate, progress=progress or log.info
-    )
-    records = collect_records(exp, sp, settings)
-    exp.write_trials_table()
-    done = [r for r in records if r.status != "failed"]
-    best = max(done, key=lambda r: score_of(r.metrics)) if done else None
-    return SearchResult(rdir, sorted(records, key=rank_key), best, time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        _run_tune(
+            sp, settings, exp, resume=resume, address=address, points=points_to_evaluate, progress=progress or log.info
+        )
+        records = collect_records(exp, sp, settings)
+        exp.write_trials_table()
+        done = [r for r in records if r.status != "failed"]
+        best = max(done, key=lambda r: score_of(r.metrics)) if done else None
+        return SearchResult(rdir, sorted(records, key=rank_key), best, time.perf_counter() - t0)
 
 
 def _check_inputs(sp: SearchSpace, s: SearchSettings, exp: Experiment) -> None:

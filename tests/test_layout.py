@@ -29,6 +29,7 @@ EXPERIMENT_NAMES = {
     "summary.csv",
     "plots",
     "submission",
+    ".in-use",
 }
 
 

@@ -263,3 +263,29 @@ def test_search_input_errors_stop_before_ray_starts(prepared, tmp_path):
     with pytest.raises(RayscError, match=r"cand.csv:2: 'nope' is not an unlabelled development clip"):
         search(space, data=prepared.out, experiment=tmp_path / "exp3", round=1, pseudo_candidates=bad)
     assert not (tmp_path / "exp2").exists() and not (tmp_path / "exp3").exists()
+
+
+def test_an_experiment_in_use_by_another_process_is_refused_by_name(prepared, tmp_path):
+    exp = Experiment(tmp_path / "exp")
+    hold = "import sys, time\nfrom raysc.experiment import Experiment\nwith Experiment(sys.argv[1]).in_use():\n"
+    hold += "    print('held', flush=True)\n    time.sleep(120)\n"
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(exp.root)], stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout.readline() == b"held\n"
+        held_by = rf"{re.escape(str(exp.root))} is in use by a Python process \(pid {holder.pid}, since 20\d\d-"
+        with pytest.raises(RayscError, match=held_by):
+            search(write_space(tmp_path / "s.yaml"), data=prepared.out, experiment=exp.root)
+        assert not exp.round_dir(0).exists()  # refused before anything was written
+        from raysc.crossfit import crossfit_ensemble
+
+        with pytest.raises(RayscError, match=held_by):
+            crossfit_ensemble(exp.root)
+    finally:
+        holder.kill()
+        holder.wait()
+    # The holder's end frees the folder (a killed run leaves nothing to clean up); a process may
+    # take it again while it holds it (a pipeline runs its searches).
+    with exp.in_use(), exp.in_use():
+        pass
+    with exp.in_use():
+        assert f"(pid {os.getpid()}, since" in (exp.root / ".in-use").read_text()
