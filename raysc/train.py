@@ -26,6 +26,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from .audio import FeatureStore
+from .codebook import codebook_clips, frame_codebook
 from .config import TrainConfig
 from .dataset import PreparedData, load_dataset
 from .errors import ConfigError, RayscError
@@ -430,6 +431,12 @@ def fit(
     # that also reads the waveform).
     use_cache = cfg.cache_features and not model.uses_wave
     cache = FeatureCache.ensure(data.out, data.store, model.cfg.frontend) if use_cache else None
+    if model.codebook_size and not resume and not model.codebook.any():
+        # Unsupervised, so the unlabelled clips count; no clip of a validation session does. A
+        # pretrained network (init_from) keeps the codebook its later layers were trained with.
+        clips = codebook_clips(data.manifest, cfg.fold, cfg.train_on)
+        centroids_from = cache or FeatureCache.ensure(data.out, data.store, model.cfg.frontend)
+        model.codebook.copy_(frame_codebook(centroids_from, clips, model.codebook_size).to(dev))
     params = [p for p in model.parameters() if p.requires_grad]
     opt = make_optimizer(cfg, model)
     per_rank_batch = max(1, cfg.batch_size // world)  # batch_size is the global batch

@@ -69,6 +69,13 @@ class ASCModel(nn.Module):
         if cls.embed is ASCModel.embed and not callable(getattr(cls, "embed_audio", None)):
             raise TypeError(f"{cls.__name__} must define embed_audio (or embed, when the metadata enters its trunk)")
 
+    @property
+    def codebook_size(self) -> int:
+        """Centroids of the frame codebook in the buffer ``codebook`` [k, n_mels], which ``fit``
+        fits without labels before the first epoch while it is all zeros (``raysc.codebook``);
+        0: the network has none."""
+        return 0
+
     def embed(self, spec: torch.Tensor, meta: torch.Tensor, wave: torch.Tensor) -> torch.Tensor:
         """Log-mel [B, 1, T, F] + metadata vector (+ waveform) -> fused embedding [B, D]."""
         return self.fusion(self.embed_audio(spec, wave), meta)

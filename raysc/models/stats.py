@@ -9,7 +9,12 @@ modulation spectrum: the mel bands averaged into ``modulation_groups`` groups, e
 log-mel trajectory Fourier-transformed over time, and its mean magnitude (log) in each
 modulation band between ``modulation_edges`` (Hz). It tells babble (syllables, 3-6 Hz) from
 pass-bys (under 1 Hz), beats and impacts, and it does not change when a device or room scales a
-band by a constant gain, which is what an unseen city's recordings do.
+band by a constant gain, which is what an unseen city's recordings do. With ``codebook`` on, also a
+bag of frames: each frame, taken relative to the clip's mean log-mel (a constant gain per band
+drops out here too), is assigned to the nearest of ``codebook`` centroids fitted without labels
+on the training data's frames (``raysc.codebook``; ``fit`` fits them before the first epoch and
+they are saved with the weights), and the clip is described by the log share of its frames per
+centroid: which kinds of moment (a voice, a brake, a chime) it holds, and how often.
 
 The statistics are standardised by BatchNorm (its running estimates act as the dataset's mean and
 scale), then fused with the metadata and classified. ``hidden: 0`` makes it a logistic
@@ -26,6 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..codebook import centred_frames
 from .base import ASCModel, ModelConfig
 from .layers import Fusion, scaled
 from .registry import register
@@ -40,6 +46,7 @@ class StatsConfig(ModelConfig):
     modulation: bool = False
     modulation_edges: tuple[float, ...] = (0.1, 0.5, 1.5, 3.0, 6.0, 12.0, 24.0)  # Hz; 6 bands
     modulation_groups: int = 16  # mel bands are averaged into this many groups first
+    codebook: int = 0  # frame centroids of the bag-of-frames histogram; 0: none
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -56,6 +63,8 @@ class StatsConfig(ModelConfig):
                 raise ValueError(
                     f"modulation_groups must be in [1, n_mels={self.frontend.n_mels}], got {self.modulation_groups}"
                 )
+        if self.codebook < 0:
+            raise ValueError(f"codebook must be >= 0 (0: no bag of frames), got {self.codebook}")
         if not all(0.0 <= q <= 1.0 for q in self.quantiles):
             raise ValueError(f"quantiles must be in [0, 1], got {self.quantiles}")
         if not 0.0 <= self.dropout < 1.0:
@@ -101,6 +110,18 @@ def modulation_energies(spec: torch.Tensor, edges: tuple[float, ...], groups: in
     return torch.cat(parts, dim=1)
 
 
+def frame_histogram(spec: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+    """[B, 1, T, F] log-mel, [k, F] centroids -> [B, k]: the log share of the clip's frames
+    (relative to its mean) nearest to each centroid, floored at 1e-3."""
+    x = centred_frames(spec)  # [B, T, F]
+    d = codebook.square().sum(1) - 2 * x @ codebook.T  # squared distance minus |x|^2: [B, T, k]
+    nearest = d.argmin(2)
+    counts = torch.zeros(x.shape[0], len(codebook), device=x.device).scatter_add_(
+        1, nearest, torch.ones_like(nearest, dtype=torch.float32)
+    )
+    return torch.log(counts / x.shape[1] + 1e-3)
+
+
 def _pool_groups(x: torch.Tensor, groups: int) -> torch.Tensor:
     """[B, T, F] -> [B, T, groups], the mean of each group of adjacent bands (adaptive pooling)."""
     b, t, f = x.shape
@@ -131,6 +152,10 @@ class Stats(ASCModel):
         n_stats = cfg.frontend.n_mels * (2 + len(cfg.quantiles) + 2 * cfg.deltas)
         if cfg.modulation:
             n_stats += cfg.modulation_groups * (len(cfg.modulation_edges) - 1)
+        n_stats += cfg.codebook
+        # Fitted by ``fit`` before training (zeros until then), saved and loaded with the weights
+        # (not saved when empty: models saved before it existed still load).
+        self.register_buffer("codebook", torch.zeros(cfg.codebook, cfg.frontend.n_mels), persistent=cfg.codebook > 0)
         self.input_norm = nn.BatchNorm1d(n_stats)
         self.dropout = nn.Dropout(cfg.dropout)
         hidden = scaled(cfg.hidden, cfg.width) if cfg.hidden else None
@@ -144,4 +169,10 @@ class Stats(ASCModel):
         if cfg.modulation:
             rate = cfg.frontend.sample_rate / cfg.frontend.hop_length
             stats = torch.cat([stats, modulation_energies(spec, cfg.modulation_edges, cfg.modulation_groups, rate)], 1)
+        if cfg.codebook:
+            stats = torch.cat([stats, frame_histogram(spec, self.codebook)], 1)
         return self.dropout(self.input_norm(stats))
+
+    @property
+    def codebook_size(self) -> int:
+        return self.cfg.codebook
