@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 STORE_FORMAT = 1
 CHUNK_SIZE = 32
 _INT16_SCALE = 32768.0
+HASH_STRIDE = 16  # samples between those the content hash reads
 
 
 def index_audio(dirs: Sequence[str | Path]) -> tuple[dict[str, Path], list[str]]:
@@ -109,13 +110,18 @@ class Decoder:
         return wave[: self.num_samples], change
 
 
-def to_int16(wave: np.ndarray) -> tuple[np.ndarray, bool]:
-    """Scale [-1, 1) float audio to int16; also say whether anything had to be clipped."""
-    scaled = np.rint(wave * np.float32(_INT16_SCALE))
+def to_int16(wave: np.ndarray, out: np.ndarray | None = None) -> tuple[np.ndarray, bool]:
+    """Scale [-1, 1) float32 audio to int16 (into ``out`` when given); also say whether anything
+    had to be clipped. ``wave`` is scaled in place: no temporary copies of a 10 s clip."""
+    scaled = np.multiply(wave, np.float32(_INT16_SCALE), out=wave)
+    np.rint(scaled, out=scaled)
     clipped = bool(scaled.max(initial=0) > 32767 or scaled.min(initial=0) < -32768)
     if clipped:
         np.clip(scaled, -32768, 32767, out=scaled)
-    return scaled.astype(np.int16), clipped
+    if out is None:
+        return scaled.astype(np.int16), clipped
+    out[...] = scaled  # exact: every value is already a whole number in int16's range
+    return out, clipped
 
 
 @dataclass(frozen=True)
@@ -226,14 +232,17 @@ def _decode_chunk(
         except DataError as exc:
             errors.extend(exc.problems)
             continue
-        block[i], was_clipped = to_int16(wave)
+        _, was_clipped = to_int16(wave, out=block[i])
         padded += change > 0
         trimmed += change < 0
         clipped += was_clipped
     # One copy into the shared mapping, no msync: a killed worker's writes are already in the
     # page cache, and the parent marks the chunk done only after this returns.
     np.load(waves_path, mmap_mode="r+")[start : start + len(paths)] = block
-    digest = hashlib.blake2b(memoryview(block)).hexdigest()
+    # The content hash keys the feature caches built from this store. Every HASH_STRIDE-th
+    # sample of every clip tells stores apart (another decoder or file changes nearly all of
+    # them) at a sixteenth of the cost: whole clips took 0.9 ms each, a seventh of decoding one.
+    digest = hashlib.blake2b(memoryview(np.ascontiguousarray(block[:, ::HASH_STRIDE]))).hexdigest()
     return _ChunkResult(start, digest, padded, trimmed, clipped, tuple(errors))
 
 

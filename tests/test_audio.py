@@ -66,6 +66,9 @@ def test_int16_conversion_reports_clipping():
     assert ok.tolist() == [0, 16384, -32768] and not clipped
     loud, clipped = to_int16(np.array([1.5, -2.0], dtype=np.float32))
     assert loud.tolist() == [32767, -32768] and clipped
+    row = np.zeros(3, np.int16)
+    got, clipped = to_int16(np.array([0.25, -0.5, 1.0], dtype=np.float32), out=row)
+    assert got is row and row.tolist() == [8192, -16384, 32767] and clipped
 
 
 def test_index_finds_wav_and_flac_in_subfolders_and_flags_duplicates(tmp_path):
