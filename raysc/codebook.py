@@ -48,6 +48,12 @@ def centred_frames(logmel: torch.Tensor) -> torch.Tensor:
     return x - x.mean(1, keepdim=True)
 
 
+def distances(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+    """[..., F] rows, [k, F] centroids -> [..., k] squared distances minus |x|^2 (the same for
+    every centroid, so the nearest centroid is still the argmin; one matrix product)."""
+    return centroids.square().sum(1) - 2 * x @ centroids.T
+
+
 def kmeans(x: torch.Tensor, k: int, *, iterations: int = ITERATIONS, seed: int = 0) -> torch.Tensor:
     """[N, F] -> [k, F] centroids (Lloyd's algorithm from k distinct random rows; a cluster left
     empty takes the row farthest from its centroid)."""
@@ -56,7 +62,7 @@ def kmeans(x: torch.Tensor, k: int, *, iterations: int = ITERATIONS, seed: int =
     g = torch.Generator().manual_seed(seed)
     c = x[torch.randperm(len(x), generator=g)[:k]].clone()
     for _ in range(iterations):
-        d = c.square().sum(1) - 2 * x @ c.T  # squared distance minus |x|^2, the same for every centroid
+        d = distances(x, c)
         assign = d.argmin(1)
         counts = torch.bincount(assign, minlength=k)
         sums = torch.zeros_like(c).index_add_(0, assign, x)

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..codebook import centred_frames
+from ..codebook import centred_frames, distances
 from .base import ASCModel, ModelConfig
 from .layers import Fusion, scaled
 from .registry import register
@@ -114,8 +114,7 @@ def frame_histogram(spec: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
     """[B, 1, T, F] log-mel, [k, F] centroids -> [B, k]: the log share of the clip's frames
     (relative to its mean) nearest to each centroid, floored at 1e-3."""
     x = centred_frames(spec)  # [B, T, F]
-    d = codebook.square().sum(1) - 2 * x @ codebook.T  # squared distance minus |x|^2: [B, T, k]
-    nearest = d.argmin(2)
+    nearest = distances(x, codebook).argmin(2)  # [B, T]
     counts = torch.zeros(x.shape[0], len(codebook), device=x.device).scatter_add_(
         1, nearest, torch.ones_like(nearest, dtype=torch.float32)
     )
