@@ -138,3 +138,23 @@ def test_a_value_the_config_refuses_names_the_file_and_the_key(tmp_path):
     )
     with pytest.raises(ConfigError, match=r"s.yaml: duplicate key 'lr' \(lines 2 and 3\)"):
         load_search_space(path)
+
+
+def test_a_backbones_own_values_override_the_shared_ones(tmp_path):
+    # The default space relies on it: the statistics MLP trains without SpecAugment, mixup or FiLM
+    # while the networks keep searching them.
+    path = tmp_path / "s.yaml"
+    path.write_text(
+        "params:\n  spec_augment: {type: int, low: 1, high: 2}\n"
+        "  model.fusion: {type: categorical, choices: [film]}\n"
+        "backbones:\n  stats:\n    spec_augment: 0\n    model.fusion: {type: categorical, choices: [concat, gated]}\n"
+        "  rm3: {}\n"
+    )
+    space = load_search_space(path)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    seen = {}
+    for _ in range(30):
+        values = space.suggest(study.ask())
+        seen.setdefault(values["backbone"], set()).add((values["spec_augment"], values["model.fusion"]))
+    assert seen["stats"] <= {(0, "concat"), (0, "gated")} and len(seen["stats"]) == 2
+    assert {s for s, _ in seen["rm3"]} == {1, 2} and {f for _, f in seen["rm3"]} == {"film"}
