@@ -98,13 +98,14 @@ class SearchSpace:
         """One trial's training values, asked of ``trial`` define-by-run.
 
         A backbone's own parameters are asked under ``<backbone>/<key>`` so that each keeps its
-        own distribution in the sampler's history, and only when that backbone is chosen.
+        own distribution in the sampler's history, and only when that backbone is chosen. A shared
+        parameter that the backbone sets itself is not asked: the trial records only what it uses.
         """
         names = list(self.backbones)
         backbone = trial.suggest_categorical("backbone", names) if len(names) > 1 else names[0]
-        values: dict[str, Any] = {**self.fixed, "backbone": backbone, "epochs": self.scheduler.max_epochs}
-        values |= {k: d.suggest(trial, k) for k, d in self.params.items()}
         own_fixed, own = self.backbones[backbone]
+        values: dict[str, Any] = {**self.fixed, "backbone": backbone, "epochs": self.scheduler.max_epochs}
+        values |= {k: d.suggest(trial, k) for k, d in self.params.items() if k not in own_fixed and k not in own}
         values |= dict(own_fixed)
         values |= {k: d.suggest(trial, f"{backbone}/{k}") for k, d in own.items()}
         if round >= 1:

@@ -154,7 +154,10 @@ def test_a_backbones_own_values_override_the_shared_ones(tmp_path):
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
     seen = {}
     for _ in range(30):
-        values = space.suggest(study.ask())
+        trial = study.ask()
+        values = space.suggest(trial)
         seen.setdefault(values["backbone"], set()).add((values["spec_augment"], values["model.fusion"]))
+        if values["backbone"] == "stats":  # the shared values it overrides are not asked (nor logged)
+            assert {"spec_augment", "model.fusion"}.isdisjoint(trial.params), trial.params
     assert seen["stats"] <= {(0, "concat"), (0, "gated")} and len(seen["stats"]) == 2
     assert {s for s, _ in seen["rm3"]} == {1, 2} and {f for _, f in seen["rm3"]} == {"film"}
