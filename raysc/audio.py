@@ -8,14 +8,16 @@ killed build continues where it stopped, and only a finished build is renamed in
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import multiprocessing
 import os
 import shutil
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -23,7 +25,7 @@ import numpy as np
 import soundfile as sf
 
 from .data import AUDIO_EXTENSIONS
-from .errors import DataError
+from .errors import DataError, RayscError
 from .fileio import write_json
 
 log = logging.getLogger(__name__)
@@ -219,6 +221,34 @@ def _init_worker() -> None:
     torch.set_num_threads(1)  # one process per core already
 
 
+def _started() -> None:
+    """A task that only makes the pool start a process (after its initializer)."""
+
+
+@contextlib.contextmanager
+def decoding_pool(workers: int) -> Iterator[ProcessPoolExecutor | None]:
+    """The processes that decode for :func:`build_store`, started now (None for one worker).
+
+    Each imports torch (1-2 s); a caller that starts them before its own work overlaps the
+    two (``prepare`` checks every audio header meanwhile). Leaving on an error does not wait for
+    them.
+    """
+    if workers <= 1:
+        yield None
+        return
+    # spawn, not fork: a forked copy of a process that already ran torch ops can deadlock.
+    ctx = multiprocessing.get_context("spawn")
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker)
+    for _ in range(workers):  # the pool starts one process per waiting task, up to ``workers``
+        pool.submit(_started)
+    try:
+        yield pool
+    except BaseException:
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown()
+
+
 def _decode_chunk(
     waves_path: str, start: int, paths: Sequence[str], sample_rate: int, num_samples: int
 ) -> _ChunkResult:
@@ -253,12 +283,15 @@ def build_store(
     sample_rate: int,
     num_samples: int,
     workers: int = 1,
+    pool: ProcessPoolExecutor | None = None,
 ) -> FeatureStore:
     """Decode ``files`` (name, path) into a FeatureStore at ``path``, or reuse one built from them.
 
     A store made from the same inputs (names, paths, sizes, modification times, rate and
     length) is reused as it is. A partial build from the same inputs is continued; anything else
     is rebuilt. Decoding errors are collected and raised together; the partial build is kept.
+    ``pool`` (from :func:`decoding_pool`) decodes if given; otherwise ``workers`` processes are
+    started when there is more than one chunk to decode.
     """
     path = Path(path)
     fingerprint = inputs_fingerprint(files, sample_rate, num_samples)
@@ -287,6 +320,7 @@ def build_store(
     todo = [s for s in range(0, len(files), CHUNK_SIZE) if s not in results]
     if results:
         log.info("continuing feature store build: %d of %d chunks already done", len(results), len(results) + len(todo))
+    _check_free_space(partial / "waves.npy", len(files) * num_samples * 2)
 
     waves_path = str(partial / "waves.npy")
     jobs = [(waves_path, s, [str(p) for _, p in files[s : s + CHUNK_SIZE]], sample_rate, num_samples) for s in todo]
@@ -299,15 +333,22 @@ def build_store(
         results[r.start] = r
         write_json(done_dir / f"{r.start:09d}.json", {k: v for k, v in asdict(r).items() if k != "errors"})
 
-    if workers <= 1 or len(jobs) <= 1:
-        for job in jobs:
-            record(_decode_chunk(*job))
-    else:
-        # spawn, not fork: a forked copy of a process that already ran torch ops can deadlock.
-        ctx = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker) as pool:
-            for r in pool.map(_decode_chunk, *zip(*jobs, strict=True)):
+    with contextlib.ExitStack() as stack:
+        if pool is None and len(jobs) > 1:
+            pool = stack.enter_context(decoding_pool(workers))
+        if pool is None or not jobs:
+            decoded = (_decode_chunk(*job) for job in jobs)
+        else:
+            decoded = pool.map(_decode_chunk, *zip(*jobs, strict=True))
+        try:
+            for r in decoded:
                 record(r)
+        except BrokenProcessPool as exc:
+            raise RayscError(
+                f"a process decoding into the feature store {path} died (killed, out of memory, or the disk "
+                f"full); the {len(results)} finished chunks of {-(-len(files) // CHUNK_SIZE)} are kept and the same "
+                "command continues from them"
+            ) from exc
     if errors:
         raise DataError(errors, what="audio files")
 
@@ -337,6 +378,18 @@ def build_store(
         spec.clipped,
     )
     return _swap_in(partial, path)
+
+
+def _check_free_space(waves: Path, size: int) -> None:
+    """Refuse to decode into a store the disk cannot hold: a worker writing into a full disk
+    through the memory map is killed (SIGBUS), with no word of why."""
+    missing = size - os.stat(waves).st_blocks * 512  # a continued build already holds its chunks
+    free = shutil.disk_usage(waves.parent).free
+    if missing > free:
+        raise RayscError(
+            f"the feature store {waves.parent} needs {missing / 1e9:.1f} GB more and its disk has {free / 1e9:.1f} "
+            "GB free; free some space or prepare into another --out (a rerun continues what is built)"
+        )
 
 
 def _spec_fingerprint(path: Path) -> str:

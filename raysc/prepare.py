@@ -18,7 +18,7 @@ from pathlib import Path
 import pandas as pd
 
 from . import __version__
-from .audio import build_store, check_audio_header, index_audio
+from .audio import build_store, check_audio_header, decoding_pool, index_audio
 from .data import CLASSES, SourceRows, SplitMode, build_manifest, city_warnings, parse_metadata
 from .dataset import INFO_FILE, MANIFEST_FILE, STORE_DIR, PreparedData
 from .errors import DataError, RayscError
@@ -119,41 +119,47 @@ def prepare(
         if dropped:
             log.info("pretraining clips dropped (label not in the mapping): %s", dict(dropped))
 
-    # 2. Audio headers: catches corrupt and empty files before hours of decoding.
-    paths = [audio[n] for n in (*dev["filename"], *ev["filename"]) if n in audio]
-    if pretrain is not None:
-        paths += list(pretrain["audio_path"])
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        problems += [p for p in pool.map(check_audio_header, paths) if p]
-    if problems:
-        raise DataError(problems, what="the inputs (nothing was written)")
+    # A new store's decoding processes start now and import torch (1-2 s each) while the
+    # headers are checked. A rerun mostly reuses its store and starts none.
+    new_store = not problems and not (out / STORE_DIR / "spec.json").is_file()
+    with decoding_pool(workers if new_store else 1) as decoders:
+        # 2. Audio headers: catches corrupt and empty files before hours of decoding.
+        paths = [audio[n] for n in (*dev["filename"], *ev["filename"]) if n in audio]
+        if pretrain is not None:
+            paths += list(pretrain["audio_path"])
+        with ThreadPoolExecutor(max_workers=workers) as threads:
+            problems += [p for p in threads.map(check_audio_header, paths) if p]
+        if problems:
+            raise DataError(problems, what="the inputs (nothing was written)")
 
-    # 3. Manifest and store.
-    if pretrain is not None:
-        audio = {**audio, **dict(zip(pretrain["filename"], pretrain["audio_path"], strict=True))}
-    src = SourceRows(dev=dev, eval=ev, audio_paths=audio, pretrain=pretrain)
-    manifest, cities = build_manifest(src, n_folds=folds, split=split, seed=seed)
-    num_samples = round(sample_rate * clip_seconds)
-    files = list(zip(manifest["filename"], map(Path, manifest["audio_path"]), strict=True))
-    inputs = {
-        "dev_meta_sha256": _sha256(dev_meta),
-        "eval_meta_sha256": _sha256(eval_meta),
-        "folds": folds,
-        "split": split,
-        "seed": seed,
-        "sample_rate": sample_rate,
-        "num_samples": num_samples,
-        "pretrain": sorted(str(p) for p in (tau, cochlscene) if p),
-    }
-    info_path = out / INFO_FILE
-    _claim(out)
-    if info_path.is_file() and not overwrite:
-        previous = json.loads(info_path.read_text()).get("inputs")
-        if previous != inputs:
-            raise RayscError(
-                f"{out} holds data prepared from other inputs or options; choose another --out or pass --overwrite"
-            )
-    store = build_store(out / STORE_DIR, files, sample_rate=sample_rate, num_samples=num_samples, workers=workers)
+        # 3. Manifest and store.
+        if pretrain is not None:
+            audio = {**audio, **dict(zip(pretrain["filename"], pretrain["audio_path"], strict=True))}
+        src = SourceRows(dev=dev, eval=ev, audio_paths=audio, pretrain=pretrain)
+        manifest, cities = build_manifest(src, n_folds=folds, split=split, seed=seed)
+        num_samples = round(sample_rate * clip_seconds)
+        files = list(zip(manifest["filename"], map(Path, manifest["audio_path"]), strict=True))
+        inputs = {
+            "dev_meta_sha256": _sha256(dev_meta),
+            "eval_meta_sha256": _sha256(eval_meta),
+            "folds": folds,
+            "split": split,
+            "seed": seed,
+            "sample_rate": sample_rate,
+            "num_samples": num_samples,
+            "pretrain": sorted(str(p) for p in (tau, cochlscene) if p),
+        }
+        info_path = out / INFO_FILE
+        _claim(out)
+        if info_path.is_file() and not overwrite:
+            previous = json.loads(info_path.read_text()).get("inputs")
+            if previous != inputs:
+                raise RayscError(
+                    f"{out} holds data prepared from other inputs or options; choose another --out or pass --overwrite"
+                )
+        store = build_store(
+            out / STORE_DIR, files, sample_rate=sample_rate, num_samples=num_samples, workers=workers, pool=decoders
+        )
 
     unseen = sorted(set(ev["city"]) - set(cities))
     labelled = manifest[manifest["subset"] == "labelled"]

@@ -24,7 +24,21 @@ class StopAwareOptunaSearch(OptunaSearch):
         super().__init__(*args, **kwargs)
         self._last_step: dict[str, int] = {}  # trial id -> the last step told (saved and restored with the rest)
 
+    def _ended_before_the_restore(self, trial_id: str) -> bool:
+        """Whether the study already holds this trial's end, told after the Tune snapshot that a
+        resumed search restored (up to a minute old): Tune runs the trial again, and it reports
+        its final result again, which Optuna refuses for a finished trial."""
+        trial = self._ot_trials.get(trial_id)
+        if trial_id in self._completed_trials or trial is None:
+            return False
+        if not self._ot_study.get_trials(deepcopy=False)[trial.number].state.is_finished():
+            return False
+        self._completed_trials.add(trial_id)
+        return True
+
     def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if self._ended_before_the_restore(trial_id):
+            return None
         if trial_id in self._completed_trials or self.metric not in result:
             return super().on_trial_result(trial_id, result)
         step = int(result.get("steps") or result["training_iteration"])
@@ -34,6 +48,8 @@ class StopAwareOptunaSearch(OptunaSearch):
         return None
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        if self._ended_before_the_restore(trial_id):
+            return
         if error or not result or result.get("final") or trial_id in self._completed_trials:
             super().on_trial_complete(trial_id, result, error)
             return

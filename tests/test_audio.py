@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import pickle
+from collections import namedtuple
+from concurrent.futures.process import BrokenProcessPool
 
 import numpy as np
 import pytest
@@ -12,7 +14,9 @@ from conftest import SR, write_wav
 
 from raysc import audio
 from raysc.audio import Decoder, FeatureStore, build_store, check_audio_header, index_audio, to_int16
-from raysc.errors import DataError
+from raysc.errors import DataError, RayscError
+
+shutil_usage = namedtuple("shutil_usage", "total used free")
 
 
 def _dominant_hz(wave: np.ndarray, rate: int) -> float:
@@ -195,6 +199,21 @@ def test_parallel_build_equals_serial_build(tmp_path):
     assert serial.spec.content_hash == parallel.spec.content_hash
     spec = json.loads((tmp_path / "p" / "spec.json").read_text())
     assert spec["sample_rate"] == 16000 and spec["count"] == 70
+    with audio.decoding_pool(2) as pool:  # started before the build, as prepare does
+        pooled = build_store(tmp_path / "q", files, sample_rate=16000, num_samples=4000, pool=pool)
+    assert pooled.spec.content_hash == serial.spec.content_hash
+    np.testing.assert_array_equal(pooled.waves, serial.waves)
+    with pytest.raises(RuntimeError, match="after shutdown"):
+        pool.submit(print)
+
+
+def test_decoding_pool_is_shut_down_when_its_caller_fails(tmp_path):
+    with pytest.raises(DataError), audio.decoding_pool(2) as pool:
+        raise DataError(["a problem found while the workers start"], what="the inputs")
+    with pytest.raises(RuntimeError, match="after shutdown"):
+        pool.submit(print)
+    with audio.decoding_pool(1) as none:
+        assert none is None  # one worker decodes in the calling process
 
 
 def test_non_finite_samples_are_an_input_problem_named_with_the_file(tmp_path):
@@ -209,3 +228,28 @@ def test_non_finite_samples_are_an_input_problem_named_with_the_file(tmp_path):
     with pytest.raises(DataError) as err:
         build_store(tmp_path / "store", [("nan", nan), ("inf", inf)], sample_rate=SR, num_samples=SR, workers=1)
     assert len(err.value.problems) == 2 and not (tmp_path / "store").exists()
+
+
+def test_a_store_the_disk_cannot_hold_is_refused_before_decoding(tmp_path, monkeypatch):
+    files = _files(tmp_path, 3)
+    decoded = []
+    monkeypatch.setattr(audio, "_decode_chunk", lambda *job: decoded.append(job))
+    monkeypatch.setattr(audio.shutil, "disk_usage", lambda p: shutil_usage(total=10**9, used=10**9 - 1000, free=1000))
+    size_gb = 3 * (SR // 4) * 2 / 1e9
+    with pytest.raises(RayscError, match=rf"needs {size_gb:.1f} GB more and its disk has 0.0 GB free"):
+        build_store(tmp_path / "store", files, sample_rate=SR, num_samples=SR // 4, workers=1)
+    assert not decoded and not (tmp_path / "store").exists()
+
+
+def test_a_decoding_process_that_dies_is_reported_and_the_build_can_continue(tmp_path):
+    class DyingPool:  # what ProcessPoolExecutor.map raises once a worker was killed
+        def map(self, fn, *jobs):
+            yield fn(*(job[0] for job in jobs))
+            raise BrokenProcessPool("A process in the process pool was terminated abruptly")
+
+    files = _files(tmp_path, 70)
+    died = r"store died \(killed, out of memory, or the disk full\); the 1 finished chunks of 3 are kept"
+    with pytest.raises(RayscError, match=died):
+        build_store(tmp_path / "store", files, sample_rate=SR, num_samples=SR // 4, pool=DyingPool())
+    store = build_store(tmp_path / "store", files, sample_rate=SR, num_samples=SR // 4, workers=1)
+    assert len(store) == 70

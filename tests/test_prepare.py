@@ -11,6 +11,7 @@ import pytest
 from conftest import SR, write_metadata, write_wav
 
 from raysc import audio
+from raysc import prepare as prepare_module
 from raysc.data import CLASSES, MANIFEST_COLUMNS, UNK_CITY, read_manifest
 from raysc.errors import ConfigError, DataError, RayscError
 from raysc.prepare import prepare
@@ -99,9 +100,18 @@ def test_resampling_and_length_changes_are_counted(small_inputs):
     assert result.store.spec.padded == 1 and result.store.spec.trimmed == 1
 
 
-def test_rerun_reuses_and_other_inputs_need_overwrite(small_inputs):
-    first = prepare(**small_inputs)
-    again = prepare(**small_inputs)
+def test_rerun_reuses_and_other_inputs_need_overwrite(small_inputs, monkeypatch):
+    started = []
+    real_pool = prepare_module.decoding_pool
+
+    def pool(workers):
+        started.append(workers)
+        return real_pool(workers)
+
+    monkeypatch.setattr(prepare_module, "decoding_pool", pool)
+    first = prepare(**{**small_inputs, "workers": 2})
+    again = prepare(**{**small_inputs, "workers": 2})
+    assert started == [2, 1]  # a new store's decoders start early; a rerun that reuses it starts none
     assert again.store.spec == first.store.spec
     assert again.manifest.equals(first.manifest)
     with pytest.raises(
