@@ -112,7 +112,8 @@ def search(
     ``options``: the fields of ``SearchOptions`` (``trials=16, max_epochs=12, round=1, ...``).
 
     ``points_to_evaluate``: configurations to try first (Optuna names, e.g. a paper's settings
-    ``{"backbone": "setrans", "lr": 1e-4}``); what they leave out is sampled.
+    ``{"backbone": "setrans", "lr": 1e-4}``), before the space's own ``start`` points; what they
+    leave out is sampled.
 
     Everything is checked before Ray starts: the space, the data folder, the fold, the
     pseudo-label candidates (required from round 1), that one trial fits the cluster, and that
@@ -157,7 +158,13 @@ def search(
 
         t0 = time.perf_counter()
         _run_tune(
-            sp, settings, exp, resume=resume, address=address, points=points_to_evaluate, progress=progress or log.info
+            sp,
+            settings,
+            exp,
+            resume=resume,
+            address=address,
+            points=[*(points_to_evaluate or []), *sp.start_points(round=opts.round)],
+            progress=progress or log.info,
         )
         records = collect_records(exp, sp, settings)
         exp.write_trials_table()

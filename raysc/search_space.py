@@ -10,7 +10,9 @@ or a distribution::
 Sections: ``fixed`` (values for every trial), ``params`` (searched in every trial),
 ``backbones`` (the candidates; each one's own fixed values and distributions, sampled only when
 that backbone is chosen: a conditional, define-by-run space), ``rounds`` (searched only in
-semi-supervised rounds >= 1: pseudo-label threshold and weight), ``resources`` and ``scheduler``.
+semi-supervised rounds >= 1: pseudo-label threshold and weight), ``start`` (configurations tried
+first, before the sampler draws: a known-good one costs one trial and guards the search against a
+bad draw), ``resources`` and ``scheduler``.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from .models import apply_overrides, list_models, model_class
 
 # The shipped spaces (search_spaces/ at the top of the source tree), found by name by every command.
 SPACES_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
-SECTIONS = ("name", "fixed", "params", "backbones", "rounds", "resources", "scheduler")
+SECTIONS = ("name", "fixed", "params", "backbones", "rounds", "start", "resources", "scheduler")
 DIST_KEYS = {"float": {"low", "high", "step", "log"}, "int": {"low", "high", "step", "log"}, "categorical": {"choices"}}
 TRAIN_KEYS = {f.name for f in dataclasses.fields(TrainConfig)} - {"model", "backbone"}
 
@@ -50,6 +52,21 @@ class Distribution:
         if self.kind == "int":
             return trial.suggest_int(name, int(self.low), int(self.high), step=int(self.step or 1), log=self.log)
         return trial.suggest_float(name, self.low, self.high, step=self.step, log=self.log)
+
+    def contains(self, value: Any) -> bool:
+        """Whether the sampler could draw ``value`` (a start point's check)."""
+        if self.kind == "categorical":
+            return value in self.choices
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            return False
+        if self.kind == "int" and value != int(value):
+            return False
+        return self.low <= value <= self.high
+
+    def describe(self) -> str:
+        if self.kind == "categorical":
+            return f"(choices {list(self.choices)})"
+        return f"({self.kind} {self.low:g} to {self.high:g}{', log' if self.log else ''})"
 
     def extremes(self) -> list[Any]:
         """Values that between them exercise the whole range (for validation)."""
@@ -93,6 +110,30 @@ class SearchSpace:
     rounds_fixed: Mapping[str, Any] = field(default_factory=dict)
     resources: Resources = field(default_factory=Resources)
     scheduler: Scheduler = field(default_factory=Scheduler)
+    start: tuple[Mapping[str, Any], ...] = ()  # {"backbone": ..., key: value} in the file's vocabulary
+
+    def searched(self, backbone: str, *, round: int = 0) -> dict[str, str]:
+        """The keys a trial of ``backbone`` asks the sampler for, each with its name there."""
+        own_fixed, own = self.backbones[backbone]
+        names = {k: k for k in self.params if k not in own_fixed and k not in own}
+        names |= {k: f"{backbone}/{k}" for k in own}
+        if round >= 1:
+            names |= {k: k for k in self.rounds}
+        if len(self.backbones) > 1:
+            names["backbone"] = "backbone"
+        return names
+
+    def start_points(self, *, round: int = 0) -> list[dict[str, Any]]:
+        """The ``start`` configurations in the sampler's names (Optuna's ``enqueue_trial``). A
+        point of a backbone the space no longer holds (the pipeline's plan left it out) is
+        dropped, and so is a value the space no longer searches (the plan fixed it)."""
+        points = []
+        for point in self.start:
+            if point["backbone"] not in self.backbones:
+                continue
+            names = self.searched(point["backbone"], round=round)
+            points.append({names[k]: v for k, v in point.items() if k in names})
+        return points
 
     def suggest(self, trial: Any, *, round: int = 0) -> dict[str, Any]:
         """One trial's training values, asked of ``trial`` define-by-run.
@@ -250,7 +291,41 @@ def load_search_space(space: str | Path) -> SearchSpace:
         scheduler=_section_dataclass(Scheduler, raw.get("scheduler"), f"{where}: scheduler"),
     )
     _validate_points(space)
-    return space
+    return dataclasses.replace(space, start=_parse_start(space, raw.get("start"), f"{where}: start"))
+
+
+def _parse_start(space: SearchSpace, raw: Any, where: str) -> tuple[dict[str, Any], ...]:
+    """Each start point names its backbone (where the space has several) and only searched keys,
+    each value inside its distribution: a point the sampler could never draw is a typo."""
+    if raw is None:
+        return ()
+    if not isinstance(raw, list) or not all(isinstance(p, Mapping) for p in raw):
+        raise ConfigError(f"{where}: expected a list of configurations ({{backbone: ..., key: value, ...}})")
+    points = []
+    for i, raw_point in enumerate(raw):
+        at = f"{where}[{i}]"
+        point = dict(raw_point)
+        if "backbone" not in point and len(space.backbones) == 1:
+            point["backbone"] = next(iter(space.backbones))
+        backbone = point.get("backbone")
+        if backbone not in space.backbones:
+            raise ConfigError(f"{at}: backbone {backbone!r} is not in the space (valid: {', '.join(space.backbones)})")
+        own_fixed, own = space.backbones[backbone]
+        dists = {k: d for k, d in space.params.items() if k not in own_fixed and k not in own} | dict(own)
+        for key, value in point.items():
+            if key == "backbone":
+                continue
+            if key not in dists:
+                fixed = {**space.fixed, **own_fixed}
+                why = f"fixed at {fixed[key]!r} for {backbone}" if key in fixed else f"not searched for {backbone}"
+                raise ConfigError(f"{at}.{key}: {why}; a start point sets searched keys ({', '.join(dists)})")
+            if not dists[key].contains(value):
+                raise ConfigError(f"{at}.{key}: {value!r} is outside its distribution {dists[key].describe()}")
+        values = {**space.fixed, **own_fixed, **{k: d.extremes()[0] for k, d in dists.items()}, **point}
+        cfg = make_config(values, where=at)
+        apply_overrides(model_class(backbone).config_class(), dict(cfg.model), where=f"{at}: model")
+        points.append(point)
+    return tuple(points)
 
 
 def _validate_points(space: SearchSpace) -> None:

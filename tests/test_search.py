@@ -96,16 +96,6 @@ def test_search_with_asha_stops_and_a_failure_completes_and_releases_everything(
 ):
     good_pt, constant_pt = planted
     missing = str(tmp_path / "missing.pt")
-    space = write_space(
-        tmp_path / "s.yaml",
-        params={
-            "lr": {"type": "categorical", "choices": [1e-7]},
-            "init_from": {"type": "categorical", "choices": [str(good_pt), str(constant_pt), missing]},
-        },
-        # Six epochs: a stopped trial keeps training until the stop reaches it (a fraction of a
-        # second, longer under load); it must not reach its last epoch first.
-        scheduler={"grace_steps": 1, "reduction_factor": 2, "max_epochs": 6},
-    )
     # Run one at a time in a known order. The outcome is fixed by construction, not by the
     # numerics of a tiny run: the good trial starts from a trained model (and a learning rate too
     # small to move it) and sets the bar at epoch 1; the constant trials predict one class, so
@@ -117,6 +107,19 @@ def test_search_with_asha_stops_and_a_failure_completes_and_releases_everything(
     broken = {"backbone": "setrans", "lr": 1e-7, "init_from": missing}
     points = [good, bad, broken, bad] if ray_train == "auto" else [good, broken, bad]
     expected_states = [1, 2, 3, 2] if ray_train == "auto" else [1, 3, 2]  # COMPLETE, PRUNED, FAIL
+    space = write_space(
+        tmp_path / "s.yaml",
+        params={
+            "lr": {"type": "categorical", "choices": [1e-7]},
+            "init_from": {"type": "categorical", "choices": [str(good_pt), str(constant_pt), missing]},
+        },
+        # Six epochs: a stopped trial keeps training until the stop reaches it (a fraction of a
+        # second, longer under load); it must not reach its last epoch first.
+        scheduler={"grace_steps": 1, "reduction_factor": 2, "max_epochs": 6},
+        # In-process trials take their points from the space's `start:` section, Ray Train
+        # trials from the caller: both reach the sampler as the first trials.
+        **({"start": points} if ray_train == "auto" else {}),
+    )
     lines = []
     result = search(
         space,
@@ -124,7 +127,7 @@ def test_search_with_asha_stops_and_a_failure_completes_and_releases_everything(
         experiment=tmp_path / "exp",
         trials=len(points),
         max_concurrent=1,
-        points_to_evaluate=points,
+        points_to_evaluate=None if ray_train == "auto" else points,
         progress=lines.append,
         ray_train=ray_train,
     )

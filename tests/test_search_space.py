@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 
@@ -161,3 +162,66 @@ def test_a_backbones_own_values_override_the_shared_ones(tmp_path):
             assert {"spec_augment", "model.fusion"}.isdisjoint(trial.params), trial.params
     assert seen["stats"] <= {(0, "concat"), (0, "gated")} and len(seen["stats"]) == 2
     assert {s for s, _ in seen["rm3"]} == {1, 2} and {f for _, f in seen["rm3"]} == {"film"}
+
+
+START = """\
+params:
+  lr: {type: float, low: 1.0e-4, high: 1.0e-2, log: true}
+  model.fusion: {type: categorical, choices: [concat, film]}
+backbones:
+  stats:
+    batch_size: 64
+    model.hidden: {type: categorical, choices: [128, 256]}
+  mobileascnet:
+    model.dropout: {type: float, low: 0.0, high: 0.3}
+"""
+
+
+def test_start_points_are_the_first_trials_and_the_rest_is_sampled(tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_text(START + "start:\n  - {backbone: stats, lr: 3.0e-3, model.hidden: 256}\n  - {backbone: mobileascnet}\n")
+    space = load_search_space(path)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    for point in space.start_points():
+        study.enqueue_trial(point)
+    first, second = (space.suggest(study.ask()) for _ in range(2))
+    # The sampler's names differ from the file's (a backbone's own keys are "stats/model.hidden"):
+    # the trial gets exactly the values the file gives, and a draw for the key it leaves out.
+    assert (first["backbone"], first["lr"], first["model.hidden"], first["batch_size"]) == ("stats", 3e-3, 256, 64)
+    assert first["model.fusion"] in ("concat", "film")
+    assert second["backbone"] == "mobileascnet" and 1e-4 <= second["lr"] <= 1e-2
+    # The pipeline's plan keeps only some backbones and fixes some values: those points and
+    # values are dropped, not enqueued under names the trial never asks for.
+    planned = dataclasses.replace(space, backbones={"stats": ({**space.backbones["stats"][0], "model.hidden": 128}, {})})
+    assert planned.start_points() == [{"lr": 3e-3}]
+
+
+def test_the_default_space_starts_from_its_known_good_member():
+    space = load_search_space("default")
+    study = optuna.create_study()
+    study.enqueue_trial(space.start_points()[0])
+    values = space.suggest(study.ask())
+    assert {k: values[k] for k in space.start[0]} == dict(space.start[0])
+    assert values["backbone"] == "stats" and values["spec_augment"] == 0 and values["mixup_alpha"] == 0.0
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("start: {lr: 1.0e-3}\n", "start: expected a list of configurations"),
+        ("start:\n  - {lr: 1.0e-3}\n", "start[0]: backbone None is not in the space (valid: stats, mobileascnet)"),
+        ("start:\n  - {backbone: setrans}\n", "start[0]: backbone 'setrans' is not in the space"),
+        ("start:\n  - {backbone: stats, lrr: 1.0e-3}\n", "start[0].lrr: not searched for stats; a start point sets"),
+        ("start:\n  - {backbone: stats, batch_size: 32}\n", "start[0].batch_size: fixed at 64 for stats;"),
+        ("start:\n  - {backbone: stats, lr: 0.5}\n", "start[0].lr: 0.5 is outside its distribution (float 0.0001 to"),
+        ("start:\n  - {backbone: stats, lr: fast}\n", "start[0].lr: 'fast' is outside its distribution"),
+        ("start:\n  - {backbone: mobileascnet, model.fusion: sum}\n", "start[0].model.fusion: 'sum' is outside its distri"),
+        ("start:\n  - {backbone: stats, model.dropout: 0.1}\n", "start[0].model.dropout: not searched for stats"),
+    ],
+)
+def test_a_bad_start_point_names_the_file_the_point_and_the_key(tmp_path, text, message):
+    path = tmp_path / "s.yaml"
+    path.write_text(START + text)
+    with pytest.raises(ConfigError) as err:
+        load_search_space(path)
+    assert str(path) in str(err.value) and message in str(err.value), err.value
