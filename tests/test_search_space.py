@@ -179,7 +179,8 @@ backbones:
 
 def test_start_points_are_the_first_trials_and_the_rest_is_sampled(tmp_path):
     path = tmp_path / "s.yaml"
-    path.write_text(START + "start:\n  - {backbone: stats, lr: 3.0e-3, model.hidden: 256}\n  - {backbone: mobileascnet}\n")
+    points = "start:\n  - {backbone: stats, lr: 3.0e-3, model.hidden: 256}\n  - {backbone: mobileascnet}\n"
+    path.write_text(START + points)
     space = load_search_space(path)
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
     for point in space.start_points():
@@ -192,7 +193,8 @@ def test_start_points_are_the_first_trials_and_the_rest_is_sampled(tmp_path):
     assert second["backbone"] == "mobileascnet" and 1e-4 <= second["lr"] <= 1e-2
     # The pipeline's plan keeps only some backbones and fixes some values: those points and
     # values are dropped, not enqueued under names the trial never asks for.
-    planned = dataclasses.replace(space, backbones={"stats": ({**space.backbones["stats"][0], "model.hidden": 128}, {})})
+    stats_fixed = {**space.backbones["stats"][0], "model.hidden": 128}
+    planned = dataclasses.replace(space, backbones={"stats": (stats_fixed, {})})
     assert planned.start_points() == [{"lr": 3e-3}]
 
 
@@ -215,7 +217,7 @@ def test_the_default_space_starts_from_its_known_good_member():
         ("start:\n  - {backbone: stats, batch_size: 32}\n", "start[0].batch_size: fixed at 64 for stats;"),
         ("start:\n  - {backbone: stats, lr: 0.5}\n", "start[0].lr: 0.5 is outside its distribution (float 0.0001 to"),
         ("start:\n  - {backbone: stats, lr: fast}\n", "start[0].lr: 'fast' is outside its distribution"),
-        ("start:\n  - {backbone: mobileascnet, model.fusion: sum}\n", "start[0].model.fusion: 'sum' is outside its distri"),
+        ("start:\n  - {backbone: mobileascnet, model.fusion: sum}\n", "model.fusion: 'sum' is outside"),
         ("start:\n  - {backbone: stats, model.dropout: 0.1}\n", "start[0].model.dropout: not searched for stats"),
     ],
 )
