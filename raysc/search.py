@@ -112,8 +112,8 @@ def search(
     ``options``: the fields of ``SearchOptions`` (``trials=16, max_epochs=12, round=1, ...``).
 
     ``points_to_evaluate``: configurations to try first (Optuna names, e.g. a paper's settings
-    ``{"backbone": "setrans", "lr": 1e-4}``), before the space's own ``start`` points and one
-    trial of each backbone that none of them names; what they leave out is sampled.
+    ``{"backbone": "setrans", "lr": 1e-4}``), before the space's own ``start`` points; what they
+    leave out is sampled.
 
     Everything is checked before Ray starts: the space, the data folder, the fold, the
     pseudo-label candidates (required from round 1), that one trial fits the cluster, and that
@@ -157,14 +157,13 @@ def search(
             shutil.copyfile(sp.path, exp.space_copy(opts.round))
 
         t0 = time.perf_counter()
-        points = [*(points_to_evaluate or []), *sp.start_points(round=opts.round)]
         _run_tune(
             sp,
             settings,
             exp,
             resume=resume,
             address=address,
-            points=points + sp.backbone_cover(points),
+            points=[*(points_to_evaluate or []), *sp.start_points(round=opts.round)],
             progress=progress or log.info,
         )
         records = collect_records(exp, sp, settings)

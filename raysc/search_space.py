@@ -135,16 +135,6 @@ class SearchSpace:
             points.append({names[k]: v for k, v in point.items() if k in names})
         return points
 
-    def backbone_cover(self, points: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """One point per backbone that ``points`` leave out, where the space has several. TPE
-        models the backbone choice on its start-up trials: a backbone none of them drew is
-        hardly ever drawn after (a search of 16 trials can stay on one backbone), so each is
-        tried once first."""
-        if len(self.backbones) < 2:
-            return []
-        named = {p.get("backbone") for p in points}
-        return [{"backbone": name} for name in self.backbones if name not in named]
-
     def suggest(self, trial: Any, *, round: int = 0) -> dict[str, Any]:
         """One trial's training values, asked of ``trial`` define-by-run.
 
