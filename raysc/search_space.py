@@ -112,16 +112,14 @@ class SearchSpace:
     scheduler: Scheduler = field(default_factory=Scheduler)
     start: tuple[Mapping[str, Any], ...] = ()  # {"backbone": ..., key: value} in the file's vocabulary
 
-    def searched(self, backbone: str, *, round: int = 0) -> dict[str, str]:
-        """The keys a trial of ``backbone`` asks the sampler for, each with its name there."""
+    def searched(self, backbone: str, *, round: int = 0) -> dict[str, tuple[str, Distribution]]:
+        """What a trial of ``backbone`` asks the sampler for: key -> (its name there, distribution)."""
         own_fixed, own = self.backbones[backbone]
-        names = {k: k for k in self.params if k not in own_fixed and k not in own}
-        names |= {k: f"{backbone}/{k}" for k in own}
+        keys = {k: (k, d) for k, d in self.params.items() if k not in own_fixed and k not in own}
+        keys |= {k: (f"{backbone}/{k}", d) for k, d in own.items()}
         if round >= 1:
-            names |= {k: k for k in self.rounds}
-        if len(self.backbones) > 1:
-            names["backbone"] = "backbone"
-        return names
+            keys |= {k: (k, d) for k, d in self.rounds.items()}
+        return keys
 
     def start_points(self, *, round: int = 0) -> list[dict[str, Any]]:
         """The ``start`` configurations in the sampler's names (Optuna's ``enqueue_trial``). A
@@ -131,7 +129,9 @@ class SearchSpace:
         for point in self.start:
             if point["backbone"] not in self.backbones:
                 continue
-            names = self.searched(point["backbone"], round=round)
+            names = {k: name for k, (name, _) in self.searched(point["backbone"], round=round).items()}
+            if len(self.backbones) > 1:
+                names["backbone"] = "backbone"
             points.append({names[k]: v for k, v in point.items() if k in names})
         return points
 
@@ -310,8 +310,8 @@ def _parse_start(space: SearchSpace, raw: Any, where: str) -> tuple[dict[str, An
         backbone = point.get("backbone")
         if backbone not in space.backbones:
             raise ConfigError(f"{at}: backbone {backbone!r} is not in the space (valid: {', '.join(space.backbones)})")
-        own_fixed, own = space.backbones[backbone]
-        dists = {k: d for k, d in space.params.items() if k not in own_fixed and k not in own} | dict(own)
+        own_fixed = space.backbones[backbone][0]
+        dists = {k: d for k, (_, d) in space.searched(backbone).items()}
         for key, value in point.items():
             if key == "backbone":
                 continue
