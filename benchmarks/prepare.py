@@ -1,11 +1,15 @@
 """Throughput of `raysc prepare` against the floor of decoding + resampling the same files.
 
 Synthesises clips at 48 kHz, then measures side by side on the same cores:
-- floor, 1 process: read + downmix + resample to 44.1 kHz in a bare loop, nothing written;
-- floor, N processes: the same loop split over N processes (what `prepare` could at best do);
+- decode floor, 1 process: read + downmix + resample to 44.1 kHz in a bare loop, nothing written;
+- decode floor, N processes: the same loop split over N processes (what `prepare` could at best
+  do), with the malloc settings raysc's decoding processes get, and again with glibc's defaults;
+- stored floor, N processes: the same, plus the conversion to int16 into a new memory-mapped .npy
+  file (what any tool that keeps the decoded audio pays);
 - `raysc prepare --workers N`: validation, audio header checks, folds, decoding into the
   memory-mapped FeatureStore, hashing, manifest, and starting its worker processes.
-The floors are timed on warm processes; the ratio is against the faster floor.
+The floors are timed on warm processes; the ratios are against the fastest decode floor and
+against the stored floor.
 
     python benchmarks/prepare.py               # 480 clips of 10 s
     python benchmarks/prepare.py --clips 8167 --distinct 817   # the challenge's 9,800 clips
@@ -30,9 +34,11 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+import numpy as np
 from common import md_table, write_results  # the script folder is on sys.path
 
-from raysc.audio import Decoder
+from raysc.audio import Decoder, to_int16
+from raysc.malloc import tune_malloc
 from raysc.prepare import prepare
 from raysc.synth import DEV_METADATA, EVAL_METADATA, synthesize
 
@@ -54,30 +60,47 @@ def replicate(raw: Path, copies: int) -> None:
         meta.write_text("\ufeff" + "\n".join([header, *out]) + "\n", encoding="utf-8")
 
 
-def _decode_all(paths: list[str], num_samples: int) -> int:
+def _decode_all(paths: list[str], num_samples: int, store: str | None = None, rows: list[int] | None = None) -> int:
+    """Decode + resample ``paths``; with ``store``, also convert to int16 into those ``rows`` of
+    that .npy file (memory-mapped), as ``prepare`` stores them."""
     import torch
 
     torch.set_num_threads(1)
     decode = Decoder(TARGET_RATE, num_samples)
-    for p in paths:
-        decode(p)
+    waves = np.load(store, mmap_mode="r+") if store else None
+    for i, p in enumerate(paths):
+        wave, _ = decode(p)
+        if waves is not None:
+            to_int16(wave, out=waves[rows[i]])
     return len(paths)
 
 
-def floor(paths: list[str], num_samples: int, workers: int) -> float:
-    """Seconds to decode + resample ``paths`` on ``workers`` processes, started and warmed
-    (torch imported) before the clock starts: the floor has no fixed costs."""
-    if workers == 1:
-        _decode_all(paths[:1], num_samples)
-        t = time.perf_counter()
-        _decode_all(paths, num_samples)
-        return time.perf_counter() - t
-    parts = [paths[i::workers] for i in range(workers)]
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+def floor(paths: list[str], num_samples: int, workers: int, *, malloc: bool = True, store: Path | None = None) -> float:
+    """Seconds to decode + resample ``paths`` (and store them, with ``store``) on ``workers``
+    processes, started and warmed (torch imported) before the clock starts: the floor has no
+    fixed costs. ``malloc``: the processes get the malloc settings raysc's decoders get."""
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=tune_malloc if malloc else None) as pool:
         list(pool.map(_decode_all, [paths[:1]] * workers, [num_samples] * workers))
+        target = None
+        if store is not None:
+            np.lib.format.open_memmap(store, mode="w+", dtype=np.int16, shape=(len(paths), num_samples))
+            target = str(store)
+        rows = list(range(len(paths)))
         t = time.perf_counter()
-        list(pool.map(_decode_all, parts, [num_samples] * workers))
-        return time.perf_counter() - t
+        list(
+            pool.map(
+                _decode_all,
+                [paths[i::workers] for i in range(workers)],
+                [num_samples] * workers,
+                [target] * workers,
+                [rows[i::workers] for i in range(workers)],
+            )
+        )
+        seconds = time.perf_counter() - t
+    if store is not None:
+        store.unlink()
+    return seconds
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -114,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
             Path(p).read_bytes()
         t_floor1 = floor(paths, num_samples, 1)
         t_floorn = floor(paths, num_samples, args.workers)
+        t_default = floor(paths, num_samples, args.workers, malloc=False)
+        t_store = floor(paths, num_samples, args.workers, store=Path(tmp) / "floor.npy")
 
         def timed_prepare() -> float:
             t = time.perf_counter()
@@ -131,41 +156,49 @@ def main(argv: list[str] | None = None) -> int:
         t_prepare = timed_prepare()
         t_rerun = timed_prepare()  # same inputs: validation only, the store is reused
     n = len(paths)
+    w = args.workers
+    seconds = {
+        "floor_1": t_floor1,
+        f"floor_{w}": t_floorn,
+        f"floor_{w}_default_malloc": t_default,
+        f"floor_{w}_stored": t_store,
+        "prepare": t_prepare,
+        "rerun": t_rerun,
+    }
+    best = min(t_floor1, t_floorn, t_default)
     result = {
         "clips": n,
         "distinct_clips": len(paths) // copies,
         "clip_seconds": args.clip_seconds,
         "source_rate": 48000,
         "target_rate": TARGET_RATE,
-        "workers": args.workers,
-        "seconds": {"floor_1": t_floor1, f"floor_{args.workers}": t_floorn, "prepare": t_prepare, "rerun": t_rerun},
-        "clips_per_s": {"floor_1": n / t_floor1, f"floor_{args.workers}": n / t_floorn, "prepare": n / t_prepare},
-        "prepare_over_floor": t_prepare / min(t_floor1, t_floorn),
+        "workers": w,
+        "seconds": seconds,
+        "clips_per_s": {k: n / v for k, v in seconds.items() if k != "rerun"},
+        "prepare_over_floor": t_prepare / best,
+        "prepare_over_stored_floor": t_prepare / t_store,
     }
     cmd = " ".join(["python benchmarks/prepare.py", *(argv if argv is not None else sys.argv[1:])])
-    best = min(t_floor1, t_floorn)
+
+    def row(what: str, t: float, ratios: bool = True) -> list[str]:
+        if not ratios:
+            return [what, f"{t:.1f}", "", "", ""]
+        return [what, f"{t:.1f}", f"{n / t:.1f}", f"{t / best:.2f}", f"{t / t_store:.2f}"]
+
     rows = [
-        ["bare decode + resample, 1 warm process", f"{t_floor1:.1f}", f"{n / t_floor1:.1f}", f"{t_floor1 / best:.2f}"],
-        [
-            f"bare decode + resample, {args.workers} warm processes",
-            f"{t_floorn:.1f}",
-            f"{n / t_floorn:.1f}",
-            f"{t_floorn / best:.2f}",
-        ],
-        [
-            f"raysc prepare --workers {args.workers} (process start included)",
-            f"{t_prepare:.1f}",
-            f"{n / t_prepare:.1f}",
-            f"{t_prepare / best:.2f}",
-        ],
-        ["raysc prepare again (same inputs: store reused)", f"{t_rerun:.1f}", "", ""],
+        row("bare decode + resample, 1 warm process", t_floor1),
+        row(f"bare decode + resample, {w} warm processes", t_floorn),
+        row(f"bare decode + resample, {w} warm processes, glibc's default malloc settings", t_default),
+        row(f"decode + resample + int16 into a new memory-mapped .npy, {w} warm processes", t_store),
+        row(f"raysc prepare --workers {w} (process start included)", t_prepare),
+        row("raysc prepare again (same inputs: store reused)", t_rerun, ratios=False),
     ]
     md = (
         f"# `raysc prepare` throughput\n\n`{cmd}`: {n} clips of {args.clip_seconds:g} s, 48 kHz mono WAV -> "
         f"{TARGET_RATE} Hz"
         + (f" ({len(paths) // copies} synthesised, each in {copies} copies)" if copies > 1 else "")
         + ", measured in one run on this machine.\n\n"
-        + md_table(["what", "seconds", "clips/s", "time / best floor"], rows)
+        + md_table(["what", "seconds", "clips/s", "time / best decode floor", "time / stored floor"], rows)
     )
     return write_results("prepare" + ("_smoke" if args.smoke_test else ""), result, md)
 

@@ -12,7 +12,7 @@ Side by side in one run, the same backbone, clips, batch size and epochs:
 - fit again while a local Ray idles beside it: what Ray's own processes (raylet, GCS,
   dashboard) take from the cores, whatever runs the training;
 - the bare loop again in a process with glibc's default malloc settings: this script runs with
-  the settings raysc gives its Ray workers (``raysc.distributed.MALLOC_ENV``), so that every
+  the settings raysc gives its Ray workers (``raysc.malloc.MALLOC_ENV``), so that every
   other row compares like with like, and this row shows what the settings themselves buy.
 Reported: wall time of the whole call (Ray's start-up included) and steady-state seconds per
 epoch (epochs 2..): for raysc's runs the time from one epoch's end to the next's, so each
@@ -40,7 +40,8 @@ from common import md_table, write_results  # the script folder is on sys.path
 
 from raysc.config import make_config
 from raysc.dataset import load_dataset
-from raysc.distributed import MALLOC_ENV, init_ray, train
+from raysc.distributed import init_ray, train
+from raysc.malloc import MALLOC_ENV
 from raysc.models import create_model
 from raysc.prepare import prepare
 from raysc.search import search

@@ -27,6 +27,7 @@ import soundfile as sf
 from .data import AUDIO_EXTENSIONS
 from .errors import DataError, RayscError
 from .fileio import write_json
+from .malloc import tune_malloc
 
 log = logging.getLogger(__name__)
 
@@ -216,6 +217,7 @@ class _ChunkResult:
 
 
 def _init_worker() -> None:
+    tune_malloc()  # before torch starts threads; each clip's arrays are reused instead of mapped anew
     import torch  # lazy: see Decoder._resample
 
     torch.set_num_threads(1)  # one process per core already

@@ -20,6 +20,7 @@ import torch
 
 from .config import TrainConfig, make_config
 from .errors import RayscError
+from .malloc import MALLOC_ENV
 from .train import fit
 
 log = logging.getLogger(__name__)
@@ -47,13 +48,6 @@ QUIET_ENV = {
     "SCAN_EVENT_DIR_INTERVAL_SECONDS": "30",
     "AUTOSCALER_UPDATE_INTERVAL_S": "30",
 }
-# glibc's malloc gives every thread that allocates its own arena, and maps each large tensor
-# fresh (page faults on every batch) and returns it at once. Ray Train and Tune run the training
-# function in a thread of the worker, so a CPU epoch there took 1.7x the bare loop's
-# (benchmarks/train_overhead.py). One arena and large blocks kept in the heap halve a Ray-trained
-# CPU epoch, at the cost of holding the peak's memory. Workers read these at start; a user's own
-# values win.
-MALLOC_ENV = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_THRESHOLD_": str(1 << 30), "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}
 
 
 def worker_env() -> dict[str, str]:

@@ -137,7 +137,8 @@ def test_failures_beyond_the_limit_are_an_error(local_ray, prepared, tmp_path):
 
 
 def test_ray_workers_start_with_one_malloc_arena_and_large_blocks_kept(local_ray, monkeypatch):
-    from raysc.distributed import MALLOC_ENV, worker_env
+    from raysc.distributed import worker_env
+    from raysc.malloc import MALLOC_ENV
 
     def start_environment() -> dict[str, str]:
         """The environment the worker was started with (glibc reads its malloc settings then)."""
