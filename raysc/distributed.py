@@ -51,7 +51,9 @@ QUIET_ENV = {
 
 
 def worker_env() -> dict[str, str]:
-    """Environment variables for every Ray worker raysc starts work in."""
+    """Environment variables for every Ray worker raysc starts work in. The malloc settings
+    (raysc/malloc.py) matter most there: Ray Train and Tune run the training function in a
+    thread of the worker, which with glibc's defaults gets an arena of its own."""
     return {**RAY_ENV, **{k: os.environ.get(k, v) for k, v in MALLOC_ENV.items()}}
 
 

@@ -3,8 +3,9 @@
 With glibc's defaults every thread that allocates gets an arena of its own, and every block over
 the (dynamic) mmap threshold is mapped fresh and returned at once: each large tensor or waveform
 then costs page faults on every use. One arena, and large blocks kept in the heap, halved a
-Ray-trained CPU epoch (benchmarks/train_overhead.py) and cut decoding's conversion to int16 by
-three quarters (benchmarks/prepare.py). The price is memory: a process keeps its peak heap.
+Ray-trained CPU epoch (benchmarks/train_overhead.py) and took a third off a clip's decoding,
+resampling and int16 conversion (README, "Memory allocator"). The price is memory: a process
+keeps its peak heap.
 """
 
 from __future__ import annotations
@@ -35,5 +36,5 @@ def tune_malloc() -> bool:
         if key not in os.environ:
             ok &= bool(mallopt(_MALLOPT[key], int(value)))
     if not ok:
-        log.debug("glibc refused a malloc setting; decoding runs with its defaults")
+        log.debug("glibc refused a malloc setting; this process keeps its default")
     return ok
