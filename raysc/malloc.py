@@ -25,7 +25,8 @@ _MALLOPT = {"MALLOC_ARENA_MAX": -8, "MALLOC_MMAP_THRESHOLD_": -3, "MALLOC_TRIM_T
 def tune_malloc() -> bool:
     """Apply ``MALLOC_ENV`` to this running process (glibc's ``mallopt``), leaving any of these
     variables that the environment sets to glibc, which read them at start. Call it before the
-    process starts threads. Returns False where there is no glibc (nothing changed)."""
+    process starts threads. Returns False where there is no glibc (nothing changed) or glibc
+    refused a setting."""
     try:
         mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):  # not glibc (macOS, musl without mallopt)
