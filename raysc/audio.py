@@ -9,7 +9,9 @@ killed build continues where it stopped, and only a finished build is renamed in
 from __future__ import annotations
 
 import contextlib
+import csv
 import hashlib
+import io
 import json
 import logging
 import multiprocessing
@@ -26,7 +28,7 @@ import soundfile as sf
 
 from .data import AUDIO_EXTENSIONS
 from .errors import DataError, RayscError
-from .fileio import write_json
+from .fileio import size_text, write_json, write_text
 from .malloc import tune_malloc
 
 log = logging.getLogger(__name__)
@@ -214,6 +216,29 @@ class _ChunkResult:
     trimmed: int
     clipped: int
     errors: tuple[str, ...]
+    notes: tuple[tuple[str, str, str], ...] = ()  # (filename, what, detail) for the store's report
+
+
+# A clip shorter than this share of the clip length is mostly zero padding: named in the report
+# and warned about. A clip louder than this RMS (-6 dBFS) is no field recording: most likely a
+# header that does not match its data (8-bit samples read as 16-bit become full-scale noise).
+SHORT_SHARE = 0.5
+LOUD_RMS = 0.5
+
+
+def clip_notes(name: str, wave: np.ndarray, change: int, num_samples: int) -> list[tuple[str, str, str]]:
+    """What the prepare report says of one decoded clip (``wave`` before padding is undone:
+    ``change`` > 0 samples were padded)."""
+    notes = []
+    if change > 0:
+        kept = num_samples - change
+        what = "short" if kept < SHORT_SHARE * num_samples else "padded"
+        notes.append((name, what, f"{kept} of {num_samples} samples; the rest zero-padded"))
+    level = float(np.sqrt(np.mean(np.square(wave[: num_samples - max(change, 0)], dtype=np.float64))))
+    if level > LOUD_RMS:
+        detail = f"RMS {20 * np.log10(level):.1f} dBFS: does its header's sample format match its data?"
+        notes.append((name, "loud", detail))
+    return notes
 
 
 def _init_worker() -> None:
@@ -252,18 +277,20 @@ def decoding_pool(workers: int) -> Iterator[ProcessPoolExecutor | None]:
 
 
 def _decode_chunk(
-    waves_path: str, start: int, paths: Sequence[str], sample_rate: int, num_samples: int
+    waves_path: str, start: int, names: Sequence[str], paths: Sequence[str], sample_rate: int, num_samples: int
 ) -> _ChunkResult:
     decode = Decoder(sample_rate, num_samples)
     block = np.zeros((len(paths), num_samples), dtype=np.int16)  # the chunk, hashed before it is stored
     padded = trimmed = clipped = 0
     errors = []
-    for i, path in enumerate(paths):
+    notes: list[tuple[str, str, str]] = []
+    for i, (name, path) in enumerate(zip(names, paths, strict=True)):
         try:
             wave, change = decode(path)
         except DataError as exc:
             errors.extend(exc.problems)
             continue
+        notes += clip_notes(name, wave, change, num_samples)
         _, was_clipped = to_int16(wave, out=block[i])
         padded += change > 0
         trimmed += change < 0
@@ -275,7 +302,7 @@ def _decode_chunk(
     # sample of every clip tells stores apart (another decoder or file changes nearly all of
     # them) at a sixteenth of the cost: whole clips took 0.9 ms each, a seventh of decoding one.
     digest = hashlib.blake2b(memoryview(np.ascontiguousarray(block[:, ::HASH_STRIDE]))).hexdigest()
-    return _ChunkResult(start, digest, padded, trimmed, clipped, tuple(errors))
+    return _ChunkResult(start, digest, padded, trimmed, clipped, tuple(errors), tuple(notes))
 
 
 def build_store(
@@ -317,7 +344,8 @@ def build_store(
 
     results: dict[int, _ChunkResult] = {}
     for marker in done_dir.glob("*.json"):
-        r = _ChunkResult(**{**json.loads(marker.read_text()), "errors": ()})
+        done = json.loads(marker.read_text())
+        r = _ChunkResult(**{**done, "errors": (), "notes": tuple(map(tuple, done.get("notes", ())))})
         results[r.start] = r
     todo = [s for s in range(0, len(files), CHUNK_SIZE) if s not in results]
     if results:
@@ -325,7 +353,17 @@ def build_store(
     _check_free_space(partial / "waves.npy", len(files) * num_samples * 2)
 
     waves_path = str(partial / "waves.npy")
-    jobs = [(waves_path, s, [str(p) for _, p in files[s : s + CHUNK_SIZE]], sample_rate, num_samples) for s in todo]
+    jobs = [
+        (
+            waves_path,
+            s,
+            [name for name, _ in files[s : s + CHUNK_SIZE]],
+            [str(p) for _, p in files[s : s + CHUNK_SIZE]],
+            sample_rate,
+            num_samples,
+        )
+        for s in todo
+    ]
     errors: list[str] = []
 
     def record(r: _ChunkResult) -> None:
@@ -367,6 +405,7 @@ def build_store(
         clipped=sum(r.clipped for r in ordered),
     )
     (partial / "index.txt").write_text("".join(f"{name}\n" for name, _ in files))
+    _write_report(partial / REPORT, [note for r in ordered for note in r.notes])
     write_json(partial / "spec.json", asdict(spec))
     shutil.rmtree(done_dir)
     build_file.unlink()
@@ -382,6 +421,25 @@ def build_store(
     return _swap_in(partial, path)
 
 
+REPORT = "report.csv"  # in the store: the clips that were padded or look wrong, one line each
+
+
+def _write_report(path: Path, notes: list[tuple[str, str, str]]) -> None:
+    """Write the store's report and warn about the clips that are mostly padding or too loud."""
+    rows = io.StringIO()
+    csv.writer(rows, lineterminator="\n").writerows([("filename", "issue", "detail"), *notes])
+    write_text(path, rows.getvalue())
+    short = [name for name, what, _ in notes if what == "short"]
+    loud = [name for name, what, _ in notes if what == "loud"]
+    for names, said in (
+        (short, f"shorter than {SHORT_SHARE:.0%} of the clip length, zero-padded"),
+        (loud, f"louder than {20 * np.log10(LOUD_RMS):.0f} dBFS RMS (a header that does not match its data?)"),
+    ):
+        if names:
+            more = f" and {len(names) - 5} more" if len(names) > 5 else ""
+            log.warning("%d clip(s) %s: %s%s; see %s", len(names), said, ", ".join(names[:5]), more, path)
+
+
 def _check_free_space(waves: Path, size: int) -> None:
     """Refuse to decode into a store the disk cannot hold: a worker writing into a full disk
     through the memory map is killed (SIGBUS), with no word of why."""
@@ -389,8 +447,8 @@ def _check_free_space(waves: Path, size: int) -> None:
     free = shutil.disk_usage(waves.parent).free
     if missing > free:
         raise RayscError(
-            f"the feature store {waves.parent} needs {missing / 1e9:.1f} GB more and its disk has {free / 1e9:.1f} "
-            "GB free; free some space or prepare into another --out (a rerun continues what is built)"
+            f"the feature store {waves.parent} needs {size_text(missing)} more and its disk has {size_text(free)} "
+            "free; free some space or prepare into another --out (a rerun continues what is built)"
         )
 
 

@@ -34,7 +34,7 @@ def write_candidates(
     ``selection`` would keep) into the experiment's pseudo-label folder of that ensemble.
     ``without_session_label``: only the clips of sessions without any label (the only ones a run
     with session labels takes pseudo-labels for). Returns (candidates path, summary)."""
-    exp = Experiment(experiment)
+    exp = Experiment.existing(experiment)
     ens = exp.load_ensemble(ensemble)
     data = load_dataset(ens.data)
     m = data.manifest

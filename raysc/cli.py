@@ -174,7 +174,12 @@ def _cmd_import_weights(args: argparse.Namespace) -> int:
     from .weights import import_weights
 
     report = import_weights(
-        args.weights, backbone=args.backbone, out=args.out, data=args.data, model=parse_sets(args.set)
+        args.weights,
+        backbone=args.backbone,
+        out=args.out,
+        data=args.data,
+        model=parse_sets(args.set),
+        by_order=args.match_by_order,
     )
     print(report.describe())
     print(f"written to {args.out}; fine-tune from it with: init_from={args.out} reset_head=true")
@@ -358,7 +363,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _add_address(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    p.add_argument(
+        "--address",
+        help="Ray cluster address (default: RAY_ADDRESS, else a private local Ray; auto: the Ray running here)",
+    )
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
@@ -465,10 +473,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "import-weights",
-        help="map a plain PyTorch state dict onto a raysc network by name and shape",
-        description="Copy every tensor of a state dict (a .pth of another code base, e.g. the official "
-        "baseline's SE-Trans checkpoint) that matches the raysc network by name, then by order and shape; "
-        "report what matched and what did not, and write a raysc model file for init_from.",
+        help="map a plain PyTorch state dict onto a raysc network by name (or, asked, by order and shape)",
+        description="Copy every tensor of a state dict that matches the raysc network by name; with "
+        "--match-by-order (a .pth of another code base, e.g. the official baseline's SE-Trans checkpoint), pair "
+        "the rest by order and shape and print every pair. A file that does not hold the network's weights is "
+        "refused. Report what matched and what did not, and write a raysc model file for init_from.",
     )
     p.add_argument("weights", type=Path, help="a state dict saved with torch.save (loaded with weights_only=True)")
     p.add_argument("--backbone", required=True, help="the raysc backbone to map it onto")
@@ -476,6 +485,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", type=Path, help="build the network for this data folder (classes, cities, rate)")
     p.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="a model option, e.g. width=0.5 (repeatable)"
+    )
+    p.add_argument(
+        "--match-by-order",
+        action="store_true",
+        help="pair the tensors that no name matches by order and shape (another code base's names)",
     )
     p.set_defaults(func=_cmd_import_weights)
 

@@ -118,10 +118,16 @@ def parse_record_time(value: str) -> tuple[datetime | None, str | None]:
         return None, f"record_time {value!r} is not a valid date and time ({exc})"
 
 
+def did_you_mean(value: str, choices: Sequence[str]) -> str:
+    """``"; did you mean 'Bus'?"`` for the choice ``value`` most likely meant (the same letters in
+    another case first, then the closest spelling), or '' when none is close."""
+    same = [c for c in choices if c.casefold() == value.strip().casefold()]
+    close = same or difflib.get_close_matches(value, list(choices), n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
 def _unknown_label(value: str) -> str:
-    close = difflib.get_close_matches(value, CLASSES, n=1, cutoff=0.6)
-    hint = f"; did you mean {close[0]!r}?" if close else ""
-    return f"unknown scene_label {value!r}{hint} (valid: {', '.join(CLASSES)})"
+    return f"unknown scene_label {value!r}{did_you_mean(value, CLASSES)} (valid: {', '.join(CLASSES)})"
 
 
 def parse_metadata(path: str | Path, *, subset: Literal["dev", "eval"]) -> tuple[pd.DataFrame, list[str]]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import socket
 import tempfile
 from collections.abc import Iterator
@@ -100,7 +101,12 @@ def check_reachable(address: str, timeout: float = 5.0) -> None:
 
 
 def init_ray(address: str | None = None, **kwargs: Any) -> None:
-    """Connect to ``address`` (or ``RAY_ADDRESS``), or start a local Ray; no-op when connected.
+    """Connect to ``address`` (or ``RAY_ADDRESS``), or start a private local Ray; no-op when connected.
+
+    Without an address raysc always starts its own local Ray, also when another Ray runs on the
+    machine (``ray start --head``) or a dead one left its address file behind: joining one by
+    accident would share its resources and lose raysc's settings. ``--address auto`` joins the
+    Ray that runs on this machine instead.
 
     A local Ray gets a GCS port chosen here, and its workers get ``RAY_ADDRESS`` pointing at it:
     Ray Train's placement-group cleaner finds its cluster through the State API, which, with no
@@ -122,8 +128,9 @@ def init_ray(address: str | None = None, **kwargs: Any) -> None:
         gcs_port = free_port()
         env["RAY_ADDRESS"] = f"{ray.util.get_node_ip_address()}:{gcs_port}"
         os.environ["RAY_GCS_SERVER_PORT"] = str(gcs_port)
+        log.info("starting a private local Ray (to join the Ray already running on this machine: --address auto)")
     try:
-        ray.init(address=address, runtime_env={"env_vars": env}, **kwargs)
+        ray.init(address=address or "local", runtime_env={"env_vars": env}, **kwargs)
     finally:
         os.environ.pop("RAY_GCS_SERVER_PORT", None)
 
@@ -265,13 +272,28 @@ def train(
     try:
         result = trainer.fit()
     except ray.train.TrainingFailedError as exc:
-        raise RayscError(f"training failed after {max_failures} restart(s): {exc}") from exc
+        raise RayscError(f"training failed after {max_failures} restart(s): {root_cause(exc)}") from None
     if result.error:
-        raise RayscError(f"training failed: {result.error}")
+        raise RayscError(f"training failed: {root_cause(result.error)}")
     metrics_path = out_dir / "metrics.json"
     if not metrics_path.is_file():
         raise RayscError(f"training finished but wrote no {metrics_path}")
     return json.loads(metrics_path.read_text())
+
+
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def root_cause(exc: BaseException) -> str:
+    """One line for a failure that Ray reports with the workers' tracebacks: raysc's own message
+    when a worker raised one (a damaged checkpoint names itself and what to delete), else the
+    last line of the first failure, without colour codes."""
+    text = ANSI.sub("", str(exc))
+    ours = re.findall(r"raysc\.errors\.\w+: (.+)", text)
+    if ours:
+        return ours[-1].strip()
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[-1] if lines else type(exc).__name__
 
 
 def ddp_backend(workers: int, gpus_per_worker: float) -> str:

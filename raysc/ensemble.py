@@ -120,7 +120,7 @@ def build_ensemble(
         raise ConfigError(f"ensemble method {method!r} (valid: {', '.join(METHODS)})")
     if k < 1:
         raise ConfigError(f"ensemble size k must be >= 1, got {k}")
-    exp = Experiment(experiment)
+    exp = Experiment.existing(experiment)
     records = candidate_records(exp, rounds)
     data_dir = exp.read_search_settings(records[0].round)["data"]
     fold = records[0].fold

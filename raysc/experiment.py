@@ -150,6 +150,18 @@ class Experiment:
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
 
+    @classmethod
+    def existing(cls, root: str | Path) -> Experiment:
+        """The experiment folder at ``root``, which must exist (commands that read one).
+
+        Raises:
+            RayscError: ``root`` is not a folder.
+        """
+        if not Path(root).is_dir():
+            what = "is a file, not an experiment folder" if Path(root).exists() else "does not exist"
+            raise RayscError(f"{root} {what} (an experiment folder is made by `raysc search` or `raysc pipeline`)")
+        return cls(root)
+
     @contextmanager
     def in_use(self) -> Iterator[None]:
         """Hold the folder for this process while it writes into it. Two processes writing one
@@ -162,8 +174,7 @@ class Experiment:
             f, depth = _HELD[key]
             _HELD[key] = (f, depth + 1)
         else:
-            key.mkdir(parents=True, exist_ok=True)
-            f = (key / ".in-use").open("a+")
+            f = self._open_lock(key)
             try:
                 fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -190,6 +201,20 @@ class Experiment:
             else:
                 del _HELD[key]
                 f.close()  # closing releases the lock
+
+    def _open_lock(self, key: Path) -> IO[str]:
+        """The folder's lock file, opened for writing; the folder is made if missing. A path
+        that is a file, or a folder raysc cannot write, is refused in one line."""
+        if key.exists() and not key.is_dir():
+            raise RayscError(f"{self.root} is a file, not an experiment folder: give a folder's path")
+        try:
+            key.mkdir(parents=True, exist_ok=True)
+            return (key / ".in-use").open("a+")
+        except OSError as exc:
+            raise RayscError(
+                f"{self.root}: cannot write the experiment folder there ({exc.strerror}); an experiment needs a "
+                "writable folder: choose another, or copy this one somewhere writable (it resumes there)"
+            ) from None
 
     # ---- the pipeline and the tables
     @property

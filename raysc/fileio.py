@@ -45,6 +45,16 @@ def _umask() -> int:
     return mask
 
 
+def size_text(size: float) -> str:
+    """A byte count as people read it, to three figures: ``20 MB``, ``1.23 GB``, ``512 B``."""
+    units = ("B", "kB", "MB", "GB", "TB")
+    step = 0
+    while abs(size) >= 1000 and step < len(units) - 1:
+        size /= 1000
+        step += 1
+    return f"{size:.0f} B" if step == 0 else f"{size:.3g} {units[step]}"
+
+
 def write_text(path: str | os.PathLike[str], text: str, *, encoding: str = "utf-8") -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding=encoding)

@@ -11,6 +11,7 @@ import pandas as pd
 from .dataset import PreparedData, load_dataset
 from .distributed import init_ray
 from .ensemble import apply_temperature, smooth_sessions
+from .errors import RayscError
 from .experiment import Ensemble, Experiment
 from .featcache import FeatureCache
 from .loader import ClipTable
@@ -47,6 +48,22 @@ def predict_clips(
     )
 
 
+def check_members(ens: Ensemble, exp: Experiment) -> None:
+    """Every member's model file loads (and matches its recorded hash), checked before Ray starts.
+
+    Raises:
+        RayscError: a member's file is missing, damaged or cut short; the message names it.
+    """
+    for m in ens.members:
+        path = exp.root / m.model_path
+        if not path.is_file():
+            raise RayscError(f"ensemble {ens.name}: member {m.trial_id}'s model file {path} does not exist")
+        try:
+            load_model(path)
+        except RayscError as exc:
+            raise RayscError(f"ensemble {ens.name}: member {m.trial_id}: {exc}") from None
+
+
 def predict_ensemble(
     ens: Ensemble,
     experiment: str | Path,
@@ -61,8 +78,9 @@ def predict_ensemble(
     ``<unk>``."""
     import ray  # lazy: importing Ray costs seconds, and only the launching commands need it
 
-    init_ray(address)
     exp = Experiment(Path(experiment).resolve())
+    check_members(ens, exp)
+    init_ray(address)
     gpu = 0.25 if ray.cluster_resources().get("GPU") else 0  # inference is light: share a GPU
     task = ray.remote(predict_clips).options(num_cpus=1, num_gpus=gpu)
     # Keyed by member position: a cross-fitted ensemble holds one member per trial and fold.

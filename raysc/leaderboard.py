@@ -44,7 +44,7 @@ def _short_params(params: dict) -> str:
 def leaderboard(experiment: str | Path, *, round: int | None = None) -> pd.DataFrame:
     """One row per trial (failed ones last) and per ensemble, best validation score first.
     ``round``: trials of that round and ensembles whose members all come from it."""
-    exp = Experiment(experiment)
+    exp = Experiment.existing(experiment)
     every = exp.records()
     records = [r for r in every if round is None or r.round == round]
     by_id = {r.trial_id: r for r in every}

@@ -107,7 +107,7 @@ def plot_search_history(exp: Experiment, path: Path) -> Path:
 
 def write_plots(experiment: str | Path, ens: Ensemble, classes: list[str]) -> list[Path]:
     """All four plots into ``EXP/plots/``."""
-    exp = Experiment(experiment)
+    exp = Experiment.existing(experiment)
     out = exp.plots_dir
     return [
         plot_confusion(ens, classes, out / "confusion_matrix.png"),

@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from . import __version__
+from .data import did_you_mean
 from .data import session_labels as scenes_of_sessions
 from .dataset import load_dataset
 from .errors import DataError
@@ -76,7 +77,8 @@ def validate_submission(
         problems.append(f"{where}:{i + 2}: scene_label is empty")
     for i, label in enumerate(labels):
         if pd.notna(label) and label not in classes:
-            problems.append(f"{where}:{i + 2}: scene_label {label!r} is not a class ({', '.join(classes)})")
+            hint = did_you_mean(str(label), classes)
+            problems.append(f"{where}:{i + 2}: scene_label {label!r} is not a class{hint} ({', '.join(classes)})")
     if probs is not None:
         p = probs[classes].to_numpy(np.float64)
         if not np.isfinite(p).all():
@@ -137,7 +139,7 @@ def make_submission(
     """Predict every eval clip with an ensemble (default: the best by validation) and write
     ``out`` (the challenge CSV), ``<out>_probabilities.csv`` and ``<out>_info.json``;
     ``session_labels``: eval clips of labelled development sessions take their session's label."""
-    exp = Experiment(experiment)
+    exp = Experiment.existing(experiment)
     ens = exp.load_ensemble(ensemble)
     data = load_dataset(ens.data)
     expected = _eval_rows(data.manifest)

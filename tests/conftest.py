@@ -1,5 +1,6 @@
 """Shared fixtures: a tiny synthetic dataset in the challenge format, and helpers to write
-hand-made metadata and audio for error cases."""
+hand-made metadata and audio for error cases, and the helpers several test files share (a tiny
+training config, a small search space). No test file imports another."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
+import yaml
 
+from raysc.config import TrainConfig, make_config
 from raysc.dataset import PreparedData
 from raysc.prepare import prepare
 from raysc.synth import DEV_METADATA, EVAL_METADATA, SynthSummary, synthesize
@@ -172,3 +175,32 @@ def small_inputs(tmp_path: Path) -> dict:
         "folds": 2,
         "workers": 1,
     }
+
+
+def tiny_config(**kw) -> TrainConfig:
+    values = {
+        "backbone": "mobileascnet",
+        "model": {"width": 0.25, "frontend": FRONTEND},
+        "epochs": 2,
+        "batch_size": 16,
+        "lr": 3e-3,
+        "seed": 0,
+        **kw,
+    }
+    return make_config(values)
+
+
+def write_space(path: Path, **sections) -> Path:
+    space = {
+        "fixed": {"model.width": 0.25, "model.frontend": FRONTEND, "batch_size": 16},
+        "params": {"lr": {"type": "float", "low": 1e-3, "high": 1e-2, "log": True}},
+        "backbones": {
+            "mobileascnet": {"model.dropout": {"type": "float", "low": 0.0, "high": 0.3}},
+            "setrans": {"model.dropout": {"type": "float", "low": 0.0, "high": 0.3}},
+        },
+        "rounds": {"pseudo_threshold": {"type": "float", "low": 0.3, "high": 0.9}},
+        "resources": {"workers": 1, "cpus_per_worker": 1},
+        "scheduler": {"grace_steps": 1, "reduction_factor": 2, "max_epochs": 2},
+    } | sections
+    path.write_text(yaml.safe_dump(space))
+    return path

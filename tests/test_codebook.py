@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import FRONTEND
-from test_train import tiny_config
+from conftest import FRONTEND, tiny_config
 
 from raysc import codebook as cb
 from raysc.dataset import load_dataset

@@ -129,10 +129,11 @@ def test_a_killed_worker_is_replaced_and_resumes_from_its_checkpoint(local_ray, 
 def test_failures_beyond_the_limit_are_an_error(local_ray, prepared, tmp_path):
     from raysc.distributed import train
 
-    with pytest.raises(RayscError, match="training failed"):
+    with pytest.raises(RayscError, match=r"training failed after 0 restart\(s\): .*missing\.csv") as caught:
         train(
             _cfg(pseudo_labels=str(tmp_path / "missing.csv")), prepared.out, tmp_path / "bad", workers=1, max_failures=0
         )
+    assert "\n" not in str(caught.value) and "Traceback" not in str(caught.value)  # one line: the worker's reason
     assert resources_released()
 
 
@@ -175,3 +176,59 @@ def test_a_local_ray_polls_for_its_dashboard_rarely(local_ray, monkeypatch):
     monkeypatch.setenv("REPORTER_UPDATE_INTERVAL_MS", "1000")
     assert local_ray_env()["REPORTER_UPDATE_INTERVAL_MS"] == "1000"
     assert local_ray_env()["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == "0.2"
+
+
+_RESOURCES = (
+    "import json, sys, ray\n"
+    "from raysc.distributed import init_ray\n"
+    "for address in sys.argv[1:]:\n"
+    "    init_ray(address or None)\n"
+    "    print(json.dumps(ray.cluster_resources()))\n"
+    "    ray.shutdown()\n"
+)
+
+
+def _resources_seen(*addresses: str) -> list[dict]:
+    """The cluster resources one fresh raysc process sees after ``init_ray(address or None)``,
+    for each address in turn."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    done = subprocess.run(
+        [sys.executable, "-c", _RESOURCES, *addresses], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return [json.loads(line) for line in done.stdout.strip().splitlines()[-len(addresses) :]]
+
+
+def test_a_ray_started_on_the_machine_is_joined_only_when_asked(tmp_path):
+    import shutil
+    import subprocess
+
+    from raysc.distributed import DRIVER_RESOURCE, free_port
+
+    # A workstation's own Ray, as `ray start --head` leaves it (and its address file in /tmp/ray).
+    port, dashboard = free_port(), free_port()
+    head = [shutil.which("ray"), "start", "--head", "--block", "--num-cpus", "1", "--port", str(port)]
+    head += ["--dashboard-port", str(dashboard), "--disable-usage-stats"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    started = subprocess.Popen(
+        head, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, env=env, start_new_session=True
+    )
+    try:
+        deadline = time.time() + 120
+        current = Path("/tmp/ray/ray_current_cluster")
+        while not (current.is_file() and current.read_text().strip().endswith(f":{port}")):
+            assert time.time() < deadline and started.poll() is None, "ray start --head did not come up"
+            time.sleep(0.5)
+        # No address: raysc's own private Ray (its driver slots, every CPU), not the running one;
+        # --address auto: the running one, as it is (1 CPU, no resources added by raysc).
+        own, joined = _resources_seen("", "auto")
+        assert own.get(DRIVER_RESOURCE) and own["CPU"] == os.cpu_count()
+        assert joined["CPU"] == 1 and DRIVER_RESOURCE not in joined
+    finally:
+        os.killpg(started.pid, signal.SIGTERM)
+        started.wait(timeout=120)
+    # The address file of a Ray that is gone: raysc still starts its own.
+    assert _resources_seen("")[0].get(DRIVER_RESOURCE)

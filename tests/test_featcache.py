@@ -6,8 +6,7 @@ import dataclasses
 
 import numpy as np
 import torch
-from conftest import FRONTEND
-from test_train import tiny_config
+from conftest import FRONTEND, tiny_config
 
 from raysc.config import make_config
 from raysc.dataset import load_dataset

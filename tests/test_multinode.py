@@ -10,8 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import FRONTEND
-from test_search import write_space
+from conftest import FRONTEND, write_space
 
 from raysc.experiment import Experiment
 

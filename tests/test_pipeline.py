@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,7 +14,7 @@ import time
 import pandas as pd
 import pytest
 import yaml
-from test_search import write_space
+from conftest import write_space
 
 from raysc.errors import ConfigError
 from raysc.experiment import OUT_OF_FOLD
@@ -46,18 +47,24 @@ def test_a_pipeline_started_before_a_setting_existed_resumes_and_a_changed_setti
     from raysc.errors import RayscError
     from raysc.experiment import Experiment
     from raysc.fileio import write_json
-    from raysc.pipeline import PipelineConfig, _State
+    from raysc.pipeline import PipelineConfig
+    from raysc.pipeline.state import PipelineState
 
     exp = Experiment(tmp_path / "exp")
     exp.root.mkdir()
-    settings = {**dataclasses.asdict(PipelineConfig()), "space": "space.yaml", "data": "data"}
-    older = {k: v for k, v in settings.items() if k != "eval_session_labels"}  # written before it existed
+    defaults = dataclasses.asdict(PipelineConfig())
+    settings = {**defaults, "space": "space.yaml", "data": "data", "time_budget_minutes": 30.0}
+    older = {k: v for k, v in settings.items() if k not in ("eval_session_labels", "time_budget_minutes")}
     write_json(exp.pipeline_state, {"settings": older, "done": {"search-0": {"trials": 2, "best": "a"}}})
-    assert _State(exp, settings).done == {"search-0": {"trials": 2, "best": "a"}}  # its default: no change
+    defaults = {**defaults, "time_budget_minutes": 30.0}
+    assert PipelineState(exp, settings, defaults).done == {"search-0": {"trials": 2, "best": "a"}}  # no change
     with pytest.raises(RayscError, match=r"other settings \(eval_session_labels: was True, now False\)"):
-        _State(exp, {**settings, "eval_session_labels": False})
-    with pytest.raises(RayscError, match=r"other settings \(trials: was 16, now 8\); use another --experiment"):
-        _State(exp, {**settings, "trials": 8})
+        PipelineState(exp, {**settings, "eval_session_labels": False}, defaults)
+    with pytest.raises(RayscError, match=r"other settings \(trials: was 16, now 8\); continue it with its own"):
+        PipelineState(exp, {**settings, "trials": 8}, defaults)
+    # The budget is a setting: a finished 30-minute pipeline resumed without one is refused.
+    with pytest.raises(RayscError, match=r"\(time_budget_minutes: was 30\.0, now None\)"):
+        PipelineState(exp, {**settings, "time_budget_minutes": None}, defaults)
 
 
 @pytest.mark.slow
@@ -101,11 +108,13 @@ def test_pipeline_runs_end_to_end_and_resumes_after_a_kill(prepared, tmp_path):
     assert "[pipeline] search-0: done before, kept" in again.stdout
     assert "[pipeline] ensemble-0: done before, kept" in again.stdout
     done = json.loads(state.read_text())["done"]
-    assert set(done) == {"search-0", "ensemble-0", "pseudo-0", "search-1", "ensemble-1", "refit", "submit", "plots"}
+    order = ["search-0", "ensemble-0", "pseudo-0", "search-1", "ensemble-1", "refit", "submit", "plots"]
+    assert json.loads(state.read_text())["order"] == order and set(done) == set(order)
     assert sorted(p.name for p in (exp / "round-0" / "trials").iterdir()) == round0  # round 0 was not rerun
     # Pseudo-label candidates: unlabelled clips outside the validation fold only, all of them.
     m = prepared.manifest
-    cands = pd.read_csv(done["pseudo-0"])
+    assert not os.path.isabs(done["pseudo-0"])  # relative to the experiment: a moved one still works
+    cands = pd.read_csv(exp / done["pseudo-0"])
     assert set(cands["filename"]) == set(m.query("subset == 'unlabelled' and fold != 0")["filename"])
     # Round 1 trained on them: its trials saw more clips than round 0's.
     r1 = [json.loads(p.read_text()) for p in (exp / "round-1" / "trials").glob("*/metrics.json")]
@@ -137,6 +146,22 @@ def test_pipeline_runs_end_to_end_and_resumes_after_a_kill(prepared, tmp_path):
     assert again.stdout.count("| trial |") == 4 and "| ensemble |" in again.stdout
     assert "-session" in again.stdout  # the session-smoothed variant has its own row
 
+    # A copied experiment folder resumes in its new place: every stage kept, its files reported there.
+    from raysc.pipeline import run_pipeline
+
+    moved = tmp_path / "moved"
+    shutil.copytree(exp, moved)
+    shutil.rmtree(exp)
+    lines = []
+    result = run_pipeline(load_pipeline(pipe), data=prepared.out, experiment=moved, progress=lines.append)
+    assert lines == [
+        "[pipeline] plan skipped: no --time-budget: every backbone of the space at its own epochs",
+        "[pipeline] pretrain skipped: the pipeline file has no pretrain section",
+        *(f"[pipeline] {name}: done before, kept" for name in order),
+    ], lines
+    assert result.submission == moved / "submission" / "submission.csv" and result.submission.is_file()
+    assert all(p.parent == moved / "plots" and p.is_file() for p in result.plots)
+
 
 @pytest.mark.slow
 def test_a_round_whose_trials_all_fail_still_ends_with_a_submission(local_ray, with_pretrain, tmp_path, monkeypatch):
@@ -144,7 +169,7 @@ def test_a_round_whose_trials_all_fail_still_ends_with_a_submission(local_ray, w
     from raysc.leaderboard import leaderboard
     from raysc.search import SearchResult
 
-    real = pipeline.search
+    real = pipeline.stages.search
 
     def round_one_gets_nothing(space, **kw):
         # What a budget that runs out in the middle of round 1 leaves: no trial with a finished epoch.
@@ -152,7 +177,7 @@ def test_a_round_whose_trials_all_fail_still_ends_with_a_submission(local_ray, w
             return SearchResult(tmp_path / "exp" / "round-1", [], None, 0.0)
         return real(space, **kw)
 
-    monkeypatch.setattr(pipeline, "search", round_one_gets_nothing)
+    monkeypatch.setattr(pipeline.stages, "search", round_one_gets_nothing)
     space = write_space(tmp_path / "space.yaml", scheduler={"grace_steps": 1, "reduction_factor": 2, "max_epochs": 1})
     # With a pretraining stage: one mobileascnet trunk, which every mobileascnet trial starts from.
     pretrain = {"backbones": ["mobileascnet"], "epochs": 1}

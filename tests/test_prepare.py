@@ -100,6 +100,32 @@ def test_resampling_and_length_changes_are_counted(small_inputs):
     assert result.store.spec.padded == 1 and result.store.spec.trimmed == 1
 
 
+def test_short_and_implausibly_loud_clips_are_named_in_the_report(small_inputs, caplog):
+    import csv
+
+    import soundfile as sf
+
+    from raysc.audio import REPORT
+
+    audio = small_inputs["audio_dirs"][0]
+    write_wav(audio / "a1_1.wav", 0.1)  # a tenth of the 1 s clip
+    write_wav(audio / "a2_1.wav", 0.8)  # padded, but mostly audio
+    # 8-bit samples in a file whose header says 16-bit: full-scale noise once read.
+    noise = np.random.default_rng(0).integers(-32768, 32767, SR, dtype=np.int16)
+    sf.write(str(audio / "b1_1.wav"), noise, SR, subtype="PCM_16")
+    result = prepare(**small_inputs)
+    rows = list(csv.DictReader((result.store.path / REPORT).open()))
+    by_clip = {(r["filename"], r["issue"]): r["detail"] for r in rows}
+    short, padded = int(0.1 * SR), int(0.8 * SR)
+    assert by_clip[("a1_1", "short")] == f"{short} of {SR} samples; the rest zero-padded"
+    assert by_clip[("a2_1", "padded")] == f"{padded} of {SR} samples; the rest zero-padded"
+    assert by_clip[("b1_1", "loud")].startswith("RMS -4.")  # uniform full-scale noise: -4.8 dBFS
+    assert len(rows) == 3  # the clips of normal length and level are not listed
+    said = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any(m.startswith("1 clip(s) shorter than 50% of the clip length, zero-padded: a1_1; see") for m in said)
+    assert any(m.startswith("1 clip(s) louder than -6 dBFS RMS") and "b1_1" in m for m in said)
+
+
 def test_rerun_reuses_and_other_inputs_need_overwrite(small_inputs, monkeypatch):
     started = []
     real_pool = prepare_module.decoding_pool

@@ -94,18 +94,72 @@ def test_import_weights_maps_another_code_bases_names_by_name_and_shape(tmp_path
     path = tmp_path / "SE-Trans_pretrained_model.pth"
     torch.save(_baseline_named(theirs.state_dict()), path)
     out = tmp_path / "imported.pt"
-    code = main(["import-weights", str(path), "--backbone", "setrans", "--out", str(out), "--set", "width=0.25"])
-    assert code == 0
+    argv = ["import-weights", str(path), "--backbone", "setrans", "--out", str(out), "--set", "width=0.25"]
+    # Other names: refused unless pairing by order is asked for.
+    assert main(argv) == 2 and not out.exists()
+    assert main([*argv, "--match-by-order"]) == 0
     text = capsys.readouterr().out
     assert "by order and shape" in text and "unused_layer.weight" in text  # what did not fit is named
-    ours = load_model(out).state_dict()
+    assert "  head.weight <- fc_out.weight" in text.splitlines()  # every pair by order is printed
+    imported = load_model(out)
+    ours = imported.state_dict()
     for k, v in theirs.state_dict().items():
         if not k.startswith("frontend.") and not k.endswith("num_batches_tracked"):
             assert torch.equal(ours[k], v), k
+    # The imported network computes what the source network computes.
+    g = torch.Generator().manual_seed(0)
+    wave, city, times = torch.randn(2, 16000, generator=g) * 0.1, torch.tensor([1, 2]), torch.randn(2, 7, generator=g)
+    with torch.no_grad():
+        assert torch.allclose(imported(wave, city, times), theirs.eval()(wave, city, times), atol=1e-5)
     with pytest.raises(RayscError, match=r"imported\.pt already exists; choose another --out"):
-        import_weights(path, backbone="setrans", out=out, model={"width": 0.25})
-    report = import_weights(path, backbone="setrans", out=tmp_path / "again.pt", model={"width": 0.25})
+        import_weights(path, backbone="setrans", out=out, model={"width": 0.25}, by_order=True)
+    report = import_weights(path, backbone="setrans", out=tmp_path / "again.pt", model={"width": 0.25}, by_order=True)
     assert report.unused == ["unused_layer.weight"] and report.missing == []
+
+
+def test_import_weights_refuses_another_networks_weights(tmp_path, caplog):
+    other = tmp_path / "resnet.pth"
+    torch.save(create_model("resnet_cbam", width=0.25).state_dict(), other)
+    with pytest.raises(
+        ConfigError, match=r"resnet\.pth: only \d+ of the \d+ tensors of the setrans network match the file by name"
+    ) as caught:
+        import_weights(other, backbone="setrans", out=tmp_path / "a.pt", model={"width": 0.25})
+    assert "most likely another network's weights" in str(caught.value) and "--match-by-order" in str(caught.value)
+    # Asked to pair by order, it still does not fit: most of the network would be left as initialised.
+    with pytest.raises(ConfigError, match=r"tensors of the setrans network fit the file, by name or by order and sha"):
+        import_weights(other, backbone="setrans", out=tmp_path / "a.pt", model={"width": 0.25}, by_order=True)
+    plain = tmp_path / "sequential.pth"
+    torch.save(torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 10)).state_dict(), plain)
+    argv = ["import-weights", str(plain), "--backbone", "setrans", "--out", str(tmp_path / "b.pt")]
+    assert main(argv) == 2 and main([*argv, "--match-by-order"]) == 2
+    assert "its names begin 0.weight, 0.bias, 1.weight" in caplog.text
+    assert not (tmp_path / "a.pt").exists() and not (tmp_path / "b.pt").exists()
+
+
+def test_import_weights_on_a_text_file_or_a_pickle_that_runs_code_is_one_clear_line(tmp_path, caplog):
+    text = tmp_path / "h.pth"
+    text.write_text("hello\n")
+    argv = ["import-weights", str(text), "--backbone", "setrans", "--out", str(tmp_path / "o.pt")]
+    assert main(argv) == 2
+    assert "h.pth: not a readable PyTorch state dict (damaged, cut short, or not a PyTorch file" in caplog.text
+    evil = tmp_path / "evil.pth"
+    torch.save(_RunsCode(tmp_path / "pwned"), evil)
+    with pytest.raises(RayscError) as caught:
+        read_state_dict(evil)
+    said = str(caught.value)
+    assert said.startswith(f"{evil}: refused: it holds Python objects beyond tensors and plain values")
+    assert "posix.system" in said and "weights_only" not in said  # never the advice to load it unsafely
+    assert not (tmp_path / "pwned").exists()
+
+
+class _RunsCode:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.path}",))
 
 
 def test_import_weights_refuses_what_is_not_a_state_dict(tmp_path):
@@ -114,10 +168,10 @@ def test_import_weights_refuses_what_is_not_a_state_dict(tmp_path):
     with pytest.raises(RayscError, match="not a state dict of tensors"):
         read_state_dict(path)
     (tmp_path / "garbage.pth").write_bytes(b"\x00not a torch file")
-    with pytest.raises(RayscError, match=r"garbage\.pth: not a readable PyTorch state dict"):
+    with pytest.raises(RayscError, match=r"garbage\.pth: not a readable PyTorch state dict \(damaged, cut short"):
         read_state_dict(tmp_path / "garbage.pth")
     torch.save({"x": torch.zeros(7, 7)}, path)
-    with pytest.raises(ConfigError, match="no tensor of the file fits the setrans network"):
+    with pytest.raises(ConfigError, match=r"only 0 of the \d+ tensors of the setrans network match the file by name"):
         import_weights(path, backbone="setrans", out=tmp_path / "out.pt")
 
 

@@ -14,30 +14,13 @@ from pathlib import Path
 import optuna
 import pandas as pd
 import pytest
-import yaml
-from conftest import FRONTEND, resources_released
+from conftest import FRONTEND, resources_released, write_space
 from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 
 from raysc.errors import ConfigError, RayscError
 from raysc.experiment import Experiment
 from raysc.search import search
-
-
-def write_space(path: Path, **sections) -> Path:
-    space = {
-        "fixed": {"model.width": 0.25, "model.frontend": FRONTEND, "batch_size": 16},
-        "params": {"lr": {"type": "float", "low": 1e-3, "high": 1e-2, "log": True}},
-        "backbones": {
-            "mobileascnet": {"model.dropout": {"type": "float", "low": 0.0, "high": 0.3}},
-            "setrans": {"model.dropout": {"type": "float", "low": 0.0, "high": 0.3}},
-        },
-        "rounds": {"pseudo_threshold": {"type": "float", "low": 0.3, "high": 0.9}},
-        "resources": {"workers": 1, "cpus_per_worker": 1},
-        "scheduler": {"grace_steps": 1, "reduction_factor": 2, "max_epochs": 2},
-    } | sections
-    path.write_text(yaml.safe_dump(space))
-    return path
 
 
 def _journal_trials(path: Path) -> dict[int, list[int]]:

@@ -119,7 +119,7 @@ def test_check_submission_command_names_the_problem(prepared, good, tmp_path, ca
     assert "a valid submission" in capsys.readouterr().out
     sub.assign(scene_label="bus").to_csv(path, index=False)
     assert main(["check-submission", str(path), "--data", str(prepared.out)]) == 2
-    assert "s.csv:2: scene_label 'bus' is not a class" in caplog.text
+    assert "s.csv:2: scene_label 'bus' is not a class; did you mean 'Bus'? (" in caplog.text
     for name, content, message in (("missing.csv", None, "no such file"), ("empty.csv", b"", "the file is empty")):
         f = tmp_path / name
         if content is not None:

@@ -10,9 +10,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import FRONTEND
+from conftest import FRONTEND, tiny_config
 
-from raysc.config import TrainConfig, load_config, make_config, parse_sets
+from raysc.config import load_config, make_config, parse_sets
 from raysc.data import CLASSES
 from raysc.distributed import check_run_dir
 from raysc.errors import ConfigError, DataError, RayscError
@@ -20,19 +20,6 @@ from raysc.loader import Batch, ClipTable
 from raysc.metrics import macro_accuracy, objective, unk_columns
 from raysc.models import create_model, load_model
 from raysc.train import PARTIAL, augment, fit, lr_factor, predict, soft_cross_entropy
-
-
-def tiny_config(**kw) -> TrainConfig:
-    values = {
-        "backbone": "mobileascnet",
-        "model": {"width": 0.25, "frontend": FRONTEND},
-        "epochs": 2,
-        "batch_size": 16,
-        "lr": 3e-3,
-        "seed": 0,
-        **kw,
-    }
-    return make_config(values)
 
 
 def test_fit_writes_a_complete_run(prepared, tmp_path):

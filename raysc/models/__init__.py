@@ -12,6 +12,7 @@ from .registry import (
     create_model,
     list_models,
     load_model,
+    load_tensors,
     model_class,
     save_model,
 )
@@ -27,6 +28,7 @@ __all__ = [
     "create_model",
     "list_models",
     "load_model",
+    "load_tensors",
     "model_class",
     "save_model",
 ]

@@ -73,13 +73,41 @@ def save_model(model: ASCModel, path: str | Path, **info: Any) -> None:
             raise OSError(str(exc)) from exc
 
 
+# What torch.load raises on a file that is not a PyTorch file, or is cut short or damaged (a text
+# file's first byte is read as an unknown pickle opcode: KeyError).
+UNREADABLE = (OSError, RuntimeError, EOFError, KeyError, ValueError, IndexError, TypeError, AttributeError)
+
+
+def load_tensors(path: str | Path, *, what: str, map_location: str | torch.device = "cpu") -> Any:
+    """``torch.load(path, weights_only=True)``, with one clear line for a file it refuses.
+
+    Raises:
+        RayscError: the file holds Python objects beyond tensors and plain values (a pickle
+            that could run code is refused, and never retried another way), or it is not a
+            readable PyTorch file (damaged, cut short, or another format).
+    """
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        # torch names what it refused as a "GLOBAL" (a class or function the pickle would call);
+        # without one, the bytes are no pickle it can read.
+        found = [line.strip().rstrip(".") for line in str(exc).splitlines() if "GLOBAL" in line]
+        if not found:
+            raise RayscError(f"{path}: not a readable {what} (damaged, cut short, or not a PyTorch file)") from None
+        raise RayscError(
+            f"{path}: refused: it holds Python objects beyond tensors and plain values ({found[0]}); loading it "
+            f"could run code, so raysc reads a {what} only as plain tensors"
+        ) from None
+    except UNREADABLE as exc:
+        raise RayscError(
+            f"{path}: not a readable {what} (damaged, cut short, or not a PyTorch file: {type(exc).__name__})"
+        ) from None
+
+
 def load_model(path: str | Path, *, map_location: str | torch.device = "cpu") -> ASCModel:
     """Rebuild the module saved by ``save_model`` (in eval mode); ``model.artefact`` holds the
     rest of the file (metrics, info, versions). Loads with ``weights_only=True``."""
-    try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
-    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as exc:
-        raise RayscError(f"{path}: not a readable raysc model file ({exc})") from exc
+    payload = load_tensors(path, what="raysc model file", map_location=map_location)
     if not isinstance(payload, dict) or payload.get("format") != ARTEFACT_FORMAT:
         raise RayscError(f"{path}: not a raysc model file of format {ARTEFACT_FORMAT}")
     missing = [k for k in ("backbone", "config", "state_dict", "metrics", "info", "versions") if k not in payload]

@@ -1,0 +1,529 @@
+"""The pipeline's stages: each is an object with a name (its key in ``pipeline.json``), a reason
+it may give to be skipped, the inputs it runs on, and ``run`` that returns its record.
+
+    plan -> pretrain -> search-0 -> ensemble-0 -> pseudo-0 -> search-1 -> ... (searched rounds)
+         -> crossfit -> pseudo-round-1 -> ... (with cross-fitting) -> refit -> submit -> plots
+
+``stage_sequence`` yields them in order and reads what the earlier ones returned to decide what
+follows (a round whose search found nothing ends the rounds). Every stage reads and writes one
+``Context``: the settings, the experiment and data folders, the space as planned so far, and the
+one ``Budget`` that holds all the time arithmetic.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..budget import MIN_SEARCH_MINUTES, Budget
+from ..candidates import write_candidates
+from ..config import make_config
+from ..crossfit import crossfit_ensemble, crossfit_pseudo_round
+from ..dataset import PreparedData
+from ..distributed import init_ray, train
+from ..ensemble import build_ensemble
+from ..errors import ConfigError, RayscError
+from ..experiment import OUT_OF_FOLD, Ensemble, Experiment, final_ensemble
+from ..plan import describe, kept, plan_space, restore_space
+from ..plots import write_plots
+from ..pseudo import Selection
+from ..refit import refit_ensemble
+from ..search import resolve_resources, search
+from ..search_space import Resources, SearchSpace, load_search_space
+from ..submission import make_submission
+from .config import PipelineConfig
+from .state import PipelineState
+
+
+@dataclass
+class Context:
+    """What every stage reads: the run's settings and folders, and what earlier stages left."""
+
+    cfg: PipelineConfig
+    exp: Experiment
+    dataset: PreparedData
+    data: str  # the data folder, absolute
+    budget: Budget
+    state: PipelineState
+    address: str | None
+    say: Callable[[str], None]
+    space: SearchSpace  # the space as planned so far (the plan and pretrain stages narrow it)
+    crossfit: int  # candidates to cross-fit; 0: off
+    outputs: dict[str, Any] = field(default_factory=dict)  # stage name -> its record, this run
+    _cluster: tuple[dict[str, float], Resources] | None = None
+
+    @property
+    def searched_rounds(self) -> int:
+        # Cross-fitting trains only configurations without pseudo-labels (their teacher must not
+        # have seen the held-out fold), so a searched round 1 could not reach the final model:
+        # with it, the pseudo-label rounds retrain the cross-fitted fold models instead.
+        return 1 if self.crossfit else self.cfg.rounds
+
+    def cluster(self) -> tuple[dict[str, float], Resources]:
+        """The cluster's resources and what one trial gets on it (Ray starts on the first call)."""
+        if self._cluster is None:
+            import ray  # lazy: Ray takes seconds to import; only a running pipeline needs it
+
+            init_ray(self.address, log_to_driver=False)  # workers' lines go to the search's log files
+            total = ray.cluster_resources()
+            self._cluster = total, resolve_resources(self.space.resources, total, self.cfg.max_concurrent)
+        return self._cluster
+
+    def reserve(self, rounds_left: int) -> float:
+        """Minutes kept for what follows the searches: the ensemble's members scoring the eval
+        clips (and the unlabelled clips while pseudo-label rounds are left), from the members'
+        measured validation inference."""
+        if not self.budget.limited:
+            return 0.0
+        members = [r for r in self.exp.records() if r.status != "failed" and r.predict_seconds]
+        val_clips = max(1, len(self.dataset.split(self.cfg.fold)[1]))
+        per_clip = sorted(r.predict_seconds / val_clips for r in members)[-self.cfg.ensemble_k :]
+        clips = len(self.dataset.rows("eval")) + len(self.dataset.rows("unlabelled")) * min(1, rounds_left)
+        return self.budget.reserve(per_clip, clips)
+
+    def after_crossfit_minutes(self) -> float:
+        """What the budget leaves for fold-model training: its ensemble predicts with every
+        fold's model, so the inference reserve grows with the folds."""
+        reserve = self.reserve(0)
+        return self.budget.left(reserve + (reserve - 1) * (len(self.dataset.folds()) - 1))
+
+    def final(self, *, without: str | None = None) -> Ensemble:
+        """The final model by the one rule (``experiment.final_ensemble``), leaving out the
+        ensemble named ``without``."""
+        return final_ensemble([e for e in self.exp.ensembles() if e.name != without])
+
+
+class Stage(ABC):
+    """One step of the pipeline. Subclasses set ``name`` and implement ``run``."""
+
+    name: str
+
+    def skipped(self, ctx: Context) -> str | None:
+        """Why the stage does not run this time (None: it runs)."""
+        return None
+
+    def inputs(self, ctx: Context) -> dict[str, Any] | None:
+        """What the stage runs on; when it changes, the stage and all after it are redone."""
+        return None
+
+    @abstractmethod
+    def run(self, ctx: Context) -> Any:
+        """Do the work; the return value is the stage's record in ``pipeline.json``."""
+
+    def apply(self, ctx: Context, record: Any) -> None:  # noqa: B027  (most stages carry nothing)
+        """Carry the stage's record into the context (also when it was done before)."""
+
+
+def execute(ctx: Context, stage: Stage) -> Any:
+    """Run ``stage`` unless it is done (with the same inputs) or skipped; its record, or None."""
+    state = ctx.state
+    if stage.name in state.done:
+        changed = state.changed(stage.name, stage.inputs(ctx))
+        if not changed:
+            ctx.say(f"[pipeline] {stage.name}: done before, kept")
+            record = state.done[stage.name]
+            stage.apply(ctx, record)
+            return record
+        gone = state.forget_from(stage.name)
+        ctx.say(f"[pipeline] {stage.name}: its inputs changed ({changed}); redoing {', '.join(gone)}")
+    why = stage.skipped(ctx)
+    if why:
+        ctx.say(f"[pipeline] {stage.name} skipped: {why}")
+        return None
+    ctx.say(f"[pipeline] {stage.name} ...")
+    inputs = stage.inputs(ctx)  # before it runs: what it ran on
+    record = stage.run(ctx)
+    state.mark(stage.name, record, inputs)
+    stage.apply(ctx, record)
+    return record
+
+
+def stage_sequence(ctx: Context) -> Iterator[Stage]:
+    """The stages in order; each is yielded after the one before it ran (``ctx.outputs``)."""
+    yield Plan()
+    yield Pretrain()
+    for r in range(ctx.searched_rounds):
+        yield Search(r)
+        found = ctx.outputs.get(f"search-{r}")
+        if not found or found["best"] is None:
+            break
+        yield EnsembleRound(r)
+        if r + 1 < ctx.searched_rounds:
+            yield PseudoCandidates(r)
+    if ctx.crossfit:
+        yield Crossfit()
+        for r in range(1, ctx.cfg.rounds):
+            yield PseudoRound(r)
+            if ctx.outputs.get(f"pseudo-round-{r}") is None:
+                break
+    yield Refit()
+    yield Submit()
+    yield Plots()
+
+
+class Plan(Stage):
+    """Measure each backbone's step time and keep what the budget affords (``raysc.plan``)."""
+
+    name = "plan"
+
+    def skipped(self, ctx: Context) -> str | None:
+        return None if ctx.budget.limited else "no --time-budget: every backbone of the space at its own epochs"
+
+    def run(self, ctx: Context) -> dict[str, dict[str, Any] | None]:
+        cfg, sp = ctx.cfg, ctx.space
+        total, res = ctx.cluster()
+        minutes = ctx.budget.share(cfg.rounds, reserve=ctx.reserve(cfg.rounds - 1))
+        rounds_said = f"{ctx.searched_rounds} searched round(s) of up to {cfg.trials} trials" + (
+            f" (then cross-fitting and {cfg.rounds - 1} pseudo-label round(s) of the fold models)"
+            if ctx.crossfit and cfg.rounds > 1
+            else ""
+        )
+        if res.gpus_per_worker:  # GPU trials: a step measured on the driver's CPU would say nothing
+            ctx.say(
+                f"[pipeline] plan: {rounds_said}, {minutes:.1f} min of search each, on GPUs: every backbone of "
+                f"{sp.name} kept"
+            )
+            return dict.fromkeys(sp.backbones)
+        concurrency = cfg.max_concurrent or max(1, int(total.get("CPU", 1) // (res.workers * res.cpus_per_worker)))
+        plans = plan_space(
+            sp,
+            ctx.dataset,
+            budget_minutes=minutes,
+            concurrency=concurrency,
+            threads=max(1, int(res.cpus_per_worker)),
+            trials=cfg.trials,
+        )
+        ctx.say(
+            f"[pipeline] plan: {rounds_said}, {minutes:.1f} min of search each, {concurrency} trial(s) at once;"
+            f" epochs up to {cfg.max_epochs or sp.scheduler.max_epochs}, ASHA from "
+            f"step {sp.scheduler.grace_steps} (x{sp.scheduler.reduction_factor}); measured on this machine:"
+        )
+        for line in describe(plans):
+            ctx.say(line)
+        return kept(plans)
+
+    def apply(self, ctx: Context, record: Any) -> None:
+        ctx.space = restore_space(ctx.space, record)
+
+
+def with_pretrained(space: SearchSpace, backbones: list[str]) -> SearchSpace:
+    """Every trial of a pretrained backbone starts from its trunk (``init_from: pretrained``, a new
+    head), unless the space sets or searches ``init_from`` itself (from scratch vs pretrained)."""
+    out = {}
+    for name, (own_fixed, own) in space.backbones.items():
+        searched = {**space.fixed, **space.params, **dict(own_fixed), **dict(own)}
+        if name in backbones and "init_from" not in searched:
+            own_fixed = {**dict(own_fixed), "init_from": "pretrained", "reset_head": True}
+        out[name] = (own_fixed, own)
+    return dataclasses.replace(space, backbones=out)
+
+
+class Pretrain(Stage):
+    """Pretrain the chosen backbones on the data folder's TAU / CochlScene clips."""
+
+    name = "pretrain"
+
+    def skipped(self, ctx: Context) -> str | None:
+        if ctx.cfg.pretrain is None:
+            return "the pipeline file has no pretrain section"
+        if ctx.dataset.rows("pretrain").empty:
+            return f"{ctx.data} has no pretraining clips (prepare it with --tau and/or --cochlscene)"
+        return None
+
+    def run(self, ctx: Context) -> list[str]:
+        sp, exp = ctx.space, ctx.exp
+        _, res = ctx.cluster()
+        stage = ctx.cfg.pretrain or {}
+        asked = list(stage.get("backbones", sp.backbones))
+        unknown = sorted(set(asked) - set(load_search_space(sp.path).backbones))
+        if unknown:
+            raise ConfigError(f"pretrain: backbone(s) {unknown} are not in {sp.path}")
+        names = [b for b in asked if b in sp.backbones]
+        for name in sorted(set(asked) - set(names)):
+            ctx.say(f"[pipeline] pretrain {name}: not pretrained, the plan left it out")
+        for name in names:
+            if exp.pretrained_model(name).is_file():
+                ctx.say(f"[pipeline] pretrain {name}: {exp.pretrained_model(name)} exists, kept")
+                continue
+            own_fixed = {k: v for k, v in sp.backbones[name][0].items() if k not in ("epochs", "init_from")}
+            values = {k: v for k, v in sp.fixed.items() if k not in ("init_from", "freeze", "reset_head")}
+            values |= {**own_fixed, "backbone": name, "train_on": "pretrain", "epochs": stage.get("epochs", 10)}
+            pre = make_config(values | dict(stage.get("config", {})), where="pipeline pretrain")
+            clips = len(ctx.dataset.rows("pretrain"))
+            ctx.say(f"[pipeline] pretrain {name}: {pre.epochs} epochs on {clips} clips")
+            metrics = train(
+                pre,
+                ctx.data,
+                exp.pretrain_dir(name),
+                workers=res.workers,
+                gpus_per_worker=res.gpus_per_worker,
+                cpus_per_worker=res.cpus_per_worker,
+                address=ctx.address,
+            )
+            ctx.say(f"[pipeline] pretrain {name}: validation macro accuracy {metrics['best']['macro_accuracy']:.4f}")
+        return names
+
+    def apply(self, ctx: Context, record: Any) -> None:
+        ctx.space = with_pretrained(ctx.space, record)
+
+
+class Search(Stage):
+    """One round's search (``raysc.search``); from round 1 on the previous round's candidates."""
+
+    def __init__(self, round: int) -> None:
+        self.round = round
+        self.name = f"search-{round}"
+
+    def _started(self, ctx: Context) -> bool:
+        return ctx.exp.search_settings(self.round).is_file()
+
+    def skipped(self, ctx: Context) -> str | None:
+        r, cfg = self.round, ctx.cfg
+        if r == 0 or self._started(ctx) or not ctx.budget.limited:
+            return None
+        left = ctx.budget.left(ctx.reserve(cfg.rounds - r - 1))
+        shortest = min((rec.fit_seconds for rec in ctx.exp.records() if rec.status != "failed"), default=0) / 60
+        if left >= max(MIN_SEARCH_MINUTES, shortest):
+            return None
+        return (
+            f"{left:.1f} min left after the inference reserve and a trial took {shortest:.1f} min, so rounds "
+            f"{r}-{cfg.rounds - 1} are not searched; the submission uses what is trained"
+        )
+
+    def run(self, ctx: Context) -> dict[str, Any]:
+        r, cfg, exp = self.round, ctx.cfg, ctx.exp
+        started = self._started(ctx)
+        if started:  # continuing: the same settings as when it started
+            minutes = exp.read_search_settings(r)["time_budget_minutes"]
+        else:
+            minutes = ctx.budget.share(
+                cfg.rounds - r, reserve=ctx.reserve(cfg.rounds - r - 1), floor=MIN_SEARCH_MINUTES
+            )
+        candidates = ctx.outputs.get(f"pseudo-{r - 1}") if r else None
+        result = search(
+            ctx.space,
+            data=ctx.data,
+            experiment=exp.root,
+            trials=cfg.trials,
+            max_epochs=cfg.max_epochs,
+            time_budget_minutes=minutes,
+            fold=cfg.fold,
+            round=r,
+            pseudo_candidates=str(exp.root / candidates) if candidates else None,
+            seed=cfg.seed + r,
+            max_concurrent=cfg.max_concurrent,
+            resume=started,
+            address=ctx.address,
+            progress=ctx.say,
+        )
+        if result.best is None and r == 0:
+            raise RayscError(f"round {r}: every trial failed; see {exp.trials_dir(r)} and {exp.search_log(r)}")
+        if result.best is None:
+            ctx.say(
+                f"[pipeline] round {r}: no trial finished an epoch (see {exp.search_log(r)}); the submission "
+                "uses the earlier rounds' models"
+            )
+        return {"trials": len(result.records), "best": result.best.trial_id if result.best else None}
+
+
+class EnsembleRound(Stage):
+    """The ensembles of the trials of rounds 0..r on the validation fold (and a session-smoothed one)."""
+
+    def __init__(self, round: int) -> None:
+        self.round = round
+        self.name = f"ensemble-{round}"
+
+    def run(self, ctx: Context) -> list[str]:
+        cfg = ctx.cfg
+        name = f"round{self.round}-{cfg.ensemble_method}{cfg.ensemble_k}"
+        kw = {
+            "method": cfg.ensemble_method,
+            "k": cfg.ensemble_k,
+            "rounds": list(range(self.round + 1)),
+            "temperature": cfg.temperature,
+        }
+        built = [build_ensemble(ctx.exp.root, name=name, **kw)]
+        if cfg.session_smoothing:
+            built.append(build_ensemble(ctx.exp.root, name=f"{name}-session", session_smoothing=True, **kw))
+        for e in built:
+            ctx.say(
+                f"[pipeline] ensemble {e.name}: {len(e.members)} member(s), validation macro accuracy "
+                f"{e.metrics['macro_accuracy']:.4f}"
+            )
+        return [e.name for e in built]
+
+
+class PseudoCandidates(Stage):
+    """Pseudo-label candidates for round r + 1 from the best ensemble so far."""
+
+    def __init__(self, round: int) -> None:
+        self.round = round
+        self.name = f"pseudo-{round}"
+
+    def run(self, ctx: Context) -> str:
+        # The candidates come from the best ensemble so far (the same rule as the final model).
+        best = final_ensemble([ctx.exp.load_ensemble(n) for n in ctx.outputs[f"ensemble-{self.round}"]])
+        path, summary = write_candidates(ctx.exp.root, ensemble=best.name, address=ctx.address)
+        ctx.say(
+            f"[pipeline] pseudo-label candidates from {best.name}: {summary['candidates'].sum()} clips "
+            "(each trial of the next round selects its own, by its sampled threshold)"
+        )
+        return ctx.exp.relative(path)
+
+
+class Crossfit(Stage):
+    """Retrain the best round-0 configurations on every fold; ensembles chosen out of fold."""
+
+    name = "crossfit"
+
+    def run(self, ctx: Context) -> list[str]:
+        cfg = ctx.cfg
+        _, res = ctx.cluster()
+        minutes = None
+        if ctx.budget.limited:
+            # The pseudo-label rounds retrain up to ensemble_k configurations each: their share.
+            share = ctx.crossfit / (ctx.crossfit + cfg.ensemble_k * (cfg.rounds - 1))
+            minutes = ctx.after_crossfit_minutes() * share
+        try:
+            built = crossfit_ensemble(
+                ctx.exp.root,
+                candidates=ctx.crossfit,
+                method=cfg.ensemble_method,
+                k=cfg.ensemble_k,
+                temperature=cfg.temperature,
+                session_smoothing=cfg.session_smoothing,
+                cpus=res.cpus_per_worker,
+                gpus=res.gpus_per_worker,
+                time_budget_minutes=minutes,
+                address=ctx.address,
+            )
+        except RayscError as exc:
+            ctx.say(f"[pipeline] cross-fitting skipped: {exc}")
+            return []
+        for e in built:
+            ctx.say(
+                f"[pipeline] ensemble {e.name}: {len({m.trial_id for m in e.members})} configuration(s) x "
+                f"{len(ctx.dataset.folds())} folds, out-of-fold macro accuracy {e.metrics['macro_accuracy']:.4f} on "
+                f"every labelled clip (+- {e.metrics['fold_macro_accuracy_std']:.4f} over folds)"
+            )
+        return [e.name for e in built]
+
+
+class PseudoRound(Stage):
+    """The cross-fitted final ensemble's fold models retrained with its own pseudo-labels."""
+
+    def __init__(self, round: int) -> None:
+        self.round = round
+        self.name = f"pseudo-round-{round}"
+
+    def skipped(self, ctx: Context) -> str | None:
+        return None if ctx.final().fold == OUT_OF_FOLD else "no cross-fitted ensemble to teach"
+
+    def run(self, ctx: Context) -> str | None:
+        r, cfg = self.round, ctx.cfg
+        teacher = ctx.final()  # the final rule: the best cross-fitted one, or its last round
+        _, res = ctx.cluster()
+        minutes = ctx.after_crossfit_minutes() / (cfg.rounds - r) if ctx.budget.limited else None
+        try:
+            built = crossfit_pseudo_round(
+                ctx.exp.root,
+                teacher.name,
+                round=r,
+                selection=Selection(threshold=cfg.pseudo_threshold, targets=cfg.pseudo_targets),
+                cpus=res.cpus_per_worker,
+                gpus=res.gpus_per_worker,
+                time_budget_minutes=minutes,
+                address=ctx.address,
+            )
+        except RayscError as exc:
+            ctx.say(f"[pipeline] pseudo-label round {r} skipped: {exc}")
+            return None
+        ctx.say(
+            f"[pipeline] {built.name}: {teacher.name}'s fold models retrained with its pseudo-labels "
+            f"({cfg.pseudo_targets}, threshold {cfg.pseudo_threshold:g}); out-of-fold macro accuracy "
+            f"{built.metrics['macro_accuracy']:.4f} (optimistic: the teacher saw every fold)"
+        )
+        return built.name
+
+
+class Refit(Stage):
+    """The final ensemble's members retrained on every labelled clip, when the budget allows."""
+
+    name = "refit"
+
+    def _base(self, ctx: Context) -> Ensemble:
+        """The final model before this stage's own refit."""
+        return ctx.final(without=ctx.state.done.get(self.name))
+
+    def inputs(self, ctx: Context) -> dict[str, Any]:
+        return {"ensemble": self._base(ctx).name}
+
+    def _minutes_needed(self, ctx: Context, final: Ensemble) -> float:
+        """Its members' fit times to their best epoch, scaled from the training fold to every clip."""
+        records = {r.trial_id: r for r in ctx.exp.records()}
+        train_rows, _ = ctx.dataset.split(ctx.cfg.fold)
+        scale = (len(ctx.dataset.rows("labelled")) + 1) / (len(train_rows) + 1)
+        seconds = 0.0
+        for m in final.members:
+            rec = records[m.trial_id]
+            if rec.epochs:
+                seconds += rec.fit_seconds * (rec.best_epoch or 1) / rec.epochs
+        return seconds * scale / 60
+
+    def skipped(self, ctx: Context) -> str | None:
+        if not ctx.cfg.refit:
+            return "the pipeline file sets refit: false"
+        final = self._base(ctx)
+        if final.refit_of is not None:
+            return f"{final.name} is already a retrained ensemble (of {final.refit_of})"
+        if final.fold == OUT_OF_FOLD:
+            return f"{final.name} is cross-fitted: its fold models between them trained on every labelled clip"
+        need, left = self._minutes_needed(ctx, final), ctx.budget.left(ctx.reserve(0))
+        return f"about {need:.1f} min needed, {left:.1f} min left" if need > left else None
+
+    def run(self, ctx: Context) -> str:
+        final = self._base(ctx)
+        _, res = ctx.cluster()  # a refit task gets what one trial's worker gets
+        cpus, gpus = res.cpus_per_worker, res.gpus_per_worker
+        refit = refit_ensemble(ctx.exp.root, final, cpus=cpus, gpus=gpus, address=ctx.address)
+        ctx.say(f"[pipeline] {refit.name}: the members of {final.name} retrained on every labelled clip")
+        return refit.name
+
+
+class Submit(Stage):
+    """The final ensemble's eval predictions as a checked challenge submission."""
+
+    name = "submit"
+
+    def inputs(self, ctx: Context) -> dict[str, Any]:
+        return {"ensemble": ctx.final().name, "session_labels": ctx.cfg.eval_session_labels}
+
+    def run(self, ctx: Context) -> str:
+        final = ctx.final()
+        sub = make_submission(
+            ctx.exp.root,
+            ctx.exp.submission(ctx.cfg.submission),
+            ensemble=final.name,
+            session_labels=ctx.cfg.eval_session_labels,
+            address=ctx.address,
+        )
+        ctx.say(
+            f"[pipeline] submission {sub.csv} from {final.name} (per class: {sub.counts}); "
+            f"{sub.session_labelled} eval clip(s) took the label of their development session"
+        )
+        return ctx.exp.relative(sub.csv)
+
+
+class Plots(Stage):
+    """The final ensemble's confusion matrix, per-city accuracy, learning curves, search history."""
+
+    name = "plots"
+
+    def inputs(self, ctx: Context) -> dict[str, Any]:
+        return {"ensemble": ctx.final().name}
+
+    def run(self, ctx: Context) -> list[str]:
+        return [ctx.exp.relative(p) for p in write_plots(ctx.exp.root, ctx.final(), ctx.dataset.classes)]

@@ -1,0 +1,87 @@
+"""The pipeline's stage bookkeeping without Ray: a stage done before is kept, a stage whose inputs
+changed is redone with every stage after it, and the submission always follows the final ensemble."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from types import SimpleNamespace
+
+import pandas as pd
+
+from raysc.budget import Budget
+from raysc.experiment import Ensemble, Experiment
+from raysc.pipeline import PipelineConfig
+from raysc.pipeline import stages as stages_module
+from raysc.pipeline.stages import Context, Plots, Refit, Submit, execute
+from raysc.pipeline.state import PipelineState
+
+
+def _ensemble(exp: Experiment, name: str, score: float, refit_of: str | None = None) -> None:
+    metrics = {"macro_accuracy": score, "score": score}
+    ens = Ensemble(name, "topk", (), 0, "data", 1.0, False, metrics, refit_of)
+    exp.save_ensemble(ens, pd.DataFrame({"filename": ["a.wav"]}))
+
+
+def _context(exp: Experiment, lines: list[str]) -> Context:
+    cfg = PipelineConfig()
+    state = PipelineState(exp, dataclasses.asdict(cfg), dataclasses.asdict(cfg))
+    dataset = SimpleNamespace(classes=["a"])
+    return Context(cfg, exp, dataset, "data", Budget(None), state, None, lines.append, None, 0)
+
+
+def test_the_submission_is_redone_when_the_final_ensemble_changes(tmp_path, monkeypatch):
+    exp = Experiment(tmp_path / "exp")
+    exp.root.mkdir()
+    made = []
+
+    def fake_submission(root, out, *, ensemble, session_labels, address):
+        made.append(ensemble)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(f"from {ensemble}\n")
+        return SimpleNamespace(csv=out, counts={}, session_labelled=0)
+
+    monkeypatch.setattr(stages_module, "make_submission", fake_submission)
+    monkeypatch.setattr(stages_module, "write_plots", lambda root, final, classes: [])
+    _ensemble(exp, "round0-topk5", 0.6)
+    lines: list[str] = []
+    ctx = _context(exp, lines)
+    assert execute(ctx, Submit()) == "submission/submission.csv"  # stored relative to the experiment
+    execute(ctx, Plots())
+    assert execute(ctx, Submit()) == "submission/submission.csv" and made == ["round0-topk5"]
+    assert lines[-1] == "[pipeline] submit: done before, kept"
+
+    # A better ensemble appears (a resumed run's later round): the submission and the plots are redone.
+    _ensemble(exp, "round1-topk5", 0.7)
+    ctx = _context(exp, lines)
+    execute(ctx, Submit())
+    assert made == ["round0-topk5", "round1-topk5"]
+    assert (exp.root / "submission" / "submission.csv").read_text() == "from round1-topk5\n"
+    assert any(
+        line.startswith("[pipeline] submit: its inputs changed (ensemble: was 'round0-topk5', now 'round1-topk5')")
+        and line.endswith("redoing submit, plots")
+        for line in lines
+    )
+    stored = json.loads(exp.pipeline_state.read_text())
+    assert stored["inputs"] == {"submit": {"ensemble": "round1-topk5", "session_labels": True}}
+    assert "plots" not in stored["done"]  # after the redone stage: forgotten, to be done again
+
+
+def test_a_done_refit_is_kept_although_it_became_the_final_model(tmp_path, monkeypatch):
+    exp = Experiment(tmp_path / "exp")
+    exp.root.mkdir()
+    _ensemble(exp, "round0-topk5", 0.6)
+
+    def fake_refit(root, final, *, cpus, gpus, address):
+        _ensemble(exp, f"{final.name}-refit", 0.6, refit_of=final.name)
+        return SimpleNamespace(name=f"{final.name}-refit")
+
+    monkeypatch.setattr(stages_module, "refit_ensemble", fake_refit)
+    monkeypatch.setattr(Refit, "skipped", lambda self, ctx: None)
+    lines: list[str] = []
+    ctx = _context(exp, lines)
+    ctx._cluster = ({}, SimpleNamespace(cpus_per_worker=1, gpus_per_worker=0))
+    assert execute(ctx, Refit()) == "round0-topk5-refit"
+    assert ctx.final().name == "round0-topk5-refit"
+    assert execute(_context(exp, lines), Refit()) == "round0-topk5-refit"
+    assert lines[-1] == "[pipeline] refit: done before, kept"
