@@ -30,7 +30,18 @@ from .fileio import read_yaml_mapping
 from .models import apply_overrides, list_models, model_class
 
 # The shipped spaces (search_spaces/ at the top of the source tree), found by name by every command.
-SPACES_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
+
+
+def _spaces_dir() -> Path:
+    """The shipped search spaces: inside the installed package (a wheel or an sdist install puts
+    the project's top-level ``search_spaces/`` there, see pyproject.toml), else the source tree's
+    top-level folder (a checkout, or an editable install of one)."""
+    package = Path(__file__).resolve().parent
+    installed = package / "search_spaces"
+    return installed if installed.is_dir() else package.parent / "search_spaces"
+
+
+SPACES_DIR = _spaces_dir()
 SECTIONS = ("name", "fixed", "params", "backbones", "rounds", "start", "resources", "scheduler")
 DIST_KEYS = {"float": {"low", "high", "step", "log"}, "int": {"low", "high", "step", "log"}, "categorical": {"choices"}}
 TRAIN_KEYS = {f.name for f in dataclasses.fields(TrainConfig)} - {"model", "backbone"}
