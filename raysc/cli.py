@@ -329,9 +329,12 @@ def _print_result(result) -> None:
 
 
 def _cmd_pipeline(args: argparse.Namespace) -> int:
-    from .pipeline import load_pipeline, run_pipeline
+    from .pipeline import default_experiment, load_pipeline, run_pipeline
 
     cfg = load_pipeline(args.pipeline)
+    if args.experiment is None:
+        args.experiment = default_experiment(args.data, args.pipeline)
+        print(f"experiment folder: {args.experiment} (give --experiment to choose another)", flush=True)
     if args.max_concurrent:
         cfg = dataclasses.replace(cfg, max_concurrent=args.max_concurrent)
     if args.seed is not None:
@@ -592,7 +595,9 @@ def build_parser() -> argparse.ArgumentParser:
         "pipeline", type=Path, nargs="?", help="pipeline YAML, or a built-in: default (the default), baseline"
     )
     p.add_argument("--data", type=Path, required=True, help="prepared data folder")
-    p.add_argument("--experiment", type=Path, required=True, help="experiment folder")
+    p.add_argument(
+        "--experiment", type=Path, help="experiment folder (default: results/<data folder name>-<pipeline name>)"
+    )
     p.add_argument("--time-budget", type=POSITIVE, metavar="MINUTES", help="shared by the rounds' searches")
     p.add_argument("--max-concurrent", type=COUNT, help="trials at once (overrides the file; for autoscaling clusters)")
     p.add_argument("--seed", type=INDEX, help="seed of the searches' sampler and trials (overrides the file's)")

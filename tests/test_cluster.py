@@ -39,7 +39,9 @@ def test_cluster_installs_what_pyproject_pins():
     installed = {Requirement(m).name: Requirement(m) for m in re.findall(r'"((?:torch|torchaudio)[^"]*)"', setup)}
     for name in ("torch", "torchaudio"):
         assert installed[name].specifier == pins[name].specifier, (name, installed[name], pins[name])
-    assert "raysc" in setup
+    # The checkout `ray up` runs in is copied to every node and installed from there, not a placeholder.
+    assert cluster["file_mounts"] == {"~/raysc": "."} and "pip install ~/raysc" in cluster["setup_commands"]
+    assert "CHANGE" not in setup and ".venv" in cluster["rsync_exclude"]
 
 
 def test_cluster_shape_drivers_on_the_head_gpus_on_workers_shared_storage():

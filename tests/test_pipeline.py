@@ -262,7 +262,7 @@ def test_a_budget_that_runs_out_in_round_one_still_ends_with_a_submission(local_
         cfg, data=prepared.out, experiment=tmp_path / "exp", time_budget_minutes=2.5, progress=lines.append
     )
     minutes = (time.perf_counter() - t0) / 60
-    assert any("pretrain: skipped: " in line and "has no pretraining clips" in line for line in lines)
+    assert any("[pipeline] pretrain skipped: " in line and "has no pretraining clips" in line for line in lines)
     assert any("the cluster has no GPU: each trial runs 1 worker(s) on 1 CPU(s)" in line for line in lines)
     said = "[pipeline] plan: 1 searched round(s) of up to 50 trials (then cross-fitting and 1 pseudo-label round(s)"
     plan = [line for line in lines if line.startswith(said)]

@@ -115,3 +115,17 @@ def test_a_damaged_checkpoint_behind_rays_tracebacks_is_one_line():
     assert root_cause(RuntimeError("Worker died.\n\x1b[31mOOM: the node ran out of memory\x1b[0m\n")) == (
         "OOM: the node ran out of memory"
     )
+
+
+def test_the_pipeline_without_experiment_uses_results_named_after_data_and_pipeline(prepared, tmp_path, monkeypatch):
+    from raysc.pipeline import default_experiment
+
+    monkeypatch.chdir(tmp_path)
+    assert default_experiment(prepared.out, None) == Path("results") / f"{prepared.out.name}-default"
+    assert default_experiment("d/raw-data/", "recipes/fast.yaml") == Path("results/raw-data-fast")
+    # The folder is printed first; here the budget is refused before anything is made.
+    printed = []
+    monkeypatch.setattr("builtins.print", lambda *a, **k: printed.append(" ".join(map(str, a))))
+    assert main(["pipeline", "--data", str(prepared.out), "--time-budget", "0.5"]) == 2
+    assert printed == [f"experiment folder: results/{prepared.out.name}-default (give --experiment to choose another)"]
+    assert not (tmp_path / "results").exists()

@@ -33,6 +33,7 @@ __all__ = [
     "BUILTIN",
     "PipelineConfig",
     "PipelineResult",
+    "default_experiment",
     "load_pipeline",
     "run_pipeline",
     "with_pretrained",
@@ -48,6 +49,16 @@ class PipelineResult:
     leaderboard: pd.DataFrame
     plots: list[Path]
     seconds: float
+
+
+# The default experiment root: the project's top-level results/ folder when run from a checkout.
+RESULTS = Path("results")
+
+
+def default_experiment(data: str | Path, pipeline: str | Path | None) -> Path:
+    """``results/<data folder name>-<pipeline name>``: the experiment folder when none is given."""
+    name = Path(pipeline).stem if pipeline is not None else "default"
+    return RESULTS / f"{Path(data).resolve().name}-{name}"
 
 
 def run_pipeline(
