@@ -53,5 +53,9 @@ def test_cluster_shape_drivers_on_the_head_gpus_on_workers_shared_storage():
     assert len(workers) >= 2 and all(v["min_workers"] == 0 for v in workers.values())  # autoscaling from zero
     assert all(DRIVER_RESOURCE not in v["resources"] for v in workers.values())
     assert cluster["idle_timeout_minutes"] > 0
-    assert any("/mnt/efs" in c for c in cluster["initialization_commands"])
-    assert "-v /mnt/efs:/mnt/efs" in cluster["docker"]["run_options"]
+    # Shared storage with nothing to fill in: the head exports /mnt/shared, every worker mounts it
+    # from the address Ray gives it (RAY_HEAD_IP is set for workers' commands only).
+    init = " ".join(cluster["initialization_commands"])
+    assert 'if [ -z "$RAY_HEAD_IP" ]' in init and "exportfs" in init and '"$RAY_HEAD_IP":/mnt/shared' in init
+    assert "-v /mnt/shared:/mnt/shared" in cluster["docker"]["run_options"]
+    assert "CHANGE" not in (ROOT / "cluster.yaml").read_text()
