@@ -1,13 +1,17 @@
 """The CUDA paths no CPU test can reach, checked and measured on one GPU (under 8 minutes).
 
 1. throughput: every backbone at paper size (width 1), 10 s clips, batch 32: training clips/s
-   under bf16 autocast and in fp32, and peak GPU memory;
+   under bf16 autocast and in fp32, and peak GPU memory; under bf16 also with channels-last
+   tensors and through torch.compile (compiled while 90 s last);
 2. search: a 4-trial search whose trials take 0.25 GPU each, so that all four share the GPU at
    once (checked: every trial trained on CUDA, all four ran at one moment, all completed);
 3. ddp: ``raysc train`` with 2 workers of 0.5 GPU each on the one GPU (NCCL), checked against
    the same run with 1 worker (same clips per epoch, metrics close);
 4. mamba: the chunked parallel selective scan on CUDA against the sequential scan and the
-   step-by-step reference (largest difference, milliseconds).
+   step-by-step reference (largest difference, milliseconds);
+5. plan: the default space's plan measured in a Ray task holding a quarter GPU (on the GPU);
+6. pipeline: `raysc synth`, `raysc prepare` and `raysc pipeline --time-budget 5` (the default)
+   on 1,200 challenge-shaped clips, ending in a checked submission.
 
 Each check records ``ok`` and its error instead of stopping the others. Writes
 ``OUT/gpu_check.json`` and ``OUT/gpu_check.md``.
@@ -36,12 +40,15 @@ import yaml
 from common import FRONTEND_8K, dumps, machine, md_table, small_data  # the script folder is on sys.path
 
 from raysc.config import make_config
-from raysc.distributed import ddp_backend, free_port, init_ray, train
+from raysc.distributed import ddp_backend, free_port, init_ray, measure_plan, train
 from raysc.experiment import Experiment
 from raysc.models import create_model, list_models
 from raysc.models.mamba import selective_scan, selective_scan_reference
 from raysc.models.summary import training_throughput
 from raysc.search import search
+from raysc.search_space import load_search_space
+from raysc.submission import check_submission_file
+from raysc.synth import DEV_METADATA, EVAL_METADATA
 
 log = logging.getLogger("gpu_check")
 
@@ -59,13 +66,21 @@ def check_throughput(device: str, smoke: bool, progress: Callable[[list[dict[str
     """
     width, batch, seconds = (0.125, 2, 1.0) if smoke else (1.0, 32, 10.0)
     rows: list[dict[str, Any]] = []
+    compile_until = time.time() + COMPILE_SECONDS  # compiling every backbone would not fit 8 minutes
     for name in list_models():
         row: dict[str, Any] = {"backbone": name, "width": width, "batch": batch}
-        for amp in ("bf16", None):
-            key, b = amp or "fp32", batch
+        for key, amp, layout in VARIANTS:
+            if layout == "compile" and time.time() > compile_until:
+                row[f"{key}_skipped"] = "time"
+                continue
+            b = batch
             while b >= 1:
                 torch.manual_seed(0)
                 model = create_model(name, width=width)
+                if layout == "channels_last":
+                    model = model.to(memory_format=torch.channels_last)
+                elif layout == "compile":
+                    model = torch.compile(model)
                 if device == "cuda":
                     torch.cuda.empty_cache()
                     torch.cuda.reset_peak_memory_stats()
@@ -86,6 +101,57 @@ def check_throughput(device: str, smoke: bool, progress: Callable[[list[dict[str
         log.info("throughput %s", row)
         progress(rows)
     return {"rows": rows}
+
+
+# (column key, autocast, layout): every backbone in fp32 and bf16, bf16 with channels-last
+# tensors, and bf16 through torch.compile while COMPILE_SECONDS last.
+VARIANTS = (
+    ("bf16", "bf16", None),
+    ("fp32", None, None),
+    ("bf16_cl", "bf16", "channels_last"),
+    ("bf16_compile", "bf16", "compile"),
+)
+COMPILE_SECONDS = 90
+
+
+def check_plan(device: str, data: Path) -> dict[str, Any]:
+    """The pipeline's plan of the default space, measured in a Ray task holding one trial's
+    resources (a quarter GPU): on the GPU, not on the driver's CPU."""
+    space = load_search_space("default")
+    gpus = space.resources.gpus_per_worker if device == "cuda" else 0.0
+    init_ray(None, num_cpus=None if device == "cuda" else 2)
+    plans, where = measure_plan(space, data, budget_minutes=5.0, trials=16, cpus=1.0, gpus=gpus, concurrency=4)
+    rows = {p.backbone: {"s_per_step": p.seconds_per_step, "kept": p.fits, "width": p.width} for p in plans}
+    on_gpu = device != "cuda" or not where.startswith("CPU")
+    return {"ok": on_gpu and bool(plans), "measured": where, "backbones": rows}
+
+
+def check_pipeline(device: str, work: Path, smoke: bool) -> dict[str, Any]:
+    """``raysc pipeline --time-budget 5`` (the default) on challenge-shaped synthetic data, as a
+    user runs it; ends in a checked submission."""
+    import subprocess
+    import sys
+
+    minutes = "2" if smoke else "5"
+    raw, data, exp = work / "raw", work / "data", work / "exp"
+    clips, eval_clips, rate, seconds = ("60", "20", "8000", "1") if smoke else ("1200", "600", "44100", "10")
+    synth = [sys.executable, "-m", "raysc.cli", "synth", str(raw), "--clips", clips, "--eval-clips", eval_clips]
+    synth += ["--sample-rate", rate, "--clip-seconds", seconds, "--workers", "8"]
+    prepare = [sys.executable, "-m", "raysc.cli", "prepare", "--dev-meta", str(raw / DEV_METADATA)]
+    prepare += ["--eval-meta", str(raw / EVAL_METADATA), "--audio", str(raw / "audio"), "--out", str(data)]
+    prepare += ["--sample-rate", rate, "--clip-seconds", seconds, "--workers", "8"]
+    pipeline = [sys.executable, "-m", "raysc.cli", "pipeline", "--data", str(data), "--experiment", str(exp)]
+    pipeline += ["--time-budget", minutes]
+    t0, outputs = time.time(), []
+    for cmd in (synth, prepare, pipeline):
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        outputs.append(done.stdout[-2000:] + done.stderr[-2000:])
+        if done.returncode != 0:
+            return {"ok": False, "failed": cmd[3], "output": outputs[-1]}
+    pipeline_s = time.time() - t0
+    check_submission_file(exp / "submission" / "submission.csv", data)
+    plan = [line for line in outputs[-1].splitlines() if "measured where trials run" in line]
+    return {"ok": True, "wall_s": pipeline_s, "budget_min": float(minutes), "plan": plan[:1]}
 
 
 def _space(gpus: float, cpus: float) -> dict[str, Any]:
@@ -267,7 +333,17 @@ def _markdown(checks: dict[str, Any]) -> str:
         f"`bash benchmarks/gpu_check.sh OUT` on {checks['device']}: training throughput at width "
         f"{tput[0]['width'] if tput else '-'}, batch {tput[0]['batch'] if tput else '-'}\n\n"
         + md_table(
-            ["backbone", "bf16 batch", "bf16 clips/s", "bf16 peak GiB", "fp32 batch", "fp32 clips/s", "fp32 peak GiB"],
+            [
+                "backbone",
+                "bf16 batch",
+                "bf16 clips/s",
+                "bf16 peak GiB",
+                "fp32 batch",
+                "fp32 clips/s",
+                "fp32 peak GiB",
+                "bf16 channels-last clips/s",
+                "bf16 compiled clips/s",
+            ],
             [
                 [
                     r["backbone"],
@@ -276,6 +352,8 @@ def _markdown(checks: dict[str, Any]) -> str:
                         for amp in ("bf16", "fp32")
                         for k in (f"{amp}_batch", f"{amp}_clips_per_s", f"{amp}_peak_gib")
                     ),
+                    _cell(r, "bf16_cl", "bf16_cl_clips_per_s"),
+                    _cell(r, "bf16_compile", "bf16_compile_clips_per_s") if "bf16_compile_skipped" not in r else "-",
                 ]
                 for r in tput
             ],
@@ -292,7 +370,7 @@ def _markdown(checks: dict[str, Any]) -> str:
                         :400
                     ],
                 ]
-                for name in ("search", "ddp", "mamba", "nccl")
+                for name in ("search", "ddp", "plan", "pipeline", "mamba", "nccl")
                 if name in checks
             ],
         )
@@ -305,7 +383,7 @@ def _save(out: Path, checks: dict[str, Any]) -> None:
     (out / "gpu_check.md").write_text(_markdown(checks))
 
 
-PARTS = ("mamba", "nccl", "search", "ddp", "throughput")
+PARTS = ("mamba", "nccl", "search", "ddp", "plan", "throughput", "pipeline")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -337,10 +415,13 @@ def main(argv: list[str] | None = None) -> int:
     if "nccl" in parts:
         checks["nccl"] = _run("nccl", lambda: check_nccl(device))
         _save(args.out, checks)
-    if "search" in parts or "ddp" in parts:
+    if "search" in parts or "ddp" in parts or "plan" in parts:
         with tempfile.TemporaryDirectory() as tmp:
             work = Path(tmp)
             data = small_data(work, 60 if args.smoke_test else 240)
+            if "plan" in parts:
+                checks["plan"] = _run("plan", lambda: check_plan(device, data))
+                _save(args.out, checks)
             if "search" in parts:
                 checks["search"] = _run("search", lambda: check_search(device, data, work))
                 _save(args.out, checks)
@@ -355,8 +436,13 @@ def main(argv: list[str] | None = None) -> int:
             ),
         )
         _save(args.out, checks)
+    if "pipeline" in parts:
+        with tempfile.TemporaryDirectory() as tmp:
+            checks["pipeline"] = _run("pipeline", lambda: check_pipeline(device, Path(tmp), args.smoke_test))
+            _save(args.out, checks)
     print(_markdown(checks))
-    return 0 if all(checks[n].get("ok") for n in ("search", "ddp", "mamba") if n in parts) else 1
+    gated = ("search", "ddp", "mamba", "plan", "pipeline")
+    return 0 if all(checks[n].get("ok") for n in gated if n in parts) else 1
 
 
 if __name__ == "__main__":

@@ -11,24 +11,34 @@ their ratio (random / TPE+ASHA: above 1 means TPE+ASHA got there cheaper), and w
     python benchmarks/hpo_efficiency.py
     python benchmarks/hpo_efficiency.py --grace-steps 26 --reduction-factor 3   # a gentler ASHA
     python benchmarks/hpo_efficiency.py --smoke-test
+    python benchmarks/hpo_efficiency.py --concurrency 8   # 8 trials at once (a quarter CPU each)
+
+With ``--concurrency N`` a third strategy runs beside them: TPE + ASHA as raysc ran it before it
+learnt under concurrency (no constant liar, no wait for the start-up trials), restored in this
+process by patching, so that the table shows what the two changes buy at N trials at once.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from unittest import mock
 
+import optuna
 import yaml
 from common import FRONTEND_8K as FRONTEND
 from common import md_table, small_data, write_results  # the script folder is on sys.path
 
 from raysc.distributed import init_ray
 from raysc.experiment import RUNNING_BEST, Experiment, score_of
+from raysc.sampler import StopAwareOptunaSearch
 from raysc.search import search
 
 SPACE = {
@@ -48,6 +58,9 @@ SPACE = {
     "resources": {"workers": 1, "cpus_per_worker": 2},
     "scheduler": {"grace_steps": 10, "reduction_factor": 2, "max_epochs": 8},
 }
+
+
+RANDOM = {"sampler": "random", "early_stopping": False}
 
 
 def cost_to_reach(records: list, target: float) -> tuple[int, bool]:
@@ -78,6 +91,21 @@ def survives_halving(exp: Path, records: list, trial_id: str, *, grace: int, fac
     return True
 
 
+@contextlib.contextmanager
+def unaware_of_running_trials() -> Iterator[None]:
+    """raysc's TPE before it learnt under concurrency: no constant liar, no start-up gate."""
+    real_init = optuna.samplers.TPESampler.__init__
+
+    def init(self, *args, **kwargs):
+        real_init(self, *args, **{**kwargs, "constant_liar": False})
+
+    with (
+        mock.patch.object(optuna.samplers.TPESampler, "__init__", init),
+        mock.patch.object(StopAwareOptunaSearch, "waiting_for_startup", lambda self: False),
+    ):
+        yield
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", type=int, default=3)
@@ -87,10 +115,14 @@ def main() -> int:
     # ASHA's schedule: the first rung (optimiser steps) and the halving factor.
     parser.add_argument("--grace-steps", type=int, default=SPACE["scheduler"]["grace_steps"])
     parser.add_argument("--reduction-factor", type=int, default=SPACE["scheduler"]["reduction_factor"])
+    parser.add_argument("--concurrency", type=int, default=1, help="trials at once (2 CPUs shared between them)")
     parser.add_argument("--smoke-test", action="store_true")
     args = parser.parse_args()
     if args.smoke_test:
         args.seeds, args.trials, args.max_epochs, args.clips = 1, 2, 2, 120
+    strategies = {"tpe_asha": ({}, contextlib.nullcontext), "random_full": (RANDOM, contextlib.nullcontext)}
+    if args.concurrency > 1:
+        strategies["tpe_asha_unaware"] = ({}, unaware_of_running_trials)
     init_ray(num_cpus=2, log_to_driver=False)
     rows, runs = [], []
     with tempfile.TemporaryDirectory() as tmp:
@@ -98,13 +130,24 @@ def main() -> int:
         data = small_data(tmp, args.clips)
         space = tmp / "space.yaml"
         schedule = {"grace_steps": args.grace_steps, "reduction_factor": args.reduction_factor}
-        space.write_text(yaml.safe_dump({**SPACE, "scheduler": {**schedule, "max_epochs": args.max_epochs}}))
+        resources = {"workers": 1, "cpus_per_worker": 2 / args.concurrency}
+        scheduler = {**schedule, "max_epochs": args.max_epochs}
+        space.write_text(yaml.safe_dump({**SPACE, "resources": resources, "scheduler": scheduler}))
         for seed in range(args.seeds):
             found = {}
-            for name, kw in (("tpe_asha", {}), ("random_full", {"sampler": "random", "early_stopping": False})):
+            for name, (kw, context) in strategies.items():
                 t0 = time.perf_counter()
                 exp = tmp / f"{name}-{seed}"
-                search(space, data=data, experiment=exp, trials=args.trials, seed=seed, max_concurrent=1, **kw)
+                with context():
+                    search(
+                        space,
+                        data=data,
+                        experiment=exp,
+                        trials=args.trials,
+                        seed=seed,
+                        max_concurrent=args.concurrency,
+                        **kw,
+                    )
                 found[name] = (Experiment(exp).records(), time.perf_counter() - t0)
             best = max(score_of(r.metrics) for recs, _ in found.values() for r in recs)
             target = best - 0.01
@@ -119,6 +162,8 @@ def main() -> int:
                     "best": max(score_of(r.metrics) for r in recs),
                 }
             run["ratio"] = cost["random_full"][0] / max(cost["tpe_asha"][0], 1)
+            if "tpe_asha_unaware" in cost:
+                run["ratio_unaware"] = cost["random_full"][0] / max(cost["tpe_asha_unaware"][0], 1)
             # Would ASHA have let random search's best configuration finish?
             recs = found["random_full"][0]
             top = max(recs, key=lambda r: score_of(r.metrics))
@@ -135,38 +180,36 @@ def main() -> int:
                     *[f"{run[n]['total_epochs']}" for n in found],
                     *[f"{run[n]['wall_s']:.0f}" for n in found],
                     f"{run['ratio']:.2f}",
+                    *([f"{run['ratio_unaware']:.2f}"] if "ratio_unaware" in run else []),
                     "yes" if run["random_best_survives_asha"] else "no",
                 ]
             )
     ratios = [r["ratio"] for r in runs]
+    label = {"tpe_asha": "TPE+ASHA", "random_full": "random", "tpe_asha_unaware": "TPE+ASHA unaware"}
+    names = [label[n] for n in strategies]
+    at_once = "one at a time" if args.concurrency == 1 else f"{args.concurrency} at once"
+    header = ["seed", "best", *[f"best {n}" for n in names], *[f"epochs to target {n}" for n in names]]
+    header += [*[f"epochs spent {n}" for n in names], *[f"wall s {n}" for n in names], "ratio random/TPE+ASHA"]
+    header += [
+        *(["ratio random/TPE+ASHA unaware"] if args.concurrency > 1 else []),
+        "random's best would pass ASHA's rungs",
+    ]
     md = (
         f"TPE + ASHA vs random search without early stopping: {args.trials} trials of at most {args.max_epochs} "
-        f"epochs each, one at a time, {args.seeds} seed(s); ASHA from step {args.grace_steps}, x"
-        f"{args.reduction_factor} per rung; target = best of both - 1 point.\n\n"
-        + md_table(
-            [
-                "seed",
-                "best",
-                "best TPE+ASHA",
-                "best random",
-                "epochs to target TPE+ASHA",
-                "epochs to target random",
-                "epochs spent TPE+ASHA",
-                "epochs spent random",
-                "wall s TPE+ASHA",
-                "wall s random",
-                "ratio random/TPE+ASHA",
-                "random's best would pass ASHA's rungs",
-            ],
-            rows,
-        )
+        f"epochs each, {at_once}, {args.seeds} seed(s); ASHA from step {args.grace_steps}, x"
+        f"{args.reduction_factor} per rung; target = best of all - 1 point.\n\n"
+        + md_table(header, rows)
         + f"\nratio: mean {statistics.mean(ratios):.2f}"
         + (f", spread (stdev) {statistics.stdev(ratios):.2f}" if len(ratios) > 1 else "")
+        + (
+            f"; unaware TPE: mean {statistics.mean(r['ratio_unaware'] for r in runs):.2f}"
+            if args.concurrency > 1
+            else ""
+        )
         + f"\n\nCommand: `python benchmarks/hpo_efficiency.py{' ' if sys.argv[1:] else ''}{' '.join(sys.argv[1:])}`\n"
     )
-    return write_results(
-        "hpo_efficiency" + ("_smoke" if args.smoke_test else ""), {"args": vars(args), "runs": runs}, md
-    )
+    name = "hpo_efficiency" + (f"_c{args.concurrency}" if args.concurrency > 1 else "")
+    return write_results(name + ("_smoke" if args.smoke_test else ""), {"args": vars(args), "runs": runs}, md)
 
 
 if __name__ == "__main__":

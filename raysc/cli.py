@@ -592,7 +592,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("pipeline", help="search -> ensemble -> pseudo-label rounds -> submission, resumable")
     p.add_argument(
-        "pipeline", type=Path, nargs="?", help="pipeline YAML, or a built-in: default (the default), baseline"
+        "pipeline", type=Path, nargs="?", help="pipeline YAML, or a built-in: default (the default), baseline, gpu"
     )
     p.add_argument("--data", type=Path, required=True, help="prepared data folder")
     p.add_argument(

@@ -77,6 +77,10 @@ class TrainConfig:
     freeze: tuple[str, ...] = ()  # parameter name prefixes kept fixed
     trunk_lr_scale: float = 1.0  # learning rate of every tensor but the head's, relative to lr
     amp: str = "auto"  # auto = bf16 autocast on CUDA, none on CPU; "bf16" or "none" to force
+    # Speed options for GPUs, off until benchmarks/gpu_check.sh shows a gain: the network's
+    # tensors in channels-last memory order (cuDNN's fast convolution layout), and torch.compile.
+    channels_last: bool = False
+    compile: bool = False
 
     def __post_init__(self) -> None:
         problems = []
@@ -93,6 +97,9 @@ class TrainConfig:
             problems.append("pseudo_labels: pretraining trains on the pretraining clips only")
         if self.amp not in ("auto", "bf16", "none"):
             problems.append(f"amp {self.amp!r} (valid: auto, bf16, none)")
+        for f in dataclasses.fields(self):
+            if isinstance(f.default, bool) and not isinstance(getattr(self, f.name), bool):
+                problems.append(f"{f.name} must be true or false, got {getattr(self, f.name)!r}")
         for name in ("lr", "epochs", "batch_size", "step_size", "trunk_lr_scale"):
             if getattr(self, name) <= 0:
                 problems.append(f"{name} must be > 0, got {getattr(self, name)}")

@@ -29,7 +29,7 @@ import pandas as pd
 from .candidates import write_candidates
 from .config import make_config
 from .dataset import PreparedData, load_dataset
-from .distributed import fit_many, parallel_slots
+from .distributed import fit_all, fit_many, parallel_slots
 from .ensemble import apply_temperature, candidate_records, fit_temperature, greedy_selection, smooth_sessions, top_k
 from .errors import ConfigError, RayscError
 from .experiment import OUT_OF_FOLD, Ensemble, Experiment, Member, TrialRecord, rank_key
@@ -168,6 +168,7 @@ def crossfit_pseudo_round(
     selection: Selection = DEFAULT_SELECTION,
     cpus: float = 1.0,
     gpus: float = 0.0,
+    workers: int = 1,
     time_budget_minutes: float | None = None,
     address: str | None = None,
 ) -> Ensemble:
@@ -179,7 +180,8 @@ def crossfit_pseudo_round(
 
     Nothing is chosen on this round's out-of-fold score: the teacher saw every fold's labels, so
     that score is optimistic (``metrics["teacher_saw_folds"]``). Whether the round helps was
-    measured on eval data (benchmarks/semi_supervised.py)."""
+    measured on eval data (benchmarks/semi_supervised.py). ``workers`` > 1: each run is a Ray
+    Train DDP run (``distributed.fit_all``)."""
     exp = Experiment(experiment)
     with exp.in_use():  # another process writing this experiment is refused
         ens = exp.load_ensemble(teacher)
@@ -223,7 +225,7 @@ def crossfit_pseudo_round(
         outs = [exp.crossfit_dir(key[tid], f) for tid, f in todo]
         if configs:
             log.info("pseudo-label round %d of %s: %d run(s)", round, teacher, len(configs))
-            fit_many(configs, ens.data, outs, cpus=cpus, gpus=gpus, address=address)
+            fit_all(configs, ens.data, outs, workers=workers, cpus=cpus, gpus=gpus, address=address)
 
         rows = pd.concat([data.split(f)[1] for f in folds], ignore_index=True)
         y = data.labels(rows)

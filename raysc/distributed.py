@@ -20,8 +20,11 @@ from typing import Any
 import torch
 
 from .config import TrainConfig, make_config
+from .dataset import load_dataset
 from .errors import RayscError
 from .malloc import MALLOC_ENV
+from .plan import BackbonePlan, hardware, plan_space
+from .search_space import SearchSpace
 from .train import fit
 
 log = logging.getLogger(__name__)
@@ -145,6 +148,49 @@ def parallel_slots(cpus: float, gpus: float, address: str | None = None) -> int:
     return max(1, int(min(fits)))
 
 
+def _plan_task(
+    space: SearchSpace, data_dir: str, budget_minutes: float, concurrency: int, threads: int, trials: int
+) -> tuple[list[BackbonePlan], str]:
+    """``plan_space`` in a Ray task that holds one trial worker's resources, and where it ran."""
+    import ray  # lazy: see init_ray
+
+    torch.set_num_threads(threads)
+    data = load_dataset(data_dir)
+    plans = plan_space(
+        space, data, budget_minutes=budget_minutes, concurrency=concurrency, threads=threads, trials=trials
+    )
+    held = ray.get_runtime_context().get_assigned_resources()
+    held_said = ", ".join(f"{k} {v:g}" for k, v in sorted(held.items()) if k in ("CPU", "GPU"))
+    return plans, f"{hardware()}; a task holding {held_said}"
+
+
+def measure_plan(
+    space: SearchSpace,
+    data_dir: str | Path,
+    *,
+    budget_minutes: float,
+    trials: int,
+    cpus: float,
+    gpus: float,
+    concurrency: int,
+    address: str | None = None,
+) -> tuple[list[BackbonePlan], str]:
+    """The plan of ``space`` (``raysc.plan``) measured where trials run: inside a Ray task that
+    holds one trial worker's ``cpus`` and ``gpus`` (on a GPU node, on its GPU; on an autoscaling
+    cluster the task waits for such a node).
+
+    Returns:
+        Every backbone's plan, and where its steps were timed: the hardware (``plan.hardware``)
+        and the resources the task held.
+    """
+    import ray  # lazy: see init_ray
+
+    init_ray(address)
+    task = ray.remote(_plan_task).options(num_cpus=cpus, num_gpus=gpus, max_retries=0)
+    threads = max(1, int(cpus))
+    return ray.get(task.remote(space, str(Path(data_dir).resolve()), budget_minutes, concurrency, threads, trials))
+
+
 def _fit_task(train: dict[str, Any], data_dir: str, out_dir: str, threads: int) -> dict[str, Any]:
     """One ``fit`` in a Ray task (a single process: no Train controller, no worker group)."""
     torch.set_num_threads(threads)
@@ -170,6 +216,35 @@ def fit_many(
     data = str(Path(data_dir).resolve())
     refs = [task.remote(c.to_dict(), data, str(o), max(1, int(cpus))) for c, o in zip(configs, out_dirs, strict=True)]
     return ray.get(refs)
+
+
+def fit_all(
+    configs: list[TrainConfig],
+    data_dir: str | Path,
+    out_dirs: list[Path],
+    *,
+    workers: int = 1,
+    cpus: float = 1.0,
+    gpus: float = 0.0,
+    address: str | None = None,
+) -> None:
+    """Train every config into its run folder: as single-process Ray tasks side by side
+    (``fit_many``) when ``workers`` is 1, else each as a Ray Train DDP run of ``workers`` workers
+    (one whole GPU each on a GPU cluster, ``cpus`` CPUs each), one run after another: the large
+    retrainings (pretraining, pseudo-labelled rounds, refits) where one GPU is too slow."""
+    if workers <= 1:
+        fit_many(configs, data_dir, out_dirs, cpus=cpus, gpus=gpus, address=address)
+        return
+    for cfg, out in zip(configs, out_dirs, strict=True):
+        train(
+            cfg,
+            data_dir,
+            out,
+            workers=workers,
+            gpus_per_worker=1.0 if gpus else 0.0,
+            cpus_per_worker=cpus,
+            address=address,
+        )
 
 
 @contextmanager
@@ -289,22 +364,44 @@ def root_cause(exc: BaseException) -> str:
     when a worker raised one (a damaged checkpoint names itself and what to delete), else the
     last line of the first failure, without colour codes."""
     text = ANSI.sub("", str(exc))
-    ours = re.findall(r"raysc\.errors\.\w+: (.+)", text)
+    # raysc's message, with the indented problem lines a DataError lists under it.
+    ours = re.findall(r"raysc\.errors\.\w+: (.+(?:\n[ \t]+\S.*)*)", text)
     if ours:
-        return ours[-1].strip()
+        return " ".join(part.strip() for part in ours[-1].splitlines())
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     return lines[-1] if lines else type(exc).__name__
 
 
-def ddp_backend(workers: int, gpus_per_worker: float) -> str:
+def ddp_backend(workers: int, gpus_per_worker: float, *, cuda: bool = True) -> str:
     """The torch.distributed backend for ``workers`` workers of ``gpus_per_worker`` GPUs each.
 
     NCCL needs a GPU of its own per rank ("Duplicate GPU detected" otherwise), and Ray packs
     workers of fractional GPUs onto the same GPU, so those use gloo, which reduces CUDA tensors
-    through host memory: slower, but only small models are given fractional GPUs.
+    through host memory: slower, but only small models are given fractional GPUs. Workers whose
+    GPUs are logical (``cuda`` False: a simulated cluster) train on CPUs, with gloo.
     """
     shares_a_gpu = workers > 1 and gpus_per_worker < 1
-    return "gloo" if gpus_per_worker <= 0 or shares_a_gpu else "nccl"
+    return "gloo" if gpus_per_worker <= 0 or shares_a_gpu or not cuda else "nccl"
+
+
+def _sees_cuda() -> bool:
+    return torch.cuda.is_available()
+
+
+_CUDA_SEEN: dict[float, bool] = {}  # GPUs a task held -> whether it saw CUDA, once per process
+
+
+def cuda_where_gpus_are(gpus: float, address: str | None = None) -> bool:
+    """Whether a Ray task holding ``gpus`` GPUs sees a CUDA device. False where the cluster's GPUs
+    are logical (a simulated cluster): the work then runs on CPUs, and this says so once."""
+    import ray  # lazy: see init_ray
+
+    if gpus not in _CUDA_SEEN:
+        init_ray(address)
+        _CUDA_SEEN[gpus] = ray.get(ray.remote(_sees_cuda).options(num_cpus=0, num_gpus=gpus).remote())
+        if not _CUDA_SEEN[gpus]:
+            log.warning("the cluster's GPUs are logical here (a task holding one sees no CUDA): training on CPUs")
+    return _CUDA_SEEN[gpus]
 
 
 def make_trainer(
@@ -333,6 +430,9 @@ def make_trainer(
         resources_per_worker={"CPU": cpus_per_worker, **({"GPU": gpus_per_worker} if gpus_per_worker else {})},
     )
     score = {"checkpoint_score_attribute": "score", "checkpoint_score_order": "max"} if cfg.fold != -1 else {}
+    # NCCL needs real GPUs: where whole GPUs per rank are asked for, check that they are (Ray is
+    # running here: a driver's or a trial's process).
+    cuda = cuda_where_gpus_are(gpus_per_worker) if workers > 1 and gpus_per_worker >= 1 else True
     return TorchTrainer(
         _train_worker,
         train_loop_config={
@@ -343,7 +443,7 @@ def make_trainer(
             "log_file": str(log_file) if log_file else None,
         },
         scaling_config=scaled,
-        torch_config=TorchConfig(backend=ddp_backend(workers, gpus_per_worker)),
+        torch_config=TorchConfig(backend=ddp_backend(workers, gpus_per_worker, cuda=cuda)),
         run_config=ray.train.RunConfig(
             name=name,
             storage_path=storage_path,

@@ -38,7 +38,7 @@ from .fileio import write_json
 from .loader import make_loader
 from .models import model_class
 from .search_space import SearchSpace
-from .train import augment, build_model, make_optimizer, soft_cross_entropy, training_table
+from .train import augment, build_model, device, make_optimizer, soft_cross_entropy, training_table
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +57,11 @@ class BackbonePlan:
     epochs: int  # the schedule a trial of it gets
     fits: bool
     reason: str
+
+
+def hardware() -> str:
+    """What a plan measured on: the GPU's name, or ``CPU`` with the machine's core count."""
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU, {os.cpu_count()} cores"
 
 
 def _hardware_key(threads: int) -> str:
@@ -78,8 +83,10 @@ def seconds_per_step(values: dict[str, Any], data: PreparedData, *, threads: int
         return known[key]
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
+    dev = device()  # where a trial would train: a GPU when this process has one
+    use_amp = cfg.amp == "bf16" or (cfg.amp == "auto" and dev.type == "cuda")  # as ``fit`` decides
     try:
-        model = build_model(cfg, data)
+        model = build_model(cfg, data).to(dev)
         cache = FeatureCache.ensure(data.out, data.store, model.cfg.frontend) if not model.uses_wave else None
         opt = make_optimizer(cfg, model)
         train_rows, _ = data.split(0)
@@ -92,11 +99,15 @@ def seconds_per_step(values: dict[str, Any], data: PreparedData, *, threads: int
             if i > steps:
                 break
             t0 = time.perf_counter()
-            b = augment(batch, cfg, data.store.spec.sample_rate, g, model.cfg.frontend.hop_length)
-            loss = soft_cross_entropy(model(b.wave, b.city, b.time, b.target, spec=b.spec), b.target, b.weight)
+            b = augment(batch.to(dev), cfg, data.store.spec.sample_rate, g, model.cfg.frontend.hop_length)
+            with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=use_amp):
+                logits = model(b.wave, b.city, b.time, b.target, spec=b.spec)
+            loss = soft_cross_entropy(logits.float(), b.target, b.weight)
             opt.zero_grad()
             loss.backward()
             opt.step()
+            if dev.type == "cuda":
+                torch.cuda.synchronize()  # the step's kernels have run, not just been queued
             times.append(time.perf_counter() - t0)
     finally:
         torch.set_num_threads(before)

@@ -18,16 +18,23 @@ from pathlib import Path
 import pandas as pd
 
 from .config import make_config
-from .distributed import fit_many
+from .distributed import fit_all
 from .experiment import Ensemble, Experiment
 
 log = logging.getLogger(__name__)
 
 
 def refit_ensemble(
-    experiment: str | Path, ens: Ensemble, *, cpus: float = 1.0, gpus: float = 0.0, address: str | None = None
+    experiment: str | Path,
+    ens: Ensemble,
+    *,
+    cpus: float = 1.0,
+    gpus: float = 0.0,
+    workers: int = 1,
+    address: str | None = None,
 ) -> Ensemble:
-    """Retrain ``ens``'s members on every labelled clip; save and return the refit ensemble."""
+    """Retrain ``ens``'s members on every labelled clip (``workers`` > 1: each as a Ray Train DDP
+    run, see ``distributed.fit_all``); save and return the refit ensemble."""
     exp = Experiment(experiment)
     records = {r.trial_id: r for r in exp.records()}
     todo, configs, outs = [], [], []
@@ -41,7 +48,7 @@ def refit_ensemble(
             todo.append(m.trial_id)
     if todo:
         log.info("refitting %d member(s) of %s on every labelled clip: %s", len(todo), ens.name, todo)
-        fit_many(configs, ens.data, outs, cpus=cpus, gpus=gpus, address=address)
+        fit_all(configs, ens.data, outs, workers=workers, cpus=cpus, gpus=gpus, address=address)
     members = tuple(replace(m, model_path=exp.relative(exp.refit_dir(m.trial_id) / "model.pt")) for m in ens.members)
     refit = replace(ens, name=f"{ens.name}-refit", members=members, refit_of=ens.name)
     exp.save_ensemble(refit, pd.read_csv(exp.ensemble_predictions(ens.name)))

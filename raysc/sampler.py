@@ -6,6 +6,12 @@ that early value. Told PRUNED instead, it keeps its intermediate values (reporte
 step, which a resumed trial continues, not per Tune iteration, which restarts at 1), and TPE
 ranks it below every completed trial and pruned trials by how far they got: what an early stop
 really says about a configuration.
+
+Concurrent trials: TPE models only trials that have ended, so when a cluster starts many trials
+at once every one of them is sampled at random. Two things keep it learning: TPE is told about
+running trials (Optuna's constant liar: they count as poor results, so concurrent asks spread
+out), and no trial past the random start-up trials is asked for until the start-up trials have
+ended (``startup_gate``): the trials after them are then modelled on results.
 """
 
 from __future__ import annotations
@@ -20,9 +26,21 @@ class StopAwareOptunaSearch(OptunaSearch):
     """``OptunaSearch`` that reports by optimiser step and tells stopped trials PRUNED (a
     trial's last result says ``final`` when it ended by itself)."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, startup_gate: int = 0, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._last_step: dict[str, int] = {}  # trial id -> the last step told (saved and restored with the rest)
+        self._startup_gate = startup_gate
+
+    def waiting_for_startup(self) -> bool:
+        """Whether the next trial must wait: the start-up trials are all asked, not all ended."""
+        asked, ended = len(self._ot_trials), len(self._completed_trials)
+        gate = getattr(self, "_startup_gate", 0)  # a searcher saved before the gate existed has none
+        return 0 < gate <= asked and ended < gate
+
+    def suggest(self, trial_id: str) -> dict | None:
+        if self.waiting_for_startup():
+            return None  # Tune asks again on its next step
+        return super().suggest(trial_id)
 
     def _ended_before_the_restore(self, trial_id: str) -> bool:
         """Whether the study already holds this trial's end, told after the Tune snapshot that a

@@ -361,9 +361,11 @@ def _trial_resources(ray: Any, res: Resources, s: SearchSettings) -> dict[str, f
 def resolve_resources(res: Resources, total: Mapping[str, float], max_concurrent: int | None) -> Resources:
     """A space's resources against the cluster met: GPU shares where there are GPUs; on a
     cluster without any (and not autoscaling: no --max-concurrent), whole CPUs per worker
-    instead, so that every shipped space also runs on a CPU machine."""
+    instead, no more than the cluster has, so that every shipped space also runs on a CPU machine."""
     if res.gpus_per_worker and not total.get("GPU") and not max_concurrent:
-        return Resources(workers=res.workers, gpus_per_worker=0.0, cpus_per_worker=max(1.0, round(res.cpus_per_worker)))
+        fits = max(1, math.floor(total.get("CPU", 1) / res.workers))
+        cpus = float(min(max(1, round(res.cpus_per_worker)), fits))
+        return Resources(workers=res.workers, gpus_per_worker=0.0, cpus_per_worker=cpus)
     return res
 
 
@@ -442,7 +444,8 @@ def _run_tune(
         if s.sampler == "random":
             sampler = optuna.samplers.RandomSampler(seed=s.seed)
         else:
-            sampler = optuna.samplers.TPESampler(seed=s.seed, n_startup_trials=s.startup_trials)
+            # Running trials count as poor results (constant liar), so concurrent asks spread out.
+            sampler = optuna.samplers.TPESampler(seed=s.seed, n_startup_trials=s.startup_trials, constant_liar=True)
         journal = optuna.storages.journal.JournalFileBackend(str(exp.study_journal(s.round)))
         storage = optuna.storages.JournalStorage(journal)
         searcher = StopAwareOptunaSearch(
@@ -453,6 +456,7 @@ def _run_tune(
             study_name=study_name,
             storage=storage,
             points_to_evaluate=points,
+            startup_gate=s.startup_trials if s.sampler == "tpe" else 0,
         )
         asha = step_asha(space.scheduler, metric=METRIC)
         tuner = ray.tune.Tuner(

@@ -443,9 +443,13 @@ def fit(
     per_rank = math.ceil(len(train) / world)  # the same on every rank (the sampler pads)
     steps_per_epoch = per_rank // per_rank_batch + (per_rank % per_rank_batch > 1)  # see make_loader
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(cfg, step, steps_per_epoch))
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    # The compiled module trains; ``model`` (the same parameters) is what is saved and validated.
+    fast = torch.compile(model) if cfg.compile else model
     # With fusion "none" the metadata encoder gets no gradient; DDP must be told.
     unused = model.cfg.fusion == "none"
-    net = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=unused) if world > 1 else model
+    net = torch.nn.parallel.DistributedDataParallel(fast, find_unused_parameters=unused) if world > 1 else fast
 
     if resume:
         state = TrainState.load(Path(resume), model, opt, sched, dev)
@@ -501,6 +505,7 @@ def fit(
             "lr": opt.param_groups[-1]["lr"],  # the head's (the trunk's is scaled by trunk_lr_scale)
             "train_clips": len(train),
             "steps": sched.last_epoch,  # optimiser steps so far (LambdaLR counts them as its "epochs")
+            "ranks": world,  # DDP processes that trained it (1: one process)
         }
         state.epoch = epoch + 1
 

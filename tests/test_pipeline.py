@@ -29,7 +29,12 @@ def test_pipeline_file_errors(tmp_path):
     with pytest.raises(ConfigError, match=r"unknown key\(s\) \['trails'\] \(valid: .*trials"):
         load_pipeline(bad)
     bad.write_text("rounds: 0\n")
-    with pytest.raises(ConfigError, match="rounds, trials and ensemble_k must be >= 1"):
+    with pytest.raises(
+        ConfigError, match=r"rounds, trials, ensemble_k and ddp_workers must be integers >= 1, got \{'rou"
+    ):
+        load_pipeline(bad)
+    bad.write_text("ddp_workers: 0.5\n")
+    with pytest.raises(ConfigError, match=r"must be integers >= 1, got .*'ddp_workers': 0\.5"):
         load_pipeline(bad)
     bad.write_text("eval_session_labels: flase\n")
     with pytest.raises(ConfigError, match=r"true or false expected, got \{'eval_session_labels': 'flase'\}"):

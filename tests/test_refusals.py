@@ -129,3 +129,12 @@ def test_the_pipeline_without_experiment_uses_results_named_after_data_and_pipel
     assert main(["pipeline", "--data", str(prepared.out), "--time-budget", "0.5"]) == 2
     assert printed == [f"experiment folder: results/{prepared.out.name}-default (give --experiment to choose another)"]
     assert not (tmp_path / "results").exists()
+
+
+def test_a_data_error_behind_rays_tracebacks_keeps_its_problems_on_one_line():
+    from raysc.distributed import root_cause
+    from raysc.errors import DataError
+
+    error = DataError(["a.csv: gone"])
+    worker = f'Traceback (most recent call last):\n  File "x.py", line 1\nraysc.errors.DataError: {error}\n'
+    assert root_cause(RuntimeError("Training failed.\n" + worker)) == "1 problem(s) in input data: - a.csv: gone"

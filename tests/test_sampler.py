@@ -44,3 +44,24 @@ def test_a_trial_that_ended_after_the_restored_snapshot_is_not_told_again():
     (trial,) = searcher._ot_study.get_trials()
     assert trial.state == TrialState.COMPLETE and trial.value == 0.6
     assert trial.intermediate_values == {10: 0.5, 20: 0.6}
+
+
+def test_trials_past_the_startup_ones_wait_until_those_have_ended():
+    def space(trial: optuna.Trial) -> None:
+        trial.suggest_float("lr", 1e-4, 1e-2, log=True)
+
+    sampler = optuna.samplers.TPESampler(seed=0, n_startup_trials=2, constant_liar=True)
+    searcher = StopAwareOptunaSearch(space, metric="score", mode="max", sampler=sampler, study_name="s", startup_gate=2)
+    # Eight trials could start at once: the two start-up trials are asked, the third waits.
+    assert searcher.suggest("a") and searcher.suggest("b")
+    assert searcher.suggest("c") is None and searcher.suggest("c") is None
+    searcher.on_trial_complete("a", {"score": 0.5, "steps": 10, "final": True})
+    assert searcher.suggest("c") is None  # one of two ended: still random draws otherwise
+    searcher.on_trial_result("b", {"score": 0.4, "steps": 10, "training_iteration": 1})
+    searcher.on_trial_complete("b", {"score": 0.4, "steps": 10})  # stopped by ASHA: ended all the same
+    assert searcher.suggest("c") and searcher.suggest("d")  # modelled on both, without a limit now
+    states = [t.state for t in searcher._ot_study.get_trials()]
+    assert states == [TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.RUNNING]
+    # Without a gate (random search, or one trial at a time) nothing waits.
+    plain = _searcher()
+    assert all(plain.suggest(t) for t in "abc")

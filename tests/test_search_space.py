@@ -19,8 +19,9 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 def test_one_space_per_backbone_and_one_over_all():
     backbones = {"setrans", "resnet_cbam", "mobileascnet", "ascmamba", "rm3", "stats"}
-    assert {p.stem for p in SPACES} == backbones | {"all_backbones", "default", "baseline", "demo"}
+    assert {p.stem for p in SPACES} == backbones | {"all_backbones", "default", "baseline", "demo", "gpu"}
     assert set(load_search_space(SPACES_DIR / "all_backbones.yaml").backbones) == backbones
+    assert set(load_search_space(SPACES_DIR / "gpu.yaml").backbones) == backbones  # the GPU recipe: every seed CNN
 
 
 @pytest.mark.parametrize("path", SPACES, ids=lambda p: p.stem)
@@ -168,6 +169,9 @@ def test_gpu_spaces_resolve_to_whole_cpus_on_a_cluster_without_gpus():
     assert resolve_resources(gpu, {"CPU": 2.0}, None) == Resources(workers=1, gpus_per_worker=0.0, cpus_per_worker=1)
     assert resolve_resources(gpu, {"CPU": 2.0, "GPU": 1.0}, None) == gpu  # GPUs there: kept
     assert resolve_resources(gpu, {"CPU": 2.0}, 8) == gpu  # autoscaling (--max-concurrent): GPUs will come
+    big = Resources(workers=1, gpus_per_worker=0.5, cpus_per_worker=4)  # the gpu recipe's: no more CPUs than there are
+    assert resolve_resources(big, {"CPU": 2.0}, None) == Resources(workers=1, gpus_per_worker=0.0, cpus_per_worker=2)
+    assert resolve_resources(big, {"CPU": 16.0}, None).cpus_per_worker == 4
     for path in SPACES_DIR.glob("*.yaml"):  # every shipped space runs on a CPU machine
         res = resolve_resources(load_search_space(path).resources, {"CPU": 2.0}, None)
         assert res.gpus_per_worker == 0 and res.workers * res.cpus_per_worker <= 2, path

@@ -104,6 +104,20 @@ def test_same_seed_same_metrics(prepared):
     assert strip(a.history) != strip(fit(tiny_config(seed=1), prepared.out).history)
 
 
+@pytest.mark.parametrize("option", ["channels_last", "compile"])
+def test_the_gpu_speed_options_train_the_same_network(prepared, option):
+    # channels_last: a CNN's tensors in another memory order; compile: the MLP of stats through
+    # torch.compile (quick to compile; no dropout, whose compiled random numbers differ). Either
+    # way the same losses and the same weights' metrics.
+    values = {"epochs": 1} | ({} if option == "channels_last" else {"backbone": "stats", "model.dropout": 0.0})
+    plain = fit(tiny_config(**values), prepared.out)
+    fast = fit(tiny_config(**values, **{option: True}), prepared.out)
+    assert fast.history[0]["train_loss"] == pytest.approx(plain.history[0]["train_loss"], rel=1e-3)
+    assert fast.best["macro_accuracy"] == pytest.approx(plain.best["macro_accuracy"], abs=0.02)
+    with pytest.raises(ConfigError, match=rf"{option} must be true or false, got 'yes'"):
+        make_config({"backbone": "stats", option: "yes"})
+
+
 @pytest.mark.parametrize("train_on", ["labelled", "pretrain"])  # raysc train, raysc pretrain
 def test_resume_continues_exactly(request, train_on, tmp_path):
     # A killed Ray worker resumes through this path (tests/test_distributed.py kills one).

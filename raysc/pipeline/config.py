@@ -51,6 +51,9 @@ class PipelineConfig:
     # {backbones: [setrans], epochs: 10, config: {lr: 1.0e-3}}; every trial of a pretrained backbone
     # then starts from it (init_from: pretrained, reset_head) unless the space searches init_from.
     pretrain: dict[str, Any] | None = None
+    # Ray Train workers (one GPU each on a GPU cluster) for the large work: pretraining, the
+    # pseudo-label rounds' retrainings and the final refits. 1: single-process runs side by side.
+    ddp_workers: int = 1
 
     def space_path(self) -> Path:
         return space_path(self.space)
@@ -70,12 +73,21 @@ BUILTIN = {
         crossfit=0,  # the recipe: a searched round 1 on the first model's pseudo-labels
         eval_session_labels=False,  # the recipe predicts every eval clip with its model
     ),
+    # The GPU recipe (search_spaces/gpu.yaml): the seed CNNs next to stats on GPU shares, and Ray
+    # Train DDP over 2 GPUs for pretraining (on the data folder's TAU / CochlScene clips, when it
+    # has them), the pseudo-label rounds and the refits.
+    "gpu": PipelineConfig(
+        space="gpu",
+        trials=32,
+        ddp_workers=2,
+        pretrain={"backbones": ["resnet_cbam", "mobileascnet", "setrans"], "epochs": 10},
+    ),
 }
 
 
 def load_pipeline(path: str | Path | None) -> PipelineConfig:
-    """A pipeline file's settings, a built-in pipeline by name (``default``, ``baseline``), or
-    (no path) the default."""
+    """A pipeline file's settings, a built-in pipeline by name (``default``, ``baseline``,
+    ``gpu``), or (no path) the default."""
     if path is None:
         return PipelineConfig()
     if str(path) in BUILTIN:
@@ -90,8 +102,9 @@ def load_pipeline(path: str | Path | None) -> PipelineConfig:
     not_bool = {k: getattr(cfg, k) for k in flags if not isinstance(getattr(cfg, k), bool)}
     if not_bool:
         raise ConfigError(f"{path}: true or false expected, got {not_bool}")
-    if cfg.rounds < 1 or cfg.trials < 1 or cfg.ensemble_k < 1:
-        raise ConfigError(f"{path}: rounds, trials and ensemble_k must be >= 1")
+    counts = {k: getattr(cfg, k) for k in ("rounds", "trials", "ensemble_k", "ddp_workers")}
+    if any(not isinstance(v, int) or isinstance(v, bool) or v < 1 for v in counts.values()):
+        raise ConfigError(f"{path}: rounds, trials, ensemble_k and ddp_workers must be integers >= 1, got {counts}")
     if not 0.0 <= cfg.pseudo_threshold <= 1.0 or cfg.pseudo_targets not in ("hard", "soft"):
         raise ConfigError(
             f"{path}: pseudo_threshold must be in [0, 1] and pseudo_targets hard or soft, got "

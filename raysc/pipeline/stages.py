@@ -23,11 +23,11 @@ from ..candidates import write_candidates
 from ..config import make_config
 from ..crossfit import crossfit_ensemble, crossfit_pseudo_round
 from ..dataset import PreparedData
-from ..distributed import init_ray, train
+from ..distributed import init_ray, measure_plan, parallel_slots, train
 from ..ensemble import build_ensemble
 from ..errors import ConfigError, RayscError
 from ..experiment import OUT_OF_FOLD, Ensemble, Experiment, final_ensemble
-from ..plan import describe, kept, plan_space, restore_space
+from ..plan import describe, kept, restore_space
 from ..plots import write_plots
 from ..pseudo import Selection
 from ..refit import refit_ensemble
@@ -181,25 +181,28 @@ class Plan(Stage):
             if ctx.crossfit and cfg.rounds > 1
             else ""
         )
-        if res.gpus_per_worker:  # GPU trials: a step measured on the driver's CPU would say nothing
-            ctx.say(
-                f"[pipeline] plan: {rounds_said}, {minutes:.1f} min of search each, on GPUs: every backbone of "
-                f"{sp.name} kept"
-            )
-            return dict.fromkeys(sp.backbones)
-        concurrency = cfg.max_concurrent or max(1, int(total.get("CPU", 1) // (res.workers * res.cpus_per_worker)))
-        plans = plan_space(
+        trial_cpus, trial_gpus = res.workers * res.cpus_per_worker, res.workers * res.gpus_per_worker
+        concurrency = cfg.max_concurrent or parallel_slots(trial_cpus, trial_gpus, ctx.address)
+        plans, measured_on = measure_plan(
             sp,
-            ctx.dataset,
+            ctx.data,
             budget_minutes=minutes,
-            concurrency=concurrency,
-            threads=max(1, int(res.cpus_per_worker)),
             trials=cfg.trials,
+            cpus=res.cpus_per_worker,
+            gpus=res.gpus_per_worker,
+            concurrency=concurrency,
+            address=ctx.address,
         )
+        if res.gpus_per_worker and measured_on.startswith("CPU"):
+            ctx.say(
+                f"[pipeline] the cluster has {total.get('GPU', 0):g} GPU(s), but a task holding one sees no CUDA "
+                "device (logical GPUs, as in a simulated cluster): the work runs on CPUs"
+            )
         ctx.say(
             f"[pipeline] plan: {rounds_said}, {minutes:.1f} min of search each, {concurrency} trial(s) at once;"
             f" epochs up to {cfg.max_epochs or sp.scheduler.max_epochs}, ASHA from "
-            f"step {sp.scheduler.grace_steps} (x{sp.scheduler.reduction_factor}); measured on this machine:"
+            f"step {sp.scheduler.grace_steps} (x{sp.scheduler.reduction_factor}); measured where trials run "
+            f"({measured_on}):"
         )
         for line in describe(plans):
             ctx.say(line)
@@ -258,8 +261,8 @@ class Pretrain(Stage):
                 pre,
                 ctx.data,
                 exp.pretrain_dir(name),
-                workers=res.workers,
-                gpus_per_worker=res.gpus_per_worker,
+                workers=ctx.cfg.ddp_workers,
+                gpus_per_worker=1.0 if res.gpus_per_worker and ctx.cfg.ddp_workers > 1 else res.gpus_per_worker,
                 cpus_per_worker=res.cpus_per_worker,
                 address=ctx.address,
             )
@@ -435,6 +438,7 @@ class PseudoRound(Stage):
                 selection=Selection(threshold=cfg.pseudo_threshold, targets=cfg.pseudo_targets),
                 cpus=res.cpus_per_worker,
                 gpus=res.gpus_per_worker,
+                workers=cfg.ddp_workers,
                 time_budget_minutes=minutes,
                 address=ctx.address,
             )
@@ -487,8 +491,8 @@ class Refit(Stage):
     def run(self, ctx: Context) -> str:
         final = self._base(ctx)
         _, res = ctx.cluster()  # a refit task gets what one trial's worker gets
-        cpus, gpus = res.cpus_per_worker, res.gpus_per_worker
-        refit = refit_ensemble(ctx.exp.root, final, cpus=cpus, gpus=gpus, address=ctx.address)
+        cpus, gpus, workers = res.cpus_per_worker, res.gpus_per_worker, ctx.cfg.ddp_workers
+        refit = refit_ensemble(ctx.exp.root, final, cpus=cpus, gpus=gpus, workers=workers, address=ctx.address)
         ctx.say(f"[pipeline] {refit.name}: the members of {final.name} retrained on every labelled clip")
         return refit.name
 
