@@ -199,6 +199,7 @@ def describe(result: SearchResult) -> str:
         acc, unk = r.metrics.get("macro_accuracy"), r.metrics.get("unk_city_macro_accuracy")
         outcome = f"macro acc {acc:.4f}" if acc is not None else f"error: {r.error}"
         outcome += f", city held out {unk:.4f}" if unk is not None else ""
+        outcome += f" (ended by an error: {r.error})" if acc is not None and r.error else ""
         lines.append(f"  {r.trial_id}  {r.backbone:<13} {r.status:<9} {outcome}")
     lines.append(f"trials table: {Experiment(result.round_dir.parent).trials_table}")
     return "\n".join(lines)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import socket
 import tempfile
 from collections.abc import Iterator
@@ -21,7 +20,7 @@ import torch
 
 from .config import TrainConfig, make_config
 from .dataset import load_dataset
-from .errors import RayscError
+from .errors import RayscError, root_cause
 from .malloc import MALLOC_ENV
 from .plan import BackbonePlan, hardware, plan_space
 from .search_space import SearchSpace
@@ -354,22 +353,6 @@ def train(
     if not metrics_path.is_file():
         raise RayscError(f"training finished but wrote no {metrics_path}")
     return json.loads(metrics_path.read_text())
-
-
-ANSI = re.compile(r"\x1b\[[0-9;]*m")
-
-
-def root_cause(exc: BaseException) -> str:
-    """One line for a failure that Ray reports with the workers' tracebacks: raysc's own message
-    when a worker raised one (a damaged checkpoint names itself and what to delete), else the
-    last line of the first failure, without colour codes."""
-    text = ANSI.sub("", str(exc))
-    # raysc's message, with the indented problem lines a DataError lists under it.
-    ours = re.findall(r"raysc\.errors\.\w+: (.+(?:\n[ \t]+\S.*)*)", text)
-    if ours:
-        return " ".join(part.strip() for part in ours[-1].splitlines())
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    return lines[-1] if lines else type(exc).__name__
 
 
 def ddp_backend(workers: int, gpus_per_worker: float, *, cuda: bool = True) -> str:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
+from pathlib import Path
 
 # How many problems an error message lists before it only counts the rest.
 MAX_LISTED = 20
@@ -27,3 +29,25 @@ class DataError(RayscError):
 
 class ConfigError(RayscError):
     """A configuration file or option is invalid."""
+
+
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def root_cause(error: BaseException | str) -> str:
+    """One line for a failure that Ray reports with the workers' tracebacks: raysc's own message
+    when a worker raised one (a damaged checkpoint names itself and what to delete), else the
+    last line of the text, without colour codes."""
+    text = ANSI.sub("", str(error))
+    # raysc's message, with the indented problem lines a DataError lists under it.
+    ours = re.findall(r"raysc\.errors\.\w+: (.+(?:\n[ \t]+\S.*)*)", text)
+    if ours:
+        return " ".join(part.strip() for part in ours[-1].splitlines())
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[-1] if lines else type(error).__name__
+
+
+def trial_error(trial: object) -> str | None:
+    """A failed Tune trial's reason in one line (from its error file), or None."""
+    path = getattr(trial, "error_file", None)
+    return root_cause(Path(path).read_text()) if path and Path(path).is_file() else None

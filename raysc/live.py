@@ -9,6 +9,7 @@ from typing import Any
 
 from ray.tune import Callback
 
+from .errors import trial_error
 from .experiment import RUNNING_BEST as METRIC
 
 
@@ -60,6 +61,8 @@ class LiveView(Callback):
         last = trial.last_result or {}
         epochs, value = last.get("epoch"), last.get(METRIC)
         detail = f"after {epochs} epoch(s), best score {value:.4f}" if value is not None else "no result"
+        if status == "failed" and (why := trial_error(trial)):
+            detail += f": {why}"
         self.write(f"[round {self.round} {self._elapsed()}] {status} {trial.trial_id} {detail}")
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:

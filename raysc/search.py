@@ -37,7 +37,7 @@ import torch
 from .config import TrainConfig, make_config
 from .dataset import load_dataset
 from .distributed import DRIVER_RESOURCE, init_ray, log_to, make_trainer
-from .errors import ConfigError, RayscError
+from .errors import ConfigError, RayscError, trial_error
 from .experiment import (
     RECORD_METRICS,
     RUNNING_BEST,
@@ -528,6 +528,8 @@ def collect_records(exp: Experiment, space: SearchSpace, s: SearchSettings) -> l
     records = []
     for trial in ExperimentAnalysis(str(exp.tune_dir(s.round))).trials:
         rec = exp.read_record(s.round, trial.trial_id)
+        if rec is not None and rec.error and trial.status == "TERMINATED":
+            rec = None  # it ended in an error, then ran again after a --resume and ended: recorded anew
         if rec is None:
             if trial.status not in ("TERMINATED", "ERROR"):
                 continue  # never ran (time budget) or still pending
@@ -553,8 +555,10 @@ def _record_trial(exp: Experiment, trial: Any, space: SearchSpace, s: SearchSett
         "started": last["timestamp"] - last.get("time_total_s", 0) if "timestamp" in last else None,
     }
     ckpt = _latest_checkpoint(exp.train_run(s.round, trial.trial_id))
+    # A trial that ended in an error keeps its reason, also when its checkpoint holds results
+    # (then it counts as stopped there: e.g. its resume found that checkpoint damaged).
+    error = (trial_error(trial) or "no result") if trial.status == "ERROR" else None
     if ckpt is None:
-        error = str(trial.error_file and Path(trial.error_file).read_text().strip().splitlines()[-1]) or "no result"
         return TrialRecord(
             **base,
             status="failed",
@@ -591,4 +595,5 @@ def _record_trial(exp: Experiment, trial: Any, space: SearchSpace, s: SearchSett
         predict_seconds=best.get("predict_seconds"),
         model_path=exp.relative(out / "model.pt"),
         predictions_path=exp.relative(out / "val_predictions.csv"),
+        error=error,
     )

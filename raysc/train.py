@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import pickle
 import random
 import shutil
 import time
@@ -35,7 +34,7 @@ from .featcache import FeatureCache
 from .fileio import atomic_path, write_csv, write_json
 from .loader import Batch, ClipTable, make_loader
 from .metrics import classification_report, confusion_matrix, unk_columns
-from .models import ASCModel, create_model, load_model, save_model
+from .models import ASCModel, create_model, load_model, load_tensors, save_model
 from .models.base import config_to_dict
 from .pseudo import Selection, read_candidates, select
 
@@ -355,13 +354,13 @@ class TrainState:
         """Restore a checkpoint into ``model``, ``opt`` and ``sched``; the RNG continues as if the
         run had never stopped (dropout, mixup)."""
         try:
-            raw = torch.load(path / "state.pt", map_location=device, weights_only=True)
+            raw = load_tensors(path / "state.pt", what="training state", map_location=device)
             current = load_model(path / "model.pt")
-        except (OSError, RuntimeError, EOFError, pickle.UnpicklingError, RayscError) as exc:
+        except RayscError as exc:
             # Never train from scratch silently: the run stops, naming the checkpoint.
             raise RayscError(
-                f"{path}: the checkpoint to resume from cannot be read ({exc}); remove it to resume from the one "
-                "before it, or start the run again"
+                f"{path}: the checkpoint to resume from is damaged ({exc}); delete that folder and resume again: "
+                "the run then continues from the checkpoint before it, or starts over where none is kept"
             ) from None
         model.load_state_dict(current.state_dict())
         opt.load_state_dict(raw["optimizer"])

@@ -97,20 +97,20 @@ def test_a_cut_short_member_file_is_named_before_ray_starts(prepared, tmp_path, 
 
 
 def test_a_damaged_checkpoint_behind_rays_tracebacks_is_one_line():
-    from raysc.distributed import root_cause
+    from raysc.errors import root_cause
 
     # What Ray Train raises after its restarts: every attempt's traceback, coloured.
     attempt = (
         "\x1b[36mray::RayTrainWorker.run_train_fn()\x1b[39m (pid=4242)\n"
         "Traceback (most recent call last):\n"
         '  File "raysc/train.py", line 358, in load\n'
-        "raysc.errors.RayscError: /exp/ray/train-x/checkpoint_000001: the checkpoint to resume from cannot be "
-        "read (cut short); remove it to resume from the one before it, or start the run again\n"
+        "raysc.errors.RayscError: /exp/ray/train-x/checkpoint_000001: the checkpoint to resume from is damaged "
+        "(cut short); delete that folder and resume again\n"
     )
     failure = RuntimeError("Training failed.\n" + attempt * 3)
     assert root_cause(failure) == (
-        "/exp/ray/train-x/checkpoint_000001: the checkpoint to resume from cannot be read (cut short); remove it to "
-        "resume from the one before it, or start the run again"
+        "/exp/ray/train-x/checkpoint_000001: the checkpoint to resume from is damaged (cut short); delete that folder "
+        "and resume again"
     )
     assert root_cause(RuntimeError("Worker died.\n\x1b[31mOOM: the node ran out of memory\x1b[0m\n")) == (
         "OOM: the node ran out of memory"
@@ -132,9 +132,28 @@ def test_the_pipeline_without_experiment_uses_results_named_after_data_and_pipel
 
 
 def test_a_data_error_behind_rays_tracebacks_keeps_its_problems_on_one_line():
-    from raysc.distributed import root_cause
-    from raysc.errors import DataError
+    from raysc.errors import DataError, root_cause
 
     error = DataError(["a.csv: gone"])
     worker = f'Traceback (most recent call last):\n  File "x.py", line 1\nraysc.errors.DataError: {error}\n'
     assert root_cause(RuntimeError("Training failed.\n" + worker)) == "1 problem(s) in input data: - a.csv: gone"
+
+
+def test_a_search_trial_that_failed_says_why_in_its_line(tmp_path):
+    from types import SimpleNamespace
+
+    from raysc.live import LiveView
+
+    error = tmp_path / "error.txt"
+    error.write_text(
+        "Traceback (most recent call last):\n  ...\nraysc.errors.RayscError: /exp/epoch-0003: the checkpoint to resume "
+        "from is damaged (cut short); delete that folder and resume again\n"
+    )
+    lines: list[str] = []
+    view = LiveView(total=1, round=0, write=lines.append)
+    trial = SimpleNamespace(trial_id="t1", last_result={}, error_file=str(error), config={})
+    view.on_trial_error(0, [], trial)
+    assert lines[-1].endswith(
+        "failed t1 no result: /exp/epoch-0003: the checkpoint to resume from is damaged (cut short); delete that "
+        "folder and resume again"
+    )

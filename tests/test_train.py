@@ -422,5 +422,10 @@ def test_a_corrupt_checkpoint_is_refused_by_name_never_trained_over(prepared, tm
     (checkpoint,) = (tmp_path / "ck").glob("epoch-*")
     state = checkpoint / "state.pt"
     state.write_bytes(state.read_bytes()[:100])  # cut short, as by a crash mid-write
-    with pytest.raises(RayscError, match=r"epoch-0001: the checkpoint to resume from cannot be read"):
+    with pytest.raises(RayscError) as caught:
         fit(tiny_config(epochs=2), prepared.out, resume=checkpoint)
+    assert str(caught.value) == (
+        f"{checkpoint}: the checkpoint to resume from is damaged ({state}: not a readable training state (damaged, "
+        "cut short, or not a PyTorch file)); delete that folder and resume again: the run then continues from the "
+        "checkpoint before it, or starts over where none is kept"
+    )

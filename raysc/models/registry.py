@@ -98,10 +98,8 @@ def load_tensors(path: str | Path, *, what: str, map_location: str | torch.devic
             f"{path}: refused: it holds Python objects beyond tensors and plain values ({found[0]}); loading it "
             f"could run code, so raysc reads a {what} only as plain tensors"
         ) from None
-    except UNREADABLE as exc:
-        raise RayscError(
-            f"{path}: not a readable {what} (damaged, cut short, or not a PyTorch file: {type(exc).__name__})"
-        ) from None
+    except UNREADABLE:
+        raise RayscError(f"{path}: not a readable {what} (damaged, cut short, or not a PyTorch file)") from None
 
 
 def load_model(path: str | Path, *, map_location: str | torch.device = "cpu") -> ASCModel:
