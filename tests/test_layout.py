@@ -137,3 +137,61 @@ def test_only_the_experiment_module_spells_paths_inside_an_experiment():
                 if isinstance(pattern, ast.Constant) and any(p in pattern.value for p in ("round-", "ensembles/")):
                     problems.append(f"{path.name}:{node.lineno}: glob({pattern.value!r})")
     assert problems == []
+
+
+# The layers, top to bottom: a module imports only from its own layer or those below it. The
+# library is plain Python and PyTorch: it never imports Ray, so that a test can train a model
+# without starting Ray (DESIGN.md: Ray at the edges).
+LAYERS = {
+    "command line": ["raysc.cli"],
+    "stages": [
+        "raysc.pipeline",  # and its modules
+        "raysc.demo",
+        "raysc.search",
+        "raysc.crossfit",
+        "raysc.refit",
+        "raysc.candidates",
+        "raysc.submission",
+        "raysc.leaderboard",
+        "raysc.plots",
+    ],
+    "launch": ["raysc.distributed", "raysc.inference", "raysc.asha", "raysc.sampler", "raysc.live", "raysc.tunestate"],
+    "library": ["raysc"],  # everything else
+}
+
+
+def _layer(module: str) -> int:
+    """The layer's depth (0 = top) of a raysc module: its own entry, or its package's."""
+    for depth, (_, names) in enumerate(LAYERS.items()):
+        if any(module == n or module.startswith(n + ".") for n in names if n != "raysc"):
+            return depth
+    return len(LAYERS) - 1
+
+
+def test_modules_import_only_from_their_layer_or_below():
+    problems = []
+    for importer, target, node, _ in _imports(_modules()):
+        if target.split(".")[0] != "raysc" or target == importer:
+            continue
+        if _layer(target) < _layer(importer):
+            names = list(LAYERS)
+            problems.append(
+                f"{importer}:{node.lineno} ({names[_layer(importer)]}) imports {target} ({names[_layer(target)]})"
+            )
+    assert problems == []
+
+
+def test_the_library_never_imports_ray():
+    library = len(LAYERS) - 1
+    ray_users = sorted(
+        f"{importer}:{node.lineno}"
+        for importer, target, node, _ in _imports(_modules())
+        if target.split(".")[0] == "ray" and _layer(importer) == library
+    )
+    assert ray_users == []
+
+
+def test_every_layer_names_modules_that_exist():
+    modules = _modules()
+    named = [n for names in LAYERS.values() for n in names]
+    assert all(n in modules for n in named), sorted(set(named) - set(modules))
