@@ -13,7 +13,7 @@ import math
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from . import __version__
 from .errors import RayscError
@@ -73,6 +73,24 @@ def _cmd_synth(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _add_synth(sub: Any) -> None:
+    """`raysc synth`: its flags."""
+    p = sub.add_parser("synth", help="write a synthetic dataset in the challenge's format")
+    p.add_argument("out", type=Path, help="output folder")
+    p.add_argument("--clips", type=COUNT, default=2000, help="development clips (default 2000)")
+    p.add_argument("--eval-clips", type=INDEX, default=400, help="evaluation clips (default 400)")
+    p.add_argument("--labelled-fraction", type=POSITIVE, default=0.2, help="labelled share of dev clips (default 0.2)")
+    p.add_argument("--sample-rate", type=COUNT, default=16000, help="Hz (default 16000)")
+    p.add_argument("--clip-seconds", type=POSITIVE, default=10.0, help="clip length (default 10)")
+    p.add_argument("--cities", type=COUNT, default=8, help="dev cities (default 8)")
+    p.add_argument("--unseen-cities", type=INDEX, default=3, help="eval-only cities (default 3)")
+    p.add_argument("--session-size", type=COUNT, default=8, help="mean clips per recording session (default 8)")
+    p.add_argument("--pretrain-clips", type=INDEX, default=0, help="also write N TAU- and N CochlScene-format clips")
+    p.add_argument("--seed", type=INDEX, default=0)
+    p.add_argument("--workers", type=COUNT, default=1, help="processes rendering audio (default 1)")
+    p.set_defaults(func=_cmd_synth)
+
+
 def _cmd_prepare(args: argparse.Namespace) -> int:
     from .prepare import prepare
 
@@ -106,6 +124,41 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _add_prepare(sub: Any) -> None:
+    """`raysc prepare`: its flags."""
+    p = sub.add_parser(
+        "prepare",
+        help="challenge metadata + audio -> manifest + feature store",
+        description="Validate the challenge's metadata and audio (every problem reported at once, nothing written "
+        "when there is one), then write a data folder: manifest.csv, dataset.json and the FeatureStore. Metadata: "
+        "UTF-8 (a BOM is accepted), header filename,location,record_time,scene_label, record_time as "
+        "YYYY-MM-DD HH:MM:SS, an empty scene_label for unlabelled clips; audio: <filename>.wav or .flac anywhere "
+        "under the --audio folders, any rate and channel count.",
+        epilog="example: raysc prepare --dev-meta APSIPA2025_GC_ASC_dev_metadata.csv --eval-meta "
+        "APSIPA2025_GC_ASC_eval_metadata.csv --audio /data/cas2023/audio --out data/apsipa2025",
+    )
+    p.add_argument("--dev-meta", type=Path, required=True, help="development metadata CSV")
+    p.add_argument("--eval-meta", type=Path, required=True, help="evaluation metadata CSV")
+    p.add_argument("--audio", type=Path, action="append", required=True, help="audio folder (repeatable)")
+    p.add_argument("--out", type=Path, required=True, help="data folder to write")
+    p.add_argument("--sample-rate", type=COUNT, default=44100, help="target rate in Hz (default 44100)")
+    p.add_argument("--clip-seconds", type=POSITIVE, default=10.0, help="pad or trim to this length (default 10)")
+    p.add_argument("--folds", type=_number(int, low=2), default=5, help="validation folds (default 5)")
+    p.add_argument(
+        "--split",
+        choices=["session", "city"],
+        default="session",
+        help="group folds by recording session (default) or hold out whole cities",
+    )
+    p.add_argument("--seed", type=INDEX, default=0, help="fold assignment seed")
+    p.add_argument("--workers", type=COUNT, default=None, help="decoding processes (default: all cores)")
+    p.add_argument("--tau", type=Path, help="TAU Urban Acoustic Scenes 2020 Mobile folder (pretraining)")
+    p.add_argument("--cochlscene", type=Path, help="CochlScene folder (pretraining)")
+    p.add_argument("--label-map", type=Path, help="YAML mapping of pretraining labels (default: ALPS table)")
+    p.add_argument("--overwrite", action="store_true", help="replace a data folder prepared from other inputs")
+    p.set_defaults(func=_cmd_prepare)
+
+
 def _cmd_models(args: argparse.Namespace) -> int:
     from .models import list_models
     from .models.summary import summarize
@@ -126,6 +179,16 @@ def _cmd_models(args: argparse.Namespace) -> int:
         + (f"; training = forward + backward + SGD step, batch {args.batch}, on this machine)" if args.bench else ")")
     )
     return EXIT_OK
+
+
+def _add_models(sub: Any) -> None:
+    """`raysc models`: its flags."""
+    p = sub.add_parser("models", help="list the backbones with their size and cost")
+    p.add_argument("names", nargs="*", help="backbones to show (default: all)")
+    p.add_argument("--width", type=POSITIVE, default=1.0, help="channel multiplier (default 1: the papers' sizes)")
+    p.add_argument("--bench", action="store_true", help="also measure training clips/s on this machine")
+    p.add_argument("--batch", type=COUNT, default=8, help="batch size for --bench (default 8)")
+    p.set_defaults(func=_cmd_models)
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -169,6 +232,27 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _add_train(sub: Any) -> None:
+    """`raysc train`: its flags."""
+    p = sub.add_parser("train", help="train one model with Ray Train (one or more workers)")
+    _add_train_args(p)
+    p.set_defaults(func=_cmd_train, train_on="labelled")
+
+
+def _add_pretrain(sub: Any) -> None:
+    """`raysc pretrain`: its flags."""
+    p = sub.add_parser(
+        "pretrain",
+        help="pretrain a network on the data folder's TAU / CochlScene clips (then fine-tune with init_from)",
+        description="Train on the pretraining clips (prepared with --tau / --cochlscene) with their own "
+        "session-grouped folds; same launcher, flags and fault tolerance as `raysc train`. The clips have no city "
+        "or time: the metadata branch gets <unk> and zeros. The model.pt it writes records that it is a "
+        "pretrained trunk and its label set; fine-tune with init_from=RUN/model.pt reset_head=true.",
+    )
+    _add_train_args(p)
+    p.set_defaults(func=_cmd_train, train_on="pretrain")
+
+
 def _cmd_import_weights(args: argparse.Namespace) -> int:
     from .config import parse_sets
     from .weights import import_weights
@@ -184,6 +268,31 @@ def _cmd_import_weights(args: argparse.Namespace) -> int:
     print(report.describe())
     print(f"written to {args.out}; fine-tune from it with: init_from={args.out} reset_head=true")
     return EXIT_OK
+
+
+def _add_import_weights(sub: Any) -> None:
+    """`raysc import-weights`: its flags."""
+    p = sub.add_parser(
+        "import-weights",
+        help="map a plain PyTorch state dict onto a raysc network by name (or, asked, by order and shape)",
+        description="Copy every tensor of a state dict that matches the raysc network by name; with "
+        "--match-by-order (a .pth of another code base, e.g. the official baseline's SE-Trans checkpoint), pair "
+        "the rest by order and shape and print every pair. A file that does not hold the network's weights is "
+        "refused. Report what matched and what did not, and write a raysc model file for init_from.",
+    )
+    p.add_argument("weights", type=Path, help="a state dict saved with torch.save (loaded with weights_only=True)")
+    p.add_argument("--backbone", required=True, help="the raysc backbone to map it onto")
+    p.add_argument("--out", type=Path, required=True, help="the raysc model file to write")
+    p.add_argument("--data", type=Path, help="build the network for this data folder (classes, cities, rate)")
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="a model option, e.g. width=0.5 (repeatable)"
+    )
+    p.add_argument(
+        "--match-by-order",
+        action="store_true",
+        help="pair the tensors that no name matches by order and shape (another code base's names)",
+    )
+    p.set_defaults(func=_cmd_import_weights)
 
 
 def describe(result: SearchResult) -> str:
@@ -220,6 +329,42 @@ def _cmd_search(args: argparse.Namespace) -> int:
     )
     print(describe(result))
     return EXIT_OK
+
+
+def _add_search(sub: Any) -> None:
+    """`raysc search`: its flags."""
+    p = sub.add_parser("search", help="hyperparameter search: Ray Tune + Optuna (TPE) + ASHA, one round")
+    p.add_argument("space", type=Path, help="search space YAML (see search_spaces/)")
+    p.add_argument("--data", type=Path, required=True, help="prepared data folder")
+    p.add_argument("--experiment", type=Path, required=True, help="experiment folder (rounds, trials, ensembles)")
+    p.add_argument("--trials", type=COUNT, default=8, help="trials to run (default 8)")
+    p.add_argument("--max-epochs", type=COUNT, help="epochs of a trial that is never stopped (default: the space's)")
+    p.add_argument(
+        "--time-budget",
+        dest="time_budget_minutes",
+        type=POSITIVE,
+        metavar="MINUTES",
+        help="start no trial after this long",
+    )
+    p.add_argument("--fold", type=int, default=0, help="validation fold (default 0)")
+    p.add_argument("--round", type=INDEX, default=0, help="semi-supervised round (default 0: labelled clips only)")
+    p.add_argument("--pseudo-candidates", type=Path, metavar="CSV", help="pseudo-label candidates (round >= 1)")
+    p.add_argument("--seed", type=INDEX, default=0, help="seed of the sampler and of every trial (default 0)")
+    p.add_argument("--max-concurrent", type=COUNT, help="trials at once (default: what the cluster's CPUs/GPUs fit)")
+    p.add_argument("--sampler", choices=["tpe", "random"], default="tpe", help="Optuna sampler (default tpe)")
+    p.add_argument(
+        "--no-early-stopping", dest="early_stopping", action="store_false", help="no ASHA: every trial runs its epochs"
+    )
+    p.add_argument(
+        "--ray-train",
+        choices=["auto", "always"],
+        default="auto",
+        help="auto (default): a one-worker trial trains in its own, reused Tune process; always: every trial "
+        "through a Ray Train TorchTrainer (multi-worker trials always are)",
+    )
+    p.add_argument("--resume", action="store_true", help="continue an interrupted search in --experiment")
+    _add_address(p)
+    p.set_defaults(func=_cmd_search)
 
 
 def _cmd_ensemble(args: argparse.Namespace) -> int:
@@ -274,6 +419,31 @@ def _cmd_ensemble(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _add_ensemble(sub: Any) -> None:
+    """`raysc ensemble`: its flags."""
+    p = sub.add_parser("ensemble", help="ensemble the best trials (top-k mean or greedy selection)")
+    p.add_argument("experiment", type=Path, help="experiment folder")
+    p.add_argument("--method", choices=["topk", "greedy"], default="topk", help="default topk")
+    p.add_argument("--k", type=COUNT, default=5, help="members (topk) or selection steps (greedy); default 5")
+    p.add_argument("--rounds", type=INDEX, nargs="+", help="rounds to draw members from (default: all)")
+    p.add_argument("--temperature", action="store_true", help="fit one temperature after averaging")
+    p.add_argument("--session-smoothing", action="store_true", help="average predictions over each session")
+    p.add_argument("--name", help="ensemble name (default: from the settings)")
+    p.add_argument(
+        "--crossfit",
+        type=COUNT,
+        metavar="N",
+        help="retrain the best N trials (without pseudo-labels) once per fold on Ray and select on their "
+        "out-of-fold predictions over every labelled clip",
+    )
+    p.add_argument("--cpus", type=POSITIVE, default=1.0, help="CPUs per cross-fitting run (default 1)")
+    p.add_argument(
+        "--time-budget", type=POSITIVE, metavar="MINUTES", help="cross-fit only the candidates that fit (estimated)"
+    )
+    _add_address(p)
+    p.set_defaults(func=_cmd_ensemble)
+
+
 def _cmd_leaderboard(args: argparse.Namespace) -> int:
     from .fileio import write_text
     from .leaderboard import leaderboard, render
@@ -286,6 +456,16 @@ def _cmd_leaderboard(args: argparse.Namespace) -> int:
     else:
         print(text, end="")
     return EXIT_OK
+
+
+def _add_leaderboard(sub: Any) -> None:
+    """`raysc leaderboard`: its flags."""
+    p = sub.add_parser("leaderboard", help="every trial and ensemble, ranked by validation macro accuracy")
+    p.add_argument("experiment", type=Path, help="experiment folder")
+    p.add_argument("--round", type=INDEX, help="only this round")
+    p.add_argument("--format", choices=["csv", "md", "html"], help="default: from --out's suffix, else md")
+    p.add_argument("--out", type=Path, help="write to a file instead of the terminal")
+    p.set_defaults(func=_cmd_leaderboard)
 
 
 def _cmd_pseudo_label(args: argparse.Namespace) -> int:
@@ -301,12 +481,37 @@ def _cmd_pseudo_label(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _add_pseudo_label(sub: Any) -> None:
+    """`raysc pseudo-label`: its flags."""
+    p = sub.add_parser("pseudo-label", help="score unlabelled clips with an ensemble (pseudo-label candidates)")
+    p.add_argument("experiment", type=Path, help="experiment folder")
+    p.add_argument("--ensemble", help="ensemble name (default: the best by validation)")
+    p.add_argument(
+        "--summary-threshold",
+        type=FRACTION,
+        default=0.9,
+        help="confidence the summary counts as kept (default 0.9); training runs select their own",
+    )
+    p.add_argument("--adaptive", action="store_true", help="per-class thresholds for the summary")
+    p.add_argument("--balance", action="store_true", help="class-balanced selection for the summary")
+    _add_address(p)
+    p.set_defaults(func=_cmd_pseudo_label)
+
+
 def _cmd_check_submission(args: argparse.Namespace) -> int:
     from .submission import check_submission_file
 
     check_submission_file(args.file, args.data)
     print(f"{args.file}: a valid submission for the eval clips of {args.data}")
     return EXIT_OK
+
+
+def _add_check_submission(sub: Any) -> None:
+    """`raysc check-submission`: its flags."""
+    p = sub.add_parser("check-submission", help="check a submission file against a data folder before uploading it")
+    p.add_argument("file", type=Path, help="submission CSV")
+    p.add_argument("--data", type=Path, required=True, help="the prepared data folder of its eval clips")
+    p.set_defaults(func=_cmd_check_submission)
 
 
 def _cmd_submit(args: argparse.Namespace) -> int:
@@ -319,6 +524,22 @@ def _cmd_submit(args: argparse.Namespace) -> int:
     if args.session_labels:
         print(f"{sub.session_labelled} eval clip(s) took the label of their development session")
     return EXIT_OK
+
+
+def _add_submit(sub: Any) -> None:
+    """`raysc submit`: its flags."""
+    p = sub.add_parser("submit", help="predict the eval clips and write the challenge submission")
+    p.add_argument("experiment", type=Path, help="experiment folder")
+    p.add_argument("--ensemble", help="ensemble name (default: the best by validation)")
+    p.add_argument("--out", type=Path, required=True, help="submission CSV to write")
+    p.add_argument(
+        "--no-session-labels",
+        dest="session_labels",
+        action="store_false",
+        help="predict every eval clip with the ensemble, also those recorded in a labelled development session",
+    )
+    _add_address(p)
+    p.set_defaults(func=_cmd_submit)
 
 
 def _print_result(result) -> None:
@@ -350,6 +571,23 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
     )
     _print_result(result)
     return EXIT_OK
+
+
+def _add_pipeline(sub: Any) -> None:
+    """`raysc pipeline`: its flags."""
+    p = sub.add_parser("pipeline", help="search -> ensemble -> pseudo-label rounds -> submission, resumable")
+    p.add_argument(
+        "pipeline", type=Path, nargs="?", help="pipeline YAML, or a built-in: default (the default), baseline, gpu"
+    )
+    p.add_argument("--data", type=Path, required=True, help="prepared data folder")
+    p.add_argument(
+        "--experiment", type=Path, help="experiment folder (default: results/<data folder name>-<pipeline name>)"
+    )
+    p.add_argument("--time-budget", type=POSITIVE, metavar="MINUTES", help="shared by the rounds' searches")
+    p.add_argument("--max-concurrent", type=COUNT, help="trials at once (overrides the file; for autoscaling clusters)")
+    p.add_argument("--seed", type=INDEX, help="seed of the searches' sampler and trials (overrides the file's)")
+    _add_address(p)
+    p.set_defaults(func=_cmd_pipeline)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -397,6 +635,35 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     _add_address(p)
 
 
+def _add_demo(sub: Any) -> None:
+    """`raysc demo`: its flags."""
+    p = sub.add_parser("demo", help="synthesise a small dataset and run the whole pipeline on it")
+    p.add_argument("--out", type=Path, default=Path("raysc-demo"), help="folder to write (default raysc-demo)")
+    p.add_argument("--clips", type=COUNT, default=800, help="development clips to synthesise (default 800)")
+    p.add_argument("--time-budget", type=POSITIVE, metavar="MINUTES", help="limit the searches")
+    _add_address(p)
+    p.set_defaults(func=_cmd_demo)
+
+
+# Every subcommand, in the order --help lists them; each one's flags are set beside its handler.
+COMMANDS = (
+    _add_synth,
+    _add_prepare,
+    _add_models,
+    _add_train,
+    _add_pretrain,
+    _add_import_weights,
+    _add_search,
+    _add_ensemble,
+    _add_leaderboard,
+    _add_pseudo_label,
+    _add_submit,
+    _add_check_submission,
+    _add_pipeline,
+    _add_demo,
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="raysc",
@@ -405,212 +672,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"raysc {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-
-    p = sub.add_parser("synth", help="write a synthetic dataset in the challenge's format")
-    p.add_argument("out", type=Path, help="output folder")
-    p.add_argument("--clips", type=COUNT, default=2000, help="development clips (default 2000)")
-    p.add_argument("--eval-clips", type=INDEX, default=400, help="evaluation clips (default 400)")
-    p.add_argument("--labelled-fraction", type=POSITIVE, default=0.2, help="labelled share of dev clips (default 0.2)")
-    p.add_argument("--sample-rate", type=COUNT, default=16000, help="Hz (default 16000)")
-    p.add_argument("--clip-seconds", type=POSITIVE, default=10.0, help="clip length (default 10)")
-    p.add_argument("--cities", type=COUNT, default=8, help="dev cities (default 8)")
-    p.add_argument("--unseen-cities", type=INDEX, default=3, help="eval-only cities (default 3)")
-    p.add_argument("--session-size", type=COUNT, default=8, help="mean clips per recording session (default 8)")
-    p.add_argument("--pretrain-clips", type=INDEX, default=0, help="also write N TAU- and N CochlScene-format clips")
-    p.add_argument("--seed", type=INDEX, default=0)
-    p.add_argument("--workers", type=COUNT, default=1, help="processes rendering audio (default 1)")
-    p.set_defaults(func=_cmd_synth)
-
-    p = sub.add_parser(
-        "prepare",
-        help="challenge metadata + audio -> manifest + feature store",
-        description="Validate the challenge's metadata and audio (every problem reported at once, nothing written "
-        "when there is one), then write a data folder: manifest.csv, dataset.json and the FeatureStore. Metadata: "
-        "UTF-8 (a BOM is accepted), header filename,location,record_time,scene_label, record_time as "
-        "YYYY-MM-DD HH:MM:SS, an empty scene_label for unlabelled clips; audio: <filename>.wav or .flac anywhere "
-        "under the --audio folders, any rate and channel count.",
-        epilog="example: raysc prepare --dev-meta APSIPA2025_GC_ASC_dev_metadata.csv --eval-meta "
-        "APSIPA2025_GC_ASC_eval_metadata.csv --audio /data/cas2023/audio --out data/apsipa2025",
-    )
-    p.add_argument("--dev-meta", type=Path, required=True, help="development metadata CSV")
-    p.add_argument("--eval-meta", type=Path, required=True, help="evaluation metadata CSV")
-    p.add_argument("--audio", type=Path, action="append", required=True, help="audio folder (repeatable)")
-    p.add_argument("--out", type=Path, required=True, help="data folder to write")
-    p.add_argument("--sample-rate", type=COUNT, default=44100, help="target rate in Hz (default 44100)")
-    p.add_argument("--clip-seconds", type=POSITIVE, default=10.0, help="pad or trim to this length (default 10)")
-    p.add_argument("--folds", type=_number(int, low=2), default=5, help="validation folds (default 5)")
-    p.add_argument(
-        "--split",
-        choices=["session", "city"],
-        default="session",
-        help="group folds by recording session (default) or hold out whole cities",
-    )
-    p.add_argument("--seed", type=INDEX, default=0, help="fold assignment seed")
-    p.add_argument("--workers", type=COUNT, default=None, help="decoding processes (default: all cores)")
-    p.add_argument("--tau", type=Path, help="TAU Urban Acoustic Scenes 2020 Mobile folder (pretraining)")
-    p.add_argument("--cochlscene", type=Path, help="CochlScene folder (pretraining)")
-    p.add_argument("--label-map", type=Path, help="YAML mapping of pretraining labels (default: ALPS table)")
-    p.add_argument("--overwrite", action="store_true", help="replace a data folder prepared from other inputs")
-    p.set_defaults(func=_cmd_prepare)
-
-    p = sub.add_parser("models", help="list the backbones with their size and cost")
-    p.add_argument("names", nargs="*", help="backbones to show (default: all)")
-    p.add_argument("--width", type=POSITIVE, default=1.0, help="channel multiplier (default 1: the papers' sizes)")
-    p.add_argument("--bench", action="store_true", help="also measure training clips/s on this machine")
-    p.add_argument("--batch", type=COUNT, default=8, help="batch size for --bench (default 8)")
-    p.set_defaults(func=_cmd_models)
-
-    p = sub.add_parser("train", help="train one model with Ray Train (one or more workers)")
-    _add_train_args(p)
-    p.set_defaults(func=_cmd_train, train_on="labelled")
-
-    p = sub.add_parser(
-        "pretrain",
-        help="pretrain a network on the data folder's TAU / CochlScene clips (then fine-tune with init_from)",
-        description="Train on the pretraining clips (prepared with --tau / --cochlscene) with their own "
-        "session-grouped folds; same launcher, flags and fault tolerance as `raysc train`. The clips have no city "
-        "or time: the metadata branch gets <unk> and zeros. The model.pt it writes records that it is a "
-        "pretrained trunk and its label set; fine-tune with init_from=RUN/model.pt reset_head=true.",
-    )
-    _add_train_args(p)
-    p.set_defaults(func=_cmd_train, train_on="pretrain")
-
-    p = sub.add_parser(
-        "import-weights",
-        help="map a plain PyTorch state dict onto a raysc network by name (or, asked, by order and shape)",
-        description="Copy every tensor of a state dict that matches the raysc network by name; with "
-        "--match-by-order (a .pth of another code base, e.g. the official baseline's SE-Trans checkpoint), pair "
-        "the rest by order and shape and print every pair. A file that does not hold the network's weights is "
-        "refused. Report what matched and what did not, and write a raysc model file for init_from.",
-    )
-    p.add_argument("weights", type=Path, help="a state dict saved with torch.save (loaded with weights_only=True)")
-    p.add_argument("--backbone", required=True, help="the raysc backbone to map it onto")
-    p.add_argument("--out", type=Path, required=True, help="the raysc model file to write")
-    p.add_argument("--data", type=Path, help="build the network for this data folder (classes, cities, rate)")
-    p.add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE", help="a model option, e.g. width=0.5 (repeatable)"
-    )
-    p.add_argument(
-        "--match-by-order",
-        action="store_true",
-        help="pair the tensors that no name matches by order and shape (another code base's names)",
-    )
-    p.set_defaults(func=_cmd_import_weights)
-
-    p = sub.add_parser("search", help="hyperparameter search: Ray Tune + Optuna (TPE) + ASHA, one round")
-    p.add_argument("space", type=Path, help="search space YAML (see search_spaces/)")
-    p.add_argument("--data", type=Path, required=True, help="prepared data folder")
-    p.add_argument("--experiment", type=Path, required=True, help="experiment folder (rounds, trials, ensembles)")
-    p.add_argument("--trials", type=COUNT, default=8, help="trials to run (default 8)")
-    p.add_argument("--max-epochs", type=COUNT, help="epochs of a trial that is never stopped (default: the space's)")
-    p.add_argument(
-        "--time-budget",
-        dest="time_budget_minutes",
-        type=POSITIVE,
-        metavar="MINUTES",
-        help="start no trial after this long",
-    )
-    p.add_argument("--fold", type=int, default=0, help="validation fold (default 0)")
-    p.add_argument("--round", type=INDEX, default=0, help="semi-supervised round (default 0: labelled clips only)")
-    p.add_argument("--pseudo-candidates", type=Path, metavar="CSV", help="pseudo-label candidates (round >= 1)")
-    p.add_argument("--seed", type=INDEX, default=0, help="seed of the sampler and of every trial (default 0)")
-    p.add_argument("--max-concurrent", type=COUNT, help="trials at once (default: what the cluster's CPUs/GPUs fit)")
-    p.add_argument("--sampler", choices=["tpe", "random"], default="tpe", help="Optuna sampler (default tpe)")
-    p.add_argument(
-        "--no-early-stopping", dest="early_stopping", action="store_false", help="no ASHA: every trial runs its epochs"
-    )
-    p.add_argument(
-        "--ray-train",
-        choices=["auto", "always"],
-        default="auto",
-        help="auto (default): a one-worker trial trains in its own, reused Tune process; always: every trial "
-        "through a Ray Train TorchTrainer (multi-worker trials always are)",
-    )
-    p.add_argument("--resume", action="store_true", help="continue an interrupted search in --experiment")
-    _add_address(p)
-    p.set_defaults(func=_cmd_search)
-
-    p = sub.add_parser("ensemble", help="ensemble the best trials (top-k mean or greedy selection)")
-    p.add_argument("experiment", type=Path, help="experiment folder")
-    p.add_argument("--method", choices=["topk", "greedy"], default="topk", help="default topk")
-    p.add_argument("--k", type=COUNT, default=5, help="members (topk) or selection steps (greedy); default 5")
-    p.add_argument("--rounds", type=INDEX, nargs="+", help="rounds to draw members from (default: all)")
-    p.add_argument("--temperature", action="store_true", help="fit one temperature after averaging")
-    p.add_argument("--session-smoothing", action="store_true", help="average predictions over each session")
-    p.add_argument("--name", help="ensemble name (default: from the settings)")
-    p.add_argument(
-        "--crossfit",
-        type=COUNT,
-        metavar="N",
-        help="retrain the best N trials (without pseudo-labels) once per fold on Ray and select on their "
-        "out-of-fold predictions over every labelled clip",
-    )
-    p.add_argument("--cpus", type=POSITIVE, default=1.0, help="CPUs per cross-fitting run (default 1)")
-    p.add_argument(
-        "--time-budget", type=POSITIVE, metavar="MINUTES", help="cross-fit only the candidates that fit (estimated)"
-    )
-    _add_address(p)
-    p.set_defaults(func=_cmd_ensemble)
-
-    p = sub.add_parser("leaderboard", help="every trial and ensemble, ranked by validation macro accuracy")
-    p.add_argument("experiment", type=Path, help="experiment folder")
-    p.add_argument("--round", type=INDEX, help="only this round")
-    p.add_argument("--format", choices=["csv", "md", "html"], help="default: from --out's suffix, else md")
-    p.add_argument("--out", type=Path, help="write to a file instead of the terminal")
-    p.set_defaults(func=_cmd_leaderboard)
-
-    p = sub.add_parser("pseudo-label", help="score unlabelled clips with an ensemble (pseudo-label candidates)")
-    p.add_argument("experiment", type=Path, help="experiment folder")
-    p.add_argument("--ensemble", help="ensemble name (default: the best by validation)")
-    p.add_argument(
-        "--summary-threshold",
-        type=FRACTION,
-        default=0.9,
-        help="confidence the summary counts as kept (default 0.9); training runs select their own",
-    )
-    p.add_argument("--adaptive", action="store_true", help="per-class thresholds for the summary")
-    p.add_argument("--balance", action="store_true", help="class-balanced selection for the summary")
-    _add_address(p)
-    p.set_defaults(func=_cmd_pseudo_label)
-
-    p = sub.add_parser("submit", help="predict the eval clips and write the challenge submission")
-    p.add_argument("experiment", type=Path, help="experiment folder")
-    p.add_argument("--ensemble", help="ensemble name (default: the best by validation)")
-    p.add_argument("--out", type=Path, required=True, help="submission CSV to write")
-    p.add_argument(
-        "--no-session-labels",
-        dest="session_labels",
-        action="store_false",
-        help="predict every eval clip with the ensemble, also those recorded in a labelled development session",
-    )
-    _add_address(p)
-    p.set_defaults(func=_cmd_submit)
-
-    p = sub.add_parser("check-submission", help="check a submission file against a data folder before uploading it")
-    p.add_argument("file", type=Path, help="submission CSV")
-    p.add_argument("--data", type=Path, required=True, help="the prepared data folder of its eval clips")
-    p.set_defaults(func=_cmd_check_submission)
-
-    p = sub.add_parser("pipeline", help="search -> ensemble -> pseudo-label rounds -> submission, resumable")
-    p.add_argument(
-        "pipeline", type=Path, nargs="?", help="pipeline YAML, or a built-in: default (the default), baseline, gpu"
-    )
-    p.add_argument("--data", type=Path, required=True, help="prepared data folder")
-    p.add_argument(
-        "--experiment", type=Path, help="experiment folder (default: results/<data folder name>-<pipeline name>)"
-    )
-    p.add_argument("--time-budget", type=POSITIVE, metavar="MINUTES", help="shared by the rounds' searches")
-    p.add_argument("--max-concurrent", type=COUNT, help="trials at once (overrides the file; for autoscaling clusters)")
-    p.add_argument("--seed", type=INDEX, help="seed of the searches' sampler and trials (overrides the file's)")
-    _add_address(p)
-    p.set_defaults(func=_cmd_pipeline)
-
-    p = sub.add_parser("demo", help="synthesise a small dataset and run the whole pipeline on it")
-    p.add_argument("--out", type=Path, default=Path("raysc-demo"), help="folder to write (default raysc-demo)")
-    p.add_argument("--clips", type=COUNT, default=800, help="development clips to synthesise (default 800)")
-    p.add_argument("--time-budget", type=POSITIVE, metavar="MINUTES", help="limit the searches")
-    _add_address(p)
-    p.set_defaults(func=_cmd_demo)
+    for add in COMMANDS:
+        add(sub)
     return parser
 
 

@@ -53,6 +53,26 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def _pretraining_rows(
+    tau: str | Path | None, cochlscene: str | Path | None, label_map: str | Path | None, problems: list[str]
+) -> tuple[pd.DataFrame | None, Counter]:
+    """The TAU / CochlScene clips mapped to the challenge's classes (None without either), and
+    how many of each source label were dropped; their problems are added to ``problems``."""
+    if not (tau or cochlscene):
+        return None, Counter()
+    mapping = load_label_map(label_map)
+    parts, dropped = [], Counter()
+    for root, reader, key in ((tau, read_tau, "tau"), (cochlscene, read_cochlscene, "cochlscene")):
+        if root:
+            res = reader(root, mapping[key])
+            problems += res.problems
+            dropped.update({f"{key}:{k}": v for k, v in res.dropped.items()})
+            parts.append(res.rows)
+    if dropped:
+        log.info("pretraining clips dropped (label not in the mapping): %s", dict(dropped))
+    return pd.concat(parts, ignore_index=True), dropped
+
+
 def prepare(
     *,
     dev_meta: str | Path,
@@ -105,19 +125,7 @@ def prepare(
             [str(audio[n]) for n in extra[:MAX_EXTRA_LISTED]],
         )
 
-    pretrain, dropped = None, Counter()
-    if tau or cochlscene:
-        mapping = load_label_map(label_map)
-        parts = []
-        for root, reader, key in ((tau, read_tau, "tau"), (cochlscene, read_cochlscene, "cochlscene")):
-            if root:
-                res = reader(root, mapping[key])
-                problems += res.problems
-                dropped.update({f"{key}:{k}": v for k, v in res.dropped.items()})
-                parts.append(res.rows)
-        pretrain = pd.concat(parts, ignore_index=True)
-        if dropped:
-            log.info("pretraining clips dropped (label not in the mapping): %s", dict(dropped))
+    pretrain, dropped = _pretraining_rows(tau, cochlscene, label_map, problems)
 
     # A new store's decoding processes start now and import torch (1-2 s each) while the
     # headers are checked. A rerun mostly reuses its store and starts none.

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from .audio import FeatureStore
 from .codebook import codebook_clips, frame_codebook
 from .config import TrainConfig
+from .curves import Curves
 from .dataset import PreparedData, load_dataset
 from .errors import ConfigError, RayscError
 from .experiment import RECORD_METRICS, RUNNING_BEST, score_of
@@ -315,6 +316,14 @@ class TrainState:
     best_step: int = 0  # optimiser steps done at the best epoch (early stopping)
     resumed: list[int] = field(default_factory=list)  # epochs at which the run was resumed
 
+    def keep_as_best(self, report: dict[str, Any], predictions: pd.DataFrame, model: ASCModel, *, step: int) -> None:
+        """The epoch just done (``self.epoch``) becomes the run's result: its validation report,
+        predictions and a copy of its weights."""
+        self.best = {**report, "epoch": self.epoch}
+        self.best_weights = _copy(model.state_dict())
+        self.best_predictions = predictions
+        self.best_step = step
+
     def save(
         self, path: Path, model: ASCModel, opt: torch.optim.Optimizer, sched: Any, cfg: TrainConfig, *, final: bool
     ) -> Path:
@@ -391,6 +400,101 @@ class FitResult:
     predictions: pd.DataFrame | None  # validation predictions of the best epoch
 
 
+@dataclass
+class Step:
+    """What one optimiser step needs: the network to train (DDP-wrapped or compiled), its
+    parameters, optimiser and schedule, where it runs, and the curves it writes to."""
+
+    net: torch.nn.Module
+    params: list[torch.nn.Parameter]
+    opt: torch.optim.Optimizer
+    sched: Any
+    device: torch.device
+    amp: bool
+    curves: Curves
+
+
+def _train_epoch(
+    step: Step, loader: Any, cfg: TrainConfig, g: torch.Generator, sample_rate: int, hop_length: int
+) -> float:
+    """One pass over the training clips; returns the mean training loss per clip."""
+    step.net.train()
+    loss_sum, clips = torch.zeros((), device=step.device), 0
+    for batch in loader:
+        b = augment(batch.to(step.device), cfg, sample_rate, g, hop_length)
+        with torch.autocast(device_type=step.device.type, dtype=torch.bfloat16, enabled=step.amp):
+            logits = step.net(b.wave, b.city, b.time, b.target, spec=b.spec)
+        target = b.target * (1 - cfg.label_smoothing) + cfg.label_smoothing / b.target.shape[1]
+        loss = soft_cross_entropy(logits, target, b.weight)
+        step.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(step.params, cfg.grad_clip)
+        step.opt.step()
+        step.curves.step(step.sched.last_epoch + 1, loss.item(), step.opt.param_groups[-1]["lr"])
+        step.sched.step()
+        loss_sum += loss.detach() * len(b.filename)
+        clips += len(b.filename)
+    return loss_sum.item() / max(clips, 1)
+
+
+def _save_checkpoint(
+    state: TrainState,
+    ckpt_dir: Path,
+    model: ASCModel,
+    opt: torch.optim.Optimizer,
+    sched: Any,
+    cfg: TrainConfig,
+    *,
+    final: bool,
+) -> Path:
+    """The epoch's checkpoint, written under a temporary name and renamed (a kill mid-write
+    leaves the previous checkpoint as the latest whole one); only the latest is kept, since a
+    reporter has taken its copy of the earlier ones."""
+    written = ckpt_dir / f"epoch-{state.epoch:04d}"
+    partial = state.save(written.with_name(written.name + PARTIAL), model, opt, sched, cfg, final=final)
+    shutil.rmtree(written, ignore_errors=True)
+    partial.rename(written)
+    for old in ckpt_dir.glob("epoch-*"):
+        if old != written:
+            shutil.rmtree(old, ignore_errors=True)
+    return written
+
+
+def _build(
+    cfg: TrainConfig, data: PreparedData, dev: torch.device, *, amp: bool, world: int, clips: int, resume: Any
+) -> tuple[ASCModel, FeatureCache | None, Step, int]:
+    """The network on ``dev`` (its frame codebook fitted when new), the log-mel cache it reads,
+    what an optimiser step needs (DDP over ``world`` ranks, compiled on request), and the batch
+    each rank takes."""
+    model = build_model(cfg, data).to(dev)
+    # The log-mel of every clip, computed once per data folder and front end (not for a network
+    # that also reads the waveform).
+    use_cache = cfg.cache_features and not model.uses_wave
+    cache = FeatureCache.ensure(data.out, data.store, model.cfg.frontend) if use_cache else None
+    if model.codebook_size and not resume and not model.codebook.any():
+        # Unsupervised, so the unlabelled clips count; no clip of a validation session does. A
+        # pretrained network (init_from) keeps the codebook its later layers were trained with.
+        frames = codebook_clips(data.manifest, cfg.fold, cfg.train_on)
+        centroids_from = cache or FeatureCache.ensure(data.out, data.store, model.cfg.frontend)
+        model.codebook.copy_(frame_codebook(centroids_from, frames, model.codebook_size).to(dev))
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = make_optimizer(cfg, model)
+    per_rank_batch = max(1, cfg.batch_size // world)  # batch_size is the global batch
+    per_rank = math.ceil(clips / world)  # the same on every rank (the sampler pads)
+    steps_per_epoch = per_rank // per_rank_batch + (per_rank % per_rank_batch > 1)  # see make_loader
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(cfg, step, steps_per_epoch))
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    # The compiled module trains; ``model`` (the same parameters) is what is saved and validated.
+    fast = torch.compile(model) if cfg.compile else model
+    # With fusion "none" the metadata encoder gets no gradient; DDP must be told.
+    unused = model.cfg.fusion == "none"
+    net = torch.nn.parallel.DistributedDataParallel(fast, find_unused_parameters=unused) if world > 1 else fast
+    step = Step(net=net, params=params, opt=opt, sched=sched, device=dev, amp=amp, curves=Curves(None))
+    return model, cache, step, per_rank_batch
+
+
 def fit(
     cfg: TrainConfig,
     data_dir: str | Path,
@@ -425,30 +529,10 @@ def fit(
         log.info("objective: macro accuracy, %.2f of it from the city held out (<unk>)", unseen_weight)
 
     # ---- model, optimiser, schedule
-    model = build_model(cfg, data).to(dev)
-    # The log-mel of every clip, computed once per data folder and front end (not for a network
-    # that also reads the waveform).
-    use_cache = cfg.cache_features and not model.uses_wave
-    cache = FeatureCache.ensure(data.out, data.store, model.cfg.frontend) if use_cache else None
-    if model.codebook_size and not resume and not model.codebook.any():
-        # Unsupervised, so the unlabelled clips count; no clip of a validation session does. A
-        # pretrained network (init_from) keeps the codebook its later layers were trained with.
-        clips = codebook_clips(data.manifest, cfg.fold, cfg.train_on)
-        centroids_from = cache or FeatureCache.ensure(data.out, data.store, model.cfg.frontend)
-        model.codebook.copy_(frame_codebook(centroids_from, clips, model.codebook_size).to(dev))
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = make_optimizer(cfg, model)
-    per_rank_batch = max(1, cfg.batch_size // world)  # batch_size is the global batch
-    per_rank = math.ceil(len(train) / world)  # the same on every rank (the sampler pads)
-    steps_per_epoch = per_rank // per_rank_batch + (per_rank % per_rank_batch > 1)  # see make_loader
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(cfg, step, steps_per_epoch))
-    if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    # The compiled module trains; ``model`` (the same parameters) is what is saved and validated.
-    fast = torch.compile(model) if cfg.compile else model
-    # With fusion "none" the metadata encoder gets no gradient; DDP must be told.
-    unused = model.cfg.fusion == "none"
-    net = torch.nn.parallel.DistributedDataParallel(fast, find_unused_parameters=unused) if world > 1 else fast
+    model, cache, step, per_rank_batch = _build(
+        cfg, data, dev, amp=use_amp, world=world, clips=len(train), resume=resume
+    )
+    net, opt, sched = step.net, step.opt, step.sched
 
     if resume:
         state = TrainState.load(Path(resume), model, opt, sched, dev)
@@ -465,42 +549,19 @@ def fit(
     finished = bool(state.history) and (state.epoch >= cfg.epochs or (patience_spent and val is not None))
     if finished and report is not None:
         report({**{k: v for k, v in state.history[-1].items() if v is not None}, "final": True}, None)
+    step.curves = curves = Curves(out_dir if rank == 0 and not finished else None, resumed_at_step=sched.last_epoch)
 
     # ---- the loop
+    shard = {"batch_size": per_rank_batch, "seed": cfg.seed, "rank": rank, "world_size": world, "cache": cache}
+    eval_kw = {"batch_size": per_rank_batch, "device": dev, "amp": use_amp, "cache": cache}
     for epoch in range(state.epoch, state.epoch if finished else cfg.epochs):
         t0 = time.perf_counter()
-        net.train()
+        loader = make_loader(train, data.store, shuffle=True, epoch=epoch, workers=cfg.loader_workers, **shard)
         g = torch.Generator().manual_seed(cfg.seed * 7919 + epoch * 31 + rank)
-        loss_sum, clips = torch.zeros((), device=dev), 0
-        loader = make_loader(
-            train,
-            data.store,
-            batch_size=per_rank_batch,
-            shuffle=True,
-            seed=cfg.seed,
-            epoch=epoch,
-            rank=rank,
-            world_size=world,
-            workers=cfg.loader_workers,
-            cache=cache,
-        )
-        for batch in loader:
-            b = augment(batch.to(dev), cfg, data.store.spec.sample_rate, g, model.cfg.frontend.hop_length)
-            with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=use_amp):
-                logits = net(b.wave, b.city, b.time, b.target, spec=b.spec)
-            target = b.target * (1 - cfg.label_smoothing) + cfg.label_smoothing / b.target.shape[1]
-            loss = soft_cross_entropy(logits, target, b.weight)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            opt.step()
-            sched.step()
-            loss_sum += loss.detach() * len(b.filename)
-            clips += len(b.filename)
+        train_loss = _train_epoch(step, loader, cfg, g, data.store.spec.sample_rate, model.cfg.frontend.hop_length)
         metrics: dict[str, Any] = {
             "epoch": epoch + 1,
-            "train_loss": loss_sum.item() / max(clips, 1),
+            "train_loss": train_loss,
             "lr": opt.param_groups[-1]["lr"],  # the head's (the trunk's is scaled by trunk_lr_scale)
             "train_clips": len(train),
             "steps": sched.last_epoch,  # optimiser steps so far (LambdaLR counts them as its "epochs")
@@ -510,23 +571,9 @@ def fit(
 
         # Validation every epoch: the best epoch's weights and predictions are the run's result.
         if val is not None:
-            preds, rep = evaluate(
-                net,
-                val,
-                val_rows,
-                data,
-                batch_size=per_rank_batch,
-                device=dev,
-                amp=use_amp,
-                cache=cache,
-                unseen_weight=unseen_weight,
-            )
-            improved = cfg.keep_last or not state.best or rep["score"] > score_of(state.best)
-            if improved:
-                state.best = {**rep, "epoch": epoch + 1}
-                state.best_weights = _copy(model.state_dict())
-                state.best_predictions = preds
-                state.best_step = sched.last_epoch
+            preds, rep = evaluate(net, val, val_rows, data, unseen_weight=unseen_weight, **eval_kw)
+            if cfg.keep_last or not state.best or rep["score"] > score_of(state.best):
+                state.keep_as_best(rep, preds, model, step=sched.last_epoch)
             metrics |= {k: rep[k] for k in EPOCH_METRICS}
             metrics[RUNNING_BEST] = score_of(state.best)
         else:
@@ -534,6 +581,7 @@ def fit(
         metrics["epoch_seconds"] = time.perf_counter() - t0
         metrics["finished_at"] = time.time()  # successive epochs' difference: the loop's whole cost per epoch
         state.history.append(metrics)
+        curves.epoch(sched.last_epoch, metrics)
         log.info(
             "epoch %d/%d %s",
             epoch + 1,
@@ -545,17 +593,7 @@ def fit(
         metrics["final"] = stop or epoch + 1 == cfg.epochs  # the run ends here (a scheduler's stop is not final)
         written = None
         if rank == 0 and ckpt_dir is not None:
-            # Written under a temporary name and renamed: a kill mid-write leaves the previous
-            # checkpoint as the latest whole one.
-            written = ckpt_dir / f"epoch-{epoch + 1:04d}"
-            partial = state.save(
-                written.with_name(written.name + PARTIAL), model, opt, sched, cfg, final=metrics["final"]
-            )
-            shutil.rmtree(written, ignore_errors=True)
-            partial.rename(written)
-            for old in ckpt_dir.glob("epoch-*"):  # keep the latest only; a reporter has taken its copy
-                if old != written:
-                    shutil.rmtree(old, ignore_errors=True)
+            written = _save_checkpoint(state, ckpt_dir, model, opt, sched, cfg, final=metrics["final"])
         if report is not None:
             report({k: v for k, v in metrics.items() if v is not None}, written)
         if stop:
@@ -563,11 +601,10 @@ def fit(
             break
 
     # ---- the result: the best epoch's weights, its predictions and confusion matrix
+    curves.close()
     model.load_state_dict(state.best_weights)
     if state.best_predictions is None and val is not None and resume:
-        state.best_predictions, _ = evaluate(
-            net, val, val_rows, data, batch_size=per_rank_batch, device=dev, amp=use_amp, cache=cache
-        )
+        state.best_predictions, _ = evaluate(net, val, val_rows, data, **eval_kw)
     if val is not None and state.best_predictions is not None:
         pred = state.best_predictions.set_index("filename").loc[val_rows["filename"], data.classes].to_numpy()
         state.best["confusion"] = confusion_matrix(data.labels(val_rows), pred.argmax(1), len(data.classes)).tolist()

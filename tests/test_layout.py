@@ -195,3 +195,14 @@ def test_every_layer_names_modules_that_exist():
     modules = _modules()
     named = [n for names in LAYERS.values() for n in names]
     assert all(n in modules for n in named), sorted(set(named) - set(modules))
+
+
+def test_no_function_is_longer_than_a_screenful_or_two():
+    longest = 120  # lines, decorators and docstring included: one job per function
+    long = [
+        f"{path.name}:{f.lineno} {f.name} ({f.end_lineno - f.lineno + 1} lines)"
+        for path, tree in _modules().values()
+        for f in ast.walk(tree)
+        if isinstance(f, ast.FunctionDef | ast.AsyncFunctionDef) and f.end_lineno - f.lineno + 1 > longest
+    ]
+    assert long == []

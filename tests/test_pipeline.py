@@ -151,6 +151,19 @@ def test_pipeline_runs_end_to_end_and_resumes_after_a_kill(prepared, tmp_path):
     assert again.stdout.count("| trial |") == 4 and "| ensemble |" in again.stdout
     assert "-session" in again.stdout  # the session-smoothed variant has its own row
 
+    # The tools people already have: TensorBoard finds every trial's curves under the experiment,
+    # and optuna-dashboard's storage loader reads each round's study from its journal.
+    import optuna
+    from optuna_dashboard._storage_url import get_storage
+    from tensorboard.backend.event_processing.event_multiplexer import EventMultiplexer
+
+    runs = EventMultiplexer().AddRunsFromDirectory(str(exp)).Runs()
+    for r in (0, 1):
+        for trial in (exp / f"round-{r}" / "trials").iterdir():
+            assert any(run.startswith(f"round-{r}/trials/{trial.name}/") for run in runs), (trial, runs)
+        study = optuna.load_study(study_name=f"round-{r}", storage=get_storage(str(exp / f"round-{r}/study.journal")))
+        assert len(study.trials) == 2 and all(t.state.is_finished() for t in study.trials)
+
     # A copied experiment folder resumes in its new place: every stage kept, its files reported there.
     from raysc.pipeline import run_pipeline
 

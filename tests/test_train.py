@@ -104,6 +104,22 @@ def test_same_seed_same_metrics(prepared):
     assert strip(a.history) != strip(fit(tiny_config(seed=1), prepared.out).history)
 
 
+def test_a_run_writes_its_curves_for_tensorboard(prepared, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    result = fit(tiny_config(epochs=2), prepared.out, out_dir=tmp_path / "run")
+    curves = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    curves.Reload()
+    steps = result.history[-1]["steps"]
+    loss = curves.Scalars("train/loss")
+    assert [e.step for e in loss] == list(range(1, steps + 1))  # every optimiser step, once
+    assert [e.step for e in curves.Scalars("train/lr")] == list(range(1, steps + 1))
+    per_epoch = curves.Scalars("epoch/macro_accuracy")
+    assert [e.step for e in per_epoch] == [h["steps"] for h in result.history]
+    assert [e.value for e in per_epoch] == pytest.approx([h["macro_accuracy"] for h in result.history])
+    assert curves.Scalars("epoch/train_loss")[-1].value == pytest.approx(result.history[-1]["train_loss"])
+
+
 @pytest.mark.parametrize("option", ["channels_last", "compile"])
 def test_the_gpu_speed_options_train_the_same_network(prepared, option):
     # channels_last: a CNN's tensors in another memory order; compile: the MLP of stats through
