@@ -72,7 +72,7 @@ def test_a_done_refit_is_kept_although_it_became_the_final_model(tmp_path, monke
     exp.root.mkdir()
     _ensemble(exp, "round0-topk5", 0.6)
 
-    def fake_refit(root, final, *, cpus, gpus, address):
+    def fake_refit(root, final, *, cpus, gpus, workers, address):
         _ensemble(exp, f"{final.name}-refit", 0.6, refit_of=final.name)
         return SimpleNamespace(name=f"{final.name}-refit")
 
