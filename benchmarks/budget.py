@@ -42,11 +42,11 @@ from common import (  # the script folder is on sys.path
 )
 from floor import eval_score, floor_predictions
 
-from raysc.data import CLASSES
-from raysc.dataset import load_dataset
+from raysc.datafolder import load_dataset
 from raysc.ensemble import smooth_sessions
 from raysc.experiment import Experiment, score_of
 from raysc.inference import predict_clips, predict_ensemble
+from raysc.metadata import CLASSES
 from raysc.submission import apply_session_labels, make_submission
 from raysc.synth import EVAL_LABELS
 from raysc.train import session_labelled

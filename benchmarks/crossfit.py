@@ -23,10 +23,10 @@ from common import md_table, write_results  # the script folder is on sys.path
 from floor import eval_score
 
 from raysc.crossfit import crossfit_ensemble
-from raysc.data import CLASSES
-from raysc.dataset import load_dataset
+from raysc.datafolder import load_dataset
 from raysc.experiment import Experiment
 from raysc.inference import predict_ensemble
+from raysc.metadata import CLASSES
 from raysc.synth import EVAL_LABELS
 
 

@@ -32,8 +32,8 @@ from common import (  # the script folder is on sys.path
 from learning_curve import CONFIGS
 
 from raysc.config import make_config
-from raysc.dataset import PreparedData, load_dataset
-from raysc.featcache import FeatureCache, cache_key
+from raysc.datafolder import PreparedData, load_dataset
+from raysc.feature_cache import FeatureCache, cache_key
 from raysc.train import build_model, fit
 
 BACKBONES = ("stats", "mobileascnet", "setrans", "resnet_cbam")

@@ -13,7 +13,7 @@ import torch
 import torchaudio
 
 from raysc.audio import FeatureStore
-from raysc.data import CLASSES, TIME_FEATURES
+from raysc.metadata import CLASSES, TIME_FEATURES
 from raysc.metrics import macro_accuracy
 
 

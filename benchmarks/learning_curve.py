@@ -45,11 +45,11 @@ from common import (  # the script folder is on sys.path
 from floor import eval_score, floor_predictions
 
 from raysc.config import make_config
-from raysc.data import CLASSES, session_labels
-from raysc.dataset import INFO_FILE, MANIFEST_FILE, STORE_DIR, PreparedData, load_dataset
-from raysc.featcache import CACHE_DIR
+from raysc.datafolder import INFO_FILE, MANIFEST_FILE, STORE_DIR, PreparedData, load_dataset
+from raysc.feature_cache import CACHE_DIR
 from raysc.fileio import write_csv, write_json
 from raysc.loader import ClipTable
+from raysc.metadata import CLASSES, session_labels
 from raysc.models import load_model
 from raysc.prepare import prepare
 from raysc.synth import DEV_METADATA, EVAL_LABELS, EVAL_METADATA, synthesize

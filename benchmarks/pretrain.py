@@ -28,9 +28,9 @@ from common import md_table, write_results  # the script folder is on sys.path
 from floor import eval_score, floor_predictions
 
 from raysc.config import make_config
-from raysc.data import CLASSES
-from raysc.dataset import PreparedData, load_dataset
+from raysc.datafolder import PreparedData, load_dataset
 from raysc.loader import ClipTable
+from raysc.metadata import CLASSES
 from raysc.prepare import prepare
 from raysc.synth import DEV_METADATA, EVAL_LABELS, EVAL_METADATA, synthesize
 from raysc.train import fit, predict, session_labelled

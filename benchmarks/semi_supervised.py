@@ -38,12 +38,12 @@ from common import (  # the script folder is on sys.path
 from floor import eval_score, floor_predictions
 
 from raysc.config import make_config
-from raysc.data import CLASSES
-from raysc.dataset import PreparedData, load_dataset
+from raysc.datafolder import PreparedData, load_dataset
 from raysc.ensemble import smooth_sessions
-from raysc.featcache import FeatureCache
+from raysc.feature_cache import FeatureCache
 from raysc.fileio import write_csv
 from raysc.loader import ClipTable
+from raysc.metadata import CLASSES
 from raysc.metrics import macro_accuracy
 from raysc.synth import EVAL_LABELS
 from raysc.train import fit, predict

@@ -25,7 +25,7 @@ import pandas as pd
 from common import md_table, write_results  # the script folder is on sys.path
 from floor import audio_features, logistic_regression, meta_features
 
-from raysc.data import CLASSES
+from raysc.metadata import CLASSES
 from raysc.metrics import macro_accuracy
 from raysc.prepare import prepare
 from raysc.synth import DEV_METADATA, EVAL_LABELS, EVAL_METADATA, synthesize

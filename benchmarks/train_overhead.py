@@ -39,7 +39,7 @@ import yaml
 from common import md_table, write_results  # the script folder is on sys.path
 
 from raysc.config import make_config
-from raysc.dataset import load_dataset
+from raysc.datafolder import load_dataset
 from raysc.distributed import init_ray, train
 from raysc.malloc import MALLOC_ENV
 from raysc.models import create_model

@@ -24,10 +24,10 @@ from common import add_challenge_data_options, challenge_data, md_table, write_r
 from floor import eval_score, floor_predictions
 
 from raysc.config import make_config
-from raysc.data import CLASSES
-from raysc.dataset import load_dataset
+from raysc.datafolder import load_dataset
 from raysc.ensemble import smooth_sessions
 from raysc.inference import predict_clips
+from raysc.metadata import CLASSES
 from raysc.synth import EVAL_LABELS
 from raysc.train import fit
 

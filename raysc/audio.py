@@ -26,10 +26,10 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
-from .data import AUDIO_EXTENSIONS
 from .errors import DataError, RayscError
 from .fileio import size_text, write_json, write_text
 from .malloc import tune_malloc
+from .metadata import AUDIO_EXTENSIONS
 
 log = logging.getLogger(__name__)
 

@@ -469,8 +469,8 @@ def _add_leaderboard(sub: Any) -> None:
 
 
 def _cmd_pseudo_label(args: argparse.Namespace) -> int:
-    from .candidates import write_candidates
-    from .pseudo import Selection
+    from .pseudo_candidates import write_candidates
+    from .pseudo_labels import Selection
 
     sel = Selection(threshold=args.summary_threshold, adaptive=args.adaptive, balance=args.balance)
     path, summary = write_candidates(args.experiment, ensemble=args.ensemble, selection=sel, address=args.address)

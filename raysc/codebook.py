@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .featcache import FeatureCache
+from .feature_cache import FeatureCache
 from .fileio import atomic_path
 
 log = logging.getLogger(__name__)

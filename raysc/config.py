@@ -60,7 +60,7 @@ class TrainConfig:
     loader_workers: int = 0
     cache_features: bool = True  # train on the front end's log-mel computed once per data folder
     # Pseudo-labels: candidates (filename + one probability column per class) of unlabelled clips,
-    # selected per run (raysc.pseudo).
+    # selected per run (raysc.pseudo_labels).
     pseudo_labels: str | None = None
     pseudo_threshold: float = 0.0
     pseudo_weight: float = 1.0

@@ -26,9 +26,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .candidates import write_candidates
 from .config import make_config
-from .dataset import PreparedData, load_dataset
+from .datafolder import PreparedData, load_dataset
 from .distributed import fit_all, fit_many, parallel_slots
 from .ensemble import apply_temperature, candidate_records, fit_temperature, greedy_selection, smooth_sessions, top_k
 from .errors import ConfigError, RayscError
@@ -36,7 +35,8 @@ from .experiment import OUT_OF_FOLD, Ensemble, Experiment, Member, TrialRecord, 
 from .fileio import write_csv
 from .inference import predict_clips
 from .metrics import classification_report, confusion_matrix, macro_accuracy, objective, unk_columns
-from .pseudo import Selection
+from .pseudo_candidates import write_candidates
+from .pseudo_labels import Selection
 
 log = logging.getLogger(__name__)
 

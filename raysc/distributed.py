@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from .config import TrainConfig, make_config
-from .dataset import load_dataset
+from .datafolder import load_dataset
 from .errors import RayscError, root_cause
 from .malloc import MALLOC_ENV
 from .plan import BackbonePlan, hardware, plan_space

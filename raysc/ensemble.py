@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .dataset import load_dataset
+from .datafolder import load_dataset
 from .errors import ConfigError, RayscError
 from .experiment import Ensemble, Experiment, Member, TrialRecord, score_of
 from .metrics import classification_report, confusion_matrix, log_loss, macro_accuracy, unk_columns

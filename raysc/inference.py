@@ -8,12 +8,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .dataset import PreparedData, load_dataset
+from .datafolder import PreparedData, load_dataset
 from .distributed import init_ray
 from .ensemble import apply_temperature, smooth_sessions
 from .errors import RayscError
 from .experiment import Ensemble, Experiment
-from .featcache import FeatureCache
+from .feature_cache import FeatureCache
 from .loader import ClipTable
 from .models import load_model
 from .train import device, predict

@@ -12,8 +12,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from .audio import FeatureStore
-from .data import TIME_FEATURES
-from .featcache import FeatureCache
+from .feature_cache import FeatureCache
+from .metadata import TIME_FEATURES
 
 
 class Batch(NamedTuple):

@@ -32,8 +32,8 @@ import torch
 
 from . import __version__
 from .config import make_config
-from .dataset import PreparedData
-from .featcache import CACHE_DIR, FeatureCache
+from .datafolder import PreparedData
+from .feature_cache import CACHE_DIR, FeatureCache
 from .fileio import write_json
 from .loader import make_loader
 from .models import model_class

@@ -19,11 +19,11 @@ import pandas as pd
 
 from . import __version__
 from .audio import build_store, check_audio_header, decoding_pool, index_audio
-from .data import CLASSES, SourceRows, SplitMode, build_manifest, city_warnings, parse_metadata
-from .dataset import INFO_FILE, MANIFEST_FILE, STORE_DIR, PreparedData
+from .datafolder import INFO_FILE, MANIFEST_FILE, STORE_DIR, PreparedData
 from .errors import DataError, RayscError
 from .fileio import write_csv, write_json
-from .pretraining import load_label_map, read_cochlscene, read_tau
+from .metadata import CLASSES, SourceRows, SplitMode, build_manifest, city_warnings, parse_metadata
+from .pretrain_sources import load_label_map, read_cochlscene, read_tau
 
 log = logging.getLogger(__name__)
 

@@ -35,7 +35,7 @@ from typing import Any
 import torch
 
 from .config import TrainConfig, make_config
-from .dataset import load_dataset
+from .datafolder import load_dataset
 from .distributed import DRIVER_RESOURCE, init_ray, log_to, make_trainer
 from .errors import ConfigError, RayscError, trial_error
 from .experiment import (
@@ -51,7 +51,7 @@ from .experiment import (
 from .fileio import write_json
 from .models import count_macs, count_parameters, load_model
 from .models.base import config_to_dict
-from .pseudo import read_candidates
+from .pseudo_labels import read_candidates
 from .search_space import Resources, SearchSpace, load_search_space
 from .train import PARTIAL, fit
 

@@ -19,13 +19,13 @@ import numpy as np
 import pandas as pd
 
 from . import __version__
-from .data import did_you_mean
-from .data import session_labels as scenes_of_sessions
-from .dataset import load_dataset
+from .datafolder import load_dataset
 from .errors import DataError
 from .experiment import Ensemble, Experiment
 from .fileio import write_csv, write_json
 from .inference import predict_ensemble
+from .metadata import did_you_mean
+from .metadata import session_labels as scenes_of_sessions
 
 COLUMNS = ["filename", "location", "record_time", "scene_label"]
 

@@ -31,9 +31,9 @@ import pandas as pd
 import soundfile as sf
 import torch
 
-from .data import CLASSES, METADATA_HEADER, OFFICIAL_CITIES, TIME_FORMAT
 from .errors import ConfigError
 from .fileio import atomic_path, write_json, write_text
+from .metadata import CLASSES, METADATA_HEADER, OFFICIAL_CITIES, TIME_FORMAT
 
 log = logging.getLogger(__name__)
 

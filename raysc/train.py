@@ -28,16 +28,16 @@ from .audio import FeatureStore
 from .codebook import codebook_clips, frame_codebook
 from .config import TrainConfig
 from .curves import Curves
-from .dataset import PreparedData, load_dataset
+from .datafolder import PreparedData, load_dataset
 from .errors import ConfigError, RayscError
 from .experiment import RECORD_METRICS, RUNNING_BEST, score_of
-from .featcache import FeatureCache
+from .feature_cache import FeatureCache
 from .fileio import atomic_path, write_csv, write_json
 from .loader import Batch, ClipTable, make_loader
 from .metrics import classification_report, confusion_matrix, unk_columns
 from .models import ASCModel, create_model, load_model, load_tensors, save_model
 from .models.base import config_to_dict
-from .pseudo import Selection, read_candidates, select
+from .pseudo_labels import Selection, read_candidates, select
 
 log = logging.getLogger(__name__)
 

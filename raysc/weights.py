@@ -22,9 +22,9 @@ from typing import Any
 
 import torch
 
-from .data import CLASSES, TIME_FEATURES
-from .dataset import load_dataset
+from .datafolder import load_dataset
 from .errors import ConfigError, RayscError
+from .metadata import CLASSES, TIME_FEATURES
 from .models import ASCModel, apply_overrides, create_model, load_tensors, model_class, save_model
 
 log = logging.getLogger(__name__)

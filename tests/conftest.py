@@ -14,7 +14,7 @@ import soundfile as sf
 import yaml
 
 from raysc.config import TrainConfig, make_config
-from raysc.dataset import PreparedData
+from raysc.datafolder import PreparedData
 from raysc.prepare import prepare
 from raysc.synth import DEV_METADATA, EVAL_METADATA, SynthSummary, synthesize
 

@@ -10,8 +10,8 @@ from conftest import write_metadata
 
 from raysc import __version__
 from raysc.cli import main
-from raysc.data import read_manifest
 from raysc.errors import RayscError
+from raysc.metadata import read_manifest
 from raysc.synth import DEV_METADATA, EVAL_METADATA
 
 

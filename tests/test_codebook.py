@@ -8,10 +8,10 @@ import torch
 from conftest import FRONTEND, tiny_config
 
 from raysc import codebook as cb
-from raysc.dataset import load_dataset
+from raysc.datafolder import load_dataset
 from raysc.errors import ConfigError
-from raysc.featcache import FeatureCache
-from raysc.features import FrontendConfig
+from raysc.feature_cache import FeatureCache
+from raysc.frontend import FrontendConfig
 from raysc.models import create_model, load_model
 from raysc.models.stats import frame_histogram
 from raysc.train import fit

@@ -17,7 +17,7 @@ from raysc.experiment import OUT_OF_FOLD, Experiment, TrialRecord, final_ensembl
 from raysc.fileio import write_json
 from raysc.inference import predict_clips, predict_ensemble
 from raysc.metrics import objective
-from raysc.pseudo import Selection
+from raysc.pseudo_labels import Selection
 from raysc.train import fit
 
 pytestmark = pytest.mark.slow

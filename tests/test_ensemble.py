@@ -9,7 +9,7 @@ import pytest
 from raysc.ensemble import apply_temperature, fit_temperature, greedy_selection, smooth_sessions, top_k
 from raysc.errors import DataError
 from raysc.metrics import log_loss
-from raysc.pseudo import Selection, read_candidates, select
+from raysc.pseudo_labels import Selection, read_candidates, select
 
 CLASSES = ["a", "b", "c"]
 

@@ -150,7 +150,7 @@ LAYERS = {
         "raysc.search",
         "raysc.crossfit",
         "raysc.refit",
-        "raysc.candidates",
+        "raysc.pseudo_candidates",
         "raysc.submission",
         "raysc.leaderboard",
         "raysc.plots",

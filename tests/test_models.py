@@ -9,8 +9,8 @@ import pytest
 import torch
 from conftest import FRONTEND, SR
 
-from raysc.data import CLASSES, UNK_CITY, city_indices
 from raysc.errors import ConfigError, RayscError
+from raysc.metadata import CLASSES, UNK_CITY, city_indices
 from raysc.models import FUSIONS, count_macs, count_parameters, create_model, list_models, load_model, save_model
 
 SMALL_FRONTEND = FRONTEND

@@ -6,7 +6,7 @@ import yaml
 from conftest import FRONTEND
 
 from raysc import plan
-from raysc.dataset import load_dataset
+from raysc.datafolder import load_dataset
 from raysc.search_space import load_search_space
 
 

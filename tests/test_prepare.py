@@ -12,10 +12,10 @@ from conftest import SR, write_metadata, write_wav
 
 from raysc import audio
 from raysc import prepare as prepare_module
-from raysc.data import CLASSES, MANIFEST_COLUMNS, UNK_CITY, read_manifest
 from raysc.errors import ConfigError, DataError, RayscError
+from raysc.metadata import CLASSES, MANIFEST_COLUMNS, UNK_CITY, read_manifest
 from raysc.prepare import prepare
-from raysc.pretraining import load_label_map
+from raysc.pretrain_sources import load_label_map
 from raysc.synth import EVAL_LABELS
 
 

@@ -10,8 +10,8 @@ import pytest
 import soundfile as sf
 from conftest import SR
 
-from raysc.data import CLASSES, parse_metadata
 from raysc.errors import ConfigError
+from raysc.metadata import CLASSES, parse_metadata
 from raysc.synth import DEV_METADATA, EVAL_LABELS, EVAL_METADATA, SCENES, activity, synthesize
 
 NAME = re.compile(r"[0-9a-f]{32}\d{1,2}_[12]")

@@ -13,10 +13,10 @@ import torch
 from conftest import FRONTEND, tiny_config
 
 from raysc.config import load_config, make_config, parse_sets
-from raysc.data import CLASSES
 from raysc.distributed import check_run_dir
 from raysc.errors import ConfigError, DataError, RayscError
 from raysc.loader import Batch, ClipTable
+from raysc.metadata import CLASSES
 from raysc.metrics import macro_accuracy, objective, unk_columns
 from raysc.models import create_model, load_model
 from raysc.train import PARTIAL, augment, fit, lr_factor, predict, soft_cross_entropy

@@ -10,9 +10,9 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ..data import CLASSES, OFFICIAL_CITIES, UNK_CITY
 from ..errors import ConfigError
-from ..features import Frontend, FrontendConfig, random_rooms
+from ..frontend import Frontend, FrontendConfig, random_rooms
+from ..metadata import CLASSES, OFFICIAL_CITIES, UNK_CITY
 from .layers import FUSIONS, MetaConfig, MetaEncoder
 
 DEFAULT_CITIES: tuple[str, ...] = (UNK_CITY, *OFFICIAL_CITIES)

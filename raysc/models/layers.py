@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..data import TIME_FEATURES
+from ..metadata import TIME_FEATURES
 
 FUSIONS = ("none", "concat", "gated", "film")
 

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..features import FRONTENDS, FrontendConfig
+from ..frontend import FRONTENDS, FrontendConfig
 from .base import ASCModel, ModelConfig
 from .layers import Fusion, scaled
 from .registry import register

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..data import TIME_FEATURES
+from ..metadata import TIME_FEATURES
 from .registry import count_macs, count_parameters, create_model, list_models
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import pandas as pd
 
 from ..budget import Budget, check_budget
-from ..dataset import load_dataset
+from ..datafolder import load_dataset
 from ..experiment import Ensemble, Experiment
 from ..leaderboard import leaderboard
 from ..search_space import load_search_space

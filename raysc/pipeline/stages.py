@@ -19,17 +19,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..budget import MIN_SEARCH_MINUTES, Budget
-from ..candidates import write_candidates
 from ..config import make_config
 from ..crossfit import crossfit_ensemble, crossfit_pseudo_round
-from ..dataset import PreparedData
+from ..datafolder import PreparedData
 from ..distributed import init_ray, measure_plan, parallel_slots, train
 from ..ensemble import build_ensemble
 from ..errors import ConfigError, RayscError
 from ..experiment import OUT_OF_FOLD, Ensemble, Experiment, final_ensemble
 from ..plan import describe, kept, restore_space
 from ..plots import write_plots
-from ..pseudo import Selection
+from ..pseudo_candidates import write_candidates
+from ..pseudo_labels import Selection
 from ..refit import refit_ensemble
 from ..search import resolve_resources, search
 from ..search_space import Resources, SearchSpace, load_search_space

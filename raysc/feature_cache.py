@@ -28,8 +28,8 @@ import numpy as np
 import torch
 
 from .audio import FeatureStore
-from .features import Frontend, FrontendConfig
 from .fileio import write_json
+from .frontend import Frontend, FrontendConfig
 
 log = logging.getLogger(__name__)
 

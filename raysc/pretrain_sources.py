@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from .data import AUDIO_EXTENSIONS, CLASSES
 from .errors import ConfigError
 from .fileio import read_yaml_mapping
+from .metadata import AUDIO_EXTENSIONS, CLASSES
 
 log = logging.getLogger(__name__)
 

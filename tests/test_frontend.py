@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from raysc.features import (
+from raysc.frontend import (
     FRONTENDS,
     ROOM_REVERB_MIX,
     ROOM_RT60_S,

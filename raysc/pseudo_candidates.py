@@ -1,6 +1,6 @@
 """`raysc pseudo-label`: an ensemble's probabilities on the unlabelled clips outside its
 validation sessions, written as pseudo-label candidates (selection happens per training run,
-``raysc.pseudo``)."""
+``raysc.pseudo_labels``)."""
 
 from __future__ import annotations
 
@@ -10,12 +10,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .dataset import load_dataset
+from .datafolder import load_dataset
 from .errors import DataError
 from .experiment import Experiment
 from .fileio import write_csv
 from .inference import predict_ensemble
-from .pseudo import Selection, select
+from .pseudo_labels import Selection, select
 
 log = logging.getLogger(__name__)
 

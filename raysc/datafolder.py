@@ -15,8 +15,8 @@ import numpy as np
 import pandas as pd
 
 from .audio import FeatureStore
-from .data import read_manifest
 from .errors import ConfigError, DataError
+from .metadata import read_manifest
 
 INFO_FILE = "dataset.json"
 MANIFEST_FILE = "manifest.csv"

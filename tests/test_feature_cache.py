@@ -9,9 +9,9 @@ import torch
 from conftest import FRONTEND, tiny_config
 
 from raysc.config import make_config
-from raysc.dataset import load_dataset
-from raysc.featcache import CACHE_DIR, FeatureCache
-from raysc.features import Frontend, FrontendConfig
+from raysc.datafolder import load_dataset
+from raysc.feature_cache import CACHE_DIR, FeatureCache
+from raysc.frontend import Frontend, FrontendConfig
 from raysc.inference import predict_clips
 from raysc.loader import Batch
 from raysc.models import load_model

@@ -9,7 +9,8 @@ import pandas as pd
 import pytest
 from conftest import write_metadata
 
-from raysc.data import (
+from raysc.errors import DataError
+from raysc.metadata import (
     CLASSES,
     TIME_FEATURES,
     UNK_CITY,
@@ -21,7 +22,6 @@ from raysc.data import (
     read_manifest,
     time_features,
 )
-from raysc.errors import DataError
 
 
 def test_reads_official_format_with_bom_bare_apostrophe_and_empty_label(tmp_path):
