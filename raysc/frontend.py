@@ -82,6 +82,23 @@ FRONTENDS: dict[str, FrontendConfig] = {
         top_db=None,
         frames=None,
     ),
+    # PANNs (Kong et al., 2020): 32 kHz, 1024-sample windows, 10 ms hop, 64 mels from 50 Hz to
+    # 14 kHz (librosa's Slaney filters) on the power spectrogram, in dB without a floor.
+    "panns": FrontendConfig(
+        sample_rate=32000,
+        n_fft=1024,
+        win_length=1024,
+        hop_length=320,
+        n_mels=64,
+        f_min=50.0,
+        f_max=14000.0,
+        power=2.0,
+        mel_scale="slaney",
+        mel_norm="slaney",
+        log="db",
+        top_db=None,
+        frames=None,
+    ),
 }
 
 

@@ -7,8 +7,9 @@ likely another network's weights, and pairing tensors by position would make gar
 Another code base may name its layers its own way (the official baseline's SE-Trans is the case
 in point) but register the same tensors in the same order. For it, ``by_order=True`` (the CLI's
 ``--match-by-order``) pairs what is left by order and shape, the next unmatched tensor of the file
-with the same shape, and every such pair is reported. Either way at least ``MIN_MATCHED`` of the
-network's tensors must come from the file, and the network must give finite outputs with them.
+with the same shape, and every such pair is reported; at least ``MIN_MATCHED`` of the network's
+tensors must then come from the file. Either way the network must give finite outputs with them.
+(By name, a pretrained trunk under a new head is the usual case: PANNs' CNN14 with raysc's head.)
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ PREFIXES = ("module.", "model.")  # DataParallel / DDP, and Lightning-style wrap
 COUNTER = "num_batches_tracked"  # BatchNorm's step counters are not weights: never matched nor reported
 WRAPPERS = ("state_dict", "model_state_dict", "model")  # checkpoints that hold the state dict under a key
 MIN_BY_NAME = 0.5  # the share of the network's tensors that must match by name without --match-by-order
-MIN_MATCHED = 0.8  # the share that must come from the file either way
+MIN_MATCHED = 0.8  # the share that must come from the file when pairing by order
 
 
 @dataclass
@@ -144,7 +145,7 @@ def import_weights(
 
     Raises:
         ConfigError: the file does not fit the network: too few tensors by name (without
-            ``by_order``) or in all, or outputs that are not finite.
+            ``by_order``) or in all (with it), or outputs that are not finite.
         RayscError: ``out`` exists, or the file is not a readable state dict of tensors.
     """
     cls = model_class(backbone)
@@ -190,7 +191,7 @@ def _check_match(
             "order and shape, and every pair is printed"
         )
     matched = sum(1 for own, _ in report.by_name + report.by_shape if not own.endswith(COUNTER))
-    if matched < MIN_MATCHED * wanted:
+    if by_order and matched < MIN_MATCHED * wanted:
         raise ConfigError(
             f"{path}: only {matched} of the {wanted} tensors of the {backbone} network fit the file, by name or by "
             f"order and shape; it does not hold this network's weights ({report.describe()})"

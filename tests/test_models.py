@@ -22,13 +22,18 @@ TINY = {
     "ascmamba": {"width": 0.125, "blocks": 1, "expand": 2, "frontend": {**SMALL_FRONTEND, "n_mels": 16}},
     "rm3": {"width": 0.25, "wavegram_kernel": 256, "gdc_size": [2, 4], "frontend": SMALL_FRONTEND},
     "stats": {"width": 0.25, "frontend": SMALL_FRONTEND, "modulation": True},  # as the default spaces set it
+    "cnn10": {"width": 0.125, "frontend": SMALL_FRONTEND},
+    "cnn14": {"width": 0.0625, "frontend": SMALL_FRONTEND},
 }
 # Parameter counts of the papers (RM3: 874k reported; ASCMamba: no published size, ours).
 PAPER_PARAMS = {"setrans": 0.36e6, "resnet_cbam": 21.6e6, "mobileascnet": 0.37e6, "rm3": 0.874e6}
+# PANNs as published (with their 527-class AudioSet classifier; raysc's head takes its place).
+PAPER_PARAMS |= {"cnn10": 4.96e6, "cnn14": 80.75e6}
 
 
 def test_registry_names_every_backbone():
-    assert list_models() == ["ascmamba", "mobileascnet", "resnet_cbam", "rm3", "setrans", "stats"]
+    expected = ["ascmamba", "cnn10", "cnn14", "mobileascnet", "resnet_cbam", "rm3", "setrans", "stats"]
+    assert list_models() == expected
     assert set(TINY) == set(list_models())
 
 

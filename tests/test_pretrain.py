@@ -215,3 +215,51 @@ def test_init_from_names_the_experiments_pretrained_trunk_or_the_previous_rounds
     # A search that may start from a pretrained trunk the experiment does not hold stops first.
     with pytest.raises(ConfigError, match=r"mobileascnet may start from init_from: pretrained, but .* does not exist"):
         search(space, data=prepared.out, experiment=tmp_path / "exp2")
+
+
+def _official_panns(blocks: list[int]) -> dict[str, torch.Tensor]:
+    """A state dict under the names and shapes of the PANNs authors' CNN10 / CNN14 (their STFT
+    and mel buffers, bn0, conv_block1.., fc1, the 527-class fc_audioset), random values."""
+    g = torch.Generator().manual_seed(0)
+    shapes: dict[str, tuple[int, ...]] = {
+        "spectrogram_extractor.stft.conv_real.weight": (513, 1, 1024),
+        "spectrogram_extractor.stft.conv_imag.weight": (513, 1, 1024),
+        "logmel_extractor.melW": (513, 64),
+    }
+
+    def bn(name: str, c: int) -> None:
+        shapes.update({f"{name}.{k}": (c,) for k in ("weight", "bias", "running_mean", "running_var")})
+
+    bn("bn0", 64)
+    c_in = 1
+    for i, c in enumerate(blocks, start=1):
+        shapes[f"conv_block{i}.conv1.weight"] = (c, c_in, 3, 3)
+        shapes[f"conv_block{i}.conv2.weight"] = (c, c, 3, 3)
+        bn(f"conv_block{i}.bn1", c)
+        bn(f"conv_block{i}.bn2", c)
+        c_in = c
+    shapes |= {"fc1.weight": (c_in, c_in), "fc1.bias": (c_in,), "fc_audioset.weight": (527, c_in)}
+    shapes["fc_audioset.bias"] = (527,)
+    state = {k: torch.rand(s, generator=g) + 0.5 for k, s in shapes.items()}
+    state |= {k.replace("running_mean", "num_batches_tracked"): torch.tensor(7) for k in shapes if "running_mean" in k}
+    return state
+
+
+@pytest.mark.parametrize(
+    ("backbone", "blocks"), [("cnn10", [64, 128, 256, 512]), ("cnn14", [64, 128, 256, 512, 1024, 2048])]
+)
+def test_the_panns_authors_checkpoints_load_by_name(tmp_path, capsys, backbone, blocks):
+    official = _official_panns(blocks)
+    path = tmp_path / f"{backbone}_official.pth"
+    torch.save({"model": official}, path)  # the authors save the state dict under "model"
+    out = tmp_path / f"{backbone}.pt"
+    assert main(["import-weights", str(path), "--backbone", backbone, "--out", str(out)]) == 0
+    report = capsys.readouterr().out
+    assert "0 by order and shape" in report  # nothing paired by position
+    ours = load_model(out).state_dict()
+    trunk = [k for k in official if not k.startswith(("spectrogram_extractor", "logmel_extractor", "fc_audioset"))]
+    for k in trunk:
+        if not k.endswith("num_batches_tracked"):
+            assert torch.equal(ours[k], official[k]), k  # every tensor of the network, by its name
+    unused = report.split("in the file but not used: ")[1].splitlines()[0].split(", ")
+    assert sorted(unused) == sorted(k for k in official if k not in trunk)  # the authors' buffers and classifier

@@ -11,6 +11,7 @@ import pytest
 
 from raysc.config import make_config
 from raysc.errors import ConfigError
+from raysc.models import list_models
 from raysc.search_space import SPACES_DIR, load_search_space
 
 SPACES = sorted((Path(__file__).resolve().parent.parent / "search_spaces").glob("*.yaml"))
@@ -18,10 +19,12 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
 def test_one_space_per_backbone_and_one_over_all():
-    backbones = {"setrans", "resnet_cbam", "mobileascnet", "ascmamba", "rm3", "stats"}
+    seeds = {"setrans", "resnet_cbam", "mobileascnet", "ascmamba", "rm3", "stats"}  # the seed systems' and stats
+    backbones = seeds | {"cnn10", "cnn14"}  # and PANNs
+    assert backbones == set(list_models())
     assert {p.stem for p in SPACES} == backbones | {"all_backbones", "default", "baseline", "demo", "gpu"}
     assert set(load_search_space(SPACES_DIR / "all_backbones.yaml").backbones) == backbones
-    assert set(load_search_space(SPACES_DIR / "gpu.yaml").backbones) == backbones  # the GPU recipe: every seed CNN
+    assert set(load_search_space(SPACES_DIR / "gpu.yaml").backbones) == seeds  # the GPU recipe: every seed CNN
 
 
 @pytest.mark.parametrize("path", SPACES, ids=lambda p: p.stem)
