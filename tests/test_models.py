@@ -196,7 +196,7 @@ def test_bad_overrides_are_named():
         create_model("setrans", widht=0.5)
     with pytest.raises(ConfigError, match=r"unknown option\(s\) \['city_drop'\] for setrans.meta"):
         create_model("setrans", **{"meta.city_drop": 0.1})
-    with pytest.raises(ConfigError, match="unknown backbone 'resnet' \\(valid: ascmamba, mobileascnet"):
+    with pytest.raises(ConfigError, match="unknown backbone 'resnet' \\(valid: ascmamba, cnn10, cnn14, mobileascnet"):
         create_model("resnet")
     with pytest.raises(ConfigError, match="unknown fusion 'sum'"):
         create_model("setrans", fusion="sum")
