@@ -209,7 +209,9 @@ def gather_predictions(local: pd.DataFrame) -> pd.DataFrame:
 
 
 def _unwrap(model: torch.nn.Module) -> ASCModel:
-    return model.module if hasattr(model, "module") else model
+    """The network inside a DDP wrapper and/or torch.compile's module."""
+    model = model.module if hasattr(model, "module") else model
+    return getattr(model, "_orig_mod", model)
 
 
 def _init_weights(model: ASCModel, cfg: TrainConfig) -> None:
