@@ -1,7 +1,8 @@
 """The pipeline's plan: what a search space can afford on the hardware it meets.
 
-Before round 0 the pipeline measures each candidate backbone's seconds per training step on
-this machine (a few steps on cached features, with the threads a trial gets; the result is kept
+Before round 0 the pipeline measures each candidate backbone's seconds per training step where
+trials run (``distributed.measure_plan`` runs ``plan_space`` in a Ray task holding one trial
+worker's CPUs and GPUs: a few steps on cached features, on that task's device; the result is kept
 per data folder and hardware) and turns it into seconds per epoch. A trial may take an eighth of
 the round's trial time (``TRIAL_SHARE``; a round of fewer trials splits the time among them), so
 that a round holds enough trials for the sampler and the ensemble: that many epochs, at most the
