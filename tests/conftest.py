@@ -4,6 +4,9 @@ training config, a small search space). No test file imports another."""
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,6 +21,7 @@ from raysc.datafolder import PreparedData
 from raysc.prepare import prepare
 from raysc.synth import DEV_METADATA, EVAL_METADATA, SynthSummary, synthesize
 
+ROOT = Path(__file__).resolve().parent.parent
 SR = 8000
 # A small front end for 1 s clips at 8 kHz.
 FRONTEND = {
@@ -204,3 +208,35 @@ def write_space(path: Path, **sections) -> Path:
     } | sections
     path.write_text(yaml.safe_dump(space))
     return path
+
+
+def build_artefact(kind: str, out: Path) -> Path:
+    """Build the project's wheel or sdist into ``out`` with setuptools' own backend, from a copy
+    of what the project tracks (a build leaves its own folders behind)."""
+    source = out.parent / "source"
+    source.mkdir(parents=True)
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
+    for name in ("raysc", "search_spaces"):
+        shutil.copytree(ROOT / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
+    script = f"from setuptools import build_meta; print(build_meta.build_{kind}({str(out)!r}))"
+    done = subprocess.run([sys.executable, "-c", script], cwd=source, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out / done.stdout.strip().splitlines()[-1]
+
+
+def install_artefact(artefact: Path, target: Path) -> Path:
+    """Install a built wheel or sdist into ``target`` (its dependencies are this environment's):
+    with ``PYTHONPATH=target``, outside the checkout, ``raysc`` is that install."""
+    pip = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation"]
+    done = subprocess.run([*pip, "--target", str(target), str(artefact)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return target
+
+
+@pytest.fixture(scope="session")
+def wheel(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """The project's wheel, and a folder it is installed in."""
+    root = tmp_path_factory.mktemp("wheel")
+    built = build_artefact("wheel", root / "dist")
+    return built, install_artefact(built, root / "site")

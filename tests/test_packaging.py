@@ -4,7 +4,6 @@ space, and a raysc installed from either (not run from the source tree) finds ev
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import tarfile
@@ -12,8 +11,8 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from conftest import ROOT, build_artefact, install_artefact
 
-ROOT = Path(__file__).resolve().parent.parent
 SPACES = sorted(p.name for p in (ROOT / "search_spaces").glob("*.yaml"))
 MODULES = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "raysc").rglob("*.py"))
 
@@ -29,26 +28,8 @@ RESOLVE = (
 )
 
 
-def _build(kind: str, out: Path) -> Path:
-    """Build the project's wheel or sdist into ``out`` with setuptools' own backend, from a copy
-    of what the project tracks (a build leaves its own folders behind)."""
-    source = out.parent / "source"
-    source.mkdir(parents=True)
-    for name in ("pyproject.toml", "README.md"):
-        shutil.copy(ROOT / name, source / name)
-    for name in ("raysc", "search_spaces"):
-        shutil.copytree(ROOT / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
-    script = f"from setuptools import build_meta; print(build_meta.build_{kind}({str(out)!r}))"
-    done = subprocess.run([sys.executable, "-c", script], cwd=source, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return out / done.stdout.strip().splitlines()[-1]
-
-
-def _install_and_resolve(artefact: Path, target: Path, tmp_path: Path) -> None:
-    pip = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation"]
-    done = subprocess.run([*pip, "--target", str(target), str(artefact)], capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    env = {**os.environ, "PYTHONPATH": str(target)}
+def _resolve_every_space(site: Path, tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(site)}
     names = [Path(s).stem for s in SPACES]
     # From a folder outside the checkout: nothing of the source tree is on the path.
     run = subprocess.run(
@@ -58,20 +39,20 @@ def _install_and_resolve(artefact: Path, target: Path, tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_the_wheel_holds_every_module_and_space_and_an_install_from_it_resolves_them(tmp_path):
-    wheel = _build("wheel", tmp_path / "dist")
-    names = set(zipfile.ZipFile(wheel).namelist())
+def test_the_wheel_holds_every_module_and_space_and_an_install_from_it_resolves_them(wheel, tmp_path):
+    built, site = wheel
+    names = set(zipfile.ZipFile(built).namelist())
     assert {f"raysc/search_spaces/{s}" for s in SPACES} <= names
     assert set(MODULES) <= names, sorted(set(MODULES) - names)
-    _install_and_resolve(wheel, tmp_path / "site", tmp_path)
+    _resolve_every_space(site, tmp_path)
 
 
 @pytest.mark.slow
 def test_the_sdist_holds_the_top_level_spaces_and_an_install_from_it_resolves_them(tmp_path):
-    sdist = _build("sdist", tmp_path / "dist")
+    sdist = build_artefact("sdist", tmp_path / "dist")
     with tarfile.open(sdist) as tar:
         top = tar.getnames()[0].split("/")[0]
         names = {n.removeprefix(f"{top}/") for n in tar.getnames()}
     assert {f"search_spaces/{s}" for s in SPACES} <= names  # the published layout, kept
     assert set(MODULES) <= names
-    _install_and_resolve(sdist, tmp_path / "site", tmp_path)
+    _resolve_every_space(install_artefact(sdist, tmp_path / "site"), tmp_path)

@@ -266,37 +266,48 @@ def test_a_round_whose_trials_all_fail_still_ends_with_a_submission(local_ray, w
 
 
 @pytest.mark.slow
-def test_a_budget_that_runs_out_in_round_one_still_ends_with_a_submission(local_ray, prepared, tmp_path):
-    from raysc import pipeline
-    from raysc.experiment import Experiment
+def test_a_wheel_installed_pipeline_whose_budget_runs_out_in_round_one_still_ends_with_a_submission(
+    wheel, prepared, tmp_path
+):
+    from raysc.experiment import Experiment, final_ensemble
     from raysc.leaderboard import leaderboard
 
-    # The shipped default space (GPU shares) on a CPU-only local Ray, on tiny data. 50 trials
+    # `raysc pipeline` as a user runs it from a wheel install (outside the checkout, so the
+    # shipped default space comes from the wheel), on a CPU-only machine, on tiny data. 50 trials
     # cannot fit in 2 minutes on 2 CPUs: the real clock cuts the search; then cross-fitting and
     # a pseudo-label round of the cross-fitted fold models, if what the budget leaves holds it.
-    cfg = pipeline.PipelineConfig(space="default", rounds=2, trials=50, ensemble_k=2, pretrain={})
-    lines = []
+    settings = tmp_path / "pipeline.yaml"
+    settings.write_text(
+        yaml.safe_dump({"space": "default", "rounds": 2, "trials": 50, "ensemble_k": 2, "pretrain": {}})
+    )
+    exp = tmp_path / "exp"
+    cmd = [sys.executable, "-m", "raysc.cli", "pipeline", str(settings), "--data", str(prepared.out)]
+    cmd += ["--experiment", str(exp), "--time-budget", "2"]
     t0 = time.perf_counter()
-    result = pipeline.run_pipeline(
-        cfg, data=prepared.out, experiment=tmp_path / "exp", time_budget_minutes=2.0, progress=lines.append
+    done = subprocess.run(
+        cmd, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(wheel[1])}, capture_output=True, text=True, timeout=600
     )
     minutes = (time.perf_counter() - t0) / 60
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out[-5000:]
+    lines = done.stdout.splitlines()
     assert any("[pipeline] pretrain skipped: " in line and "has no pretraining clips" in line for line in lines)
     assert any("the cluster has no GPU: each trial runs 1 worker(s) on 1 CPU(s)" in line for line in lines)
     said = "[pipeline] plan: 1 searched round(s) of up to 50 trials (then cross-fitting and 1 pseudo-label round(s)"
     plan = [line for line in lines if line.startswith(said)]
     assert plan and "2 trial(s) at once" in plan[0] and any(line.lstrip().startswith("stats ") for line in lines)
-    check_submission_file(result.submission, prepared.out)
-    records = Experiment(tmp_path / "exp").records()
-    assert {r.round for r in records} == {0} and len(records) < 50, "\n".join(lines)  # the clock ended it
+    check_submission_file(exp / "submission" / "submission.csv", prepared.out)
+    records = Experiment(exp).records()
+    assert {r.round for r in records} == {0} and len(records) < 50, out  # the clock ended it
     # The final model: the cross-fitted ensemble, its fold models retrained with its pseudo-labels
     # when the budget left time for that; otherwise the pipeline said why it skipped the round.
-    assert result.final.fold == OUT_OF_FOLD and {m.round for m in result.final.members} == {0}, "\n".join(lines)
-    if result.final.name.endswith("-pseudo1"):
-        assert result.final.refit_of and all("-pseudo1/" in m.model_path for m in result.final.members)
+    final = final_ensemble(Experiment(exp).ensembles())
+    assert final.fold == OUT_OF_FOLD and {m.round for m in final.members} == {0}, out
+    if final.name.endswith("-pseudo1"):
+        assert final.refit_of and all("-pseudo1/" in m.model_path for m in final.members)
     else:
         skipped = [line for line in lines if line.startswith("[pipeline] pseudo-label round 1 skipped: ")]
-        assert skipped and re.search(r"needs about \d+\.\d min, \d+\.\d left$", skipped[0]), "\n".join(lines)
-    board = leaderboard(tmp_path / "exp")
+        assert skipped and re.search(r"needs about \d+\.\d min, \d+\.\d left$", skipped[0]), out
+    board = leaderboard(exp)
     assert (board["kind"] == "trial").sum() == len(records) and (board["kind"] == "ensemble").any()
     assert minutes < 2.0 * 1.5, f"{minutes:.1f} min for a 2-minute budget"  # the budget covers the whole job
