@@ -23,6 +23,7 @@ submission as ``rescored.csv``).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -34,6 +35,7 @@ from pathlib import Path
 
 import pandas as pd
 import ray
+import yaml
 from common import (  # the script folder is on sys.path
     add_challenge_data_options,
     challenge_data,
@@ -47,6 +49,8 @@ from raysc.ensemble import smooth_sessions
 from raysc.experiment import Experiment, score_of
 from raysc.inference import predict_clips, predict_ensemble
 from raysc.metadata import CLASSES
+from raysc.pipeline import BUILTIN
+from raysc.search_space import SPACES_DIR
 from raysc.submission import apply_session_labels, make_submission
 from raysc.synth import EVAL_LABELS
 from raysc.train import session_labelled
@@ -138,6 +142,25 @@ def score_pipeline(
     ]
 
 
+# Member families of the default space, for ablations: a trunk member reads a pretrained trunk's
+# embedding; the CNNs learn from the log-mel; `stats` (the log-mel statistics MLP) stays in each.
+FAMILIES = {"trunks": ("aisfx",), "cnns": ("mobileascnet", "setrans")}
+
+
+def ablation(family: str, work: Path) -> Path:
+    """A pipeline file: the default pipeline on the default space without ``family``'s members."""
+    space = yaml.safe_load((SPACES_DIR / "default.yaml").read_text())
+    gone = set(FAMILIES[family])
+    space["name"] = f"default-without-{family}"
+    space["backbones"] = {k: v for k, v in space["backbones"].items() if k not in gone}
+    space["start"] = [p for p in space.get("start", []) if p["backbone"] not in gone]
+    space_file = work / f"space-without-{family}.yaml"
+    space_file.write_text(yaml.safe_dump(space))
+    pipeline_file = work / f"default-without-{family}.yaml"
+    pipeline_file.write_text(yaml.safe_dump({**dataclasses.asdict(BUILTIN["default"]), "space": str(space_file)}))
+    return pipeline_file
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_challenge_data_options(parser)
@@ -155,6 +178,13 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         default=[0],
         help="run each pipeline once per seed (its sampler's and trials'); with several, the mean and spread too",
+    )
+    parser.add_argument(
+        "--without",
+        nargs="+",
+        default=[],
+        choices=sorted(FAMILIES),
+        help="also run the default pipeline without each of these member families (ablations)",
     )
     parser.add_argument("--smoke-test", action="store_true", help="tiny data, 3-minute budgets, for CI")
     args = parser.parse_args(argv)
@@ -201,6 +231,19 @@ def main(argv: list[str] | None = None) -> int:
                 ),
             }
         )
+        results.append(
+            {
+                # The floor with the aisfx trunk's embedding: what one linear model gets from it.
+                "system": "logistic regression (labelled clips) + aisfx embedding",
+                "minutes": None,
+                **eval_score(
+                    floor_predictions(
+                        data.store, labelled, ev, len(data.cities), features="both+aisfx", data_dir=data_dir
+                    ).argmax(1),
+                    ev,
+                ),
+            }
+        )
         with_sessions = pd.concat([labelled, session_labelled(data, -1)])
         results.append(
             {
@@ -212,12 +255,13 @@ def main(argv: list[str] | None = None) -> int:
         floor_minutes = (time.perf_counter() - t0) / 60
         for f in results:
             f["minutes"] = round(floor_minutes / 3, 2)  # three regressions trained
-        for name in args.pipelines:
+        for name in [*args.pipelines, *(str(ablation(f, work)) for f in args.without)]:
             finals = []
             for seed in args.seeds:
                 # Seed 0 keeps the folder name of a single run, so --rescore finds earlier runs.
-                exp = work / (f"exp-{name}" if seed == 0 else f"exp-{name}-seed{seed}")
-                label = f"pipeline {name}" + (f" (seed {seed})" if len(args.seeds) > 1 else "")
+                name_said = Path(name).stem  # an ablation's pipeline file by its name
+                exp = work / (f"exp-{name_said}" if seed == 0 else f"exp-{name_said}-seed{seed}")
+                label = f"pipeline {name_said}" + (f" (seed {seed})" if len(args.seeds) > 1 else "")
                 rows = score_pipeline(
                     name, label, exp, data_dir, ev, budget=args.time_budget, seed=seed, rescore=args.rescore
                 )
@@ -226,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
             if len(finals) > 1:
                 results.append(
                     {
-                        "system": f"pipeline {name}: final ensemble, mean (sample sd) over seeds {args.seeds}",
+                        "system": f"pipeline {name_said}: final ensemble, mean (sample sd) over seeds {args.seeds}",
                         "minutes": None if args.rescore else round(statistics.mean(r["minutes"] for r in finals), 1),
                         **{k: statistics.mean(r[k] for r in finals) for k in ("eval", "seen", "unseen")},
                         "sd": {k: statistics.stdev(r[k] for r in finals) for k in ("eval", "seen", "unseen")},
@@ -255,6 +299,7 @@ def main(argv: list[str] | None = None) -> int:
             else f" --time-budget {args.time_budget:g}"
         )
         + (f" --seeds {' '.join(map(str, args.seeds))}" if len(args.seeds) > 1 else "")
+        + (f" --without {' '.join(args.without)}" if args.without else "")
     )
     md = (
         f"`{cmd}`: {len(ev)} eval clips ({int((ev['city_idx'] == 0).sum())} from eval-only cities), "

@@ -1,5 +1,6 @@
 """The simple floor every trained system must beat: a logistic regression on per-band log-mel
-mean/std (audio) + one-hot city + the time features (metadata), trained on labelled clips.
+mean/std (audio) + one-hot city + the time features (metadata), trained on labelled clips; and
+the same with a pretrained trunk's clip embedding added (what one linear model gets from it).
 
 Eval-only cities: the metadata models also train on a copy of every clip with its city replaced
 by ``<unk>`` (city dropout, as raysc's models do), so those cities get a trained fallback.
@@ -7,12 +8,16 @@ by ``<unk>`` (city dropout, as raysc's models do), so those cities get a trained
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import torch
 import torchaudio
 
 from raysc.audio import FeatureStore
+from raysc.feature_cache import FeatureCache
+from raysc.frontend import FRONTENDS
 from raysc.metadata import CLASSES, TIME_FEATURES
 from raysc.metrics import macro_accuracy
 
@@ -27,6 +32,13 @@ def audio_features(store: FeatureStore, names: list[str]) -> np.ndarray:
         logmel = torch.log10(mel(wave) + 1e-8)  # [B, 64, T]
         feats.append(torch.cat([logmel.mean(-1), logmel.std(-1)], 1).numpy())
     return np.concatenate(feats)
+
+
+def trunk_features(data_dir: Path, store: FeatureStore, names: list[str], trunk: str = "aisfx") -> np.ndarray:
+    """A pretrained trunk's clip embedding (raysc.trunks), from the data folder's feature cache:
+    the one the pipeline's trunk member reads, built here when missing."""
+    frontend = FRONTENDS[trunk].at_rate(store.spec.sample_rate)  # as the member at the data's rate
+    return FeatureCache.ensure(data_dir, store, frontend).load(names)[:, 0, 0]
 
 
 def meta_features(m: pd.DataFrame, n_cities: int) -> np.ndarray:
@@ -57,18 +69,30 @@ def logistic_regression(x: np.ndarray, y: np.ndarray, x_test: np.ndarray, *, l2:
 
 
 def floor_predictions(
-    store: FeatureStore, train: pd.DataFrame, test: pd.DataFrame, n_cities: int, *, features: str = "both"
+    store: FeatureStore,
+    train: pd.DataFrame,
+    test: pd.DataFrame,
+    n_cities: int,
+    *,
+    features: str = "both",
+    data_dir: Path | None = None,
 ) -> np.ndarray:
     """Class probabilities for ``test`` from the floor trained on ``train`` (rows with ``label``);
-    ``features``: audio, metadata or both."""
+    ``features``: audio, metadata, both, or both+aisfx (the aisfx trunk's embedding added, from
+    ``data_dir``'s feature cache)."""
     y = train["label"].map(CLASSES.index).to_numpy()
     parts_tr, parts_unk, parts_te = [], [], []
-    if features in ("audio", "both"):
+    if features in ("audio", "both", "both+aisfx"):
         a_tr = audio_features(store, list(train["filename"]))
         parts_tr.append(a_tr)
         parts_unk.append(a_tr)
         parts_te.append(audio_features(store, list(test["filename"])))
-    if features in ("metadata", "both"):
+    if features == "both+aisfx":
+        t_tr = trunk_features(data_dir, store, list(train["filename"]))
+        parts_tr.append(t_tr)
+        parts_unk.append(t_tr)
+        parts_te.append(trunk_features(data_dir, store, list(test["filename"])))
+    if features in ("metadata", "both", "both+aisfx"):
         parts_tr.append(meta_features(train, n_cities))
         parts_unk.append(meta_features(train.assign(city_idx=0), n_cities))
         parts_te.append(meta_features(test, n_cities))

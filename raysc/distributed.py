@@ -11,6 +11,7 @@ import logging
 import os
 import socket
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -21,10 +22,12 @@ import torch
 from .config import TrainConfig, make_config
 from .datafolder import load_dataset
 from .errors import RayscError, root_cause
+from .feature_cache import FeatureCache
 from .malloc import MALLOC_ENV
 from .plan import BackbonePlan, hardware, plan_space
 from .search_space import SearchSpace
-from .train import fit
+from .train import build_model, fit
+from .train import device as train_device
 
 log = logging.getLogger(__name__)
 
@@ -147,6 +150,14 @@ def parallel_slots(cpus: float, gpus: float, address: str | None = None) -> int:
     return max(1, int(min(fits)))
 
 
+def largest_node_cpus(address: str | None = None) -> float:
+    """The most CPUs one live node of the cluster has: what one task can hold at most."""
+    import ray  # lazy: see init_ray
+
+    init_ray(address)
+    return max((n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n["Alive"]), default=0.0)
+
+
 def _plan_task(
     space: SearchSpace, data_dir: str, budget_minutes: float, concurrency: int, threads: int, trials: int
 ) -> tuple[list[BackbonePlan], str]:
@@ -188,6 +199,55 @@ def measure_plan(
     task = ray.remote(_plan_task).options(num_cpus=cpus, num_gpus=gpus, max_retries=0)
     threads = max(1, int(cpus))
     return ray.get(task.remote(space, str(Path(data_dir).resolve()), budget_minutes, concurrency, threads, trials))
+
+
+ESTIMATE_CLIPS = 8  # clips timed to estimate a feature cache's build
+
+
+def _features_task(train: dict[str, Any], data_dir: str, threads: int, max_seconds: float | None) -> dict[str, Any]:
+    """The feature cache of ``train``'s network (its front end at the data's rate) in a Ray task;
+    not built when the time a few clips take says it would exceed ``max_seconds``."""
+    torch.set_num_threads(threads)
+    data = load_dataset(data_dir)
+    t0 = time.perf_counter()
+    model = build_model(make_config(train), data).to(train_device())  # a trunk gets its weights, once per node
+    frontend = model.cfg.frontend
+    clips = len(data.store)
+    if max_seconds is not None and FeatureCache.existing(data.out, data.store, frontend) is None:
+        wave = torch.from_numpy(data.store.load(data.store.filenames[:ESTIMATE_CLIPS])).to(train_device())
+        model.frontend.features(wave[:1])  # warm-up
+        t1 = time.perf_counter()
+        model.frontend.features(wave)
+        estimate = (time.perf_counter() - t1) / len(wave) * clips
+        if estimate > max_seconds:
+            return {"clips": clips, "estimate": estimate, "path": None, "seconds": time.perf_counter() - t0}
+    cache = FeatureCache.ensure(data.out, data.store, frontend)
+    return {"path": str(cache.path), "clips": clips, "seconds": time.perf_counter() - t0}
+
+
+def build_features(
+    train: TrainConfig,
+    data_dir: str | Path,
+    *,
+    cpus: float,
+    gpus: float,
+    max_seconds: float | None = None,
+    address: str | None = None,
+) -> dict[str, Any]:
+    """Build (or find) the data folder's feature cache for ``train``'s network in a Ray task holding
+    ``cpus`` CPUs and ``gpus`` GPUs: a trunk's embedding of every clip, computed once before the
+    trials that read it. With ``max_seconds``, a build that a few clips' time says would take
+    longer is not started.
+
+    Returns:
+        The cache's path (None: not built), the clips in it, the seconds taken, and (when not
+        built) the ``estimate`` of seconds it would have taken.
+    """
+    import ray  # lazy: see init_ray
+
+    init_ray(address)
+    task = ray.remote(_features_task).options(num_cpus=cpus, num_gpus=gpus, max_retries=1)
+    return ray.get(task.remote(train.to_dict(), str(Path(data_dir).resolve()), max(1, int(cpus)), max_seconds))
 
 
 def _fit_task(train: dict[str, Any], data_dir: str, out_dir: str, threads: int) -> dict[str, Any]:

@@ -1,7 +1,8 @@
-"""Cached features: the front end's log-mel of every clip of a data folder, computed once per
-front end and reused by every trial and epoch.
+"""Cached features: the front end's log-mel (or a trunk's clip embedding) of every clip of a data
+folder, computed once per front end and reused by every trial and epoch.
 
-    DATA/features/<key>/logmel.npy    float32 [clips, frames, mels], memory-mapped by readers
+    DATA/features/<key>/logmel.npy    float32 [clips, frames, mels] ([clips, 1, dim] for a
+                                      trunk), memory-mapped by readers
     DATA/features/<key>/spec.json     the front end it was made with and the store it was made from
 
 ``key`` hashes the front end's log-mel settings (SpecAugment's do not change the log-mel) and the
@@ -35,6 +36,7 @@ log = logging.getLogger(__name__)
 
 CACHE_DIR = "features"
 CHUNK = 64  # clips per front-end batch while building
+TRUNK_CHUNK = 8  # a trunk's activations for 64 ten-second clips would take gigabytes
 
 
 def cache_key(frontend: FrontendConfig, store: FeatureStore) -> str:
@@ -92,15 +94,22 @@ def _build(path: Path, store: FeatureStore, frontend: FrontendConfig) -> None:
     partial = path.with_name(path.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # a trunk is a network: its GPU
     fe = Frontend(frontend).eval()
+    fe.load_pretrained()  # a trunk's published weights (none for a log-mel)
+    fe.to(dev)
     frames = frontend.num_frames(store.spec.num_samples)
     out = np.lib.format.open_memmap(
-        partial / "logmel.npy", mode="w+", dtype=np.float32, shape=(len(store), frames, frontend.n_mels)
+        partial / "logmel.npy", mode="w+", dtype=np.float32, shape=(len(store), frames, frontend.bins)
     )
+    chunk = TRUNK_CHUNK if frontend.trunk else CHUNK
     with torch.no_grad():
-        for start in range(0, len(store), CHUNK):
-            names = store.filenames[start : start + CHUNK]
-            out[start : start + len(names)] = fe.logmel(torch.from_numpy(store.load(names)))[:, 0].numpy()
+        for start in range(0, len(store), chunk):
+            names = store.filenames[start : start + chunk]
+            wave = torch.from_numpy(store.load(names)).to(dev)
+            out[start : start + len(names)] = fe.features(wave)[:, 0].cpu().numpy()
+            if frontend.trunk and (start // chunk) % 10 == 9:
+                log.info("%s embeddings: %d of %d clips", frontend.trunk, start + len(names), len(store))
     out.flush()
     del out
     write_json(partial / "spec.json", {"frontend": asdict(frontend), "store": asdict(store.spec), "frames": frames})

@@ -1,7 +1,9 @@
-"""The front end: waveform -> log-mel spectrogram on the model's device, plus SpecAugment.
+"""The front end: waveform -> log-mel spectrogram on the model's device, plus SpecAugment; or,
+with ``trunk`` set, waveform -> a frozen pretrained trunk's clip embedding (``raysc.trunks``).
 
 Output layout is ``[B, 1, frames, mels]`` (time before frequency), as the official baseline feeds
-its network. SpecAugment runs only in training mode.
+its network; a trunk's embedding is ``[B, 1, 1, dim]``. SpecAugment runs only in training mode,
+and only on log-mels.
 """
 
 from __future__ import annotations
@@ -12,6 +14,9 @@ from dataclasses import asdict, dataclass, replace
 import torch
 import torchaudio
 from torch import nn
+
+from .errors import ConfigError
+from .trunks import TRUNKS, load_pretrained
 
 
 @dataclass(frozen=True)
@@ -36,6 +41,13 @@ class FrontendConfig:
     freq_mask_width: int = 8
     time_masks: int = 0
     time_mask_width: int = 40
+    # A pretrained trunk (raysc.trunks.TRUNKS) whose clip embedding the front end gives instead
+    # of the log-mel; the trunk brings its own log-mel, so the settings above then do not apply.
+    trunk: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.trunk is not None and self.trunk not in TRUNKS:
+            raise ConfigError(f"unknown trunk {self.trunk!r} (valid: {', '.join(TRUNKS)})")
 
     def at_rate(self, sample_rate: int) -> FrontendConfig:
         """The same front end for audio at ``sample_rate``: window and hop keep their duration,
@@ -56,12 +68,21 @@ class FrontendConfig:
         )
 
     def cache_key(self) -> dict:
-        """What the log-mel depends on (SpecAugment's settings do not change it)."""
-        return {k: v for k, v in asdict(self).items() if not k.startswith(("freq_mask", "time_mask"))}
+        """What the features depend on (SpecAugment's settings do not change them; a trunk's
+        pinned weights do)."""
+        key = {k: v for k, v in asdict(self).items() if not k.startswith(("freq_mask", "time_mask"))}
+        return key | ({"trunk_sha256": TRUNKS[self.trunk].sha256} if self.trunk else {})
 
     def num_frames(self, num_samples: int) -> int:
+        if self.trunk:
+            return 1
         full = num_samples // self.hop_length + 1  # centred STFT
         return min(full, self.frames) if self.frames else full
+
+    @property
+    def bins(self) -> int:
+        """Values per frame: mel bands, or the trunk's embedding size."""
+        return TRUNKS[self.trunk].dim if self.trunk else self.n_mels
 
 
 FRONTENDS: dict[str, FrontendConfig] = {
@@ -84,6 +105,8 @@ FRONTENDS: dict[str, FrontendConfig] = {
     ),
     # PANNs (Kong et al., 2020): 32 kHz, 1024-sample windows, 10 ms hop, 64 mels from 50 Hz to
     # 14 kHz (librosa's Slaney filters) on the power spectrogram, in dB without a floor.
+    # The aisfx sound-effects CNN's clip embedding (raysc.trunks.aisfx), for audio at 44.1 kHz.
+    "aisfx": FrontendConfig(sample_rate=44100, frames=None, trunk="aisfx"),
     "panns": FrontendConfig(
         sample_rate=32000,
         n_fft=1024,
@@ -109,11 +132,18 @@ def frontend_preset(name: str, **overrides) -> FrontendConfig:
 
 
 class Frontend(nn.Module):
+    """The network's front end. With a trunk, the trunk is built with random weights (a saved
+    model brings its own); ``load_pretrained`` gives it the published ones, and it stays frozen
+    and in eval mode whatever mode the network is in."""
+
     def __init__(self, cfg: FrontendConfig) -> None:
         super().__init__()
         if cfg.log not in ("db", "eps"):
             raise ValueError(f"front end log must be 'db' or 'eps', got {cfg.log!r}")
         self.cfg = cfg
+        if cfg.trunk:
+            self.trunk = TRUNKS[cfg.trunk].build(cfg.sample_rate).eval().requires_grad_(False)
+            return
         self.mel = torchaudio.transforms.MelSpectrogram(
             sample_rate=cfg.sample_rate,
             n_fft=cfg.n_fft,
@@ -129,20 +159,35 @@ class Frontend(nn.Module):
             pad_mode="reflect",
         )
 
+    def train(self, mode: bool = True) -> Frontend:
+        super().train(mode)
+        if self.cfg.trunk:
+            self.trunk.eval()  # frozen: its batch norms keep the statistics it was trained with
+        return self
+
+    def load_pretrained(self) -> None:
+        """The trunk's published weights (fetched into the user's cache when missing); nothing
+        without a trunk."""
+        if self.cfg.trunk:
+            load_pretrained(self.trunk, self.cfg.trunk)
+
     def forward(self, wave: torch.Tensor) -> torch.Tensor:
         """[B, samples] float waveform -> [B, 1, frames, mels] log-mel (SpecAugment in training)."""
-        return self.augment(self.logmel(wave))
+        return self.augment(self.features(wave))
 
     def augment(self, spec: torch.Tensor) -> torch.Tensor:
         """SpecAugment on a log-mel batch, in training mode only (also on cached features)."""
-        if self.training and (self.cfg.freq_masks or self.cfg.time_masks):
+        if self.training and not self.cfg.trunk and (self.cfg.freq_masks or self.cfg.time_masks):
             return spec_augment(spec, self.cfg)
         return spec
 
-    def logmel(self, wave: torch.Tensor) -> torch.Tensor:
-        """[B, samples] float waveform -> [B, 1, frames, mels] log-mel, never augmented: what a
-        feature cache stores."""
+    def features(self, wave: torch.Tensor) -> torch.Tensor:
+        """[B, samples] float waveform -> [B, 1, frames, mels] log-mel, or [B, 1, 1, dim] the
+        trunk's clip embedding; never augmented: what a feature cache stores."""
         cfg = self.cfg
+        if cfg.trunk:
+            with torch.no_grad():
+                return self.trunk(wave)[:, None, None, :]
         # The STFT runs in fp32 even under autocast: bf16 spectra lose the quiet bands.
         with torch.autocast(device_type=wave.device.type, enabled=False):
             spec = self.mel(wave.float())  # [B, mels, frames]

@@ -259,6 +259,7 @@ def build_model(cfg: TrainConfig, data: PreparedData) -> ASCModel:
     from ``init_from`` and with ``freeze`` applied."""
     overrides = cfg.model_overrides(classes=data.classes, cities=data.cities, sample_rate=data.store.spec.sample_rate)
     model = create_model(cfg.backbone, **overrides)
+    model.frontend.load_pretrained()  # a trunk's published weights (fetched once per machine)
     if cfg.init_from:
         _init_weights(model, cfg)
     _freeze(model, cfg.freeze)

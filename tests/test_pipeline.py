@@ -296,6 +296,10 @@ def test_a_wheel_installed_pipeline_whose_budget_runs_out_in_round_one_still_end
     said = "[pipeline] plan: 1 searched round(s) of up to 50 trials (then cross-fitting and 1 pseudo-label round(s)"
     plan = [line for line in lines if line.startswith(said)]
     assert plan and "2 trial(s) at once" in plan[0] and any(line.lstrip().startswith("stats ") for line in lines)
+    # The default's trunk member: its embedding of every clip computed before the plan timed it.
+    trunk = [line for line in lines if line.startswith("[pipeline] trunks: aisfx: ") and " clips in " in line]
+    assert trunk and lines.index(trunk[0]) < lines.index(plan[0]), out
+    assert any(line.lstrip().startswith("aisfx ") for line in lines), out
     check_submission_file(exp / "submission" / "submission.csv", prepared.out)
     records = Experiment(exp).records()
     assert {r.round for r in records} == {0} and len(records) < 50, out  # the clock ended it

@@ -20,7 +20,7 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 def test_one_space_per_backbone_and_one_over_all():
     seeds = {"setrans", "resnet_cbam", "mobileascnet", "ascmamba", "rm3", "stats"}  # the seed systems' and stats
-    backbones = seeds | {"cnn10", "cnn14"}  # and PANNs
+    backbones = seeds | {"cnn10", "cnn14", "aisfx"}  # and PANNs, and the aisfx trunk's head
     assert backbones == set(list_models())
     assert {p.stem for p in SPACES} == backbones | {"all_backbones", "default", "baseline", "demo", "gpu"}
     assert set(load_search_space(SPACES_DIR / "all_backbones.yaml").backbones) == backbones
@@ -42,6 +42,8 @@ def test_shipped_spaces_load_and_sample_valid_configs(path):
         assert not space.params and all(not own for _, own in space.backbones.values()) and not space.rounds
         return
     required = {"lr", "weight_decay", "mixup_alpha", "spec_augment", "city_dropout", "model.fusion", "batch_size"}
+    if space.name == "aisfx":  # a head on a trunk's embedding: SpecAugment has no spectrogram to mask
+        required.discard("spec_augment")
     assert required <= set(space.params)
     assert {"pseudo_threshold", "pseudo_weight"} <= set(space.rounds)
 
@@ -157,7 +159,7 @@ def test_errors_name_the_file_and_key(tmp_path, text, message):
 def test_unknown_or_missing_backbones(tmp_path):
     path = tmp_path / "space.yaml"
     path.write_text("backbones:\n  resnet50: {}\n")
-    with pytest.raises(ConfigError, match=re.escape("backbones.resnet50: unknown backbone (valid: ascmamba,")):
+    with pytest.raises(ConfigError, match=re.escape("backbones.resnet50: unknown backbone (valid: aisfx, ascmamba,")):
         load_search_space(path)
     path.write_text("params: {}\n")
     with pytest.raises(ConfigError, match="'backbones' must map at least one backbone"):

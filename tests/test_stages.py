@@ -85,3 +85,33 @@ def test_a_done_refit_is_kept_although_it_became_the_final_model(tmp_path, monke
     assert ctx.final().name == "round0-topk5-refit"
     assert execute(_context(exp, lines), Refit()) == "round0-topk5-refit"
     assert lines[-1] == "[pipeline] refit: done before, kept"
+
+
+def _record(exp: Experiment, trial_id: str, round_: int) -> None:
+    folder = exp.root / f"round-{round_}" / "trials" / trial_id
+    folder.mkdir(parents=True)
+    record = {"trial_id": trial_id, "round": round_, "status": "completed", "backbone": "stats", "params": {}}
+    record |= {"epochs": 3, "best_epoch": 3, "metrics": {"macro_accuracy": 0.5}, "parameters": 1, "macs": 1}
+    record |= {"fit_seconds": 1.0, "started": None, "predict_seconds": 0.1, "fold": 0}
+    (folder / "record.json").write_text(json.dumps(record | {"model_path": None, "predictions_path": None}))
+
+
+def test_a_run_that_ends_with_most_of_its_budget_left_says_which_caps_ended_it(tmp_path):
+    exp = Experiment(tmp_path / "exp")
+    exp.root.mkdir()
+    for i in range(3):
+        _record(exp, f"t{i}", 0)
+    _ensemble(exp, "crossfit-topk5", 0.8)
+    lines: list[str] = []
+    ctx = dataclasses.replace(_context(exp, lines), cfg=PipelineConfig(trials=3, rounds=2), crossfit=10)
+    assert stages_module.ended_early(ctx) is None  # no budget: nothing to say
+    now = [0.0]
+    ctx = dataclasses.replace(ctx, budget=Budget(60.0, clock=lambda: now[0]))
+    now[0] = 15 * 60.0  # 15 of 60 minutes used
+    said = stages_module.ended_early(ctx)
+    assert said.startswith("[pipeline] ended with 45.0 of 60 min unused: round 0 ran its 3 of 3 trials (`trials`)")
+    assert "cross-fitting took at most its 10 best configurations (`crossfit`)" in said
+    assert "1 pseudo-label round(s) of the fold models (`rounds`)" in said
+    assert "Final crossfit-topk5: macro accuracy 0.8000 on validation fold 0" in said
+    now[0] = 50 * 60.0  # 50 of 60 used: less than a fifth left, nothing to say
+    assert stages_module.ended_early(ctx) is None

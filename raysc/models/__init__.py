@@ -3,7 +3,7 @@
 Importing this package registers every backbone.
 """
 
-from . import ascmamba, mobileascnet, panns, resnet_cbam, rm3, setrans, stats  # noqa: F401  (registration)
+from . import ascmamba, mobileascnet, panns, resnet_cbam, rm3, setrans, stats, trunk_head  # noqa: F401  (registration)
 from .base import ASCModel, ModelConfig, apply_overrides
 from .layers import FUSIONS, MetaConfig
 from .registry import (

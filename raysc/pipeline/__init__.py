@@ -26,7 +26,7 @@ from ..experiment import Ensemble, Experiment
 from ..leaderboard import leaderboard
 from ..search_space import load_search_space
 from .config import BUILTIN, CROSSFIT_CANDIDATES, PipelineConfig, load_pipeline
-from .stages import Context, execute, stage_sequence, with_pretrained
+from .stages import Context, ended_early, execute, stage_sequence, with_pretrained
 from .state import PipelineState
 
 __all__ = [
@@ -120,6 +120,8 @@ def run_pipeline(
         )
         for stage in stage_sequence(ctx):
             ctx.outputs[stage.name] = execute(ctx, stage)
+        if said := ended_early(ctx):
+            ctx.say(said)
         final = ctx.final()
         return PipelineResult(
             final,

@@ -22,10 +22,11 @@ from ..budget import MIN_SEARCH_MINUTES, Budget
 from ..config import make_config
 from ..crossfit import crossfit_ensemble, crossfit_pseudo_round
 from ..datafolder import PreparedData
-from ..distributed import init_ray, measure_plan, parallel_slots, train
+from ..distributed import build_features, init_ray, largest_node_cpus, measure_plan, parallel_slots, train
 from ..ensemble import build_ensemble
 from ..errors import ConfigError, RayscError
 from ..experiment import OUT_OF_FOLD, Ensemble, Experiment, final_ensemble
+from ..models import apply_overrides, model_class
 from ..plan import describe, kept, restore_space
 from ..plots import write_plots
 from ..pseudo_candidates import write_candidates
@@ -34,6 +35,7 @@ from ..refit import refit_ensemble
 from ..search import resolve_resources, search
 from ..search_space import Resources, SearchSpace, load_search_space
 from ..submission import make_submission
+from ..trunks import unavailable as trunk_unavailable
 from .config import PipelineConfig
 from .state import PipelineState
 
@@ -141,8 +143,30 @@ def execute(ctx: Context, stage: Stage) -> Any:
     return record
 
 
+def ended_early(ctx: Context) -> str | None:
+    """With a budget of which more than a fifth is left after the last stage: what ended the run
+    (the caps of the pipeline file that every stage reached), and the final model's estimate."""
+    b, cfg = ctx.budget, ctx.cfg
+    if not b.limited or b.left() <= 0.2 * b.total:
+        return None
+    per_round = [sum(1 for rec in ctx.exp.records() if rec.round == r) for r in range(ctx.searched_rounds)]
+    reached = [f"round {r} ran its {n} of {cfg.trials} trials (`trials`)" for r, n in enumerate(per_round)]
+    if ctx.crossfit:
+        reached.append(f"cross-fitting took at most its {ctx.crossfit} best configurations (`crossfit`)")
+        if cfg.rounds > 1:
+            reached.append(f"{cfg.rounds - 1} pseudo-label round(s) of the fold models (`rounds`)")
+    final = ctx.final()
+    estimate = "out of fold" if final.fold == OUT_OF_FOLD else f"on validation fold {final.fold}"
+    return (
+        f"[pipeline] ended with {b.left():.1f} of {b.total:g} min unused: {'; '.join(reached)}. Final "
+        f"{final.name}: macro accuracy {final.metrics['macro_accuracy']:.4f} {estimate}. A pipeline file with "
+        "larger `trials`, `crossfit` or `rounds` spends more of the budget"
+    )
+
+
 def stage_sequence(ctx: Context) -> Iterator[Stage]:
     """The stages in order; each is yielded after the one before it ran (``ctx.outputs``)."""
+    yield Trunks()
     yield Plan()
     yield Pretrain()
     for r in range(ctx.searched_rounds):
@@ -162,6 +186,70 @@ def stage_sequence(ctx: Context) -> Iterator[Stage]:
     yield Refit()
     yield Submit()
     yield Plots()
+
+
+def trunk_members(space: SearchSpace) -> dict[str, str]:
+    """Backbone -> trunk, for the space's members whose front end is a pretrained trunk."""
+    out = {}
+    for name, (own_fixed, _) in space.backbones.items():
+        cfg = make_config({**space.fixed, **dict(own_fixed), "backbone": name}, where=f"{space.path} {name}")
+        frontend = apply_overrides(model_class(name).config_class(), dict(cfg.model), where=name).frontend
+        if frontend.trunk:
+            out[name] = frontend.trunk
+    return out
+
+
+TRUNK_SHARE = 0.25  # of the budget left, for a trunk's embedding of every clip
+
+
+class Trunks(Stage):
+    """Make each trunk member's input ready before anything is timed: the trunk's weights (fetched
+    once per machine) and its embedding of every clip (the feature cache, built once per data
+    folder), or leave the member out, saying why (e.g. no package index reachable)."""
+
+    name = "trunks"
+
+    def skipped(self, ctx: Context) -> str | None:
+        return None if trunk_members(ctx.space) else "no member of the space uses a pretrained trunk"
+
+    def run(self, ctx: Context) -> dict[str, Any]:
+        sp = ctx.space
+        _, res = ctx.cluster()
+        kept, left_out = [], {}
+        for name, trunk in trunk_members(sp).items():
+            why = trunk_unavailable(trunk, progress=lambda line: ctx.say(f"[pipeline] trunks: {line}"))
+            if why:
+                ctx.say(f"[pipeline] trunks: {why}; the pipeline runs without {name}")
+                left_out[name] = why
+                continue
+            values = {**sp.fixed, **dict(sp.backbones[name][0]), "backbone": name}
+            train_cfg = make_config(values, where=f"{sp.path} {name}")
+            ctx.say(f"[pipeline] trunks: {name}: the {trunk} embedding of every clip of {ctx.data} ...")
+            # On a budget, the embedding may take a quarter of it: the member must leave time to train.
+            most = ctx.budget.left() * 60 * TRUNK_SHARE if ctx.budget.limited else None
+            # One trial's share of a GPU where there are GPUs; else a whole node's CPUs: it is one
+            # pass over every clip that all the trials wait for.
+            gpus = res.gpus_per_worker
+            cpus = res.cpus_per_worker if gpus else max(res.cpus_per_worker, largest_node_cpus(ctx.address))
+            built = build_features(train_cfg, ctx.data, cpus=cpus, gpus=gpus, max_seconds=most, address=ctx.address)
+            if built["path"] is None:
+                why = (
+                    f"its embedding of {built['clips']} clips would take about {built['estimate'] / 60:.1f} min here, "
+                    f"more than {TRUNK_SHARE:.0%} of the {ctx.budget.left():.1f} min left"
+                )
+                ctx.say(f"[pipeline] trunks: {name}: {why}; the pipeline runs without {name}")
+                left_out[name] = why
+                continue
+            ctx.say(f"[pipeline] trunks: {name}: {built['clips']} clips in {built['path']} ({built['seconds']:.0f} s)")
+            kept.append(name)
+        return {"kept": kept, "left_out": left_out}
+
+    def apply(self, ctx: Context, record: Any) -> None:
+        left = set(record["left_out"])
+        if left:
+            kept = {k: v for k, v in ctx.space.backbones.items() if k not in left}
+            start = tuple(p for p in ctx.space.start if p.get("backbone") not in left)
+            ctx.space = dataclasses.replace(ctx.space, backbones=kept, start=start)
 
 
 class Plan(Stage):

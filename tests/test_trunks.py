@@ -1,0 +1,198 @@
+"""Pretrained trunks: raysc's aisfx network and front end give the original package's numbers; its
+weights come from the package index, checked against their pinned hash; a trunk member trains a
+head on the cached embedding with the trunk frozen; without the index the pipeline leaves the
+member out and says why."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_config
+
+from raysc import trunks
+from raysc.budget import Budget
+from raysc.datafolder import load_dataset
+from raysc.errors import RayscError
+from raysc.experiment import Experiment
+from raysc.feature_cache import CACHE_DIR, FeatureCache
+from raysc.frontend import FRONTENDS
+from raysc.models import load_model
+from raysc.pipeline import PipelineConfig
+from raysc.pipeline.stages import Context, Trunks, trunk_members
+from raysc.pipeline.state import PipelineState
+from raysc.search_space import Resources, load_search_space
+from raysc.train import fit
+from raysc.trunks.aisfx import AisfxEmbedding
+
+SR = 44100
+
+# Computed once with the aisfx 0.1.2 package's own code on the signal below: its Essentia front
+# end (essentia 2.1b6.dev1389: FrameCutter 2048/1024, Windowing hann, Spectrum, MelBands 96 htkMel
+# warping unit_sum power, log10(1e4 x + 1)) and its EmbeddingNet with the published weights, on
+# the spectrogram divided by 9.457798957824707 in blocks of 100 frames every 50.
+REF_FRAMES = 217
+REF_LOGMEL_MEAN = 1.1459221
+REF_LOGMEL = [  # frames 0, 50, ..., 200; bands 0, 24, 48, 72 (before the division)
+    [6.2737, 4.20359, 3.53974, 1.10705],
+    [0.302, 0.02375, 0.01534, 0.0],
+    [0.31061, 0.02581, 0.02024, 0.0],
+    [0.7203, 0.7027, 1.80698, 0.0327],
+    [0.27243, 0.0268, 0.0, 4.62952],
+]
+REF_BLOCKS = [  # the first 6 of 512 values of each block's embedding
+    [2.2961, 1.62711, 1.45824, 0.68427, 2.08773, 4.89588],
+    [1.9813, 0.64669, 1.61812, 0.38981, 1.95844, 4.95827],
+    [1.98297, 1.33353, 1.91045, 0.41373, 1.22304, 5.49588],
+]
+REF_BLOCK_MEAN = [1.96397, 1.89297, 1.8651]
+REF_BLOCK_STD = [1.47581, 1.43689, 1.45399]
+
+
+def _signal(seconds: float = 5.0) -> np.ndarray:
+    t = np.arange(int(SR * seconds)) / SR
+    x = 0.3 * np.sin(2 * np.pi * 440 * t) + 0.2 * np.sin(2 * np.pi * (200 + 900 * t) * t)
+    x += 0.05 * np.sin(2 * np.pi * 3000 * t) * (t % 1.0 < 0.5)
+    x += 0.02 * np.sin(1e5 * t**2)
+    return x.astype(np.float32)
+
+
+def test_the_aisfx_trunk_gives_the_original_packages_numbers():
+    net = AisfxEmbedding(SR).eval()
+    trunks.load_pretrained(net, "aisfx")  # fetched into the user's cache on first use
+    wave = torch.from_numpy(_signal())[None]
+    with torch.no_grad():
+        logmel = net.logmel(wave)[0].numpy() * net.cfg.input_max
+        blocks = net.block_embeddings(wave)[0].numpy()
+        clip = net(wave)[0].numpy()
+    assert logmel.shape == (REF_FRAMES, 96)
+    np.testing.assert_allclose(logmel[::50, ::24], REF_LOGMEL, atol=2e-3)
+    assert logmel.mean() == pytest.approx(REF_LOGMEL_MEAN, abs=1e-4)
+    assert blocks.shape == (3, 512)
+    np.testing.assert_allclose(blocks[:, :6], REF_BLOCKS, atol=2e-3)
+    np.testing.assert_allclose(blocks.mean(axis=1), REF_BLOCK_MEAN, atol=1e-3)
+    np.testing.assert_allclose(blocks.std(axis=1), REF_BLOCK_STD, atol=1e-3)
+    # A clip's embedding: the blocks' mean, then their standard deviation.
+    np.testing.assert_allclose(clip, np.concatenate([blocks.mean(0), blocks.std(0)]), rtol=1e-5, atol=1e-6)
+
+
+def test_a_cached_file_that_is_not_the_pinned_one_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv("RAYSC_CACHE", str(tmp_path))
+    path = trunks.weights_path("aisfx")
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"not the weights")
+    with pytest.raises(RayscError, match=r"not the pinned aisfx weights \(SHA-256 differs\); delete it to fetch again"):
+        trunks.load_weights("aisfx")
+
+
+def _no_index(monkeypatch, tmp_path) -> None:
+    """pip with no package index and nothing to find: as on a machine that cannot reach one."""
+    monkeypatch.setenv("RAYSC_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(tmp_path))
+
+
+def test_a_trunk_that_cannot_be_fetched_is_one_line_naming_the_package(tmp_path, monkeypatch):
+    _no_index(monkeypatch, tmp_path)
+    said = []
+    with pytest.raises(trunks.TrunkUnavailable, match=r"the aisfx trunk: `pip download aisfx==0.1.2` failed \(.+\)$"):
+        trunks.fetch("aisfx", progress=said.append)
+    assert said == [
+        "fetching the aisfx trunk's weights: aisfx/models/checkpoint.pth from aisfx==0.1.2 on the package index"
+    ]
+    assert not trunks.weights_path("aisfx").exists()
+
+
+def test_without_the_index_the_pipeline_leaves_the_trunk_member_out_and_says_why(prepared, tmp_path, monkeypatch):
+    _no_index(monkeypatch, tmp_path)
+    space = load_search_space("default")
+    assert trunk_members(space) == {"aisfx": "aisfx"}  # the default uses the trunk
+    exp = Experiment(tmp_path / "exp")
+    lines = []
+    ctx = Context(
+        cfg=PipelineConfig(),
+        exp=exp,
+        dataset=prepared,
+        data=str(prepared.out),
+        budget=Budget(None),
+        state=PipelineState(exp, {}, {}),
+        address=None,
+        say=lines.append,
+        space=space,
+        crossfit=0,
+        _cluster=({"CPU": 2.0}, Resources(workers=1, gpus_per_worker=0.0, cpus_per_worker=1.0)),
+    )
+    stage = Trunks()
+    record = stage.run(ctx)
+    stage.apply(ctx, record)
+    assert record["kept"] == [] and set(record["left_out"]) == {"aisfx"}
+    assert any(
+        line.startswith("[pipeline] trunks: the aisfx trunk: `pip download aisfx==0.1.2` failed (")
+        and line.endswith("; the pipeline runs without aisfx")
+        for line in lines
+    ), lines
+    assert "aisfx" not in ctx.space.backbones and set(ctx.space.backbones) == set(space.backbones) - {"aisfx"}
+    assert all(p.get("backbone") != "aisfx" for p in ctx.space.start)
+
+
+def test_a_trunk_member_trains_its_head_on_the_cached_embedding_with_the_trunk_frozen(prepared, tmp_path):
+    cfg = dataclasses.replace(
+        tiny_config(backbone="aisfx", model={}, epochs=2, lr=1e-2), spec_augment=1, mixup_alpha=0.2
+    )
+    out = tmp_path / "run"
+    fit(cfg, prepared.out, out_dir=out)
+    model = load_model(out / "model.pt")
+    published = AisfxEmbedding(prepared.store.spec.sample_rate)
+    trunks.load_pretrained(published, "aisfx")
+    # The trunk kept its published weights and batch-norm statistics; only the head learnt.
+    for name, tensor in published.state_dict().items():
+        assert torch.equal(model.frontend.trunk.state_dict()[name], tensor), name
+    # The embedding of every clip was cached once, [clips, 1, 1024], and the saved model (its
+    # trunk included) gives the same probabilities from the waveform as from the cache.
+    cache = FeatureCache.existing(prepared.out, prepared.store, model.cfg.frontend)
+    assert cache is not None and cache.features.shape == (len(prepared.store), 1, 1024)
+    names = prepared.store.filenames[:6]
+    wave = torch.from_numpy(prepared.store.load(names))
+    city, time = torch.zeros(len(names), dtype=torch.long), torch.zeros(len(names), 7)
+    with torch.no_grad():
+        from_wave = model(wave, city, time)
+        from_cache = model(wave, city, time, spec=torch.from_numpy(cache.load(names)))
+    torch.testing.assert_close(from_wave, from_cache, rtol=1e-4, atol=1e-4)
+
+
+def test_a_trunk_whose_embedding_would_take_too_much_of_the_budget_is_left_out(local_ray, prepared, tmp_path):
+    # A copy of the data folder without feature caches (another test may have embedded its clips).
+    shutil.copytree(prepared.out, tmp_path / "data", ignore=shutil.ignore_patterns(CACHE_DIR))
+    prepared = load_dataset(tmp_path / "data")
+    exp = Experiment(tmp_path / "exp")
+    lines = []
+    ctx = Context(
+        cfg=PipelineConfig(),
+        exp=exp,
+        dataset=prepared,
+        data=str(prepared.out),
+        budget=Budget(0.01, clock=lambda: 0.0),  # 0.6 s left, never less
+        state=PipelineState(exp, {}, {}),
+        address=None,
+        say=lines.append,
+        space=load_search_space("default"),
+        crossfit=0,
+        _cluster=({"CPU": 2.0}, Resources(workers=1, gpus_per_worker=0.0, cpus_per_worker=1.0)),
+    )
+    stage = Trunks()
+    record = stage.run(ctx)
+    stage.apply(ctx, record)
+    assert record["kept"] == [] and "aisfx" not in ctx.space.backbones
+    said = [line for line in lines if line.startswith("[pipeline] trunks: aisfx: its embedding of ")]
+    assert said and re.search(
+        rf"of {len(prepared.store)} clips would take about \d+\.\d min here, more than 25% of the 0\.0 min left; "
+        "the pipeline runs without aisfx$",
+        said[0],
+    ), lines
+    # Nothing was built: the estimate came from a few clips.
+    frontend = FRONTENDS["aisfx"].at_rate(prepared.store.spec.sample_rate)
+    assert FeatureCache.existing(prepared.out, prepared.store, frontend) is None
