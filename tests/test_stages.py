@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pandas as pd
 
 from raysc.budget import Budget
-from raysc.experiment import Ensemble, Experiment
+from raysc.experiment import Ensemble, Experiment, Member
 from raysc.pipeline import PipelineConfig
 from raysc.pipeline import stages as stages_module
 from raysc.pipeline.stages import Context, Plots, Refit, Submit, execute
@@ -101,17 +101,26 @@ def test_a_run_that_ends_with_most_of_its_budget_left_says_which_caps_ended_it(t
     exp.root.mkdir()
     for i in range(3):
         _record(exp, f"t{i}", 0)
-    _ensemble(exp, "crossfit-topk5", 0.8)
+    members = tuple(Member(f"t{i}", 0, "stats", f"crossfit/t{i}/fold-0/model.pt", 1.0) for i in range(2))
+    ens = Ensemble("crossfit-topk5", "topk", members, -1, "data", 1.0, False, {"macro_accuracy": 0.8, "score": 0.8})
+    exp.save_ensemble(ens, pd.DataFrame({"filename": ["a.wav"]}))
     lines: list[str] = []
-    ctx = dataclasses.replace(_context(exp, lines), cfg=PipelineConfig(trials=3, rounds=2), crossfit=10)
+    ctx = dataclasses.replace(_context(exp, lines), cfg=PipelineConfig(trials=3, rounds=2), crossfit=2)
+    ctx.outputs = {"crossfit": ["crossfit-topk5"], "pseudo-round-1": "crossfit-topk5-pseudo1"}
     assert stages_module.ended_early(ctx) is None  # no budget: nothing to say
     now = [0.0]
     ctx = dataclasses.replace(ctx, budget=Budget(60.0, clock=lambda: now[0]))
     now[0] = 15 * 60.0  # 15 of 60 minutes used
     said = stages_module.ended_early(ctx)
-    assert said.startswith("[pipeline] ended with 45.0 of 60 min unused: round 0 ran its 3 of 3 trials (`trials`)")
-    assert "cross-fitting took at most its 10 best configurations (`crossfit`)" in said
-    assert "1 pseudo-label round(s) of the fold models (`rounds`)" in said
-    assert "Final crossfit-topk5: macro accuracy 0.8000 on validation fold 0" in said
+    assert said == (
+        "[pipeline] ended with 45.0 of 60 min unused: round 0 ran all 3 of its trials (`trials`); cross-fitting "
+        "took its 2 best configurations (`crossfit`); the 1 pseudo-label round(s) ran (`rounds`). Final "
+        "crossfit-topk5: macro accuracy 0.8000 out of fold. A pipeline file with larger `trials`, `crossfit` or "
+        "`rounds` spends more of it"
+    )
+    # No cap reached (the clock ended the search, cross-fitting took fewer): the reserve was unspent.
+    ctx = dataclasses.replace(ctx, cfg=PipelineConfig(trials=50, rounds=1), crossfit=10)
+    said = stages_module.ended_early(ctx)
+    assert "unused: the time kept for inference and the submission was more than they took. Final" in said
     now[0] = 50 * 60.0  # 50 of 60 used: less than a fifth left, nothing to say
     assert stages_module.ended_early(ctx) is None

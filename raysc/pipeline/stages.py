@@ -145,22 +145,30 @@ def execute(ctx: Context, stage: Stage) -> Any:
 
 def ended_early(ctx: Context) -> str | None:
     """With a budget of which more than a fifth is left after the last stage: what ended the run
-    (the caps of the pipeline file that every stage reached), and the final model's estimate."""
+    (the caps of the pipeline file that the stages reached, or the time kept for inference),
+    and the final model's estimate."""
     b, cfg = ctx.budget, ctx.cfg
     if not b.limited or b.left() <= 0.2 * b.total:
         return None
-    per_round = [sum(1 for rec in ctx.exp.records() if rec.round == r) for r in range(ctx.searched_rounds)]
-    reached = [f"round {r} ran its {n} of {cfg.trials} trials (`trials`)" for r, n in enumerate(per_round)]
-    if ctx.crossfit:
-        reached.append(f"cross-fitting took at most its {ctx.crossfit} best configurations (`crossfit`)")
-        if cfg.rounds > 1:
-            reached.append(f"{cfg.rounds - 1} pseudo-label round(s) of the fold models (`rounds`)")
+    records = ctx.exp.records()
+    reached = []
+    for r in range(ctx.searched_rounds):
+        if sum(1 for rec in records if rec.round == r) >= cfg.trials:
+            reached.append(f"round {r} ran all {cfg.trials} of its trials (`trials`)")
+    crossfitted = ctx.outputs.get("crossfit") or []
+    if crossfitted:
+        configurations = {m.trial_id for m in ctx.exp.load_ensemble(crossfitted[0]).members}
+        if len(configurations) >= ctx.crossfit:
+            reached.append(f"cross-fitting took its {ctx.crossfit} best configurations (`crossfit`)")
+    if cfg.rounds > 1 and all(ctx.outputs.get(f"pseudo-round-{r}") for r in range(1, cfg.rounds)):
+        reached.append(f"the {cfg.rounds - 1} pseudo-label round(s) ran (`rounds`)")
+    why = "; ".join(reached) or "the time kept for inference and the submission was more than they took"
     final = ctx.final()
     estimate = "out of fold" if final.fold == OUT_OF_FOLD else f"on validation fold {final.fold}"
+    more = ". A pipeline file with larger `trials`, `crossfit` or `rounds` spends more of it" if reached else ""
     return (
-        f"[pipeline] ended with {b.left():.1f} of {b.total:g} min unused: {'; '.join(reached)}. Final "
-        f"{final.name}: macro accuracy {final.metrics['macro_accuracy']:.4f} {estimate}. A pipeline file with "
-        "larger `trials`, `crossfit` or `rounds` spends more of the budget"
+        f"[pipeline] ended with {b.left():.1f} of {b.total:g} min unused: {why}. Final {final.name}: "
+        f"macro accuracy {final.metrics['macro_accuracy']:.4f} {estimate}{more}"
     )
 
 
