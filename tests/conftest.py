@@ -102,6 +102,17 @@ def prepared(synth_dir, tmp_path_factory: pytest.TempPathFactory) -> PreparedDat
 
 
 @pytest.fixture(scope="session")
+def prepared_with_aisfx(prepared) -> PreparedData:
+    """``prepared`` with the aisfx trunk's embedding of every clip in its feature cache (the
+    weights fetched into the user's cache first): a data folder a pipeline with the trunk used."""
+    from raysc.feature_cache import FeatureCache
+    from raysc.frontend import FRONTENDS
+
+    FeatureCache.ensure(prepared.out, prepared.store, FRONTENDS["aisfx"].at_rate(prepared.store.spec.sample_rate))
+    return prepared
+
+
+@pytest.fixture(scope="session")
 def with_pretrain(synth_dir, tmp_path_factory: pytest.TempPathFactory) -> PreparedData:
     """The tiny data set, prepared with its TAU- and CochlScene-format pretraining clips."""
     raw = synth_dir[0]

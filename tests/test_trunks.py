@@ -139,7 +139,8 @@ def test_without_the_index_the_pipeline_leaves_the_trunk_member_out_and_says_why
     assert all(p.get("backbone") != "aisfx" for p in ctx.space.start)
 
 
-def test_a_trunk_member_trains_its_head_on_the_cached_embedding_with_the_trunk_frozen(prepared, tmp_path):
+def test_a_trunk_member_trains_its_head_on_the_cached_embedding_with_the_trunk_frozen(prepared_with_aisfx, tmp_path):
+    prepared = prepared_with_aisfx
     cfg = dataclasses.replace(
         tiny_config(backbone="aisfx", model={}, epochs=2, lr=1e-2), spec_augment=1, mixup_alpha=0.2
     )
