@@ -4,6 +4,7 @@ training config, a small search space). No test file imports another."""
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import subprocess
 import sys
@@ -203,6 +204,26 @@ def tiny_config(**kw) -> TrainConfig:
         **kw,
     }
     return make_config(values)
+
+
+def tiny_gpu_recipe(folder: Path, *, fixed: dict | None = None, **sections) -> Path:
+    """The shipped GPU recipe (`raysc pipeline gpu`), its DDP settings as they are, cut to what CI
+    trains on 2 cores: its space's ``sections`` replaced (backbones at a tiny width for 1 s clips),
+    ``fixed`` added to its fixed values, no start points; one round of 2 trials, one member, no
+    cross-fitting, no pretraining (pretraining runs through the same DDP call as the refit)."""
+    from raysc.pipeline import BUILTIN
+    from raysc.search_space import SPACES_DIR
+
+    space = yaml.safe_load((SPACES_DIR / "gpu.yaml").read_text())
+    space["fixed"] = {**space["fixed"], "warmup_steps": 1, **(fixed or {})}
+    space |= {"start": [], **sections}
+    (folder / "gpu-tiny.yaml").write_text(yaml.safe_dump(space))
+    recipe = dataclasses.asdict(BUILTIN["gpu"])
+    recipe |= {"space": str(folder / "gpu-tiny.yaml"), "rounds": 1, "trials": 2, "ensemble_k": 1, "crossfit": 0}
+    recipe |= {"pretrain": None, "session_smoothing": False}
+    path = folder / "gpu-tiny-pipeline.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
 
 
 def write_space(path: Path, **sections) -> Path:

@@ -5,7 +5,6 @@ from checkpoints elsewhere, and the job ends with a valid submission."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import subprocess
 import sys
@@ -13,10 +12,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import FRONTEND
+from conftest import FRONTEND, tiny_gpu_recipe
 
 from raysc.experiment import Experiment
-from raysc.pipeline import BUILTIN
 from raysc.search_space import SPACES_DIR
 from raysc.submission import check_submission_file
 
@@ -26,23 +24,18 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _gpu_recipe_one_gpu_per_trial(tmp_path: Path) -> Path:
-    """The shipped GPU recipe with one backbone at a tiny width, a whole (logical) GPU and one CPU
-    per trial, and epochs of a few seconds (small batches, no early stopping): long enough that a
+    """The GPU recipe with one backbone at a tiny width, a whole (logical) GPU and one CPU per
+    trial, and epochs of a few seconds (small batches, no early stopping): long enough that a
     node can go while its trial trains."""
-    space = yaml.safe_load((SPACES_DIR / "gpu.yaml").read_text())
-    space["backbones"] = {"mobileascnet": {"model.width": 0.25, "model.frontend": FRONTEND}}
-    space["fixed"] = {**space["fixed"], "warmup_steps": 1, "batch_size": 8}
-    space["params"] = {"lr": space["params"]["lr"]}
-    space["start"] = []
-    space["resources"] = {"workers": 1, "gpus_per_worker": 1, "cpus_per_worker": 1}
-    space["scheduler"] = {"grace_steps": 10_000, "reduction_factor": 2, "max_epochs": 5}
-    (tmp_path / "gpu-tiny.yaml").write_text(yaml.safe_dump(space))
-    recipe = dataclasses.asdict(BUILTIN["gpu"])
-    recipe |= {"space": str(tmp_path / "gpu-tiny.yaml"), "rounds": 1, "trials": 2, "ensemble_k": 1, "crossfit": 0}
-    recipe |= {"pretrain": None, "session_smoothing": False}
-    path = tmp_path / "gpu-tiny-pipeline.yaml"
-    path.write_text(yaml.safe_dump(recipe))
-    return path
+    lr = yaml.safe_load((SPACES_DIR / "gpu.yaml").read_text())["params"]["lr"]
+    return tiny_gpu_recipe(
+        tmp_path,
+        fixed={"batch_size": 8},
+        params={"lr": lr},
+        backbones={"mobileascnet": {"model.width": 0.25, "model.frontend": FRONTEND}},
+        resources={"workers": 1, "gpus_per_worker": 1, "cpus_per_worker": 1},
+        scheduler={"grace_steps": 10_000, "reduction_factor": 2, "max_epochs": 5},
+    )
 
 
 def test_the_pipeline_as_a_job_on_a_fake_autoscaling_cluster_survives_a_node_removed_mid_search(learnable, tmp_path):

@@ -4,7 +4,6 @@ trial's resources, the fall-back to CPUs said in one line, and every resource re
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import subprocess
 import sys
@@ -12,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import FRONTEND
+from conftest import FRONTEND, tiny_gpu_recipe
 
 from raysc.pipeline import BUILTIN
 from raysc.search_space import SPACES_DIR
@@ -22,23 +21,14 @@ pytestmark = pytest.mark.slow
 
 
 def _tiny_gpu_recipe(tmp_path: Path) -> Path:
-    """The shipped GPU recipe with its resources and DDP settings as they are, two of its
-    backbones at a tiny width for 1 s clips, one epoch each: what CI can train on 2 cores."""
-    space = yaml.safe_load((SPACES_DIR / "gpu.yaml").read_text())
-    tiny = {"model.width": 0.25, "model.frontend": FRONTEND}
-    space["backbones"] = {"stats": space["backbones"]["stats"], "mobileascnet": {**tiny}}
-    space["backbones"]["stats"] = {**space["backbones"]["stats"], "model.frontend": FRONTEND, "model.codebook": 8}
-    space["fixed"] = {**space["fixed"], "warmup_steps": 1}
-    space["start"] = []
-    space["scheduler"] = {"grace_steps": 1, "reduction_factor": 2, "max_epochs": 1}
-    (tmp_path / "gpu-tiny.yaml").write_text(yaml.safe_dump(space))
-    recipe = dataclasses.asdict(BUILTIN["gpu"])
-    recipe |= {"space": str(tmp_path / "gpu-tiny.yaml"), "rounds": 1, "trials": 2, "ensemble_k": 1, "crossfit": 0}
-    # Pretraining runs through the same `train` call with ddp_workers; the refit stands for both.
-    recipe |= {"pretrain": None, "session_smoothing": False}
-    path = tmp_path / "gpu-tiny-pipeline.yaml"
-    path.write_text(yaml.safe_dump(recipe))
-    return path
+    """The GPU recipe with its resources as they are, two of its backbones at a tiny width, one
+    epoch each."""
+    shipped = yaml.safe_load((SPACES_DIR / "gpu.yaml").read_text())["backbones"]["stats"]
+    stats = {**shipped, "model.frontend": FRONTEND, "model.codebook": 8}
+    backbones = {"stats": stats, "mobileascnet": {"model.width": 0.25, "model.frontend": FRONTEND}}
+    return tiny_gpu_recipe(
+        tmp_path, backbones=backbones, scheduler={"grace_steps": 1, "reduction_factor": 2, "max_epochs": 1}
+    )
 
 
 def test_the_gpu_recipe_on_logical_gpus_runs_ddp_stages_and_releases_everything(prepared, tmp_path):

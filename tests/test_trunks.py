@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,7 +17,7 @@ from conftest import tiny_config
 
 from raysc import trunks
 from raysc.budget import Budget
-from raysc.datafolder import load_dataset
+from raysc.datafolder import PreparedData, load_dataset
 from raysc.errors import RayscError
 from raysc.experiment import Experiment
 from raysc.feature_cache import CACHE_DIR, FeatureCache
@@ -107,25 +108,32 @@ def test_a_trunk_that_cannot_be_fetched_is_one_line_naming_the_package(tmp_path,
     assert not trunks.weights_path("aisfx").exists()
 
 
+def _context(data: PreparedData, exp: Path, lines: list[str], budget: Budget) -> Context:
+    """The pipeline's context for the trunks stage: the default space, one CPU per trial on a
+    2-CPU machine (given, so that nothing starts Ray before the stage needs it)."""
+    exp = Experiment(exp)
+    res = Resources(workers=1, gpus_per_worker=0.0, cpus_per_worker=1.0)
+    return Context(
+        cfg=PipelineConfig(),
+        exp=exp,
+        dataset=data,
+        data=str(data.out),
+        budget=budget,
+        state=PipelineState(exp, {}, {}),
+        address=None,
+        say=lines.append,
+        space=load_search_space("default"),
+        crossfit=0,
+        _cluster=({"CPU": 2.0}, res),
+    )
+
+
 def test_without_the_index_the_pipeline_leaves_the_trunk_member_out_and_says_why(prepared, tmp_path, monkeypatch):
     _no_index(monkeypatch, tmp_path)
     space = load_search_space("default")
     assert trunk_members(space) == {"aisfx": "aisfx"}  # the default uses the trunk
-    exp = Experiment(tmp_path / "exp")
     lines = []
-    ctx = Context(
-        cfg=PipelineConfig(),
-        exp=exp,
-        dataset=prepared,
-        data=str(prepared.out),
-        budget=Budget(None),
-        state=PipelineState(exp, {}, {}),
-        address=None,
-        say=lines.append,
-        space=space,
-        crossfit=0,
-        _cluster=({"CPU": 2.0}, Resources(workers=1, gpus_per_worker=0.0, cpus_per_worker=1.0)),
-    )
+    ctx = _context(prepared, tmp_path / "exp", lines, Budget(None))
     stage = Trunks()
     record = stage.run(ctx)
     stage.apply(ctx, record)
@@ -169,21 +177,8 @@ def test_a_trunk_whose_embedding_would_take_too_much_of_the_budget_is_left_out(l
     # A copy of the data folder without feature caches (another test may have embedded its clips).
     shutil.copytree(prepared.out, tmp_path / "data", ignore=shutil.ignore_patterns(CACHE_DIR))
     prepared = load_dataset(tmp_path / "data")
-    exp = Experiment(tmp_path / "exp")
     lines = []
-    ctx = Context(
-        cfg=PipelineConfig(),
-        exp=exp,
-        dataset=prepared,
-        data=str(prepared.out),
-        budget=Budget(0.01, clock=lambda: 0.0),  # 0.6 s left, never less
-        state=PipelineState(exp, {}, {}),
-        address=None,
-        say=lines.append,
-        space=load_search_space("default"),
-        crossfit=0,
-        _cluster=({"CPU": 2.0}, Resources(workers=1, gpus_per_worker=0.0, cpus_per_worker=1.0)),
-    )
+    ctx = _context(prepared, tmp_path / "exp", lines, Budget(0.01, clock=lambda: 0.0))  # 0.6 s left, never less
     stage = Trunks()
     record = stage.run(ctx)
     stage.apply(ctx, record)
