@@ -192,3 +192,14 @@ def test_a_trunk_whose_embedding_would_take_too_much_of_the_budget_is_left_out(l
     # Nothing was built: the estimate came from a few clips.
     frontend = FRONTENDS["aisfx"].at_rate(prepared.store.spec.sample_rate)
     assert FeatureCache.existing(prepared.out, prepared.store, frontend) is None
+
+
+def test_an_unknown_trunk_or_a_head_without_one_is_refused_by_name():
+    from raysc.errors import ConfigError
+    from raysc.frontend import FrontendConfig
+    from raysc.models import create_model
+
+    with pytest.raises(ConfigError, match=r"unknown trunk 'panns' \(valid: aisfx\)"):
+        FrontendConfig(trunk="panns")
+    with pytest.raises(ConfigError, match=r"aisfx: a trunk head needs a front end with a trunk \(frontend.trunk\)"):
+        create_model("aisfx", frontend={"trunk": None})

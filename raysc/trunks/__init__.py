@@ -11,6 +11,7 @@ it, checked against a pinned SHA-256, and kept in the user's cache (``$RAYSC_CAC
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -130,12 +131,21 @@ def load_weights(name: str, *, progress: Callable[[str], None] = log.info) -> di
     """The trunk's tensors (names without the file's prefix), fetched first when missing, read
     with ``weights_only=True``: the file is a pickle of (state dict, dataset table) whose only
     object beyond tensors and plain values is numpy's scalar type, allowed by name."""
-    t, path = trunk(name), fetch(name, progress=progress)
-    if _sha256(path) != t.sha256:
+    path = fetch(name, progress=progress)
+    stat = path.stat()
+    # Every network built for training loads them: the file is hashed and read once per process
+    # (again only if it changes).
+    return dict(_verified_tensors(name, str(path), stat.st_size, stat.st_mtime_ns))
+
+
+@functools.lru_cache(maxsize=4)
+def _verified_tensors(name: str, path: str, size: int, mtime_ns: int) -> dict[str, torch.Tensor]:
+    t = trunk(name)
+    if _sha256(Path(path)) != t.sha256:
         raise TrunkUnavailable(f"{path}: not the pinned {name} weights (SHA-256 differs); delete it to fetch again")
     # The pickle names numpy's scalar by its numpy 1 path; numpy 2 keeps it under numpy._core.
     scalar = (getattr(np, "_core", np).multiarray.scalar, "numpy.core.multiarray.scalar")
-    dtypes = [type(np.dtype(t)) for t in (np.int64, np.int32, np.float64, np.float32)]
+    dtypes = [type(np.dtype(kind)) for kind in (np.int64, np.int32, np.float64, np.float32)]
     with torch.serialization.safe_globals([scalar, np.dtype, *dtypes]):
         state, _datasets = torch.load(path, map_location="cpu", weights_only=True)
     return {k[len(t.prefix) :]: v for k, v in state.items() if k.startswith(t.prefix)}
