@@ -26,6 +26,7 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -44,7 +45,7 @@ from common import (  # the script folder is on sys.path
 )
 from floor import eval_score, floor_predictions
 
-from raysc.datafolder import load_dataset
+from raysc.datafolder import PreparedData, load_dataset
 from raysc.ensemble import smooth_sessions
 from raysc.experiment import Experiment, score_of
 from raysc.inference import predict_clips, predict_ensemble
@@ -80,10 +81,10 @@ def run_pipeline(name: str, data: Path, exp: Path, budget: float, seed: int) -> 
         for line in proc.stdout:
             lines.append(line)
             print(f"  [{name}] {line}", end="")
-            if line.startswith("[pipeline] ") and line.rstrip().endswith(" ..."):
+            if starts := re.fullmatch(r"\[pipeline\] (\S+) \.\.\.", line.rstrip()):  # a stage begins
                 now = time.perf_counter()
                 stages[current] = stages.get(current, 0) + now - started
-                current, started = line.split()[1], now
+                current, started = starts.group(1), now
     stages[current] = stages.get(current, 0) + time.perf_counter() - started
     if proc.returncode:
         raise SystemExit(f"{name} pipeline failed:\n{''.join(lines[-30:])}")
@@ -145,10 +146,17 @@ def score_pipeline(
 # Member families of the default space, for ablations: a trunk member reads a pretrained trunk's
 # embedding; the CNNs learn from the log-mel; `stats` (the log-mel statistics MLP) stays in each.
 FAMILIES = {"trunks": ("aisfx",), "cnns": ("mobileascnet", "setrans")}
+# Stages that an ablation can turn off, by the pipeline file's settings that do it.
+STAGES = {"repeats": {"repeats": 1}}
 
 
 def ablation(family: str, work: Path) -> Path:
-    """A pipeline file: the default pipeline on the default space without ``family``'s members."""
+    """A pipeline file: the default pipeline without ``family``'s members (on the default space
+    without them), or without a stage of ``STAGES``."""
+    pipeline_file = work / f"default-without-{family}.yaml"
+    if family in STAGES:
+        pipeline_file.write_text(yaml.safe_dump({**dataclasses.asdict(BUILTIN["default"]), **STAGES[family]}))
+        return pipeline_file
     space = yaml.safe_load((SPACES_DIR / "default.yaml").read_text())
     gone = set(FAMILIES[family])
     space["name"] = f"default-without-{family}"
@@ -156,9 +164,132 @@ def ablation(family: str, work: Path) -> Path:
     space["start"] = [p for p in space.get("start", []) if p["backbone"] not in gone]
     space_file = work / f"space-without-{family}.yaml"
     space_file.write_text(yaml.safe_dump(space))
-    pipeline_file = work / f"default-without-{family}.yaml"
     pipeline_file.write_text(yaml.safe_dump({**dataclasses.asdict(BUILTIN["default"]), "space": str(space_file)}))
     return pipeline_file
+
+
+def centred(work: Path) -> Path:
+    """A pipeline file: the default pipeline with its trunk members' embeddings centred per city
+    (``FrontendConfig.city_centred``), for the comparison of that setting."""
+    space = yaml.safe_load((SPACES_DIR / "default.yaml").read_text())
+    space["name"] = "default-centred"
+    for name in FAMILIES["trunks"]:
+        space["backbones"][name]["model.frontend"] = {"city_centred": True}
+    space_file = work / "space-centred.yaml"
+    space_file.write_text(yaml.safe_dump(space))
+    pipeline_file = work / "default-centred.yaml"
+    pipeline_file.write_text(yaml.safe_dump({**dataclasses.asdict(BUILTIN["default"]), "space": str(space_file)}))
+    return pipeline_file
+
+
+def floor_rows(data: PreparedData, data_dir: Path, ev: pd.DataFrame) -> list[dict]:
+    """The logistic-regression floor's rows: plain, smoothed, with the session rule, audio only,
+    with the aisfx embedding (as is and centred per city), with session labels."""
+    labelled = data.rows("labelled")
+    t0 = time.perf_counter()
+    floor = floor_predictions(data.store, labelled, ev, len(data.cities))
+    smoothed = smooth_sessions(floor, ev["session"].to_numpy())
+    results = [
+        {"system": "logistic regression (labelled clips)", "minutes": None, **eval_score(floor.argmax(1), ev)},
+        {
+            # What session smoothing alone adds: the pipeline's final ensemble smooths too.
+            "system": "logistic regression (labelled clips), session-smoothed",
+            "minutes": None,
+            **eval_score(smoothed.argmax(1), ev),
+        },
+    ]
+    # The floor with the submission's session rule: eval clips of labelled development
+    # sessions take their session's label (what the default pipeline's submission does).
+    as_probs = pd.DataFrame(smoothed, columns=list(CLASSES))
+    as_probs.insert(0, "filename", ev["filename"].to_numpy())
+    ruled, hit = apply_session_labels(as_probs, data.manifest, list(CLASSES))
+    results.append(
+        {
+            "system": "logistic regression (labelled clips), session-smoothed + eval session labels",
+            "minutes": None,
+            **eval_score(ruled[list(CLASSES)].to_numpy().argmax(1), ev),
+            "session_labelled": int(hit.sum()),
+        }
+    )
+    results.append(
+        {
+            # Audio alone: what the floor's seen cities owe to the city and time inputs.
+            "system": "logistic regression (labelled clips), audio only",
+            "minutes": None,
+            **eval_score(floor_predictions(data.store, labelled, ev, len(data.cities), features="audio").argmax(1), ev),
+        }
+    )
+    results.append(
+        {
+            # The floor with the aisfx trunk's embedding: what one linear model gets from it.
+            "system": "logistic regression (labelled clips) + aisfx embedding",
+            "minutes": None,
+            **eval_score(
+                floor_predictions(
+                    data.store, labelled, ev, len(data.cities), features="both+aisfx", data_dir=data_dir
+                ).argmax(1),
+                ev,
+            ),
+        }
+    )
+    results.append(
+        {
+            # The same, the embedding less its city's mean over the data folder (the trunk
+            # member's front end, FrontendConfig.city_centred).
+            "system": "logistic regression (labelled clips) + aisfx embedding, centred per city",
+            "minutes": None,
+            **eval_score(
+                floor_predictions(
+                    data.store, labelled, ev, len(data.cities), features="both+aisfx-centred", data_dir=data_dir
+                ).argmax(1),
+                ev,
+            ),
+        }
+    )
+    with_sessions = pd.concat([labelled, session_labelled(data, -1)])
+    results.append(
+        {
+            "system": "logistic regression (+ session labels)",
+            "minutes": None,
+            **eval_score(floor_predictions(data.store, with_sessions, ev, len(data.cities)).argmax(1), ev),
+        }
+    )
+    floor_minutes = (time.perf_counter() - t0) / 60
+    for f in results:
+        f["minutes"] = round(floor_minutes / 5, 2)  # five regressions trained
+        f["group"] = f["system"]
+    return results
+
+
+def pipeline_rows(args: argparse.Namespace, work: Path, data_dir: Path, ev: pd.DataFrame) -> list[dict]:
+    """Each pipeline (and ablation) once per seed on one data set, experiments under ``work``."""
+    results: list[dict] = []
+    variants = [str(ablation(f, work)) for f in args.without] + ([str(centred(work))] if args.centred else [])
+    for name in [*args.pipelines, *variants]:
+        finals = []
+        for seed in args.seeds:
+            # Seed 0 keeps the folder name of a single run, so --rescore finds earlier runs.
+            name_said = Path(name).stem  # an ablation's pipeline file by its name
+            exp = work / (f"exp-{name_said}" if seed == 0 else f"exp-{name_said}-seed{seed}")
+            label = f"pipeline {name_said}" + (f" (seed {seed})" if len(args.seeds) > 1 else "")
+            rows = score_pipeline(
+                name, label, exp, data_dir, ev, budget=args.time_budget, seed=seed, rescore=args.rescore
+            )
+            for r in rows:  # what the row is across runs: its system without the seed or members
+                r["group"] = r["system"].replace(label, f"pipeline {name_said}").split(" (")[0]
+            finals.append(rows[0])
+            results += rows
+        if len(finals) > 1:
+            results.append(
+                {
+                    "system": f"pipeline {name_said}: final ensemble, mean (sample sd) over seeds {args.seeds}",
+                    "group": None,  # already a summary
+                    "minutes": None if args.rescore else round(statistics.mean(r["minutes"] for r in finals), 1),
+                    **{k: statistics.mean(r[k] for r in finals) for k in ("eval", "seen", "unseen")},
+                    "sd": {k: statistics.stdev(r[k] for r in finals) for k in ("eval", "seen", "unseen")},
+                }
+            )
+    return results
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -183,112 +314,81 @@ def main(argv: list[str] | None = None) -> int:
         "--without",
         nargs="+",
         default=[],
-        choices=sorted(FAMILIES),
-        help="also run the default pipeline without each of these member families (ablations)",
+        choices=sorted([*FAMILIES, *STAGES]),
+        help="also run the default pipeline without each of these member families or stages (ablations)",
+    )
+    parser.add_argument(
+        "--centred",
+        action="store_true",
+        help="also run the default pipeline with its trunk embeddings centred per city (FrontendConfig.city_centred)",
+    )
+    parser.add_argument(
+        "--data-seeds",
+        nargs="+",
+        type=int,
+        default=[0],
+        help="synthesise the data once per seed (each in WORK/data-seed-S with several); the summary is the "
+        "mean and spread over every data seed and seed",
     )
     parser.add_argument("--smoke-test", action="store_true", help="tiny data, 3-minute budgets, for CI")
     args = parser.parse_args(argv)
+    if len(args.data_seeds) > 1 and (args.raw or args.data):
+        parser.error("several --data-seeds synthesise their own data: leave out --raw and --data")
+    results, shapes = [], []
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work or Path(tmp)
         if args.smoke_test:
             args.time_budget = 3.0
-        raw, data_dir = challenge_data(args.raw, args.data, work, smoke=args.smoke_test)
-        data = load_dataset(data_dir)
-        ev = data.manifest[data.manifest["subset"] == "eval"].merge(pd.read_csv(raw / EVAL_LABELS), on="filename")
-        labelled = data.rows("labelled")
-        t0 = time.perf_counter()
-        floor = floor_predictions(data.store, labelled, ev, len(data.cities))
-        smoothed = smooth_sessions(floor, ev["session"].to_numpy())
-        results = [
-            {"system": "logistic regression (labelled clips)", "minutes": None, **eval_score(floor.argmax(1), ev)},
+        for data_seed in args.data_seeds:
+            # One data seed keeps WORK's own layout, so --rescore finds earlier runs' folders.
+            here = work if len(args.data_seeds) == 1 else work / f"data-seed-{data_seed}"
+            raw, data_dir = challenge_data(args.raw, args.data, here, smoke=args.smoke_test, seed=data_seed)
+            data = load_dataset(data_dir)
+            ev = data.manifest[data.manifest["subset"] == "eval"].merge(pd.read_csv(raw / EVAL_LABELS), on="filename")
+            rows = floor_rows(data, data_dir, ev) + pipeline_rows(args, here, data_dir, ev)
+            results += [r | {"data_seed": data_seed} for r in rows]
+            shapes.append((len(ev), int((ev["city_idx"] == 0).sum()), len(data.rows("labelled"))))
+    summary = summarise(results)
+    return write_results(
+        "budget" + ("_smoke" if args.smoke_test else ""),
+        {"args": {k: str(v) for k, v in vars(args).items()}, "summary": summary, "results": results},
+        markdown(args, results, summary, shapes),
+    )
+
+
+def summarise(results: list[dict]) -> list[dict]:
+    """Per system (its ``group``), the mean and sample sd over every run of it (data seeds and
+    seeds); empty when every system ran once."""
+    groups: dict[str, list[dict]] = {}
+    for r in results:
+        if r.get("group"):
+            groups.setdefault(r["group"], []).append(r)
+    if all(len(runs) == 1 for runs in groups.values()):
+        return []
+    out = []
+    for group, runs in groups.items():
+        minutes = [r["minutes"] for r in runs if r.get("minutes") is not None]
+        out.append(
             {
-                # What session smoothing alone adds: the pipeline's final ensemble smooths too.
-                "system": "logistic regression (labelled clips), session-smoothed",
-                "minutes": None,
-                **eval_score(smoothed.argmax(1), ev),
-            },
-        ]
-        # The floor with the submission's session rule: eval clips of labelled development
-        # sessions take their session's label (what the default pipeline's submission does).
-        as_probs = pd.DataFrame(smoothed, columns=list(CLASSES))
-        as_probs.insert(0, "filename", ev["filename"].to_numpy())
-        ruled, hit = apply_session_labels(as_probs, data.manifest, list(CLASSES))
-        results.append(
-            {
-                "system": "logistic regression (labelled clips), session-smoothed + eval session labels",
-                "minutes": None,
-                **eval_score(ruled[list(CLASSES)].to_numpy().argmax(1), ev),
-                "session_labelled": int(hit.sum()),
+                "system": group,
+                "runs": len(runs),
+                "minutes": round(statistics.mean(minutes), 1) if minutes else None,
+                **{k: statistics.mean(r[k] for r in runs) for k in ("eval", "seen", "unseen")},
+                "sd": {
+                    k: statistics.stdev(r[k] for r in runs) if len(runs) > 1 else 0.0
+                    for k in ("eval", "seen", "unseen")
+                },
             }
         )
-        results.append(
-            {
-                # Audio alone: what the floor's seen cities owe to the city and time inputs.
-                "system": "logistic regression (labelled clips), audio only",
-                "minutes": None,
-                **eval_score(
-                    floor_predictions(data.store, labelled, ev, len(data.cities), features="audio").argmax(1), ev
-                ),
-            }
-        )
-        results.append(
-            {
-                # The floor with the aisfx trunk's embedding: what one linear model gets from it.
-                "system": "logistic regression (labelled clips) + aisfx embedding",
-                "minutes": None,
-                **eval_score(
-                    floor_predictions(
-                        data.store, labelled, ev, len(data.cities), features="both+aisfx", data_dir=data_dir
-                    ).argmax(1),
-                    ev,
-                ),
-            }
-        )
-        with_sessions = pd.concat([labelled, session_labelled(data, -1)])
-        results.append(
-            {
-                "system": "logistic regression (+ session labels)",
-                "minutes": None,
-                **eval_score(floor_predictions(data.store, with_sessions, ev, len(data.cities)).argmax(1), ev),
-            }
-        )
-        floor_minutes = (time.perf_counter() - t0) / 60
-        for f in results:
-            f["minutes"] = round(floor_minutes / 3, 2)  # three regressions trained
-        for name in [*args.pipelines, *(str(ablation(f, work)) for f in args.without)]:
-            finals = []
-            for seed in args.seeds:
-                # Seed 0 keeps the folder name of a single run, so --rescore finds earlier runs.
-                name_said = Path(name).stem  # an ablation's pipeline file by its name
-                exp = work / (f"exp-{name_said}" if seed == 0 else f"exp-{name_said}-seed{seed}")
-                label = f"pipeline {name_said}" + (f" (seed {seed})" if len(args.seeds) > 1 else "")
-                rows = score_pipeline(
-                    name, label, exp, data_dir, ev, budget=args.time_budget, seed=seed, rescore=args.rescore
-                )
-                finals.append(rows[0])
-                results += rows
-            if len(finals) > 1:
-                results.append(
-                    {
-                        "system": f"pipeline {name_said}: final ensemble, mean (sample sd) over seeds {args.seeds}",
-                        "minutes": None if args.rescore else round(statistics.mean(r["minutes"] for r in finals), 1),
-                        **{k: statistics.mean(r[k] for r in finals) for k in ("eval", "seen", "unseen")},
-                        "sd": {k: statistics.stdev(r[k] for r in finals) for k in ("eval", "seen", "unseen")},
-                    }
-                )
-    rows = [
-        [
-            r["system"],
-            r["minutes"] if r["minutes"] is not None else "",
-            *(f"{r[k]:.3f}" + (f" ± {r['sd'][k]:.3f}" if "sd" in r else "") for k in ("eval", "seen", "unseen")),
-        ]
-        for r in results
-    ]
-    stage_rows = [
-        [r["system"].split(":")[0], ", ".join(f"{k} {v}" for k, v in r["stages"].items())]
-        for r in results
-        if r.get("stages")
-    ]
+    return out
+
+
+def markdown(args: argparse.Namespace, results: list[dict], summary: list[dict], shapes: list[tuple]) -> str:
+    """The command, the summary over runs (when there are several), every run, and the stages."""
+
+    def cells(r: dict) -> list[str]:
+        return [f"{r[k]:.3f}" + (f" ± {r['sd'][k]:.3f}" if "sd" in r else "") for k in ("eval", "seen", "unseen")]
+
     cmd = (
         "python benchmarks/budget.py"
         + (
@@ -298,18 +398,35 @@ def main(argv: list[str] | None = None) -> int:
             if args.rescore
             else f" --time-budget {args.time_budget:g}"
         )
+        + (f" --data-seeds {' '.join(map(str, args.data_seeds))}" if len(args.data_seeds) > 1 else "")
         + (f" --seeds {' '.join(map(str, args.seeds))}" if len(args.seeds) > 1 else "")
         + (f" --without {' '.join(args.without)}" if args.without else "")
+        + (" --centred" if args.centred else "")
     )
+    n_eval, n_unseen, n_labelled = shapes[0]
     md = (
-        f"`{cmd}`: {len(ev)} eval clips ({int((ev['city_idx'] == 0).sum())} from eval-only cities), "
-        f"{len(labelled)} labelled development clips; eval macro accuracy (chance 0.100).\n\n"
-        + md_table(["system", "wall min", "eval macro acc", "seen cities", "eval-only cities"], rows)
-        + "\nMinutes per pipeline stage:\n\n"
-        + md_table(["pipeline", "stages (min)"], stage_rows)
+        f"`{cmd}`: per data set {n_eval} eval clips ({n_unseen} from eval-only cities), {n_labelled} labelled "
+        "development clips; eval macro accuracy (chance 0.100).\n\n"
     )
-    name = "budget" + ("_smoke" if args.smoke_test else "")
-    return write_results(name, {"args": {k: str(v) for k, v in vars(args).items()}, "results": results}, md)
+    header = ["system", "wall min", "eval macro acc", "seen cities", "eval-only cities"]
+    if summary:
+        md += (
+            f"Mean ± sample sd over data seeds {args.data_seeds} and seeds {args.seeds}:\n\n"
+            + md_table(["runs", *header], [[r["runs"], r["system"], r["minutes"] or "", *cells(r)] for r in summary])
+            + "\nEvery run:\n\n"
+        )
+    rows = [[r["data_seed"], r["system"], r["minutes"] if r["minutes"] is not None else "", *cells(r)] for r in results]
+    stage_rows = [
+        [r["data_seed"], r["system"].split(":")[0], ", ".join(f"{k} {v}" for k, v in r["stages"].items())]
+        for r in results
+        if r.get("stages")
+    ]
+    return (
+        md
+        + md_table(["data seed", *header], rows)
+        + "\nMinutes per pipeline stage:\n\n"
+        + md_table(["data seed", "pipeline", "stages (min)"], stage_rows)
+    )
 
 
 if __name__ == "__main__":

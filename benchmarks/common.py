@@ -66,11 +66,11 @@ def add_challenge_data_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", type=Path, help="its prepared data folder (prepared here when missing)")
 
 
-def challenge_data(raw: Path | None, data: Path | None, work: Path, *, smoke: bool) -> tuple[Path, Path]:
+def challenge_data(raw: Path | None, data: Path | None, work: Path, *, smoke: bool, seed: int = 0) -> tuple[Path, Path]:
     """(raw, data): a `raysc synth` folder at the challenge's shape (44.1 kHz, 10 s clips, 1,200
     development clips of which 20 % labelled, 600 eval clips, 8 cities of which 2 only in eval;
-    ``smoke``: 200 clips of 2 s at 16 kHz), synthesised into ``work`` unless given, and its
-    prepared data folder, prepared unless it is there."""
+    ``smoke``: 200 clips of 2 s at 16 kHz), synthesised into ``work`` with ``seed`` unless given,
+    and its prepared data folder, prepared unless it is there."""
     from raysc.prepare import prepare
     from raysc.synth import DEV_METADATA, EVAL_METADATA, synthesize
 
@@ -85,7 +85,7 @@ def challenge_data(raw: Path | None, data: Path | None, work: Path, *, smoke: bo
             cities=4,
             unseen_cities=1,
             session_size=4,
-            seed=0,
+            seed=seed,
         )
     elif raw is None:
         raw = work / "raw"
@@ -98,7 +98,7 @@ def challenge_data(raw: Path | None, data: Path | None, work: Path, *, smoke: bo
             clip_seconds=10.0,
             cities=6,
             unseen_cities=2,
-            seed=0,
+            seed=seed,
             workers=2,
         )
     data = data or work / "data"

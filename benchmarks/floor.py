@@ -8,6 +8,7 @@ by ``<unk>`` (city dropout, as raysc's models do), so those cities get a trained
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -34,10 +35,14 @@ def audio_features(store: FeatureStore, names: list[str]) -> np.ndarray:
     return np.concatenate(feats)
 
 
-def trunk_features(data_dir: Path, store: FeatureStore, names: list[str], trunk: str = "aisfx") -> np.ndarray:
+def trunk_features(
+    data_dir: Path, store: FeatureStore, names: list[str], trunk: str = "aisfx", *, city_centred: bool = False
+) -> np.ndarray:
     """A pretrained trunk's clip embedding (raysc.trunks), from the data folder's feature cache:
-    the one the pipeline's trunk member reads, built here when missing."""
+    the one the pipeline's trunk member reads, built here when missing; ``city_centred``: less
+    its city's mean over the data folder (``FrontendConfig.city_centred``)."""
     frontend = FRONTENDS[trunk].at_rate(store.spec.sample_rate)  # as the member at the data's rate
+    frontend = dataclasses.replace(frontend, city_centred=city_centred)
     return FeatureCache.ensure(data_dir, store, frontend).load(names)[:, 0, 0]
 
 
@@ -78,21 +83,23 @@ def floor_predictions(
     data_dir: Path | None = None,
 ) -> np.ndarray:
     """Class probabilities for ``test`` from the floor trained on ``train`` (rows with ``label``);
-    ``features``: audio, metadata, both, or both+aisfx (the aisfx trunk's embedding added, from
-    ``data_dir``'s feature cache)."""
+    ``features``: audio, metadata, both, both+aisfx (the aisfx trunk's embedding added, from
+    ``data_dir``'s feature cache) or both+aisfx-centred (that embedding less its city's mean)."""
     y = train["label"].map(CLASSES.index).to_numpy()
     parts_tr, parts_unk, parts_te = [], [], []
-    if features in ("audio", "both", "both+aisfx"):
+    trunk = features in ("both+aisfx", "both+aisfx-centred")
+    if features in ("audio", "both") or trunk:
         a_tr = audio_features(store, list(train["filename"]))
         parts_tr.append(a_tr)
         parts_unk.append(a_tr)
         parts_te.append(audio_features(store, list(test["filename"])))
-    if features == "both+aisfx":
-        t_tr = trunk_features(data_dir, store, list(train["filename"]))
+    if trunk:
+        centred = features == "both+aisfx-centred"
+        t_tr = trunk_features(data_dir, store, list(train["filename"]), city_centred=centred)
         parts_tr.append(t_tr)
         parts_unk.append(t_tr)
-        parts_te.append(trunk_features(data_dir, store, list(test["filename"])))
-    if features in ("metadata", "both", "both+aisfx"):
+        parts_te.append(trunk_features(data_dir, store, list(test["filename"]), city_centred=centred))
+    if features in ("metadata", "both") or trunk:
         parts_tr.append(meta_features(train, n_cities))
         parts_unk.append(meta_features(train.assign(city_idx=0), n_cities))
         parts_te.append(meta_features(test, n_cities))

@@ -371,8 +371,10 @@ def _cmd_ensemble(args: argparse.Namespace) -> int:
     from .ensemble import build_ensemble
     from .experiment import Experiment
 
+    if args.repeats > 1 and not args.crossfit:
+        raise RayscError("--repeats repeats cross-fitting: give --crossfit N too")
     if args.crossfit:
-        from .crossfit import crossfit_ensemble
+        from .crossfit import crossfit_ensemble, crossfit_repeats
 
         if args.rounds or args.name:
             raise RayscError("--crossfit takes its candidates from every round and names its ensembles itself")
@@ -387,6 +389,16 @@ def _cmd_ensemble(args: argparse.Namespace) -> int:
             time_budget_minutes=args.time_budget,
             address=args.address,
         )
+        if args.repeats > 1:
+            built += crossfit_repeats(
+                args.experiment,
+                built[0].name,
+                repeats=args.repeats,
+                temperature=args.temperature,
+                session_smoothing=args.session_smoothing,
+                cpus=args.cpus,
+                address=args.address,
+            )
     else:
         built = [
             build_ensemble(
@@ -435,6 +447,14 @@ def _add_ensemble(sub: Any) -> None:
         metavar="N",
         help="retrain the best N trials (without pseudo-labels) once per fold on Ray and select on their "
         "out-of-fold predictions over every labelled clip",
+    )
+    p.add_argument(
+        "--repeats",
+        type=COUNT,
+        default=1,
+        metavar="N",
+        help="with --crossfit: also train the chosen configurations on N - 1 redrawn splits of the sessions into "
+        "folds, and save the ensemble of all N splits (ENSEMBLE-xN); default 1",
     )
     p.add_argument("--cpus", type=POSITIVE, default=1.0, help="CPUs per cross-fitting run (default 1)")
     p.add_argument(

@@ -50,6 +50,9 @@ class TrainConfig:
     city_dropout: float = 0.0
     # Data
     fold: int = 0  # validation fold; -1 trains on every labelled clip without validation
+    # Which split of the sessions into folds (datafolder.load_dataset): 0, prepare's; n > 0, the
+    # n-th redrawn one (repeated cross-fitting).
+    repeat: int = 0
     keep_last: bool = False  # the last epoch's weights, not the best by validation (the fold only scores)
     # Share of the city-held-out score in the objective (metrics.objective); None: the data's share
     # of eval clips from cities absent in development.

@@ -85,18 +85,7 @@ def crossfit_ensemble(
             raise RayscError(f"{exp.root}: no trial's cross-fitting fits in {time_budget_minutes:.1f} min")
 
         # ---- one run per configuration and fold (a rerun keeps those that finished)
-        configs, outs = [], []
-        for r in top:
-            train = exp.train_config(r)
-            epochs = max(1, r.best_epoch or train["epochs"])
-            for f in folds:
-                if not (exp.crossfit_dir(r.trial_id, f) / "model.pt").is_file():
-                    values = {**train, "fold": f, "epochs": epochs, "keep_last": True}
-                    configs.append(make_config(values, where=f"cross-fit of {r.trial_id}"))
-                    outs.append(exp.crossfit_dir(r.trial_id, f))
-        if configs:
-            log.info("cross-fitting %d configuration(s) x %d folds: %d run(s)", len(top), len(folds), len(configs))
-            fit_many(configs, data_dir, outs, cpus=cpus, gpus=gpus, address=address)
+        _fit_folds(exp, top, data_dir, folds, repeat=0, cpus=cpus, gpus=gpus, address=address)
 
         # ---- out-of-fold predictions over every labelled clip, each from the model without its fold
         rows = pd.concat([data.split(f)[1] for f in folds], ignore_index=True)  # with "seen" per fold
@@ -115,42 +104,250 @@ def crossfit_ensemble(
         picks = top_k(scores, k) if method == "topk" else greedy_selection(probs, y, steps=k)
         counts = Counter(picks)
         total = sum(counts.values())
-        members = tuple(
-            Member(r.trial_id, r.round, r.backbone, exp.relative(exp.crossfit_dir(r.trial_id, f) / "model.pt"), w)
-            for i, c in sorted(counts.items(), key=lambda ic: (-ic[1], ic[0]))
-            for r, w in [(top[i], c / total / len(folds))]
-            for f in folds
+        chosen = [(top[i], c / total) for i, c in sorted(counts.items(), key=lambda ic: (-ic[1], ic[0]))]
+        return _bagged_ensembles(
+            exp,
+            data,
+            chosen,
+            repeats=1,
+            name=f"crossfit-{method}{k}",
+            method=method,
+            temperature=temperature,
+            session_smoothing=session_smoothing,
         )
-        mean = sum(probs[i] * c for i, c in counts.items()) / total
-        has_unk = all(unk[i] is not None for i in counts)
-        unk_mean = sum(unk[i] * c for i, c in counts.items()) / total if has_unk else None
-        t = fit_temperature(mean, y) if temperature else 1.0
-        calibrated = apply_temperature(mean, t) if t != 1.0 else mean
-        if session_smoothing:
-            session_mean = _session_means(exp, data, {top[i].trial_id: c / total for i, c in counts.items()}, folds, t)
 
-        ensembles = []
-        for smooth in (False, True) if session_smoothing else (False,):
-            final = session_mean(rows, "plain") if smooth else calibrated
-            final_unk = None
-            if smooth:
-                final_unk = session_mean(rows, "unk")
-            elif unk_mean is not None:  # the same temperature
-                final_unk = apply_temperature(unk_mean, t) if t != 1.0 else unk_mean
-            report = _oof_report(final, final_unk, y, rows, data, folds, weight)
-            name = f"crossfit-{method}{k}" + ("-session" if smooth else "")
-            ens = Ensemble(name, method, members, OUT_OF_FOLD, data_dir, t, smooth, report)
-            _save(exp, ens, final, rows, classes)
-            log.info(
-                "%s: %d configuration(s) x %d folds, out-of-fold macro accuracy %.4f (+- %.4f over folds)",
-                name,
-                len(counts),
-                len(folds),
-                report["macro_accuracy"],
-                report["fold_macro_accuracy_std"],
+
+def crossfit_repeats(
+    experiment: str | Path,
+    ensemble: str,
+    *,
+    repeats: int,
+    temperature: bool = True,
+    session_smoothing: bool = True,
+    cpus: float = 1.0,
+    gpus: float = 0.0,
+    address: str | None = None,
+) -> list[Ensemble]:
+    """Repeated cross-fitting (bag sets, as AutoGluon repeats its bagging): the configurations of
+    the cross-fitted ``ensemble``, with their weights, trained again on every fold of
+    ``repeats - 1`` redrawn splits of the sessions into folds (``datafolder.load_dataset``).
+
+    Each labelled clip is then predicted by ``repeats`` models, none of which saw its session, so
+    the bagged ensemble's out-of-fold score is as honest as one split's, with less variance; its
+    members are every fold model of every split. Saved as ``ENSEMBLE-xREPEATS`` (and its
+    session-smoothed variant), the temperature fitted again, each marked as the replacement of
+    the same ensemble of fewer splits (``refit_of``: the final-model rule takes the most splits)
+    and scored also on the redrawn splits alone (``metrics["redrawn_score"]``: split 0 chose the
+    configurations, so its out-of-fold score is optimistic). Runs of a split that finished are
+    kept, so a rerun continues.
+
+    Args:
+        experiment: the experiment folder.
+        ensemble: a cross-fitted ensemble of one split (``crossfit_ensemble``), not smoothed.
+        repeats: the splits in all, prepare's included (>= 2).
+        temperature: fit a temperature on the bagged out-of-fold predictions.
+        session_smoothing: also save the session-smoothed variant.
+        cpus: CPUs per run.
+        gpus: GPUs per run.
+        address: a Ray cluster to join (None: a local Ray).
+
+    Returns:
+        The bagged ensemble and, with ``session_smoothing``, its smoothed variant.
+
+    Raises:
+        ConfigError: ``repeats`` below 2, or an ensemble that is not a plain cross-fitted one of
+            one split, or a data folder whose folds are split by city.
+    """
+    if repeats < 2:
+        raise ConfigError(f"repeats must be >= 2 (prepare's split and a redrawn one), got {repeats}")
+    exp = Experiment(experiment)
+    with exp.in_use():
+        base = exp.load_ensemble(ensemble)
+        keys = {run_key_of(m) for m in base.members}
+        if keys != {m.trial_id for m in base.members}:
+            raise ConfigError(f"{ensemble}: already an ensemble of repeated splits ({sorted(keys)})")
+        if base.fold != OUT_OF_FOLD or base.refit_of is not None or base.session_smoothing:
+            raise ConfigError(f"{ensemble}: repeats start from a plain cross-fitted ensemble (crossfit_ensemble's)")
+        data = load_dataset(base.data)
+        records = {r.trial_id: r for r in exp.records()}
+        shares: dict[str, float] = {}
+        for m in base.members:
+            shares[m.trial_id] = shares.get(m.trial_id, 0.0) + m.weight
+        chosen = [(records[trial_id], w) for trial_id, w in shares.items()]
+        for n in range(1, repeats):
+            redrawn = load_dataset(base.data, repeat=n)  # refuses folds split by city
+            _fit_folds(
+                exp, [r for r, _ in chosen], base.data, redrawn.folds(), repeat=n, cpus=cpus, gpus=gpus, address=address
             )
-            ensembles.append(ens)
-        return ensembles
+        # It replaces the ensemble of the most splits below it (a chain the final-model rule follows).
+        names = {e.name for e in exp.ensembles()}
+        fewer = next((f"{ensemble}-x{n}" for n in range(repeats - 1, 1, -1) if f"{ensemble}-x{n}" in names), ensemble)
+        return _bagged_ensembles(
+            exp,
+            data,
+            chosen,
+            repeats=repeats,
+            name=f"{ensemble}-x{repeats}",
+            method=base.method,
+            temperature=temperature,
+            session_smoothing=session_smoothing,
+            replaces=fewer,
+        )
+
+
+def repeat_minutes(experiment: str | Path, ensemble: str, slots: int = 1) -> float:
+    """The estimated time of one more split of a one-split cross-fitted ``ensemble``'s
+    configurations: its fold runs' measured epochs, over ``slots`` runs at once."""
+    exp = Experiment(experiment)
+    runs = {(exp.root / m.model_path).parent for m in exp.load_ensemble(ensemble).members}
+    return sum(_run_seconds(run) for run in runs) / max(1, slots) / 60
+
+
+def run_key(trial_id: str, repeat: int) -> str:
+    """The folder under ``crossfit/`` of a configuration's fold runs on a split (0: prepare's)."""
+    return trial_id if repeat == 0 else f"{trial_id}-r{repeat}"
+
+
+def run_key_of(m: Member) -> str:
+    """The ``crossfit/`` folder of a member's fold model (``run_key``, maybe ``-pseudoN`` after)."""
+    return Path(m.model_path).parent.parent.name
+
+
+def _run_seconds(run: Path) -> float:
+    """A finished run's training time, from its epochs' measured seconds."""
+    history = json.loads((run / "metrics.json").read_text())["history"]
+    return sum(h.get("epoch_seconds", 0.0) for h in history)
+
+
+def _fit_folds(
+    exp: Experiment,
+    records: list[TrialRecord],
+    data_dir: str,
+    folds: list[int],
+    *,
+    repeat: int,
+    cpus: float,
+    gpus: float,
+    address: str | None,
+) -> None:
+    """Train each configuration once per fold of split ``repeat`` (its trial's best epoch count,
+    the last epoch's weights), in parallel; runs that finished before are kept."""
+    configs, outs = [], []
+    for r in records:
+        train = exp.train_config(r)
+        epochs = max(1, r.best_epoch or train["epochs"])
+        for f in folds:
+            out = exp.crossfit_dir(run_key(r.trial_id, repeat), f)
+            if not (out / "model.pt").is_file():
+                values = {**train, "fold": f, "epochs": epochs, "keep_last": True, "repeat": repeat}
+                configs.append(make_config(values, where=f"cross-fit of {r.trial_id}"))
+                outs.append(out)
+    if configs:
+        log.info(
+            "cross-fitting split %d: %d configuration(s) x %d folds: %d run(s)",
+            repeat,
+            len(records),
+            len(folds),
+            len(configs),
+        )
+        fit_many(configs, data_dir, outs, cpus=cpus, gpus=gpus, address=address)
+
+
+def _bagged_ensembles(
+    exp: Experiment,
+    data: PreparedData,
+    chosen: list[tuple[TrialRecord, float]],
+    *,
+    repeats: int,
+    name: str,
+    method: str,
+    temperature: bool,
+    session_smoothing: bool,
+    replaces: str | None = None,
+) -> list[Ensemble]:
+    """The ensemble of ``chosen`` configurations (with their weights) over the fold models of
+    ``repeats`` splits, scored out of fold on every labelled clip, saved as ``name`` (and
+    ``name-session``, smoothed over sessions). With ``replaces`` (the ensemble of fewer splits,
+    its smoothed variant ``replaces-session``), each is marked as its replacement (``refit_of``)
+    and also scored on the redrawn splits alone (``metrics["redrawn_score"]``): the configurations
+    were chosen on split 0's out-of-fold predictions, so only the others score them without that
+    choice's optimism."""
+    folds = data.folds()
+    rows = pd.concat([data.split(f)[1] for f in folds], ignore_index=True)  # with "seen" per fold
+    y = data.labels(rows)
+    classes = data.classes
+    weight = data.unseen_weight(exp.train_config(chosen[0][0]).get("unseen_weight"))
+    # A run key's weight: its configuration's, shared by the splits (then by the folds).
+    runs = {run_key(r.trial_id, n): (w / repeats, n) for r, w in chosen for n in range(repeats)}
+    redrawn = {key: (w * repeats / (repeats - 1), n) for key, (w, n) in runs.items() if n} if replaces else {}
+    mean, unk_mean = _weighted_out_of_fold(exp, runs, folds, rows, classes)
+    t = fit_temperature(mean, y) if temperature else 1.0
+    members = tuple(
+        Member(
+            r.trial_id,
+            r.round,
+            r.backbone,
+            exp.relative(exp.crossfit_dir(run_key(r.trial_id, n), f) / "model.pt"),
+            w / repeats / len(folds),
+        )
+        for r, w in chosen
+        for n in range(repeats)
+        for f in folds
+    )
+
+    def scored(of: dict[str, tuple[float, int]], smooth: bool) -> tuple[np.ndarray, dict]:
+        """The predictions of ``of``'s runs (smoothed over sessions or not) and their report."""
+        if smooth:
+            session_mean = _session_means(exp, data.out, of, folds, t)
+            final, final_unk = session_mean(rows, "plain"), session_mean(rows, "unk")
+        else:
+            plain, unk = (mean, unk_mean) if of is runs else _weighted_out_of_fold(exp, of, folds, rows, classes)
+            final, final_unk = (p if p is None or t == 1.0 else apply_temperature(p, t) for p in (plain, unk))
+        return final, _oof_report(final, final_unk, y, rows, data, folds, weight)
+
+    ensembles = []
+    for smooth in (False, True) if session_smoothing else (False,):
+        final, report = scored(runs, smooth)
+        report["splits"] = repeats
+        suffix = "-session" if smooth else ""
+        if redrawn:
+            report["redrawn_score"] = scored(redrawn, smooth)[1]["score"]
+        ens = Ensemble(
+            name + suffix,
+            method,
+            members,
+            OUT_OF_FOLD,
+            str(data.out),
+            t,
+            smooth,
+            report,
+            replaces + suffix if replaces else None,
+        )
+        _save(exp, ens, final, rows, classes)
+        log.info(
+            "%s: %d configuration(s) x %d folds x %d split(s), out-of-fold macro accuracy %.4f (+- %.4f over folds)",
+            ens.name,
+            len(chosen),
+            len(folds),
+            repeats,
+            report["macro_accuracy"],
+            report["fold_macro_accuracy_std"],
+        )
+        ensembles.append(ens)
+    return ensembles
+
+
+def _weighted_out_of_fold(
+    exp: Experiment, runs: dict[str, tuple[float, int]], folds: list[int], rows: pd.DataFrame, classes: list[str]
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """The weighted mean of run keys' out-of-fold predictions of ``rows``, plain and with the city
+    as ``<unk>`` (None when a run lacks those)."""
+    mean, unk_mean = 0.0, 0.0
+    for key, (w, _) in runs.items():
+        plain, unk = _out_of_fold(exp, key, folds, rows, classes)
+        mean = mean + w * plain
+        unk_mean = None if unk is None or unk_mean is None else unk_mean + w * unk
+    return mean, unk_mean
 
 
 def crossfit_minutes(r: TrialRecord, folds: int, slots: int = 1) -> float:
@@ -189,21 +386,18 @@ def crossfit_pseudo_round(
             raise ConfigError(f"{teacher}: a cross-fitted ensemble is needed as the teacher (fold {ens.fold})")
         data = load_dataset(ens.data)
         folds = data.folds()
-        # One configuration per teacher trial, with its fold models' summed weight.
+        # One run key per configuration and split (``run_key``), with its fold models' summed weight.
         weights: dict[str, float] = {}
         teachers: dict[str, Member] = {}
         for m in ens.members:
-            weights[m.trial_id] = weights.get(m.trial_id, 0.0) + m.weight
-            teachers[m.trial_id] = m
-        key = {tid: f"{tid}-pseudo{round}" for tid in weights}
-        sources = {(tid, f): exp.crossfit_dir(tid, f) for tid in weights for f in folds}
+            weights[run_key_of(m)] = weights.get(run_key_of(m), 0.0) + m.weight
+            teachers[run_key_of(m)] = m
+        key = {run: f"{run}-pseudo{round}" for run in weights}
+        sources = {(run, f): exp.crossfit_dir(run, f) for run in weights for f in folds}
         trains = {k: json.loads((d / "config.json").read_text())["train"] for k, d in sources.items()}
         todo = [k for k in sources if not (exp.crossfit_dir(key[k[0]], k[1]) / "model.pt").is_file()]
         # Estimated from the teacher's own fold runs (a few more clips each: the pseudo-labels).
-        seconds = {
-            k: sum(h.get("epoch_seconds", 0.0) for h in json.loads((d / "metrics.json").read_text())["history"])
-            for k, d in sources.items()
-        }
+        seconds = {k: _run_seconds(d) for k, d in sources.items()}
         slots = parallel_slots(cpus, gpus, address) if time_budget_minutes is not None else 1
         need = sum(seconds[k] for k in todo) / max(1, slots) / 60
         if time_budget_minutes is not None and need > time_budget_minutes:
@@ -222,7 +416,7 @@ def crossfit_pseudo_round(
             "pseudo_targets": selection.targets,
         }
         configs = [make_config({**trains[k], **pseudo}, where=f"pseudo-label round of {k[0]}") for k in todo]
-        outs = [exp.crossfit_dir(key[tid], f) for tid, f in todo]
+        outs = [exp.crossfit_dir(key[run], f) for run, f in todo]
         if configs:
             log.info("pseudo-label round %d of %s: %d run(s)", round, teacher, len(configs))
             fit_all(configs, ens.data, outs, workers=workers, cpus=cpus, gpus=gpus, address=address)
@@ -230,14 +424,14 @@ def crossfit_pseudo_round(
         rows = pd.concat([data.split(f)[1] for f in folds], ignore_index=True)
         y = data.labels(rows)
         classes = data.classes
-        mean = unk = 0.0
-        for tid, w in weights.items():
-            plain, held_out = _out_of_fold(exp, key[tid], folds, rows, classes)
-            mean, unk = mean + w * plain, unk + w * held_out
-        final, final_unk = (apply_temperature(p, ens.temperature) if ens.temperature != 1.0 else p for p in (mean, unk))
+        # Each new run on its teacher run's split (the split travels in its training config).
+        runs = {key[run]: (w, trains[(run, folds[0])].get("repeat", 0)) for run, w in weights.items()}
+        mean, unk = _weighted_out_of_fold(exp, runs, folds, rows, classes)
+        final, final_unk = (
+            p if p is None or ens.temperature == 1.0 else apply_temperature(p, ens.temperature) for p in (mean, unk)
+        )
         if ens.session_smoothing:
-            by_trial = {key[tid]: w for tid, w in weights.items()}
-            session_mean = _session_means(exp, data, by_trial, folds, ens.temperature)
+            session_mean = _session_means(exp, data.out, runs, folds, ens.temperature)
             final, final_unk = session_mean(rows, "plain"), session_mean(rows, "unk")
         override = exp.member_files(ens.members[0])["config"]["train"].get("unseen_weight")
         report = _oof_report(final, final_unk, y, rows, data, folds, data.unseen_weight(override))
@@ -245,13 +439,13 @@ def crossfit_pseudo_round(
         # A member keeps its trial's round: that is where its record lives.
         members = tuple(
             Member(
-                tid,
-                teachers[tid].round,
-                teachers[tid].backbone,
-                exp.relative(exp.crossfit_dir(key[tid], f) / "model.pt"),
+                teachers[run].trial_id,
+                teachers[run].round,
+                teachers[run].backbone,
+                exp.relative(exp.crossfit_dir(key[run], f) / "model.pt"),
                 w / len(folds),
             )
-            for tid, w in weights.items()
+            for run, w in weights.items()
             for f in folds
         )
         name = f"{teacher}-pseudo{round}"
@@ -317,24 +511,29 @@ def _oof_report(
 
 
 def _session_means(
-    exp: Experiment, data: PreparedData, weights: dict[str, float], folds: list[int], temperature: float
+    exp: Experiment, data_dir: str | Path, runs: dict[str, tuple[float, int]], folds: list[int], temperature: float
 ) -> Callable[[pd.DataFrame, str], np.ndarray]:
     """Session smoothing scored out of fold as it will act on the eval clips, over whole sessions:
-    every development clip (labelled or not) predicted by the fold model that held its fold out,
-    weighted over configurations, with the temperature; ``fn(rows, "plain" | "unk")`` gives the
-    labelled ``rows``' session means. Smoothing over the labelled clips alone would measure
-    little: a labelled session holds few labelled clips, an eval session many clips."""
+    every development clip (labelled or not) predicted by the fold model that held its fold out
+    (of the run's split), weighted over ``runs`` (run key -> weight, split), with the temperature;
+    ``fn(rows, "plain" | "unk")`` gives the labelled ``rows``' session means. Smoothing over the
+    labelled clips alone would measure little: a labelled session holds few labelled clips, an
+    eval session many clips."""
+    splits = {n: load_dataset(data_dir, repeat=n) for n in sorted({n for _, n in runs.values()})}
+    data = splits[min(splits)]
     m = data.manifest
     dev = m[m["subset"].isin(["labelled", "unlabelled"])]
     classes = data.classes
     sums = {"plain": 0.0, "unk": 0.0}
-    for key, w in weights.items():
+    for key, (w, n) in runs.items():
+        split = splits[n].manifest
+        split_dev = split[split["subset"].isin(["labelled", "unlabelled"])]
         parts = []
         for f in folds:
             run = exp.crossfit_dir(key, f)
             path = run / "fold_predictions.csv"  # the fold's clips, plain and with <unk> cities
             if not path.is_file():
-                names = list(dev.loc[dev["fold"] == f, "filename"])
+                names = list(split_dev.loc[split_dev["fold"] == f, "filename"])
                 write_csv(path, predict_clips(run / "model.pt", data, names, with_unknown_city=True))
             parts.append(pd.read_csv(path))
         table = pd.concat(parts).set_index("filename").loc[dev["filename"]]

@@ -16,7 +16,7 @@ import pandas as pd
 
 from .audio import FeatureStore
 from .errors import ConfigError, DataError
-from .metadata import read_manifest
+from .metadata import assign_folds, read_manifest
 
 INFO_FILE = "dataset.json"
 MANIFEST_FILE = "manifest.csv"
@@ -33,6 +33,11 @@ class PreparedData:
     classes: list[str]
     cities: list[str]
     info: dict
+
+    @property
+    def split_by(self) -> str:
+        """What ``raysc prepare`` grouped the folds by: ``session`` or ``city``."""
+        return self.info.get("inputs", {}).get("split", "session")
 
     def rows(self, subset: str) -> pd.DataFrame:
         return self.manifest[self.manifest["subset"] == subset]
@@ -89,18 +94,52 @@ def mark_unseen(rows: pd.DataFrame, train: pd.DataFrame) -> pd.DataFrame:
     return rows
 
 
-def load_dataset(data_dir: str | Path) -> PreparedData:
-    """Open a prepared data folder (the manifest is read, the store memory-mapped on first use)."""
+def load_dataset(data_dir: str | Path, *, repeat: int = 0) -> PreparedData:
+    """Open a prepared data folder (the manifest is read, the store memory-mapped on first use).
+
+    Args:
+        data_dir: the folder ``raysc prepare`` wrote.
+        repeat: which split of the development sessions into folds: 0, the one ``raysc prepare``
+            drew; n > 0, the same number of folds drawn again (grouped by session, stratified by
+            scene, as prepare draws them) with the n-th seed after prepare's. Repeated
+            cross-fitting trains on these (``raysc.crossfit``).
+
+    Raises:
+        DataError: not a prepared data folder.
+        ConfigError: a repeat of folds that prepare split by city (those are fixed).
+    """
     data_dir = Path(data_dir)
     info_path = data_dir / INFO_FILE
     if not info_path.is_file():
         raise DataError([f"{data_dir}: not a prepared data folder (no {INFO_FILE}; run `raysc prepare`)"])
     info = json.loads(info_path.read_text())
+    manifest = read_manifest(data_dir)
+    if repeat:
+        manifest = _redrawn_folds(manifest, info, repeat, data_dir)
     return PreparedData(
         out=data_dir,
-        manifest=read_manifest(data_dir),
+        manifest=manifest,
         store=FeatureStore.open(data_dir / STORE_DIR),
         classes=info["classes"],
         cities=info["cities"],
         info=info,
     )
+
+
+def _redrawn_folds(manifest: pd.DataFrame, info: dict, repeat: int, data_dir: Path) -> pd.DataFrame:
+    """The manifest with its development clips' folds drawn again for ``repeat`` (pretraining and
+    eval clips keep theirs)."""
+    if repeat < 0:
+        raise ConfigError(f"repeat must be >= 0, got {repeat}")
+    inputs = info.get("inputs", {})
+    if inputs.get("split", "session") != "session":
+        raise ConfigError(
+            f"{data_dir} was prepared with folds split by {inputs['split']}: they are fixed, so a repeat of "
+            "cross-fitting would train on the same folds again (prepare it with --split session to repeat)"
+        )
+    m = manifest.copy()
+    dev = m["subset"].isin(["labelled", "unlabelled"])
+    folds = int(m.loc[m["subset"] == "labelled", "fold"].nunique())
+    seed = [int(inputs.get("seed", 0)), repeat]
+    m.loc[dev, "fold"] = assign_folds(m.loc[dev, "session"], m.loc[dev, "label"], n_folds=folds, seed=seed, quiet=True)
+    return m

@@ -26,11 +26,13 @@ from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 
 from .audio import FeatureStore
 from .fileio import write_json
 from .frontend import Frontend, FrontendConfig
+from .metadata import read_manifest
 
 log = logging.getLogger(__name__)
 
@@ -45,11 +47,14 @@ def cache_key(frontend: FrontendConfig, store: FeatureStore) -> str:
 
 
 class FeatureCache:
-    """Log-mel features of every clip of a FeatureStore, in the store's row order."""
+    """Log-mel features of every clip of a FeatureStore, in the store's row order; with
+    ``city_centred`` (a trunk front end's setting), each clip's minus its city's mean over every
+    clip of the data folder."""
 
-    def __init__(self, path: Path, store: FeatureStore) -> None:
-        self.path, self.store = path, store
+    def __init__(self, path: Path, store: FeatureStore, *, city_centred: bool = False) -> None:
+        self.path, self.store, self.city_centred = path, store, city_centred
         self._features: np.ndarray | None = None
+        self._city_means: tuple[np.ndarray, np.ndarray] | None = None  # (row -> city, city -> mean)
 
     @classmethod
     def ensure(cls, data_dir: str | Path, store: FeatureStore, frontend: FrontendConfig) -> FeatureCache:
@@ -62,13 +67,13 @@ class FeatureCache:
                 fcntl.flock(lock, fcntl.LOCK_EX)  # another process may be building it: wait for it
                 if not (path / "spec.json").is_file():
                     _build(path, store, frontend)
-        return cls(path, store)
+        return cls(path, store, city_centred=frontend.city_centred)
 
     @classmethod
     def existing(cls, data_dir: str | Path, store: FeatureStore, frontend: FrontendConfig) -> FeatureCache | None:
         """The cache of ``frontend`` for this data folder when one has been built, else None."""
         path = Path(data_dir) / CACHE_DIR / cache_key(frontend, store)
-        return cls(path, store) if (path / "spec.json").is_file() else None
+        return cls(path, store, city_centred=frontend.city_centred) if (path / "spec.json").is_file() else None
 
     @property
     def features(self) -> np.ndarray:
@@ -78,7 +83,8 @@ class FeatureCache:
         return self._features
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_features": None}  # a pickled cache reopens its map where it lands
+        # A pickled cache reopens its map (and sums its city means) where it lands.
+        return {**self.__dict__, "_features": None, "_city_means": None}
 
     def load(self, filenames: Iterable[str]) -> np.ndarray:
         """[B, 1, frames, mels] float32 log-mel of ``filenames``, in that order."""
@@ -86,7 +92,27 @@ class FeatureCache:
         order = np.argsort(rows)  # sorted reads are sequential on disk
         out = np.empty((len(rows), *self.features.shape[1:]), dtype=np.float32)
         out[order] = self.features[rows[order]]
+        if self.city_centred:
+            city_of_row, means = self.city_means()
+            out -= means[city_of_row[rows]]
         return out[:, None]
+
+    def city_means(self) -> tuple[np.ndarray, np.ndarray]:
+        """(each store row's city index, each city's mean features) over every clip of the data
+        folder the store belongs to, by the manifest's city names (eval-only cities are their own,
+        not ``<unk>``), computed once per process."""
+        if self._city_means is None:
+            manifest = read_manifest(self.path.parent.parent)
+            codes, cities = pd.factorize(manifest["city"].fillna(""))
+            city_of_row = np.zeros(len(self.store), np.int64)
+            city_of_row[self.store.rows(manifest["filename"])] = codes
+            means = np.zeros((len(cities), *self.features.shape[1:]), np.float64)
+            for start in range(0, len(self.store), 256):  # the whole cache need not be in memory at once
+                block = np.asarray(self.features[start : start + 256], np.float64)
+                np.add.at(means, city_of_row[start : start + 256], block)
+            means /= np.bincount(city_of_row, minlength=len(cities)).reshape(-1, *[1] * (means.ndim - 1))
+            self._city_means = city_of_row, means.astype(np.float32)
+        return self._city_means
 
 
 def _build(path: Path, store: FeatureStore, frontend: FrontendConfig) -> None:

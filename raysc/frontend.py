@@ -44,10 +44,17 @@ class FrontendConfig:
     # A pretrained trunk (raysc.trunks.TRUNKS) whose clip embedding the front end gives instead
     # of the log-mel; the trunk brings its own log-mel, so the settings above then do not apply.
     trunk: str | None = None
+    # A trunk's embedding minus the mean embedding of its clip's city over every clip of the data
+    # folder (development and eval, no labels used): what a city's recordings share is taken out,
+    # so an eval-only city reaches the head as the seen ones do. Applied where the feature cache
+    # is read (feature_cache.FeatureCache), so the cache itself stays the trunk's.
+    city_centred: bool = False
 
     def __post_init__(self) -> None:
         if self.trunk is not None and self.trunk not in TRUNKS:
             raise ConfigError(f"unknown trunk {self.trunk!r} (valid: {', '.join(TRUNKS)})")
+        if self.city_centred and self.trunk is None:
+            raise ConfigError("city_centred applies to a trunk's embedding: the front end has no trunk")
 
     def at_rate(self, sample_rate: int) -> FrontendConfig:
         """The same front end for audio at ``sample_rate``: window and hop keep their duration,
@@ -70,7 +77,8 @@ class FrontendConfig:
     def cache_key(self) -> dict:
         """What the features depend on (SpecAugment's settings do not change them; a trunk's
         pinned weights do)."""
-        key = {k: v for k, v in asdict(self).items() if not k.startswith(("freq_mask", "time_mask"))}
+        skip = ("freq_mask", "time_mask", "city_centred")  # the last is applied on reading
+        key = {k: v for k, v in asdict(self).items() if not k.startswith(skip)}
         return key | ({"trunk_sha256": TRUNKS[self.trunk].sha256} if self.trunk else {})
 
     def num_frames(self, num_samples: int) -> int:

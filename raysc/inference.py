@@ -36,7 +36,11 @@ def predict_clips(
     table = ClipTable.from_rows(rows, np.zeros((len(rows), len(data.classes)), np.float32))
     dev = device()
     model = load_model(model_path).to(dev)
-    cache = None if model.uses_wave else FeatureCache.existing(data.out, data.store, model.cfg.frontend)
+    frontend = model.cfg.frontend
+    if frontend.city_centred:  # its input is the cache's, less its city's mean over the folder: build it
+        cache = FeatureCache.ensure(data.out, data.store, frontend)
+    else:
+        cache = None if model.uses_wave else FeatureCache.existing(data.out, data.store, frontend)
     return predict(
         model,
         table,

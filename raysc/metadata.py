@@ -238,8 +238,12 @@ def _greedy_assign(
     return out
 
 
-def assign_folds(groups: pd.Series, labels: pd.Series, *, n_folds: int, seed: int) -> pd.Series:
-    """Folds grouped by ``groups`` and stratified by ``labels`` (None = unlabelled).
+def assign_folds(
+    groups: pd.Series, labels: pd.Series, *, n_folds: int, seed: int | list[int], quiet: bool = False
+) -> pd.Series:
+    """Folds grouped by ``groups`` and stratified by ``labels`` (None = unlabelled); ``seed``
+    seeds numpy's generator (a list: ``[prepare's seed, repeat]`` for a repeat's folds);
+    ``quiet``: no warning about classes sparser than the folds (prepare gave it already).
 
     A group's stratum is its most frequent label. Labelled groups are balanced per class by
     their labelled clip count, then groups without labels are balanced by size.
@@ -270,7 +274,7 @@ def assign_folds(groups: pd.Series, labels: pd.Series, *, n_folds: int, seed: in
         if len(items) < n_folds:
             sparse[label] = len(items)
         fold_of |= _greedy_assign(items, n_folds, np.zeros(n_folds), totals, sizes)
-    if sparse:
+    if sparse and not quiet:
         log.warning("classes with fewer groups than the %d folds (some folds lack them): %s", n_folds, sparse)
     rest = [k for k in sizes if k not in fold_of]
     rng.shuffle(rest)

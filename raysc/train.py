@@ -243,12 +243,25 @@ def _freeze(model: ASCModel, prefixes: tuple[str, ...]) -> None:
             p.requires_grad_(False)
 
 
+def check_cache_use(cfg: TrainConfig, model: ASCModel) -> None:
+    """A city-centred trunk embedding exists only where the feature cache is read.
+
+    Raises:
+        ConfigError: ``city_centred`` with ``cache_features: false``.
+    """
+    if model.cfg.frontend.city_centred and not cfg.cache_features:
+        raise ConfigError(
+            f"{model.name}: its front end's city_centred embedding is read from the feature cache; "
+            "cache_features: false would train it on the uncentred embedding"
+        )
+
+
 def check_inputs(cfg: TrainConfig, data_dir: str | Path) -> PreparedData:
     """Everything a run needs, checked before any process starts: the data folder, the fold, the
     network (front end at the data's rate, ``init_from`` and ``freeze``), the pseudo-labels."""
-    data = load_dataset(data_dir)
+    data = load_dataset(data_dir, repeat=cfg.repeat)
     data.check_fold(cfg.fold, subset=cfg.train_on)
-    build_model(cfg, data)
+    check_cache_use(cfg, build_model(cfg, data))
     if cfg.pseudo_labels:
         read_candidates(cfg.pseudo_labels, data.manifest, data.classes)
     return data
@@ -471,6 +484,7 @@ def _build(
     what an optimiser step needs (DDP over ``world`` ranks, compiled on request), and the batch
     each rank takes."""
     model = build_model(cfg, data).to(dev)
+    check_cache_use(cfg, model)
     # The log-mel of every clip, computed once per data folder and front end (not for a network
     # that also reads the waveform).
     use_cache = cfg.cache_features and not model.uses_wave
@@ -520,7 +534,7 @@ def fit(
     seed_everything(cfg.seed)  # the same on every rank: identical initial weights
 
     # ---- data: the training folds (+ pseudo-labels), the validation fold
-    data = load_dataset(data_dir)
+    data = load_dataset(data_dir, repeat=cfg.repeat)
     data.check_fold(cfg.fold, subset=cfg.train_on)
     train_rows, val_rows = data.split(cfg.fold, cfg.train_on)
     train = training_table(cfg, data, train_rows)

@@ -143,6 +143,12 @@ def test_models_and_train_argument_errors(tmp_path, caplog):
     assert "unknown key 'learning_rate'" in caplog.text and not (tmp_path / "run").exists()
 
 
+def test_repeats_without_cross_fitting_is_refused(tmp_path, caplog):
+    assert main(["ensemble", str(tmp_path / "exp"), "--repeats", "3"]) == 2
+    assert "--repeats repeats cross-fitting: give --crossfit N too" in caplog.text
+    assert not (tmp_path / "exp").exists()
+
+
 def test_search_errors_exit_2_with_the_message(prepared, tmp_path, caplog):
     code = main(
         [

@@ -10,13 +10,14 @@ import pytest
 from conftest import FRONTEND
 
 from raysc.config import make_config
-from raysc.crossfit import crossfit_ensemble, crossfit_pseudo_round
+from raysc.crossfit import crossfit_ensemble, crossfit_pseudo_round, crossfit_repeats, run_key
+from raysc.datafolder import load_dataset
 from raysc.ensemble import apply_temperature, build_ensemble
 from raysc.errors import ConfigError, RayscError
 from raysc.experiment import OUT_OF_FOLD, Experiment, TrialRecord, final_ensemble
 from raysc.fileio import write_json
 from raysc.inference import predict_clips, predict_ensemble
-from raysc.metrics import objective
+from raysc.metrics import macro_accuracy, objective, unk_columns
 from raysc.pseudo_labels import Selection
 from raysc.train import fit
 
@@ -34,6 +35,12 @@ def _trial(exp: Experiment, data, trial_id: str, **values) -> None:
         1, 1, 1.0, None, 0.1, 0, exp.relative(out / "model.pt"), exp.relative(out / "val_predictions.csv"),
     )  # fmt: skip
     exp.write_record(record)
+
+
+def _together(dev: pd.DataFrame, fold_of: pd.Series) -> set[tuple[str, str]]:
+    """The pairs of development sessions in one fold."""
+    fold = dict(zip(dev["session"], fold_of[dev["filename"]], strict=True))
+    return {(a, b) for a in fold for b in fold if a < b and fold[a] == fold[b]}
 
 
 def test_crossfitted_ensembles_are_chosen_out_of_fold_on_every_labelled_clip(local_ray, prepared, tmp_path):
@@ -102,9 +109,66 @@ def test_crossfitted_ensembles_are_chosen_out_of_fold_on_every_labelled_clip(loc
     # The final model: a cross-fitted ensemble when there is one.
     assert final_ensemble([single, plain, smoothed]).fold == OUT_OF_FOLD
     assert final_ensemble([single]) == single
-    # A pseudo-label round: the same configurations and folds, retrained with the teacher's
-    # pseudo-labels for the clips of sessions without a label; it replaces its teacher.
-    teacher = final_ensemble([plain, smoothed])
+    # Repeated cross-fitting: the chosen configurations, with their weights, trained again on a
+    # redrawn split of the sessions into as many folds; each clip is then predicted out of fold twice.
+    bagged, bagged_smoothed = crossfit_repeats(exp.root, plain.name, repeats=2, address=address)
+    redrawn = load_dataset(prepared.out, repeat=1).manifest.set_index("filename")["fold"]
+    drawn = m.set_index("filename")["fold"]
+    dev_names = list(dev["filename"])
+    assert sorted(redrawn[dev_names].unique()) == folds
+    # Another partition of the sessions, not the same folds renamed: some sessions that shared a
+    # fold are apart now.
+    assert _together(dev, redrawn) != _together(dev, drawn)
+    assert (dev.assign(fold=redrawn[dev_names].values).groupby("session")["fold"].nunique() == 1).all()
+    assert (redrawn[drawn.index[m["subset"] == "eval"]] == -1).all()  # eval clips have no fold
+    expected = 0.0
+    for trial_id in ("aaaa0000", "bbbb1111"):
+        seen = []
+        for f in folds:
+            run = exp.crossfit_dir(run_key(trial_id, 1), f)
+            train = json.loads((run / "config.json").read_text())["train"]
+            assert train["repeat"] == 1 and train["fold"] == f and train["keep_last"]
+            names = list(pd.read_csv(run / "val_predictions.csv")["filename"])
+            assert set(names) == set(labelled.loc[redrawn[labelled["filename"]].values == f, "filename"])
+            seen += names
+        assert sorted(seen) == sorted(labelled["filename"])
+        weight_of = sum(mb.weight for mb in plain.members if mb.trial_id == trial_id)
+        for key in (trial_id, run_key(trial_id, 1)):
+            oof = pd.concat([pd.read_csv(exp.crossfit_dir(key, f) / "val_predictions.csv") for f in folds])
+            expected = expected + weight_of / 2 * oof.set_index("filename").loc[labelled["filename"], prepared.classes]
+    for ens in (bagged, bagged_smoothed):
+        assert ens.metrics["splits"] == 2 and len(ens.members) == 2 * 2 * len(folds)
+        assert sum(mb.weight for mb in ens.members) == pytest.approx(1.0)
+    assert bagged.name == f"{plain.name}-x2" and bagged_smoothed.name == f"{plain.name}-x2-session"
+    got = pd.read_csv(exp.ensemble_predictions(bagged.name)).set_index("filename").loc[labelled["filename"]]
+    want = apply_temperature(expected.to_numpy(), bagged.temperature)
+    np.testing.assert_allclose(got[prepared.classes].to_numpy(), want, atol=1e-6)
+    # More bagging of the same configurations replaces the ensemble of fewer splits; split 0 chose
+    # them, so the estimate that can compare splits is the redrawn split's alone.
+    assert bagged.refit_of == plain.name and bagged_smoothed.refit_of == smoothed.name
+    assert final_ensemble([plain, bagged]) == bagged and final_ensemble([smoothed, bagged_smoothed]) == bagged_smoothed
+    columns = {"plain": prepared.classes, "unk": unk_columns(prepared.classes)}
+    redrawn_only = {"plain": 0.0, "unk": 0.0}
+    for trial_id in ("aaaa0000", "bbbb1111"):
+        oof = pd.concat([pd.read_csv(exp.crossfit_dir(run_key(trial_id, 1), f) / "val_predictions.csv") for f in folds])
+        weight_of = sum(mb.weight for mb in plain.members if mb.trial_id == trial_id)
+        for kind, cols in columns.items():
+            part = oof.set_index("filename").loc[labelled["filename"], cols].to_numpy()
+            redrawn_only[kind] = redrawn_only[kind] + weight_of * part
+    y = labelled["label"].map(prepared.classes.index).to_numpy()
+    acc = {k: macro_accuracy(y, v.argmax(1), len(prepared.classes)) for k, v in redrawn_only.items()}
+    assert bagged.metrics["redrawn_score"] == pytest.approx(objective(acc["plain"], acc["unk"], weight))
+    assert bagged.metrics["clips"] == len(labelled)
+    with pytest.raises(ConfigError, match=r"repeats must be >= 2 \(prepare's split and a redrawn one\), got 1"):
+        crossfit_repeats(exp.root, plain.name, repeats=1, address=address)
+    with pytest.raises(ConfigError, match=r"crossfit-topk2-session: repeats start from a plain cross-fitted"):
+        crossfit_repeats(exp.root, smoothed.name, repeats=2, address=address)
+    with pytest.raises(ConfigError, match=r"crossfit-topk2-x2: already an ensemble of repeated splits"):
+        crossfit_repeats(exp.root, bagged.name, repeats=3, address=address)
+
+    # A pseudo-label round: the same configurations, splits and folds, retrained with the
+    # teacher's pseudo-labels for the clips of sessions without a label; it replaces its teacher.
+    teacher = bagged
     student = crossfit_pseudo_round(
         exp.root, teacher.name, round=1, selection=Selection(threshold=0.0), address=address
     )
@@ -114,8 +178,8 @@ def test_crossfitted_ensembles_are_chosen_out_of_fold_on_every_labelled_clip(loc
     for mb in student.members:
         run = exp.root / mb.model_path
         train = json.loads(run.with_name("config.json").read_text())["train"]
-        source = exp.crossfit_dir(mb.trial_id, train["fold"])
-        assert run.parent.parent.name == f"{mb.trial_id}-pseudo1" and mb.round == 0  # the trial's round
+        source = exp.crossfit_dir(run_key(mb.trial_id, train["repeat"]), train["fold"])
+        assert run.parent.parent.name == f"{source.parent.name}-pseudo1" and mb.round == 0  # the trial's round
         assert train["pseudo_labels"] == str(exp.pseudo_candidates(teacher.name))
         before = json.loads((source / "config.json").read_text())["train"]
         assert {k: v for k, v in train.items() if not k.startswith("pseudo_")} == {
@@ -128,7 +192,8 @@ def test_crossfitted_ensembles_are_chosen_out_of_fold_on_every_labelled_clip(loc
     assert sum(mb.weight for mb in student.members) == pytest.approx(1.0)
     assert student.refit_of == teacher.name and student.metrics["teacher_saw_folds"]
     assert student.temperature == teacher.temperature and student.session_smoothing == teacher.session_smoothing
-    assert final_ensemble([single, plain, smoothed, student]) == student
+    assert len(student.members) == len(teacher.members)
+    assert final_ensemble([single, teacher, student]) == student
     with pytest.raises(ConfigError, match="a cross-fitted ensemble is needed as the teacher"):
         crossfit_pseudo_round(exp.root, single.name, address=address)
     # A round that does not fit in the time left: refused by name before it scores or trains.

@@ -37,6 +37,9 @@ def test_pipeline_file_errors(tmp_path):
     bad.write_text("ddp_workers: 0.5\n")
     with pytest.raises(ConfigError, match=r"must be integers >= 1, got .*'ddp_workers': 0\.5"):
         load_pipeline(bad)
+    bad.write_text("repeats: 0\n")
+    with pytest.raises(ConfigError, match=r"repeats must be an integer >= 1 \(1: prepare's split only\), got 0"):
+        load_pipeline(bad)
     bad.write_text("eval_session_labels: flase\n")
     with pytest.raises(ConfigError, match=r"true or false expected, got \{'eval_session_labels': 'flase'\}"):
         load_pipeline(bad)
@@ -314,6 +317,9 @@ def test_a_wheel_installed_pipeline_whose_budget_runs_out_in_round_one_still_end
     else:
         skipped = [line for line in lines if line.startswith("[pipeline] pseudo-label round 1 skipped: ")]
         assert skipped and re.search(r"needs about \d+\.\d min, \d+\.\d left$", skipped[0]), out
+    # Repeated cross-fitting after it, split by split, until the clock or the estimate stopped it.
+    repeats = [line for line in lines if line.startswith("[pipeline] repeats: ")]
+    assert repeats and re.search(r"\d+ split\(s\); stopped: split \d+ ", repeats[0]), out
     board = leaderboard(exp)
     assert (board["kind"] == "trial").sum() == len(records) and (board["kind"] == "ensemble").any()
     assert minutes < 2.0 * 1.5, f"{minutes:.1f} min for a 2-minute budget"  # the budget covers the whole job

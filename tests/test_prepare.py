@@ -12,6 +12,7 @@ from conftest import SR, write_metadata, write_wav
 
 from raysc import audio
 from raysc import prepare as prepare_module
+from raysc.datafolder import load_dataset
 from raysc.errors import ConfigError, DataError, RayscError
 from raysc.metadata import CLASSES, MANIFEST_COLUMNS, UNK_CITY, read_manifest
 from raysc.prepare import prepare
@@ -156,9 +157,28 @@ def test_bad_options_are_errors(small_inputs):
 
 
 def test_city_held_out_split(small_inputs):
-    m = prepare(**{**small_inputs, "split": "city"}).manifest
+    result = prepare(**{**small_inputs, "split": "city"})
+    m = result.manifest
     dev = m[m["subset"] != "eval"]
     assert (dev.groupby("city")["fold"].nunique() == 1).all()
+    # Folds split by city are fixed: there is no other split for repeated cross-fitting to draw.
+    with pytest.raises(ConfigError, match=r"prepared with folds split by city: they are fixed, so a repeat"):
+        load_dataset(result.out, repeat=1)
+
+
+def test_a_repeat_redraws_the_development_folds_by_session_and_keeps_the_rest(small_inputs):
+    result = prepare(**small_inputs)
+    m = load_dataset(result.out).manifest
+    again = load_dataset(result.out, repeat=2).manifest
+    assert again.drop(columns="fold").equals(m.drop(columns="fold"))
+    dev = again["subset"].isin(["labelled", "unlabelled"])
+    assert (again.loc[~dev, "fold"] == m.loc[~dev, "fold"]).all()  # eval (and pretraining) keep theirs
+    assert (again[dev].groupby("session")["fold"].nunique() == 1).all()  # a session stays in one fold
+    labelled = again[again["subset"] == "labelled"]
+    assert sorted(labelled["fold"].unique()) == sorted(m.loc[m["subset"] == "labelled", "fold"].unique())
+    assert load_dataset(result.out, repeat=2).manifest.equals(again)  # the same repeat, the same folds
+    with pytest.raises(ConfigError, match="repeat must be >= 0, got -1"):
+        load_dataset(result.out, repeat=-1)
 
 
 def test_pretraining_sources_are_mapped_and_unmapped_labels_counted(synth_dir, small_inputs):

@@ -5,15 +5,18 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from types import SimpleNamespace
 
 import pandas as pd
+import pytest
 
 from raysc.budget import Budget
+from raysc.errors import RayscError
 from raysc.experiment import Ensemble, Experiment, Member
 from raysc.pipeline import PipelineConfig
 from raysc.pipeline import stages as stages_module
-from raysc.pipeline.stages import Context, Plots, Refit, Submit, execute
+from raysc.pipeline.stages import Context, Plots, Refit, Repeats, Search, Submit, execute
 from raysc.pipeline.state import PipelineState
 
 
@@ -124,3 +127,94 @@ def test_a_run_that_ends_with_most_of_its_budget_left_says_which_caps_ended_it(t
     assert "unused: the time kept for inference and the submission was more than they took. Final" in said
     now[0] = 50 * 60.0  # 50 of 60 used: less than a fifth left, nothing to say
     assert stages_module.ended_early(ctx) is None
+
+
+def _repeats_context(exp: Experiment, lines: list[str], budget: Budget, **cfg) -> Context:
+    """A context after cross-fitting: a plain and a smoothed ensemble of one split (0.80 and 0.78)."""
+    for name, score in (("crossfit-topk5", 0.80), ("crossfit-topk5-session", 0.78)):
+        ens = Ensemble(name, "topk", (), -1, "data", 1.0, False, {"macro_accuracy": score, "score": score})
+        exp.save_ensemble(ens, pd.DataFrame({"filename": ["a.wav"]}))
+    _record(exp, "t0", 0)
+    dataset = SimpleNamespace(
+        classes=["a"],
+        split_by="session",
+        folds=lambda: [0, 1, 2, 3, 4],
+        split=lambda fold: (None, [None] * 40),
+        rows=lambda subset: [None] * 100,
+    )
+    ctx = dataclasses.replace(_context(exp, lines), cfg=PipelineConfig(**cfg), dataset=dataset, budget=budget)
+    ctx._cluster = ({}, SimpleNamespace(cpus_per_worker=1, gpus_per_worker=0))
+    ctx.outputs = {"crossfit": ["crossfit-topk5", "crossfit-topk5-session"]}
+    return ctx
+
+
+def test_repeated_cross_fitting_adds_splits_while_the_estimate_rises_and_says_what_stopped_it(tmp_path, monkeypatch):
+    exp = Experiment(tmp_path / "exp")
+    exp.root.mkdir()
+    # Scores on the redrawn splits: split 2 gives the first, split 3 raises it, split 4 does not;
+    # split 5 is never tried.
+    redrawn = {2: 0.78, 3: 0.80, 4: 0.795, 5: 0.9}
+    asked = []
+
+    def fake_repeats(root, base, *, repeats, temperature, session_smoothing, cpus, gpus, address):
+        asked.append((base, repeats))
+        metrics = {"macro_accuracy": 0.7, "score": 0.7, "redrawn_score": redrawn[repeats]}
+        return [SimpleNamespace(name=f"{base}-x{repeats}", metrics=metrics)]
+
+    monkeypatch.setattr(stages_module, "crossfit_repeats", fake_repeats)
+    monkeypatch.setattr(stages_module, "parallel_slots", lambda cpus, gpus, address: 2)
+    monkeypatch.setattr(stages_module, "repeat_minutes", lambda root, base, slots: 2.0 / slots)
+    now = [10 * 60.0]
+    budget = Budget(60.0, clock=lambda: now[0])
+    lines: list[str] = []
+    ctx = _repeats_context(exp, lines, budget, rounds=1)
+    record = execute(ctx, Repeats())
+    assert asked == [("crossfit-topk5", 2), ("crossfit-topk5", 3), ("crossfit-topk5", 4)]
+    assert record == {
+        "splits": 4,
+        "ensembles": ["crossfit-topk5-x2", "crossfit-topk5-x3", "crossfit-topk5-x4"],
+        "stopped": "split 4 took the score on the redrawn splits from 0.8000 to 0.7950, no higher",
+    }
+    assert lines[-1] == f"[pipeline] repeats: 4 split(s); stopped: {record['stopped']}"
+    ctx.outputs["repeats"] = record
+    said = stages_module.ended_early(ctx)
+    assert "repeated cross-fitting stopped at 4 split(s): split 4 took the score on the redrawn splits" in said
+
+    # Time: each split takes 20 min over the 2 slots here, and the pseudo-label round after it
+    # retrains every fold model of both splits (2 x 20 min): 60 min needed, less left.
+    asked.clear()
+    monkeypatch.setattr(stages_module, "repeat_minutes", lambda root, base, slots: 40.0 / slots)
+    ctx = _repeats_context(Experiment(tmp_path / "exp2"), lines, budget, rounds=2)
+    record = execute(ctx, Repeats())
+    assert asked == [] and record["splits"] == 1
+    assert re.fullmatch(
+        r"split 2 and the pseudo-label rounds after it need about 60\.0 min, [0-9.]+ left", record["stopped"]
+    )
+
+    # Without a budget: prepare's split only, unless the pipeline file asks for more.
+    ctx = _repeats_context(Experiment(tmp_path / "exp3"), lines, Budget(None))
+    assert execute(ctx, Repeats()) is None
+    assert lines[-1] == (
+        "[pipeline] repeats skipped: no --time-budget and no `repeats` in the pipeline file: prepare's split only"
+    )
+    ctx = _repeats_context(Experiment(tmp_path / "exp4"), lines, Budget(None), repeats=2)
+    record = execute(ctx, Repeats())
+    assert record["splits"] == 2 and record["stopped"] == "it reached 2 splits, the most it takes (`repeats`)"
+    ctx = _repeats_context(Experiment(tmp_path / "exp5"), lines, Budget(None), repeats=2)
+    ctx.dataset.split_by = "city"
+    assert execute(ctx, Repeats()) is None
+    assert lines[-1] == "[pipeline] repeats skipped: data's folds are split by city: there is no other split to draw"
+
+
+def test_a_round_0_without_a_finished_epoch_says_how_its_trials_ended(tmp_path, monkeypatch):
+    exp = Experiment(tmp_path / "exp")
+    exp.root.mkdir()
+    ended = [SimpleNamespace(status="stopped"), SimpleNamespace(status="stopped"), SimpleNamespace(status="failed")]
+    monkeypatch.setattr(stages_module, "search", lambda space, **kw: SimpleNamespace(records=ended, best=None))
+    ctx = _context(exp, [])
+    with pytest.raises(RayscError) as raised:
+        Search(0).run(ctx)
+    assert str(raised.value) == (
+        f"round 0: no trial finished an epoch (1 failed, 2 stopped before their first epoch ended, of 3); "
+        f"see {exp.trials_dir(0)} and {exp.search_log(0)}"
+    )

@@ -22,6 +22,7 @@ from raysc.errors import RayscError
 from raysc.experiment import Experiment
 from raysc.feature_cache import CACHE_DIR, FeatureCache
 from raysc.frontend import FRONTENDS
+from raysc.metadata import TIME_FEATURES
 from raysc.models import load_model
 from raysc.pipeline import PipelineConfig
 from raysc.pipeline.stages import Context, Trunks, trunk_members
@@ -203,3 +204,52 @@ def test_an_unknown_trunk_or_a_head_without_one_is_refused_by_name():
         FrontendConfig(trunk="panns")
     with pytest.raises(ConfigError, match=r"aisfx: a trunk head needs a front end with a trunk \(frontend.trunk\)"):
         create_model("aisfx", frontend={"trunk": None})
+
+
+def test_a_city_centred_embedding_takes_out_each_citys_own_mean_and_inference_reads_it(prepared_with_aisfx, tmp_path):
+    from raysc.inference import predict_clips
+
+    prepared = prepared_with_aisfx
+    frontend = FRONTENDS["aisfx"].at_rate(prepared.store.spec.sample_rate)
+    raw = FeatureCache.existing(prepared.out, prepared.store, dataclasses.replace(frontend, city_centred=False))
+    centred = FeatureCache.existing(prepared.out, prepared.store, dataclasses.replace(frontend, city_centred=True))
+    assert raw is not None and centred is not None and centred.path == raw.path  # one cache, centred on reading
+    m = prepared.manifest
+    eval_only = set(m.loc[m["subset"] == "eval", "city"]) - set(m.loc[m["subset"] != "eval", "city"])
+    assert eval_only  # each eval-only city is centred by its own mean, not merged into <unk>
+    for _, rows in m.groupby("city"):
+        names = list(rows["filename"])
+        embedding = raw.load(names)
+        np.testing.assert_allclose(centred.load(names), embedding - embedding.mean(0), atol=1e-5)
+    # A centred member trains on the centred embedding, and raysc's inference feeds it the same.
+    cfg = tiny_config(backbone="aisfx", model={"frontend": {"city_centred": True}}, epochs=1, lr=1e-2)
+    fit(cfg, prepared.out, out_dir=tmp_path / "run")
+    model = load_model(tmp_path / "run" / "model.pt").eval()
+    assert model.cfg.frontend.city_centred
+    names = list(m.loc[m["city"].isin(eval_only), "filename"][:3]) + list(
+        m.loc[m["subset"] == "labelled", "filename"][:3]
+    )
+    rows = m.set_index("filename").loc[names]
+    city = torch.from_numpy(rows["city_idx"].to_numpy().copy())
+    time = torch.from_numpy(rows[list(TIME_FEATURES)].to_numpy(np.float32))
+    wave = torch.from_numpy(prepared.store.load(names))
+    with torch.no_grad():
+        expected = torch.softmax(model(wave, city, time, spec=torch.from_numpy(centred.load(names))), 1)
+        uncentred = torch.softmax(model(wave, city, time, spec=torch.from_numpy(raw.load(names))), 1)
+    got = predict_clips(tmp_path / "run" / "model.pt", prepared, names)[prepared.classes].to_numpy()
+    np.testing.assert_allclose(got, expected.numpy(), atol=1e-5)
+    assert not np.allclose(got, uncentred.numpy(), atol=1e-3)
+
+
+def test_city_centring_without_a_trunk_or_without_the_feature_cache_is_refused(prepared):
+    from raysc.errors import ConfigError
+    from raysc.frontend import FrontendConfig
+    from raysc.train import check_inputs
+
+    with pytest.raises(ConfigError, match=r"city_centred applies to a trunk's embedding: the front end has no trunk"):
+        FrontendConfig(city_centred=True)
+    cfg = tiny_config(backbone="aisfx", model={"frontend": {"city_centred": True}}, cache_features=False)
+    with pytest.raises(
+        ConfigError, match=r"aisfx: its front end's city_centred embedding is read from the feature cache"
+    ):
+        check_inputs(cfg, prepared.out)

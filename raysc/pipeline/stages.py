@@ -20,7 +20,7 @@ from typing import Any
 
 from ..budget import MIN_SEARCH_MINUTES, Budget
 from ..config import make_config
-from ..crossfit import crossfit_ensemble, crossfit_pseudo_round
+from ..crossfit import crossfit_ensemble, crossfit_pseudo_round, crossfit_repeats, repeat_minutes
 from ..datafolder import PreparedData
 from ..distributed import build_features, init_ray, largest_node_cpus, measure_plan, parallel_slots, train
 from ..ensemble import build_ensemble
@@ -36,7 +36,7 @@ from ..search import resolve_resources, search
 from ..search_space import Resources, SearchSpace, load_search_space
 from ..submission import make_submission
 from ..trunks import unavailable as trunk_unavailable
-from .config import PipelineConfig
+from .config import MAX_REPEATS, PipelineConfig
 from .state import PipelineState
 
 
@@ -86,11 +86,11 @@ class Context:
         clips = len(self.dataset.rows("eval")) + len(self.dataset.rows("unlabelled")) * min(1, rounds_left)
         return self.budget.reserve(per_clip, clips)
 
-    def after_crossfit_minutes(self) -> float:
+    def after_crossfit_minutes(self, splits: int = 1) -> float:
         """What the budget leaves for fold-model training: its ensemble predicts with every
-        fold's model, so the inference reserve grows with the folds."""
+        fold's model of every split, so the inference reserve grows with them."""
         reserve = self.reserve(0)
-        return self.budget.left(reserve + (reserve - 1) * (len(self.dataset.folds()) - 1))
+        return self.budget.left(reserve + (reserve - 1) * (len(self.dataset.folds()) * splits - 1))
 
     def final(self, *, without: str | None = None) -> Ensemble:
         """The final model by the one rule (``experiment.final_ensemble``), leaving out the
@@ -160,6 +160,9 @@ def ended_early(ctx: Context) -> str | None:
         configurations = {m.trial_id for m in ctx.exp.load_ensemble(crossfitted[0]).members}
         if len(configurations) >= ctx.crossfit:
             reached.append(f"cross-fitting took its {ctx.crossfit} best configurations (`crossfit`)")
+    repeats = ctx.outputs.get("repeats")
+    if repeats:
+        reached.append(f"repeated cross-fitting stopped at {repeats['splits']} split(s): {repeats['stopped']}")
     if cfg.rounds > 1 and all(ctx.outputs.get(f"pseudo-round-{r}") for r in range(1, cfg.rounds)):
         reached.append(f"the {cfg.rounds - 1} pseudo-label round(s) ran (`rounds`)")
     why = "; ".join(reached) or "the time kept for inference and the submission was more than they took"
@@ -187,6 +190,7 @@ def stage_sequence(ctx: Context) -> Iterator[Stage]:
             yield PseudoCandidates(r)
     if ctx.crossfit:
         yield Crossfit()
+        yield Repeats()
         for r in range(1, ctx.cfg.rounds):
             yield PseudoRound(r)
             if ctx.outputs.get(f"pseudo-round-{r}") is None:
@@ -419,7 +423,11 @@ class Search(Stage):
             progress=ctx.say,
         )
         if result.best is None and r == 0:
-            raise RayscError(f"round {r}: every trial failed; see {exp.trials_dir(r)} and {exp.search_log(r)}")
+            counts = {s: sum(rec.status == s for rec in result.records) for s in ("failed", "stopped")}
+            raise RayscError(
+                f"round {r}: no trial finished an epoch ({counts['failed']} failed, {counts['stopped']} stopped before "
+                f"their first epoch ended, of {len(result.records)}); see {exp.trials_dir(r)} and {exp.search_log(r)}"
+            )
         if result.best is None:
             ctx.say(
                 f"[pipeline] round {r}: no trial finished an epoch (see {exp.search_log(r)}); the submission "
@@ -511,6 +519,75 @@ class Crossfit(Stage):
         return [e.name for e in built]
 
 
+class Repeats(Stage):
+    """Repeated cross-fitting: the cross-fitted ensemble's configurations on more splits of the
+    sessions into folds (``crossfit.crossfit_repeats``), one split at a time while the time left
+    holds it (and the pseudo-label rounds of the larger ensemble) and the estimate rises; says
+    which of the two stopped it.
+
+    The estimate is the bagged ensemble's score on the redrawn splits alone: split 0's out-of-fold
+    predictions chose the configurations, so they flatter them, and an estimate that includes them
+    would fall as splits are added whether or not accuracy did. The second split is added without
+    that comparison (it gives the first such estimate); each ensemble of more splits replaces the
+    one of fewer (more bagging of the same configurations), so the last one built is final."""
+
+    name = "repeats"
+
+    def _most(self, ctx: Context) -> int:
+        if ctx.cfg.repeats is not None:
+            return ctx.cfg.repeats
+        return MAX_REPEATS if ctx.budget.limited else 1
+
+    def skipped(self, ctx: Context) -> str | None:
+        if not ctx.outputs.get("crossfit"):
+            return "no cross-fitted ensemble"
+        if self._most(ctx) < 2:
+            return "no --time-budget and no `repeats` in the pipeline file: prepare's split only"
+        if ctx.dataset.split_by != "session":
+            return f"{ctx.data}'s folds are split by {ctx.dataset.split_by}: there is no other split to draw"
+        return None
+
+    def run(self, ctx: Context) -> dict[str, Any]:
+        cfg, exp = ctx.cfg, ctx.exp
+        _, res = ctx.cluster()
+        base = ctx.outputs["crossfit"][0]  # the plain one; its smoothed variant is rebuilt with each split
+        slots = parallel_slots(res.cpus_per_worker, res.gpus_per_worker, ctx.address)
+        cost = repeat_minutes(exp.root, base, slots)
+        built: list[str] = []
+        splits, estimate, why = 1, None, f"it reached {self._most(ctx)} splits, the most it takes (`repeats`)"
+        for n in range(2, self._most(ctx) + 1):
+            if ctx.budget.limited:
+                # This split, then each pseudo-label round retraining every fold model of n splits.
+                need = cost * (1 + n * (cfg.rounds - 1))
+                left = ctx.after_crossfit_minutes(n)
+                if need > left:
+                    why = f"split {n} and the pseudo-label rounds after it need about {need:.1f} min, {left:.1f} left"
+                    break
+            ensembles = crossfit_repeats(
+                exp.root,
+                base,
+                repeats=n,
+                temperature=cfg.temperature,
+                session_smoothing=cfg.session_smoothing,
+                cpus=res.cpus_per_worker,
+                gpus=res.gpus_per_worker,
+                address=ctx.address,
+            )
+            built += [e.name for e in ensembles]
+            splits, previous = n, estimate
+            estimate = max(e.metrics["redrawn_score"] for e in ensembles)
+            for e in ensembles:
+                ctx.say(
+                    f"[pipeline] ensemble {e.name}: {n} splits, out-of-fold macro accuracy "
+                    f"{e.metrics['macro_accuracy']:.4f}; score on the redrawn splits {e.metrics['redrawn_score']:.4f}"
+                )
+            if previous is not None and estimate <= previous:
+                why = f"split {n} took the score on the redrawn splits from {previous:.4f} to {estimate:.4f}, no higher"
+                break
+        ctx.say(f"[pipeline] repeats: {splits} split(s); stopped: {why}")
+        return {"splits": splits, "ensembles": built, "stopped": why}
+
+
 class PseudoRound(Stage):
     """The cross-fitted final ensemble's fold models retrained with its own pseudo-labels."""
 
@@ -525,7 +602,8 @@ class PseudoRound(Stage):
         r, cfg = self.round, ctx.cfg
         teacher = ctx.final()  # the final rule: the best cross-fitted one, or its last round
         _, res = ctx.cluster()
-        minutes = ctx.after_crossfit_minutes() / (cfg.rounds - r) if ctx.budget.limited else None
+        splits = teacher.metrics.get("splits", 1)
+        minutes = ctx.after_crossfit_minutes(splits) / (cfg.rounds - r) if ctx.budget.limited else None
         try:
             built = crossfit_pseudo_round(
                 ctx.exp.root,
