@@ -13,7 +13,12 @@ Wall time per stage comes from the pipeline's own progress lines.
     python benchmarks/budget.py --raw RAW --data DATA --time-budget 60
     python benchmarks/budget.py --raw RAW --data DATA --work W --pipelines default --rescore
     python benchmarks/budget.py --raw RAW --data DATA --time-budget 10 --pipelines default --seeds 0 1 2
+    python benchmarks/budget.py --work W --time-budget 10 --pipelines default --without repeats --data-seeds 0 1 2
     python benchmarks/budget.py --smoke-test
+
+``--data-seeds`` synthesises one data set per seed (``W/data-seed-S/``, reused when there) and
+summarises every system over all of them. ``--without`` adds ablations of the default pipeline:
+a member family left out of its space (trunks, cnns) or a stage turned off (repeats).
 
 ``--rescore`` runs no pipeline: it scores what an earlier run left under ``--work`` again, its
 final ensemble through this version's submission step (written beside the pipeline's own

@@ -69,8 +69,8 @@ def add_challenge_data_options(parser: argparse.ArgumentParser) -> None:
 def challenge_data(raw: Path | None, data: Path | None, work: Path, *, smoke: bool, seed: int = 0) -> tuple[Path, Path]:
     """(raw, data): a `raysc synth` folder at the challenge's shape (44.1 kHz, 10 s clips, 1,200
     development clips of which 20 % labelled, 600 eval clips, 8 cities of which 2 only in eval;
-    ``smoke``: 200 clips of 2 s at 16 kHz), synthesised into ``work`` with ``seed`` unless given,
-    and its prepared data folder, prepared unless it is there."""
+    ``smoke``: 200 clips of 2 s at 16 kHz), synthesised into ``work`` with ``seed`` unless given
+    or already there, and its prepared data folder, prepared unless it is there."""
     from raysc.prepare import prepare
     from raysc.synth import DEV_METADATA, EVAL_METADATA, synthesize
 
@@ -87,6 +87,8 @@ def challenge_data(raw: Path | None, data: Path | None, work: Path, *, smoke: bo
             session_size=4,
             seed=seed,
         )
+    elif raw is None and (work / "raw" / "synth.json").is_file():
+        raw = work / "raw"  # synthesised by an earlier run into the same folder
     elif raw is None:
         raw = work / "raw"
         synthesize(

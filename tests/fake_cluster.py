@@ -169,6 +169,26 @@ def submit(address: str, entrypoint: list[str], env: dict[str, str]) -> str:
     return re.search(r"raysubmit_\w+", done.stdout).group(0)
 
 
+def released(address: str, timeout: float = 60) -> bool:
+    """Every CPU and GPU of the live nodes free and no placement group alive, once the job ended
+    (polled: release is asynchronous; the timeout is only a hang guard)."""
+    import ray
+    from ray.util import placement_group_table
+
+    ray.init(address=address, log_to_driver=False)
+    try:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            free, total = ray.available_resources(), ray.cluster_resources()
+            alive = [g for g in placement_group_table().values() if g["state"] != "REMOVED"]
+            if all(free.get(k, 0) == total.get(k, 0) for k in ("CPU", "GPU")) and not alive:
+                return True
+            time.sleep(0.5)
+        return False
+    finally:
+        ray.shutdown()
+
+
 def main(pipeline: str, data: str, experiment: str, workdir: str) -> int:
     from ray.job_submission import JobStatus
 
@@ -198,7 +218,10 @@ def main(pipeline: str, data: str, experiment: str, workdir: str) -> int:
         client = job_client(f"http://127.0.0.1:{dashboard}")
         # As the README shows it: the job runs `raysc pipeline` on the head, which joins the cluster.
         entrypoint = ["raysc", "pipeline", pipeline, "--data", data, "--experiment", experiment]
-        job = submit(f"http://127.0.0.1:{dashboard}", [*entrypoint, "--max-concurrent", "2"], env)
+        # With a budget, so that the plan measures the backbones in a task holding one trial's
+        # resources: a GPU, on a node the autoscaler launches for it.
+        entrypoint += ["--max-concurrent", "2", "--time-budget", "10"]
+        job = submit(f"http://127.0.0.1:{dashboard}", entrypoint, env)
         ended = {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}
         deadline = time.time() + 600
         while client.get_job_status(job) not in ended and time.time() < deadline:
@@ -215,6 +238,7 @@ def main(pipeline: str, data: str, experiment: str, workdir: str) -> int:
             "removed": removed,
             "ran_on": ran_on(exp),
             "seconds": round(time.time() - started),
+            "released": released(f"127.0.0.1:{gcs}"),
         }
     finally:
         while own := own_processes(mark):  # a daemon may start another process while they are killed

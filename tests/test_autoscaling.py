@@ -1,7 +1,8 @@
 """The GPU recipe as a job on an autoscaling cluster built from cluster.yaml's node types (Ray's
 fake multi-node provider, GPUs logical): the autoscaler launches GPU worker nodes from zero,
-trials and the DDP refit land on them, a worker node removed mid-search has its trial resumed
-from checkpoints elsewhere, and the job ends with a valid submission."""
+the plan, the trials and the DDP refit land on them, a worker node removed mid-search has its
+trial resumed from checkpoints elsewhere, and the job ends with a valid submission and every
+resource free."""
 
 from __future__ import annotations
 
@@ -50,6 +51,11 @@ def test_the_pipeline_as_a_job_on_a_fake_autoscaling_cluster_survives_a_node_rem
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["status"] == "SUCCEEDED", result["logs"]
+    logs = result["logs"]
+    # The plan measured the backbones where trials run: in a task holding one trial's resources.
+    assert "measured where trials run (CPU, " in logs and "a task holding CPU 1, GPU 1)" in logs, logs
+    # Logical GPUs: said once, and the work ran on CPUs.
+    assert logs.count("a task holding one sees no CUDA device") == 1, logs
     types, launched = result["types"], result["launched"]
     # The autoscaler launched worker nodes of cluster.yaml's GPU types (none existed at the start).
     assert launched and all(types[t]["resources"].get("GPU", 0) >= 1 for t in launched.values()), launched
@@ -69,3 +75,4 @@ def test_the_pipeline_as_a_job_on_a_fake_autoscaling_cluster_survives_a_node_rem
     (refit,) = exp.glob("refit/*/metrics.json")
     assert {h["ranks"] for h in json.loads(refit.read_text())["history"]} == {2}
     check_submission_file(exp / "submission" / "submission.csv", learnable)
+    assert result["released"], "CPUs or GPUs still held after the job ended"

@@ -69,6 +69,7 @@ def test_crossfitted_ensembles_are_chosen_out_of_fold_on_every_labelled_clip(loc
             run = exp.crossfit_dir(trial_id, f)
             train = json.loads((run / "config.json").read_text())["train"]
             assert train["fold"] == f and train["keep_last"]  # fold f held out, never used to choose
+            assert not (run / "checkpoint").exists()  # a finished fold run keeps its model, not its epochs
             names = list(pd.read_csv(run / "val_predictions.csv")["filename"])
             assert set(names) == set(labelled.loc[labelled["fold"] == f, "filename"])
             history = json.loads((run / "metrics.json").read_text())["history"]

@@ -183,6 +183,17 @@ def test_gpu_spaces_resolve_to_whole_cpus_on_a_cluster_without_gpus():
         assert res.gpus_per_worker == 0 and res.workers * res.cpus_per_worker <= 2, path
 
 
+def test_the_gpu_recipe_runs_trials_by_the_cpus_and_gpus_of_the_node_met():
+    from raysc.search import SearchSettings, _concurrency, resolve_resources
+
+    space = load_search_space(SPACES_DIR / "gpu.yaml")
+    node = {"CPU": 8.0, "GPU": 2.0}  # half a 4-GPU node of cluster.yaml
+    res = resolve_resources(space.resources, node, None)
+    assert res == space.resources and (res.cpus_per_worker, res.gpus_per_worker) == (4, 0.5)
+    assert _concurrency(node, res, space, SearchSettings(trials=32)) == 2  # the CPUs bind: 8 / 4 (GPUs: 2 / 0.5)
+    assert _concurrency({"CPU": 48.0, "GPU": 4.0}, res, space, SearchSettings(trials=32)) == 8  # the GPUs bind
+
+
 def test_a_value_the_config_refuses_names_the_file_and_the_key(tmp_path):
     path = tmp_path / "s.yaml"
     path.write_text("params:\n  batch_size: {type: int, low: 0, high: 8}\nbackbones: {stats: {}}\n")

@@ -197,6 +197,9 @@ def test_repeated_cross_fitting_adds_splits_while_the_estimate_rises_and_says_wh
     assert lines[-1] == (
         "[pipeline] repeats skipped: no --time-budget and no `repeats` in the pipeline file: prepare's split only"
     )
+    ctx = _repeats_context(Experiment(tmp_path / "exp6"), lines, budget, repeats=1)
+    assert execute(ctx, Repeats()) is None
+    assert lines[-1] == "[pipeline] repeats skipped: the pipeline file sets `repeats: 1`: prepare's split only"
     ctx = _repeats_context(Experiment(tmp_path / "exp4"), lines, Budget(None), repeats=2)
     record = execute(ctx, Repeats())
     assert record["splits"] == 2 and record["stopped"] == "it reached 2 splits, the most it takes (`repeats`)"

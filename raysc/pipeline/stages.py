@@ -541,6 +541,8 @@ class Repeats(Stage):
     def skipped(self, ctx: Context) -> str | None:
         if not ctx.outputs.get("crossfit"):
             return "no cross-fitted ensemble"
+        if ctx.cfg.repeats == 1:
+            return "the pipeline file sets `repeats: 1`: prepare's split only"
         if self._most(ctx) < 2:
             return "no --time-budget and no `repeats` in the pipeline file: prepare's split only"
         if ctx.dataset.split_by != "session":
