@@ -155,36 +155,39 @@ FAMILIES = {"trunks": ("aisfx",), "cnns": ("mobileascnet", "setrans")}
 STAGES = {"repeats": {"repeats": 1}}
 
 
+def variant(work: Path, name: str, *, space: dict | None = None, **settings) -> Path:
+    """A pipeline file ``work/NAME.yaml``: the default pipeline with ``settings`` changed and,
+    given, ``space`` (written beside it as ``space-NAME.yaml``) instead of the default space."""
+    values = {**dataclasses.asdict(BUILTIN["default"]), **settings}
+    if space is not None:
+        space_file = work / f"space-{name}.yaml"
+        space_file.write_text(yaml.safe_dump({**space, "name": name}))
+        values["space"] = str(space_file)
+    pipeline_file = work / f"{name}.yaml"
+    pipeline_file.write_text(yaml.safe_dump(values))
+    return pipeline_file
+
+
 def ablation(family: str, work: Path) -> Path:
     """A pipeline file: the default pipeline without ``family``'s members (on the default space
     without them), or without a stage of ``STAGES``."""
-    pipeline_file = work / f"default-without-{family}.yaml"
+    name = f"default-without-{family}"
     if family in STAGES:
-        pipeline_file.write_text(yaml.safe_dump({**dataclasses.asdict(BUILTIN["default"]), **STAGES[family]}))
-        return pipeline_file
+        return variant(work, name, **STAGES[family])
     space = yaml.safe_load((SPACES_DIR / "default.yaml").read_text())
     gone = set(FAMILIES[family])
-    space["name"] = f"default-without-{family}"
     space["backbones"] = {k: v for k, v in space["backbones"].items() if k not in gone}
     space["start"] = [p for p in space.get("start", []) if p["backbone"] not in gone]
-    space_file = work / f"space-without-{family}.yaml"
-    space_file.write_text(yaml.safe_dump(space))
-    pipeline_file.write_text(yaml.safe_dump({**dataclasses.asdict(BUILTIN["default"]), "space": str(space_file)}))
-    return pipeline_file
+    return variant(work, name, space=space)
 
 
 def centred(work: Path) -> Path:
     """A pipeline file: the default pipeline with its trunk members' embeddings centred per city
     (``FrontendConfig.city_centred``), for the comparison of that setting."""
     space = yaml.safe_load((SPACES_DIR / "default.yaml").read_text())
-    space["name"] = "default-centred"
     for name in FAMILIES["trunks"]:
         space["backbones"][name]["model.frontend"] = {"city_centred": True}
-    space_file = work / "space-centred.yaml"
-    space_file.write_text(yaml.safe_dump(space))
-    pipeline_file = work / "default-centred.yaml"
-    pipeline_file.write_text(yaml.safe_dump({**dataclasses.asdict(BUILTIN["default"]), "space": str(space_file)}))
-    return pipeline_file
+    return variant(work, "default-centred", space=space)
 
 
 def floor_rows(data: PreparedData, data_dir: Path, ev: pd.DataFrame) -> list[dict]:

@@ -169,22 +169,15 @@ def submit(address: str, entrypoint: list[str], env: dict[str, str]) -> str:
     return re.search(r"raysubmit_\w+", done.stdout).group(0)
 
 
-def released(address: str, timeout: float = 60) -> bool:
+def released(address: str) -> bool:
     """Every CPU and GPU of the live nodes free and no placement group alive, once the job ended
-    (polled: release is asynchronous; the timeout is only a hang guard)."""
+    (``conftest.resources_released``, from this process's connection to the cluster)."""
     import ray
-    from ray.util import placement_group_table
+    from conftest import resources_released  # this script's folder is on sys.path
 
     ray.init(address=address, log_to_driver=False)
     try:
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            free, total = ray.available_resources(), ray.cluster_resources()
-            alive = [g for g in placement_group_table().values() if g["state"] != "REMOVED"]
-            if all(free.get(k, 0) == total.get(k, 0) for k in ("CPU", "GPU")) and not alive:
-                return True
-            time.sleep(0.5)
-        return False
+        return resources_released(timeout=60)
     finally:
         ray.shutdown()
 
