@@ -354,7 +354,8 @@ def main(argv: list[str] | None = None) -> int:
             data = load_dataset(data_dir)
             ev = data.manifest[data.manifest["subset"] == "eval"].merge(pd.read_csv(raw / EVAL_LABELS), on="filename")
             rows = floor_rows(data, data_dir, ev) + pipeline_rows(args, here, data_dir, ev)
-            results += [r | {"data_seed": data_seed} for r in rows]
+            # Data given with --raw/--data: its seed is not known here.
+            results += [r | {"data_seed": "given" if args.raw or args.data else data_seed} for r in rows]
             shapes.append((len(ev), int((ev["city_idx"] == 0).sum()), len(data.rows("labelled"))))
     summary = summarise(results)
     return write_results(
