@@ -44,9 +44,12 @@ def _scan_chunk_sequential(
     decay = torch.exp(delta.unsqueeze(-1) * A)  # [b, l, d, n]
     x = (delta * u).unsqueeze(-1) * B.unsqueeze(2)
     h, ys = h0, []
-    for t in range(u.shape[1]):
-        h = decay[:, t] * h + x[:, t]
-        ys.append((h * C[:, t, None, :]).sum(-1))
+    # The steps as views made once (unbind): indexing ``decay[:, t]`` in the loop instead makes
+    # its backward fill a zero tensor of the whole chunk per step (quadratic in the chunk; 69 %
+    # of a CPU training step of ASCMamba, measured with torch.profiler).
+    for decay_t, x_t, c_t in zip(decay.unbind(1), x.unbind(1), C.unbind(1), strict=True):
+        h = decay_t * h + x_t
+        ys.append((h * c_t.unsqueeze(1)).sum(-1))
     return torch.stack(ys, dim=1), h
 
 
