@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 WIDTHS = (1.0, 0.5, 0.25)  # tried in this order when a network does not fit
 TRIAL_SHARE = 8  # a trial may take 1/TRIAL_SHARE of a round's trial time (budget x trials at once)
 GRACE_ROOM = 2  # a kept schedule reaches this many times ASHA's grace period
+SLOW_STEP_SECONDS = 2.0  # a measured step this long is measured once (after the warm-up)
 
 
 @dataclass(frozen=True)
@@ -97,7 +98,9 @@ def seconds_per_step(values: dict[str, Any], data: PreparedData, *, threads: int
         model.train()
         times = []
         for i, batch in enumerate(loader):
-            if i > steps:
+            # A warm-up step, then ``steps``; a slow network (seconds a step: ASCMamba's scan on
+            # a CPU) stops after one, its time is clear enough and the plan is not kept waiting.
+            if i > steps or (len(times) > 1 and sum(times[1:]) > SLOW_STEP_SECONDS):
                 break
             t0 = time.perf_counter()
             b = augment(batch.to(dev), cfg, data.store.spec.sample_rate, g, model.cfg.frontend.hop_length)
