@@ -571,9 +571,11 @@ def _print_result(result) -> None:
 
 
 def _cmd_pipeline(args: argparse.Namespace) -> int:
-    from .pipeline import default_experiment, load_pipeline, run_pipeline
+    from .pipeline import default_experiment, load_pipeline, run_pipeline, smoke_sized
 
     cfg = load_pipeline(args.pipeline)
+    if args.smoke_test:
+        cfg = smoke_sized(cfg)
     if args.experiment is None:
         args.experiment = default_experiment(args.data, args.pipeline)
         print(f"experiment folder: {args.experiment} (give --experiment to choose another)", flush=True)
@@ -597,7 +599,11 @@ def _add_pipeline(sub: Any) -> None:
     """`raysc pipeline`: its flags."""
     p = sub.add_parser("pipeline", help="search -> ensemble -> pseudo-label rounds -> submission, resumable")
     p.add_argument(
-        "pipeline", type=Path, nargs="?", help="pipeline YAML, or a built-in: default (the default), baseline, gpu"
+        "pipeline",
+        type=Path,
+        nargs="?",
+        help="pipeline YAML, or a built-in: default (the default), or a recipe: alps, ascmamba, baseline, gpu, "
+        "mobileascnet, rm3 (the seed systems' and the official baseline's training, and the GPU recipe)",
     )
     p.add_argument("--data", type=Path, required=True, help="prepared data folder")
     p.add_argument(
@@ -606,6 +612,12 @@ def _add_pipeline(sub: Any) -> None:
     p.add_argument("--time-budget", type=POSITIVE, metavar="MINUTES", help="shared by the rounds' searches")
     p.add_argument("--max-concurrent", type=COUNT, help="trials at once (overrides the file; for autoscaling clusters)")
     p.add_argument("--seed", type=INDEX, help="seed of the searches' sampler and trials (overrides the file's)")
+    p.add_argument(
+        "--smoke-test",
+        action="store_true",
+        help="one trial of one epoch a round, networks at width 0.125 (the stages as they are): checks that it "
+        "runs to a submission",
+    )
     _add_address(p)
     p.set_defaults(func=_cmd_pipeline)
 

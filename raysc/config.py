@@ -78,6 +78,10 @@ class TrainConfig:
     init_from: str | None = None
     reset_head: bool = False
     freeze: tuple[str, ...] = ()  # parameter name prefixes kept fixed
+    # Keep the backbone's low-level blocks (its config's ``low_level_blocks``) as ``init_from``
+    # left them: MobileASCNet's fine-tuning variant that freezes the pretrained low-level convs
+    # (their weights; batch norm's running statistics still follow the new data).
+    freeze_low_level: bool = False
     trunk_lr_scale: float = 1.0  # learning rate of every tensor but the head's, relative to lr
     amp: str = "auto"  # auto = bf16 autocast on CUDA, none on CPU; "bf16" or "none" to force
     # Speed options for GPUs, off until benchmarks/gpu_check.sh shows a gain: the network's
@@ -98,6 +102,8 @@ class TrainConfig:
             problems.append(f"train_on {self.train_on!r} (valid: {', '.join(TRAIN_ON)})")
         elif self.train_on == "pretrain" and self.pseudo_labels:
             problems.append("pseudo_labels: pretraining trains on the pretraining clips only")
+        if self.freeze_low_level and not self.init_from:
+            problems.append("freeze_low_level keeps blocks as init_from left them: give init_from (a pretrained model)")
         if self.amp not in ("auto", "bf16", "none"):
             problems.append(f"amp {self.amp!r} (valid: auto, bf16, none)")
         for f in dataclasses.fields(self):

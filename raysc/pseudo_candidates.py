@@ -26,6 +26,7 @@ def write_candidates(
     ensemble: str | None = None,
     selection: Selection | None = None,
     without_session_label: bool = False,
+    agree_with: str | Path | None = None,
     address: str | None = None,
 ) -> tuple[Path, pd.DataFrame]:
     """Score every unlabelled clip outside the ensemble's validation sessions with the ensemble
@@ -33,7 +34,9 @@ def write_candidates(
     label, confidence) and ``summary.csv`` (per class: candidates, threshold, and what
     ``selection`` would keep) into the experiment's pseudo-label folder of that ensemble.
     ``without_session_label``: only the clips of sessions without any label (the only ones a run
-    with session labels takes pseudo-labels for). Returns (candidates path, summary)."""
+    with session labels takes pseudo-labels for). ``agree_with``: earlier candidates; only the
+    clips to which they gave the same label stay (ASCMamba's two-step pseudo-labelling). Returns
+    (candidates path, summary)."""
     exp = Experiment.existing(experiment)
     ens = exp.load_ensemble(ensemble)
     data = load_dataset(ens.data)
@@ -48,6 +51,11 @@ def write_candidates(
     p = probs[data.classes].to_numpy()
     probs["label"] = np.asarray(data.classes)[p.argmax(1)]
     probs["confidence"] = p.max(1)
+    if agree_with is not None:
+        earlier = pd.read_csv(agree_with).set_index("filename")["label"]
+        agree = earlier.reindex(probs["filename"]).to_numpy() == probs["label"].to_numpy()
+        log.info("pseudo-label candidates: %d of %d clips keep the label of %s", agree.sum(), len(probs), agree_with)
+        probs = probs[agree].reset_index(drop=True)
     path = exp.pseudo_candidates(ens.name)
     write_csv(path, probs)
     _, summary = select(probs, data.classes, selection or Selection())

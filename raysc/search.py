@@ -200,7 +200,7 @@ def _check_inputs(sp: SearchSpace, s: SearchSettings, exp: Experiment) -> None:
     if s.pseudo_candidates:
         read_candidates(s.pseudo_candidates, data.manifest, data.classes)
     for name, (own_fixed, own) in sp.backbones.items():
-        choices = _init_choices(sp, own_fixed, own)
+        choices = _init_choices(sp, own_fixed, own, s.round)
         if "pretrained" in choices and not exp.pretrained_model(name).is_file():
             raise ConfigError(
                 f"{sp.path}: backbone {name} may start from init_from: pretrained, but {exp.pretrained_model(name)} "
@@ -215,10 +215,14 @@ def _check_inputs(sp: SearchSpace, s: SearchSettings, exp: Experiment) -> None:
 INIT_SOURCES = ("pretrained", "previous_round")
 
 
-def _init_choices(sp: SearchSpace, own_fixed: Mapping[str, Any], own: Mapping[str, Any]) -> set:
-    """Every value ``init_from`` can take for one backbone of the space."""
-    fixed = {**sp.fixed, **sp.rounds_fixed, **dict(own_fixed)}
-    dist = {**sp.params, **sp.rounds, **dict(own)}.get("init_from")
+def _init_choices(sp: SearchSpace, own_fixed: Mapping[str, Any], own: Mapping[str, Any], round: int) -> set:
+    """Every value ``init_from`` can take for one backbone of the space in ``round`` (the space's
+    ``rounds`` section applies from round 1 on, over the rest, as ``SearchSpace.suggest`` does)."""
+    later = round >= 1
+    fixed = {**sp.fixed, **dict(own_fixed), **(sp.rounds_fixed if later else {})}
+    dist = {**sp.params, **dict(own), **(sp.rounds if later else {})}.get("init_from")
+    if "init_from" in (sp.rounds_fixed if later else {}):
+        return {fixed["init_from"]}
     return set(dist.choices) if dist is not None and dist.kind == "categorical" else {fixed.get("init_from")}
 
 

@@ -219,6 +219,14 @@ def _split(section: Any, where: str) -> tuple[dict[str, Any], dict[str, Distribu
     return fixed, dists
 
 
+def parse_section(section: Any, where: str) -> tuple[dict[str, Any], dict[str, Distribution]]:
+    """A backbone-level section's fixed values and distributions, every key checked (a
+    pipeline file's ``pretrain.finetune`` is one)."""
+    fixed, dists = _split(section, where)
+    _check_keys([*fixed, *dists], where)
+    return fixed, dists
+
+
 def _check_keys(keys: Any, where: str) -> None:
     for key in keys:
         head, _, rest = key.partition(".")
@@ -287,9 +295,7 @@ def load_search_space(space: str | Path) -> SearchSpace:
     for name, section in raw_backbones.items():
         if name not in list_models():
             raise ConfigError(f"{where}: backbones.{name}: unknown backbone (valid: {', '.join(list_models())})")
-        own_fixed, own = _split(section, f"{where}: backbones.{name}")
-        _check_keys([*own_fixed, *own], f"{where}: backbones.{name}")
-        backbones[name] = (own_fixed, own)
+        backbones[name] = parse_section(section, f"{where}: backbones.{name}")
     space = SearchSpace(
         name=str(raw.get("name") or path.stem),
         path=path,

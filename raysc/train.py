@@ -14,7 +14,7 @@ import random
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +35,7 @@ from .feature_cache import FeatureCache
 from .fileio import atomic_path, write_csv, write_json
 from .loader import Batch, ClipTable, make_loader
 from .metrics import classification_report, confusion_matrix, unk_columns
-from .models import ASCModel, create_model, load_model, load_tensors, save_model
+from .models import ASCModel, create_model, list_models, load_model, load_tensors, model_class, save_model
 from .models.base import config_to_dict
 from .pseudo_labels import Selection, read_candidates, select
 
@@ -275,8 +275,21 @@ def build_model(cfg: TrainConfig, data: PreparedData) -> ASCModel:
     model.frontend.load_pretrained()  # a trunk's published weights (fetched once per machine)
     if cfg.init_from:
         _init_weights(model, cfg)
-    _freeze(model, cfg.freeze)
+    _freeze(model, cfg.freeze + (_low_level_blocks(model) if cfg.freeze_low_level else ()))
     return model
+
+
+def _low_level_blocks(model: ASCModel) -> tuple[str, ...]:
+    """The parameter prefixes of the backbone's low-level blocks (``freeze_low_level``)."""
+    blocks = getattr(model.cfg, "low_level_blocks", ())
+    if not blocks:
+        having = [n for n in list_models() if any(f.name == "low_level_blocks" for f in _fields(n))]
+        raise ConfigError(f"freeze_low_level: {model.name} names no low-level blocks (backbones that do: {having})")
+    return tuple(blocks)
+
+
+def _fields(backbone: str) -> tuple:
+    return fields(model_class(backbone).config_class)
 
 
 def make_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:

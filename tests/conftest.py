@@ -211,14 +211,14 @@ def tiny_gpu_recipe(folder: Path, *, fixed: dict | None = None, **sections) -> P
     trains on 2 cores: its space's ``sections`` replaced (backbones at a tiny width for 1 s clips),
     ``fixed`` added to its fixed values, no start points; one round of 2 trials, one member, no
     cross-fitting, no pretraining (pretraining runs through the same DDP call as the refit)."""
-    from raysc.pipeline import BUILTIN
+    from raysc.pipeline import load_pipeline
     from raysc.search_space import SPACES_DIR
 
     space = yaml.safe_load((SPACES_DIR / "gpu.yaml").read_text())
     space["fixed"] = {**space["fixed"], "warmup_steps": 1, **(fixed or {})}
     space |= {"start": [], **sections}
     (folder / "gpu-tiny.yaml").write_text(yaml.safe_dump(space))
-    recipe = dataclasses.asdict(BUILTIN["gpu"])
+    recipe = dataclasses.asdict(load_pipeline("gpu"))
     recipe |= {"space": str(folder / "gpu-tiny.yaml"), "rounds": 1, "trials": 2, "ensemble_k": 1, "crossfit": 0}
     recipe |= {"pretrain": None, "session_smoothing": False}
     path = folder / "gpu-tiny-pipeline.yaml"
@@ -249,7 +249,7 @@ def build_artefact(kind: str, out: Path) -> Path:
     source.mkdir(parents=True)
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(ROOT / name, source / name)
-    for name in ("raysc", "search_spaces"):
+    for name in ("raysc", "search_spaces", "recipes"):
         shutil.copytree(ROOT / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
     script = f"from setuptools import build_meta; print(build_meta.build_{kind}({str(out)!r}))"
     done = subprocess.run([sys.executable, "-c", script], cwd=source, capture_output=True, text=True, timeout=300)

@@ -22,7 +22,7 @@ def test_one_space_per_backbone_and_one_over_all():
     seeds = {"setrans", "resnet_cbam", "mobileascnet", "ascmamba", "rm3", "stats"}  # the seed systems' and stats
     backbones = seeds | {"cnn10", "cnn14", "aisfx"}  # and PANNs, and the aisfx trunk's head
     assert backbones == set(list_models())
-    assert {p.stem for p in SPACES} == backbones | {"all_backbones", "default", "baseline", "demo", "gpu"}
+    assert {p.stem for p in SPACES} == backbones | {"all_backbones", "default", "demo", "gpu"}
     assert set(load_search_space(SPACES_DIR / "all_backbones.yaml").backbones) == backbones
     # The GPU recipe: every seed CNN, stats and the trunk's head.
     assert set(load_search_space(SPACES_DIR / "gpu.yaml").backbones) == seeds | {"aisfx"}
@@ -39,9 +39,6 @@ def test_shipped_spaces_load_and_sample_valid_configs(path):
             cfg = make_config(values)
             assert cfg.backbone in space.backbones and cfg.epochs == space.scheduler.max_epochs
             study.tell(trial, 0.5)
-    if space.name == "baseline":  # a recipe, not a search: one point
-        assert not space.params and all(not own for _, own in space.backbones.values()) and not space.rounds
-        return
     required = {"lr", "weight_decay", "mixup_alpha", "spec_augment", "city_dropout", "model.fusion", "batch_size"}
     if space.name == "aisfx":  # a head on a trunk's embedding: SpecAugment has no spectrogram to mask
         required.discard("spec_augment")

@@ -24,8 +24,8 @@ class MobileASCNetConfig(ModelConfig):
     channels: tuple[int, ...] = (32, 64, 128)
     gru_hidden: int = 160
     dropout: float = 0.2
-    # Blocks whose weights stay fixed when fine-tuning from a pretrained artefact (the
-    # paper's "freeze the low-level conv blocks" variant); used by training.
+    # Blocks whose weights stay fixed when fine-tuning from a pretrained artefact with
+    # ``freeze_low_level`` (the paper's "freeze the low-level conv blocks" variant).
     low_level_blocks: tuple[str, ...] = ("blocks.0", "blocks.1")
 
 

@@ -25,17 +25,20 @@ from ..datafolder import load_dataset
 from ..experiment import Ensemble, Experiment
 from ..leaderboard import leaderboard
 from ..search_space import load_search_space
-from .config import BUILTIN, CROSSFIT_CANDIDATES, PipelineConfig, load_pipeline
-from .stages import Context, ended_early, execute, stage_sequence, with_pretrained
+from .config import CROSSFIT_CANDIDATES, RECIPES_DIR, PipelineConfig, load_pipeline, recipe_names, smoke_sized
+from .stages import Context, at_width, ended_early, execute, missing_data, stage_sequence, with_pretrained
 from .state import PipelineState
 
 __all__ = [
-    "BUILTIN",
+    "RECIPES_DIR",
     "PipelineConfig",
     "PipelineResult",
+    "at_width",
     "default_experiment",
     "load_pipeline",
+    "recipe_names",
     "run_pipeline",
+    "smoke_sized",
     "with_pretrained",
 ]
 
@@ -96,7 +99,7 @@ def run_pipeline(
     dataset = load_dataset(data)  # a wrong data folder fails before the experiment folder is made
     budget = Budget(time_budget_minutes)
     with exp.in_use():
-        space = load_search_space(cfg.space_path())
+        space = at_width(load_search_space(cfg.space_path()), cfg.width)
         data = str(Path(data).resolve())
         settings = {
             **dataclasses.asdict(cfg),
@@ -118,6 +121,8 @@ def run_pipeline(
             space=space,
             crossfit=cfg.crossfit if cfg.crossfit is not None else (CROSSFIT_CANDIDATES if budget.limited else 0),
         )
+        if said := missing_data(ctx):
+            ctx.say(said)
         for stage in stage_sequence(ctx):
             ctx.outputs[stage.name] = execute(ctx, stage)
         if said := ended_early(ctx):

@@ -12,7 +12,7 @@ from ..config import make_config
 from ..crossfit import DEFAULT_SELECTION
 from ..errors import ConfigError
 from ..fileio import read_yaml_mapping
-from ..search_space import space_path
+from ..search_space import parse_section, space_path
 
 # Cross-fitting candidates with a time budget, by default. Measured on a 30-minute run's own trials
 # (benchmarks/crossfit.py): 0.744 eval macro accuracy against its final ensemble's 0.718, and 0.553
@@ -30,6 +30,10 @@ class PipelineConfig:
     rounds: int = 2  # round 0 on labelled clips, then rounds - 1 semi-supervised rounds
     trials: int = 16  # per round
     max_epochs: int | None = None  # default: the space's
+    # Every network of the space at this width (model.width, e.g. 0.5 for half the channels); the
+    # plan then keeps it. Default: the space's, narrowed by the plan under --time-budget where the
+    # budget does not hold it.
+    width: float | None = None
     fold: int = 0  # validation fold of every trial and ensemble
     seed: int = 0
     max_concurrent: int | None = None
@@ -57,7 +61,13 @@ class PipelineConfig:
     # Pretraining before round 0 on the data folder's TAU / CochlScene clips, e.g.
     # {backbones: [setrans], epochs: 10, config: {lr: 1.0e-3}}; every trial of a pretrained backbone
     # then starts from it (init_from: pretrained, reset_head) unless the space searches init_from.
+    # `finetune:` adds settings (values or distributions) to those trials only, e.g.
+    # {freeze_low_level: {type: categorical, choices: [false, true]}}.
     pretrain: dict[str, Any] | None = None
+    # ASCMamba's two-step pseudo-labelling (searched rounds, without cross-fitting): from the
+    # second pseudo-label round on, a clip is a candidate only where the newest ensemble's label
+    # agrees with the one before it.
+    pseudo_agreement: bool = False
     # Ray Train workers (one GPU each on a GPU cluster) for the large work: pretraining, the
     # pseudo-label rounds' retrainings and the final refits. 1: single-process runs side by side.
     ddp_workers: int = 1
@@ -66,46 +76,47 @@ class PipelineConfig:
         return space_path(self.space)
 
 
-# Pipelines by name: ``raysc pipeline baseline`` runs the official baseline's recipe (one SE-Trans,
-# one round of hard pseudo-labels on every unlabelled clip) beside the default.
-BUILTIN = {
-    "default": PipelineConfig(),
-    "baseline": PipelineConfig(
-        space="baseline",
-        rounds=2,
-        trials=1,
-        ensemble_k=1,
-        temperature=False,
-        session_smoothing=False,
-        crossfit=0,  # the recipe: a searched round 1 on the first model's pseudo-labels
-        eval_session_labels=False,  # the recipe predicts every eval clip with its model
-    ),
-    # The GPU recipe (search_spaces/gpu.yaml): the seed CNNs next to stats on GPU shares, and Ray
-    # Train DDP over 2 GPUs for pretraining (on the data folder's TAU / CochlScene clips, when it
-    # has them), the pseudo-label rounds and the refits.
-    "gpu": PipelineConfig(
-        space="gpu",
-        trials=32,
-        ddp_workers=2,
-        pretrain={"backbones": ["resnet_cbam", "mobileascnet", "setrans"], "epochs": 10},
-    ),
-}
+def _recipes_dir() -> Path:
+    """The shipped recipes: inside the installed package (the project's top-level ``recipes/``,
+    see pyproject.toml), else the source tree's top-level folder."""
+    package = Path(__file__).resolve().parent.parent
+    installed = package / "recipes"
+    return installed if installed.is_dir() else package.parent / "recipes"
+
+
+# Pipelines by name (``raysc pipeline NAME``): the default is ``PipelineConfig()``; every other
+# name is a recipe file here (the seed systems' and the official baseline's training recipes,
+# and the GPU recipe), each with a header naming its source and what it changes.
+RECIPES_DIR = _recipes_dir()
+
+
+def recipe_names() -> list[str]:
+    """The built-in pipelines: ``default`` and every shipped recipe."""
+    return ["default", *sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))]
 
 
 def load_pipeline(path: str | Path | None) -> PipelineConfig:
-    """A pipeline file's settings, a built-in pipeline by name (``default``, ``baseline``,
-    ``gpu``), or (no path) the default."""
-    if path is None:
+    """A pipeline file's settings, a built-in pipeline by name (``recipe_names``), or (no path)
+    the default.
+
+    Raises:
+        ConfigError: no such file or built-in, an unknown key, or a value out of range.
+    """
+    if path is None or str(path) == "default":
         return PipelineConfig()
-    if str(path) in BUILTIN:
-        return BUILTIN[str(path)]
+    path = Path(path)
+    if not path.is_file() and path.suffix not in (".yaml", ".yml"):
+        builtin = RECIPES_DIR / f"{path}.yaml"
+        if not builtin.is_file():
+            raise ConfigError(f"pipeline {str(path)!r}: not a .yaml file nor one of {', '.join(recipe_names())}")
+        path = builtin
     raw = read_yaml_mapping(path, what="pipeline settings")
     names = {f.name for f in dataclasses.fields(PipelineConfig)}
     unknown = sorted(set(raw) - names)
     if unknown:
         raise ConfigError(f"{path}: unknown key(s) {unknown} (valid: {', '.join(sorted(names))})")
     cfg = PipelineConfig(**raw)
-    flags = ("temperature", "session_smoothing", "refit", "eval_session_labels")
+    flags = ("temperature", "session_smoothing", "refit", "eval_session_labels", "pseudo_agreement")
     not_bool = {k: getattr(cfg, k) for k in flags if not isinstance(getattr(cfg, k), bool)}
     if not_bool:
         raise ConfigError(f"{path}: true or false expected, got {not_bool}")
@@ -121,12 +132,34 @@ def load_pipeline(path: str | Path | None) -> PipelineConfig:
             f"{path}: pseudo_threshold must be in [0, 1] and pseudo_targets hard or soft, got "
             f"{cfg.pseudo_threshold!r} and {cfg.pseudo_targets!r}"
         )
+    number = isinstance(cfg.width, int | float) and not isinstance(cfg.width, bool)
+    if cfg.width is not None and (not number or cfg.width <= 0):
+        raise ConfigError(f"{path}: width must be a number > 0 (1: the paper's network), got {cfg.width!r}")
+    if cfg.pseudo_agreement and cfg.crossfit != 0:
+        raise ConfigError(
+            f"{path}: pseudo_agreement compares the searched rounds' pseudo-labels: set crossfit: 0 (with "
+            "cross-fitting the pseudo-label rounds retrain the cross-fitted fold models instead)"
+        )
     if cfg.pretrain is not None:
         _check_pretrain(cfg.pretrain, f"{path}: pretrain")
     return cfg
 
 
-PRETRAIN_KEYS = ("backbones", "epochs", "config")
+def smoke_sized(cfg: PipelineConfig) -> PipelineConfig:
+    """The pipeline at a smoke test's size (``raysc pipeline --smoke-test``): its rounds, stages
+    and recipe as they are, with one trial of one epoch a round, networks at an eighth width, at
+    most two splits of repeated cross-fitting and one epoch of pretraining; a check, in minutes,
+    that it runs to a submission on your data and machine, not a model to submit."""
+    pretrain = None if cfg.pretrain is None else {**cfg.pretrain, "epochs": 1}
+    repeats = 1 if cfg.repeats == 1 else 2
+    width = min(cfg.width or SMOKE_WIDTH, SMOKE_WIDTH)
+    return dataclasses.replace(cfg, trials=1, max_epochs=1, width=width, repeats=repeats, pretrain=pretrain)
+
+
+SMOKE_WIDTH = 0.125
+
+
+PRETRAIN_KEYS = ("backbones", "epochs", "config", "finetune")
 
 
 def _check_pretrain(stage: Any, where: str) -> None:
@@ -137,3 +170,4 @@ def _check_pretrain(stage: Any, where: str) -> None:
     if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 1:
         raise ConfigError(f"{where}.epochs must be an integer >= 1, got {epochs!r}")
     make_config({**stage.get("config", {}), "train_on": "pretrain"}, where=f"{where}.config")
+    parse_section(stage.get("finetune"), f"{where}.finetune")

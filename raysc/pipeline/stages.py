@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,7 +33,7 @@ from ..pseudo_candidates import write_candidates
 from ..pseudo_labels import Selection
 from ..refit import refit_ensemble
 from ..search import resolve_resources, search
-from ..search_space import Resources, SearchSpace, load_search_space
+from ..search_space import Resources, SearchSpace, load_search_space, parse_section
 from ..submission import make_submission
 from ..trunks import unavailable as trunk_unavailable
 from .config import MAX_REPEATS, PipelineConfig
@@ -312,16 +312,44 @@ class Plan(Stage):
         ctx.space = restore_space(ctx.space, record)
 
 
-def with_pretrained(space: SearchSpace, backbones: list[str]) -> SearchSpace:
+def at_width(space: SearchSpace, width: float | None) -> SearchSpace:
+    """Every backbone of the space at ``width`` (the pipeline file's ``width``, ``model.width``
+    of every network; None: the space as it is)."""
+    if width is None:
+        return space
+    out = {
+        name: ({**dict(own_fixed), "model.width": width}, {k: d for k, d in own.items() if k != "model.width"})
+        for name, (own_fixed, own) in space.backbones.items()
+    }
+    return dataclasses.replace(space, backbones=out)
+
+
+def with_pretrained(space: SearchSpace, backbones: list[str], finetune: Mapping[str, Any] | None = None) -> SearchSpace:
     """Every trial of a pretrained backbone starts from its trunk (``init_from: pretrained``, a new
-    head), unless the space sets or searches ``init_from`` itself (from scratch vs pretrained)."""
+    head), unless the space sets or searches ``init_from`` itself (from scratch vs pretrained);
+    ``finetune`` (the pipeline file's ``pretrain.finetune``: fixed values and distributions) is
+    added to those backbones' own settings, e.g. MobileASCNet's frozen low-level blocks."""
+    more_fixed, more = parse_section(finetune or {}, "pipeline pretrain.finetune")
     out = {}
     for name, (own_fixed, own) in space.backbones.items():
         searched = {**space.fixed, **space.params, **dict(own_fixed), **dict(own)}
-        if name in backbones and "init_from" not in searched:
-            own_fixed = {**dict(own_fixed), "init_from": "pretrained", "reset_head": True}
+        if name in backbones:
+            if "init_from" not in searched:
+                own_fixed = {**dict(own_fixed), "init_from": "pretrained", "reset_head": True}
+            own_fixed, own = {**dict(own_fixed), **more_fixed}, {**dict(own), **more}
         out[name] = (own_fixed, own)
     return dataclasses.replace(space, backbones=out)
+
+
+def missing_data(ctx: Context) -> str | None:
+    """Said before the first stage: data the pipeline file asks for that the data folder lacks
+    (a recipe's TAU / CochlScene pretraining), and that the rest of it runs without."""
+    if ctx.cfg.pretrain is not None and ctx.dataset.rows("pretrain").empty:
+        return (
+            f"[pipeline] this pipeline pretrains on TAU Urban Acoustic Scenes 2020 / CochlScene clips, and {ctx.data} "
+            "has none (prepare it with --tau and/or --cochlscene): the rest runs without pretraining"
+        )
+    return None
 
 
 class Pretrain(Stage):
@@ -370,7 +398,7 @@ class Pretrain(Stage):
         return names
 
     def apply(self, ctx: Context, record: Any) -> None:
-        ctx.space = with_pretrained(ctx.space, record)
+        ctx.space = with_pretrained(ctx.space, record, (ctx.cfg.pretrain or {}).get("finetune"))
 
 
 class Search(Stage):
@@ -473,9 +501,17 @@ class PseudoCandidates(Stage):
     def run(self, ctx: Context) -> str:
         # The candidates come from the best ensemble so far (the same rule as the final model).
         best = final_ensemble([ctx.exp.load_ensemble(n) for n in ctx.outputs[f"ensemble-{self.round}"]])
-        path, summary = write_candidates(ctx.exp.root, ensemble=best.name, address=ctx.address)
+        earlier = ctx.outputs.get(f"pseudo-{self.round - 1}") if ctx.cfg.pseudo_agreement else None
+        path, summary = write_candidates(
+            ctx.exp.root,
+            ensemble=best.name,
+            agree_with=ctx.exp.root / earlier if earlier else None,
+            address=ctx.address,
+        )
+        # Two-step pseudo-labelling: the second step keeps the clips on which both agree.
+        agreed = f", those on which it agrees with {earlier}" if earlier else ""
         ctx.say(
-            f"[pipeline] pseudo-label candidates from {best.name}: {summary['candidates'].sum()} clips "
+            f"[pipeline] pseudo-label candidates from {best.name}: {summary['candidates'].sum()} clips{agreed} "
             "(each trial of the next round selects its own, by its sampled threshold)"
         )
         return ctx.exp.relative(path)
