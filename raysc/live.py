@@ -16,8 +16,12 @@ from .experiment import RUNNING_BEST as METRIC
 class LiveView(Callback):
     """Counts running / finished / stopped / failed trials and tracks the best one."""
 
-    def __init__(self, *, total: int, round: int, write: Callable[[str], None], every_s: float = 15.0) -> None:
+    def __init__(
+        self, *, total: int, round: int, write: Callable[[str], None], backbone: str = "", every_s: float = 15.0
+    ) -> None:
+        """``backbone``: the space's only one (its trials do not sample it), else empty."""
         self.total, self.round, self.write, self.every_s = total, round, write, every_s
+        self.backbone = backbone
         self.t0 = time.monotonic()
         self.last_status = 0.0
         self.best: tuple[float, str, str] | None = None  # (metric, trial id, backbone)
@@ -52,7 +56,7 @@ class LiveView(Callback):
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         value = result.get(METRIC)
         if value is not None and (self.best is None or value > self.best[0]):
-            self.best = (value, trial.trial_id, str(trial.config.get("backbone", "")))
+            self.best = (value, trial.trial_id, str(trial.config.get("backbone", self.backbone)))
 
     def _end(self, trial: Any, status: str) -> None:
         if trial.trial_id in self.ended:

@@ -430,7 +430,8 @@ def _run_tune(
         ray.tune.with_parameters(_run_trial, space=space, settings=s, experiment=str(exp.root), resources=resources),
         _trial_resources(ray, resources, s),
     )
-    view = LiveView(total=s.trials, round=s.round, write=progress)
+    only = next(iter(space.backbones)) if len(space.backbones) == 1 else ""
+    view = LiveView(total=s.trials, round=s.round, write=progress, backbone=only)
     tune_dir = exp.tune_dir(s.round)
     backup = StateBackup(tune_dir, exp.tune_backup_dir(s.round))
     study_name = exp.study_name(s.round)

@@ -157,3 +157,9 @@ def test_a_search_trial_that_failed_says_why_in_its_line(tmp_path):
         "failed t1 no result: /exp/epoch-0003: the checkpoint to resume from is damaged (cut short); delete that "
         "folder and resume again"
     )
+    # A space of one backbone (a recipe's): its trials do not sample it, the status line names it.
+    from raysc.experiment import RUNNING_BEST
+
+    view = LiveView(total=1, round=0, write=lines.append, backbone="rm3")
+    view.on_trial_result(0, [], SimpleNamespace(trial_id="t2", config={}), {RUNNING_BEST: 0.5})
+    assert view.status_line(running=0).endswith("best score 0.5000 (t2, rm3)")

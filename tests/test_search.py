@@ -83,13 +83,14 @@ def test_search_with_asha_stops_and_a_failure_completes_and_releases_everything(
     # numerics of a tiny run: the good trial starts from a trained model (and a learning rate too
     # small to move it) and sets the bar at epoch 1; the constant trials predict one class, so
     # they are below it there; one fails at start-up. In-process trials run a constant one on
-    # each side of the failure (the process kept, then a new one); Ray Train trials, which pay
-    # Ray Train's start-up each, run one, after the failure.
+    # each side of the failure (the process kept, then a new one). Ray Train trials, which pay
+    # Ray Train's start-up each (twice for a failure, retried once), run the good and a constant
+    # one: failures under Ray Train are test_distributed's.
     good = {"backbone": "mobileascnet", "lr": 1e-7, "init_from": str(good_pt)}
     bad = {"backbone": "mobileascnet", "lr": 1e-7, "init_from": str(constant_pt)}
     broken = {"backbone": "setrans", "lr": 1e-7, "init_from": missing}
-    points = [good, bad, broken, bad] if ray_train == "auto" else [good, broken, bad]
-    expected_states = [1, 2, 3, 2] if ray_train == "auto" else [1, 3, 2]  # COMPLETE, PRUNED, FAIL
+    points = [good, bad, broken, bad] if ray_train == "auto" else [good, bad]
+    expected_states = [1, 2, 3, 2] if ray_train == "auto" else [1, 2]  # COMPLETE, PRUNED, FAIL
     space = write_space(
         tmp_path / "s.yaml",
         params={
@@ -118,10 +119,11 @@ def test_search_with_asha_stops_and_a_failure_completes_and_releases_everything(
     assert len(result.records) == len(points)
     assert len(by_status["completed"]) == 1 and by_status["completed"][0].epochs == 6
     assert len(by_status["stopped"]) == points.count(bad) and all(r.epochs < 6 for r in by_status["stopped"])
-    assert len(by_status["failed"]) == 1 and "missing.pt" in by_status["failed"][0].error
+    failed = points.count(broken)
+    assert len(by_status["failed"]) == failed and all("missing.pt" in r.error for r in by_status["failed"])
     assert result.best.trial_id == by_status["completed"][0].trial_id
     # The conditional space: each trial holds its own backbone's parameters, never another's.
-    assert {r.backbone for r in result.records} == {"mobileascnet", "setrans"}
+    assert {r.backbone for r in result.records} == {p["backbone"] for p in points}
     for r in result.records:
         assert {k for k in r.params if "/" in k} == {f"{r.backbone}/model.dropout"}
     # The experiment folder: a record per trial, models and predictions of every trial that ran.
@@ -156,7 +158,7 @@ def test_search_with_asha_stops_and_a_failure_completes_and_releases_everything(
     assert sum(" start " in line for line in lines) == len(points)
     assert f"best score {result.best.metrics['score']:.4f} ({result.best.trial_id}" in lines[-1]
     stopped = points.count(bad)
-    assert f"completed 1, stopped {stopped}, failed 1 of {len(points)}" in lines[-1]
+    assert f"completed 1, stopped {stopped}, failed {failed} of {len(points)}" in lines[-1]
     assert resources_released()
 
 
