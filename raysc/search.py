@@ -24,6 +24,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import time
 from collections.abc import Callable, Mapping
@@ -487,8 +488,30 @@ def _run_tune(
                 failure_config=ray.tune.FailureConfig(max_failures=1),
             ),
         )
-    tuner.fit()
+    try:
+        tuner.fit()
+    except RuntimeError as exc:
+        error = out_of_memory(exc, s.round)
+        if error is None:
+            raise
+        raise error from exc
     view.summary()
+
+
+def out_of_memory(exc: BaseException, round: int) -> RayscError | None:
+    """Tune's own crash when Ray's memory monitor kills a trial's worker as it starts (a
+    ``RuntimeError`` from Tune's actor manager, not a failed trial), as a one-line error with what
+    to change; None for any other error."""
+    said = str(exc)
+    if "running low on memory" not in said:
+        return None
+    memory = re.search(r"was ([\d.]+GB) used / ([\d.]+GB) limit", said)
+    how = f" ({memory.group(1)} of {memory.group(2)} used)" if memory else ""
+    return RayscError(
+        f"round {round}: Ray killed a trial's worker for lack of memory{how}; run fewer trials at once "
+        "(--max-concurrent 1) or smaller ones (batch_size, model.width), then continue it (the same "
+        "`raysc pipeline` command again, or `raysc search --resume`)"
+    )
 
 
 def _log_to_file(path: Path) -> None:

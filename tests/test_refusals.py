@@ -163,3 +163,21 @@ def test_a_search_trial_that_failed_says_why_in_its_line(tmp_path):
     view = LiveView(total=1, round=0, write=lines.append, backbone="rm3")
     view.on_trial_result(0, [], SimpleNamespace(trial_id="t2", config={}), {RUNNING_BEST: 0.5})
     assert view.status_line(running=0).endswith("best score 0.5000 (t2, rm3)")
+
+
+def test_a_trial_killed_for_memory_as_it_starts_ends_the_search_with_what_to_change():
+    from raysc.search import out_of_memory
+
+    # Tune's own words when Ray's memory monitor kills a trial's actor in its __init__ (seen with
+    # ASCMamba, two trials at once on a 24 GB machine).
+    tune_said = RuntimeError(
+        "Caught unexpected exception: 1 worker(s) were killed due to the node running low on memory. Memory on the "
+        "node (IP: 192.0.2.2, ID: c1ba) was 22.50GB used / 23.54GB limit (0.955999)"
+    )
+    error = out_of_memory(tune_said, 0)
+    assert str(error) == (
+        "round 0: Ray killed a trial's worker for lack of memory (22.50GB of 23.54GB used); run fewer trials at once "
+        "(--max-concurrent 1) or smaller ones (batch_size, model.width), then continue it (the same `raysc "
+        "pipeline` command again, or `raysc search --resume`)"
+    )
+    assert out_of_memory(RuntimeError("something else"), 0) is None
