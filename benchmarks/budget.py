@@ -55,15 +55,18 @@ from raysc.ensemble import smooth_sessions
 from raysc.experiment import Experiment, score_of
 from raysc.inference import predict_clips, predict_ensemble
 from raysc.metadata import CLASSES
-from raysc.pipeline import BUILTIN
+from raysc.pipeline import PipelineConfig
 from raysc.search_space import SPACES_DIR
 from raysc.submission import apply_session_labels, make_submission
 from raysc.synth import EVAL_LABELS
 from raysc.train import session_labelled
 
 
-def run_pipeline(name: str, data: Path, exp: Path, budget: float, seed: int) -> tuple[float, dict[str, float], str]:
-    """The CLI, timed; returns wall seconds, seconds per stage, and its output."""
+def run_pipeline(
+    name: str, data: Path, exp: Path, budget: float, seed: int
+) -> tuple[float, dict[str, float], str | None]:
+    """The CLI, timed; returns wall seconds, seconds per stage, and why it failed (None: it
+    ended with a submission)."""
     cmd = [
         sys.executable,
         "-m",
@@ -91,9 +94,10 @@ def run_pipeline(name: str, data: Path, exp: Path, budget: float, seed: int) -> 
                 stages[current] = stages.get(current, 0) + now - started
                 current, started = starts.group(1), now
     stages[current] = stages.get(current, 0) + time.perf_counter() - started
-    if proc.returncode:
-        raise SystemExit(f"{name} pipeline failed:\n{''.join(lines[-30:])}")
-    return time.perf_counter() - t0, stages, "".join(lines)
+    # A recipe that cannot run at this budget here is a result too (its row says why), not the
+    # end of the benchmark.
+    failed = next((line.strip() for line in reversed(lines) if line.strip()), "no output") if proc.returncode else None
+    return time.perf_counter() - t0, stages, failed
 
 
 def score_pipeline(
@@ -110,7 +114,10 @@ def score_pipeline(
         seconds, stages, csv = None, {}, experiment.submission("rescored.csv")
         make_submission(exp, csv, ensemble=experiment.load_ensemble().name)
     else:
-        seconds, stages, _ = run_pipeline(name, data_dir, exp, budget, seed)
+        seconds, stages, failed = run_pipeline(name, data_dir, exp, budget, seed)
+        if failed:
+            nothing = {"eval": None, "seen": None, "unseen": None, "stages": {}}
+            return [{"system": f"{label}: failed: {failed}", "minutes": round(seconds / 60, 1), **nothing}]
         csv = experiment.submission("submission.csv")
     sub = pd.read_csv(csv).set_index("filename").loc[ev["filename"]]
     records = [r for r in experiment.records() if r.status != "failed"]
@@ -158,7 +165,7 @@ STAGES = {"repeats": {"repeats": 1}}
 def variant(work: Path, name: str, *, space: dict | None = None, **settings) -> Path:
     """A pipeline file ``work/NAME.yaml``: the default pipeline with ``settings`` changed and,
     given, ``space`` (written beside it as ``space-NAME.yaml``) instead of the default space."""
-    values = {**dataclasses.asdict(BUILTIN["default"]), **settings}
+    values = {**dataclasses.asdict(PipelineConfig()), **settings}
     if space is not None:
         space_file = work / f"space-{name}.yaml"
         space_file.write_text(yaml.safe_dump({**space, "name": name}))
@@ -285,7 +292,10 @@ def pipeline_rows(args: argparse.Namespace, work: Path, data_dir: Path, ev: pd.D
             )
             for r in rows:  # what the row is across runs: its system without the seed or members
                 r["group"] = r["system"].replace(label, f"pipeline {name_said}").split(" (")[0]
-            finals.append(rows[0])
+            if rows[0]["eval"] is not None:
+                finals.append(rows[0])
+            else:
+                rows[0]["group"] = None  # a failed run: its own row, outside the means
             results += rows
         if len(finals) > 1:
             results.append(
@@ -396,6 +406,8 @@ def markdown(args: argparse.Namespace, results: list[dict], summary: list[dict],
     """The command, the summary over runs (when there are several), every run, and the stages."""
 
     def cells(r: dict) -> list[str]:
+        if r["eval"] is None:
+            return ["failed", "", ""]
         return [f"{r[k]:.3f}" + (f" ± {r['sd'][k]:.3f}" if "sd" in r else "") for k in ("eval", "seen", "unseen")]
 
     cmd = (

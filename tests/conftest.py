@@ -83,14 +83,14 @@ def synth_dir(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, SynthSumm
     return out, summary
 
 
-def _prepare_tiny(raw: Path, out: Path, **extra) -> PreparedData:
+def _prepare_tiny(raw: Path, out: Path, *, clip_seconds: float = 1.0, **extra) -> PreparedData:
     return prepare(
         dev_meta=raw / DEV_METADATA,
         eval_meta=raw / EVAL_METADATA,
         audio_dirs=[raw / "audio"],
         out=out,
         sample_rate=SR,
-        clip_seconds=1.0,
+        clip_seconds=clip_seconds,
         folds=3,
         workers=1,
         **extra,
@@ -100,6 +100,13 @@ def _prepare_tiny(raw: Path, out: Path, **extra) -> PreparedData:
 @pytest.fixture(scope="session")
 def prepared(synth_dir, tmp_path_factory: pytest.TempPathFactory) -> PreparedData:
     return _prepare_tiny(synth_dir[0], tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture(scope="session")
+def prepared_short(synth_dir, tmp_path_factory: pytest.TempPathFactory) -> PreparedData:
+    """The tiny data set cut to its first 0.25 s a clip (13 frames): for ASCMamba, whose scan
+    costs seconds a training step even on 1 s clips at width 0.125."""
+    return _prepare_tiny(synth_dir[0], tmp_path_factory.mktemp("short-data"), clip_seconds=0.25)
 
 
 @pytest.fixture(scope="session")
