@@ -25,69 +25,69 @@ class TrainConfig:
     batch 64); ``model`` holds overrides of the backbone's own config. Warm-up and early stopping
     count optimiser steps, not passes: on 192 clips a pass is 6 steps, on 8,700 it is 136."""
 
-    backbone: str = "setrans"
-    model: Mapping[str, Any] = field(default_factory=dict)
+    backbone: str = "setrans"  # a name in the registry (`raysc models`)
+    model: Mapping[str, Any] = field(default_factory=dict)  # overrides of the backbone's config (width, fusion, ...)
     # Optimisation
-    optimizer: str = "adam"
-    lr: float = 1e-4
-    weight_decay: float = 0.0
+    optimizer: str = "adam"  # adam | adamw | sgd
+    lr: float = 1e-4  # peak learning rate
+    weight_decay: float = 0.0  # L2 penalty (decoupled with adamw)
     momentum: float = 0.9  # SGD only
-    schedule: str = "step"
+    schedule: str = "step"  # step (StepLR), cosine (to min_lr, per optimiser step), constant; after warm-up
     step_size: int = 2  # epochs between StepLR decays
-    gamma: float = 0.9
+    gamma: float = 0.9  # StepLR's decay factor
     min_lr: float = 0.0  # cosine floor
     warmup_steps: int = 0  # linear warm-up over this many optimiser steps
-    epochs: int = 20
-    batch_size: int = 64
-    grad_clip: float | None = None
-    label_smoothing: float = 0.0
+    epochs: int = 20  # passes over the training clips
+    batch_size: int = 64  # clips per optimiser step, over all DDP workers together
+    grad_clip: float | None = None  # largest gradient norm; None: no clipping
+    label_smoothing: float = 0.0  # cross-entropy's label smoothing
     patience_steps: int = 0  # stop after this many steps without a better validation score; 0 = never
     # Augmentation
     mixup_alpha: float = 0.0  # 0 = off; lambda ~ Beta(alpha, alpha)
     mixup_prob: float = 1.0  # share of batches that are mixed
     time_shift: float = 0.0  # largest circular shift, seconds
     spec_augment: int = 0  # masks per axis (frequency and time); widths come from the front end
-    city_dropout: float = 0.0
+    city_dropout: float = 0.0  # probability that a training clip's city is replaced by <unk>
     # Data
     fold: int = 0  # validation fold; -1 trains on every labelled clip without validation
     # Which split of the sessions into folds (datafolder.load_dataset): 0, prepare's; n > 0, the
     # n-th redrawn one (repeated cross-fitting).
-    repeat: int = 0
+    repeat: int = 0  # which split into folds: 0 prepare's, n > 0 the n-th redrawn one
     keep_last: bool = False  # the last epoch's weights, not the best by validation (the fold only scores)
     # Share of the city-held-out score in the objective (metrics.objective); None: the data's share
     # of eval clips from cities absent in development.
-    unseen_weight: float | None = None
+    unseen_weight: float | None = None  # share of the city-held-out score in the objective; None: the data's
     session_labels: bool = True  # unlabelled clips of labelled sessions train with their session's scene
     session_label_weight: float = 1.0  # their loss weight relative to a labelled clip
-    seed: int = 0
-    loader_workers: int = 0
+    seed: int = 0  # seeds torch, numpy, Python and the loader
+    loader_workers: int = 0  # DataLoader worker processes (0: in the training process)
     cache_features: bool = True  # train on the front end's log-mel computed once per data folder
     # Pseudo-labels: candidates (filename + one probability column per class) of unlabelled clips,
     # selected per run (raysc.pseudo_labels).
-    pseudo_labels: str | None = None
-    pseudo_threshold: float = 0.0
-    pseudo_weight: float = 1.0
+    pseudo_labels: str | None = None  # a candidates CSV (filename + a probability per class)
+    pseudo_threshold: float = 0.0  # keep clips whose top probability reaches it
+    pseudo_weight: float = 1.0  # loss weight of a pseudo-labelled clip
     pseudo_adaptive: bool = False  # per-class thresholds scaled by each class's mean confidence
     pseudo_balance: bool = False  # cap every class at the rarest kept class's count
     pseudo_targets: str = "hard"  # hard (top class) or soft (the ensemble's probabilities)
     pseudo_confidence_weight: bool = False  # weight each clip by its confidence
     # What to train on: the labelled development clips, or the pretraining clips (TAU / CochlScene
     # rows of a data folder; no city or time: the metadata branch gets <unk> and zeros).
-    train_on: str = "labelled"
+    train_on: str = "labelled"  # labelled | pretrain (the TAU / CochlScene rows)
     # Initialisation from a model artefact (pretrain -> fine-tune)
-    init_from: str | None = None
-    reset_head: bool = False
+    init_from: str | None = None  # a model file to start from (pretrain -> fine-tune)
+    reset_head: bool = False  # a new classifier head instead of the one init_from has
     freeze: tuple[str, ...] = ()  # parameter name prefixes kept fixed
     # Keep the backbone's low-level blocks (its config's ``low_level_blocks``) as ``init_from``
     # left them: MobileASCNet's fine-tuning variant that freezes the pretrained low-level convs
     # (their weights; batch norm's running statistics still follow the new data).
-    freeze_low_level: bool = False
+    freeze_low_level: bool = False  # keep the backbone's low-level blocks as init_from left them
     trunk_lr_scale: float = 1.0  # learning rate of every tensor but the head's, relative to lr
     amp: str = "auto"  # auto = bf16 autocast on CUDA, none on CPU; "bf16" or "none" to force
     # Speed options for GPUs, off until benchmarks/gpu_check.sh shows a gain: the network's
     # tensors in channels-last memory order (cuDNN's fast convolution layout), and torch.compile.
-    channels_last: bool = False
-    compile: bool = False
+    channels_last: bool = False  # channels-last memory order (GPUs)
+    compile: bool = False  # torch.compile the network (GPUs)
 
     def __post_init__(self) -> None:
         problems = []

@@ -43,8 +43,8 @@ RAY_ENV = {
     "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "600",
 }
 # A local Ray's daemons poll on timers made for a dashboard someone watches (node stats every
-# 5 s, metrics every 5-10 s, event files every 2 s). Idle on 2 cores they used 15 % of one core,
-# 11 % with these (benchmarks/ray_idle.py); every trial shares the cores with them. Only the
+# 5 s, metrics every 5-10 s, event files every 2 s). These longer ones cut what an idle Ray takes from
+# the CPU (benchmarks/ray_idle.py; docs/results.md); every trial shares the cores with it. Only the
 # local Ray raysc starts gets them, and a user's own values win.
 QUIET_ENV = {
     "REPORTER_UPDATE_INTERVAL_MS": "30000",
@@ -253,8 +253,8 @@ def build_features(
 def _fit_task(train: dict[str, Any], data_dir: str, out_dir: str, threads: int) -> dict[str, Any]:
     """One ``fit`` in a Ray task (a single process: no Train controller, no worker group). Its
     epoch checkpoints go to a temporary folder, gone when it ends: such a run restarts from
-    scratch, and kept in the run folder they took two thirds of it (40 MB of 60 for a trunk head),
-    times every fold, split and pseudo-label round."""
+    scratch, and kept in the run folder they were most of it, times every fold, split and
+    pseudo-label round."""
     torch.set_num_threads(threads)
     with tempfile.TemporaryDirectory(prefix="raysc-fit-") as checkpoints:
         result = fit(make_config(train), data_dir, out_dir=out_dir, checkpoint_dir=checkpoints)

@@ -4,7 +4,7 @@ With glibc's defaults every thread that allocates gets an arena of its own, and 
 the (dynamic) mmap threshold is mapped fresh and returned at once: each large tensor or waveform
 then costs page faults on every use. One arena, and large blocks kept in the heap, halved a
 Ray-trained CPU epoch (benchmarks/train_overhead.py) and took a third off a clip's decoding,
-resampling and int16 conversion (README, "Memory allocator"). The price is memory: a process
+resampling and int16 conversion (docs/guides/train.md, "Memory allocator"). The price is memory: a process
 keeps its peak heap.
 """
 

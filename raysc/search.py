@@ -6,8 +6,8 @@ How a trial trains depends on its size:
 - one worker (every CPU space, and most GPU ones): ``fit`` runs in the Tune trial's own process,
   which reserves the worker's CPUs and GPU share. Tune keeps these processes across trials
   (``reuse_actors``), so torch is imported once per slot, not once per trial: a Ray Train run
-  costs about 13 s of start-up and tear-down per trial on 2 CPUs, against under 1 s this way
-  (``benchmarks/trial_overhead.py``).
+  pays a worker group's start-up and tear-down per trial (measured by
+  ``benchmarks/trial_overhead.py``; docs/results.md).
 - several workers (DDP): a small driver (it reserves the ``raysc_driver`` resource, not a CPU)
   starts a Ray Train ``TorchTrainer`` sized by the space's resources.
 Either way every epoch's checkpoint lands in the trial's own run folder under a stable name, so
@@ -402,7 +402,7 @@ def _run_tune(
     progress: Callable[[str], None],
 ) -> None:
     # Tune's experiment snapshot at most once a minute: taken after every step (the loop polls
-    # about ten times a second) it cost a CPU trial 6 % of each epoch on 2 cores. A resume then
+    # about ten times a second) it cost a CPU trial a measurable share of each epoch (docs/results.md). A resume then
     # starts from a state up to a minute old: trials that ended since restart from their final
     # checkpoint and report at once; a trial asked for since is handed out again (tunestate).
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "60")

@@ -6,8 +6,8 @@ types; used by test_autoscaling.py in a subprocess, so that its Ray is separate 
 The head is started as cluster.yaml starts it (``ray start --head --autoscaling-config``, no CPU,
 the ``raysc_driver`` resource) under ``RAY_FAKE_CLUSTER=1``, whose provider runs the real
 autoscaler and starts each node it launches as local Ray processes with its node type's
-resources (GPUs as logical resources). The pipeline is submitted with ``ray job submit``, as the
-README tells a user. Once a trial has checkpoints, the worker node it runs on is removed (every
+resources (GPUs as logical resources). The pipeline is submitted with ``ray job submit``, as
+docs/guides/cluster.md tells a user. Once a trial has checkpoints, the worker node it runs on is removed (every
 process of that node killed, as when a cloud takes a spot instance back).
 
 Prints one JSON line: the job's status and logs, the worker nodes launched (id -> node type),
@@ -209,7 +209,7 @@ def main(pipeline: str, data: str, experiment: str, workdir: str) -> int:
     try:
         subprocess.run(start, env=env, check=True, capture_output=True, text=True, timeout=120)
         client = job_client(f"http://127.0.0.1:{dashboard}")
-        # As the README shows it: the job runs `raysc pipeline` on the head, which joins the cluster.
+        # As docs/guides/cluster.md shows it: the job runs `raysc pipeline` on the head, which joins the cluster.
         entrypoint = ["raysc", "pipeline", pipeline, "--data", data, "--experiment", experiment]
         # With a budget, so that the plan measures the backbones in a task holding one trial's
         # resources: a GPU, on a node the autoscaler launches for it.

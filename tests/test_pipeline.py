@@ -189,7 +189,7 @@ def test_pipeline_runs_end_to_end_and_resumes_after_a_kill(prepared, tmp_path):
 def test_a_wheel_installed_pipeline_whose_budget_runs_out_in_round_one_still_ends_with_a_submission(
     wheel, prepared_with_aisfx, tmp_path
 ):
-    prepared = prepared_with_aisfx  # the trunk's embedding cached, as after a first run (README)
+    prepared = prepared_with_aisfx  # the trunk's embedding cached, as after a first run
     from raysc.experiment import Experiment, final_ensemble
     from raysc.leaderboard import leaderboard
 

@@ -45,8 +45,8 @@ def _scan_chunk_sequential(
     x = (delta * u).unsqueeze(-1) * B.unsqueeze(2)
     h, ys = h0, []
     # The steps as views made once (unbind): indexing ``decay[:, t]`` in the loop instead makes
-    # its backward fill a zero tensor of the whole chunk per step (quadratic in the chunk; 69 %
-    # of a CPU training step of ASCMamba, measured with torch.profiler).
+    # its backward fill a zero tensor of the whole chunk per step (quadratic in the chunk; most
+    # of a CPU training step of ASCMamba under torch.profiler).
     for decay_t, x_t, c_t in zip(decay.unbind(1), x.unbind(1), C.unbind(1), strict=True):
         h = decay_t * h + x_t
         ys.append((h * c_t.unsqueeze(1)).sum(-1))
