@@ -212,12 +212,18 @@ def test_repeated_cross_fitting_adds_splits_while_the_estimate_rises_and_says_wh
 def test_a_round_0_without_a_finished_epoch_says_how_its_trials_ended(tmp_path, monkeypatch):
     exp = Experiment(tmp_path / "exp")
     exp.root.mkdir()
-    ended = [SimpleNamespace(status="stopped"), SimpleNamespace(status="stopped"), SimpleNamespace(status="failed")]
-    monkeypatch.setattr(stages_module, "search", lambda space, **kw: SimpleNamespace(records=ended, best=None))
-    ctx = _context(exp, [])
-    with pytest.raises(RayscError) as raised:
-        Search(0).run(ctx)
-    assert str(raised.value) == (
-        f"round 0: no trial finished an epoch (1 failed, 2 stopped before their first epoch ended, of 3); "
-        f"see {exp.trials_dir(0)} and {exp.search_log(0)}"
-    )
+    stopped, broken = SimpleNamespace(status="stopped", error=None), SimpleNamespace(status="failed", error="boom")
+    # A trial the round's time limit ended before its first epoch: recorded as failed, without an error.
+    cut = SimpleNamespace(status="failed", error=None)
+    for ended, how in (
+        ([stopped, stopped, broken], "1 failed, 2 stopped before their first epoch ended, of 3"),
+        ([cut], "1 ended by the round's time limit before it, of 1"),
+    ):
+        monkeypatch.setattr(
+            stages_module, "search", lambda space, ended=ended, **kw: SimpleNamespace(records=ended, best=None)
+        )
+        with pytest.raises(RayscError) as raised:
+            Search(0).run(_context(exp, []))
+        assert str(raised.value) == (
+            f"round 0: no trial finished an epoch ({how}); see {exp.trials_dir(0)} and {exp.search_log(0)}"
+        )

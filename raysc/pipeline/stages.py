@@ -451,10 +451,19 @@ class Search(Stage):
             progress=ctx.say,
         )
         if result.best is None and r == 0:
-            counts = {s: sum(rec.status == s for rec in result.records) for s in ("failed", "stopped")}
+            # A trial the round's time limit ended before its first epoch has no error: it is
+            # recorded as failed, but what the user must change is the budget, not the trial.
+            ended = {
+                "failed": sum(rec.status == "failed" and rec.error is not None for rec in result.records),
+                "stopped before their first epoch ended": sum(rec.status == "stopped" for rec in result.records),
+                "ended by the round's time limit before it": sum(
+                    rec.status == "failed" and rec.error is None for rec in result.records
+                ),
+            }
+            how = ", ".join(f"{n} {what}" for what, n in ended.items() if n)
             raise RayscError(
-                f"round {r}: no trial finished an epoch ({counts['failed']} failed, {counts['stopped']} stopped before "
-                f"their first epoch ended, of {len(result.records)}); see {exp.trials_dir(r)} and {exp.search_log(r)}"
+                f"round {r}: no trial finished an epoch ({how}, of {len(result.records)}); "
+                f"see {exp.trials_dir(r)} and {exp.search_log(r)}"
             )
         if result.best is None:
             ctx.say(
