@@ -32,9 +32,15 @@ MIN_SEARCH_MINUTES = 0.5
 class Budget:
     """Minutes of wall-clock time for a whole pipeline run, measured from creation.
 
-    Args:
+    The one holder of the pipeline's time arithmetic; tested alone, with its own clock.
+
+    Attributes:
         total: the budget in minutes, or None for no limit.
         clock: seconds since an arbitrary start (``time.perf_counter``); a test passes its own.
+        start: the clock when the budget was made.
+
+    Raises:
+        ConfigError: a ``total`` that is not a positive number.
     """
 
     total: float | None
@@ -51,26 +57,54 @@ class Budget:
         return self.total is not None
 
     def elapsed(self) -> float:
-        """Minutes since the budget started."""
+        """Minutes since the budget started.
+
+        Returns:
+            The minutes.
+        """
         return (self.clock() - self.start) / 60
 
     def left(self, reserve: float = 0.0) -> float:
-        """Minutes left after ``reserve``, never below 0 (``inf`` without a budget)."""
+        """Minutes left after ``reserve``.
+
+        Args:
+            reserve: minutes kept back (for inference, ensembles and the submission).
+
+        Returns:
+            The minutes, never below 0 (``inf`` without a budget).
+        """
         if self.total is None:
             return float("inf")
         return max(0.0, self.total - self.elapsed() - reserve)
 
     def share(self, parts: float, *, reserve: float = 0.0, floor: float = 0.0) -> float | None:
-        """One of ``parts`` equal parts of what is left after ``reserve``, at least ``floor``
-        minutes; None without a budget."""
+        """One of ``parts`` equal parts of what is left after ``reserve``.
+
+        Args:
+            parts: how many parts (below 1 counts as 1).
+            reserve: minutes kept back first.
+            floor: the least a part gets.
+
+        Returns:
+            The minutes of one part, or None without a budget.
+        """
         if self.total is None:
             return None
         return max(floor, self.left(reserve) / max(parts, 1))
 
     def reserve(self, per_clip_seconds: Sequence[float], clips: int) -> float:
-        """Minutes to keep for scoring ``clips`` clips with members that took ``per_clip_seconds``
-        each per clip on validation (doubled, plus a fixed minute); before any member has been
-        measured, a tenth of the budget (at least the fixed minute). 0 without a budget."""
+        """Minutes to keep for scoring ``clips`` clips with the ensemble's members.
+
+        Their measured inference time, doubled, plus a fixed minute; before any member has been
+        measured, a tenth of the budget (at least the fixed minute).
+
+        Args:
+            per_clip_seconds: each member's validation inference seconds per clip.
+            clips: the clips still to score (eval and unlabelled).
+
+        Returns:
+            The minutes, 0 without a budget.
+        """
         if self.total is None:
             return 0.0
         if not per_clip_seconds:

@@ -179,7 +179,20 @@ RENAMED = {
 
 
 def make_config(values: Mapping[str, Any], *, where: str = "training config") -> TrainConfig:
-    """A TrainConfig from a mapping; unknown keys raise a ConfigError naming the valid ones."""
+    """A TrainConfig from a mapping, its values coerced and checked.
+
+    Args:
+        values: the options, flat (``lr``, ``model.width``) or with a nested ``model`` mapping;
+            the keys are in the configuration reference (docs/reference/configuration.md).
+        where: what the values came from, named in every error.
+
+    Returns:
+        The checked training configuration.
+
+    Raises:
+        ConfigError: an unknown or renamed key (the valid ones named), or a value the
+            configuration rejects.
+    """
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     flat: dict[str, Any] = {}
     model: dict[str, Any] = dict(values.get("model", {}) or {})
@@ -225,11 +238,34 @@ def _coerce(key: str, value: Any, where: str) -> Any:
 
 
 def load_config(path: str | Path) -> dict[str, Any]:
+    """Read a YAML file of training options (``raysc train --config``).
+
+    Args:
+        path: the YAML file, a mapping of options.
+
+    Returns:
+        The options as written, for ``make_config``.
+
+    Raises:
+        ConfigError: the file is unreadable, not YAML, or not a mapping.
+    """
     return read_yaml_mapping(path, what="training options")
 
 
 def parse_sets(items: Sequence[str]) -> dict[str, Any]:
-    """``["lr=3e-4", "model.width=0.5"]`` -> {"lr": 0.0003, "model.width": 0.5} (YAML scalars)."""
+    """Options given as ``key=value`` (``--set``), each value read as a YAML scalar.
+
+    ``["lr=3e-4", "model.width=0.5"]`` gives ``{"lr": 0.0003, "model.width": 0.5}``.
+
+    Args:
+        items: ``key=value`` strings; an empty value gives None.
+
+    Returns:
+        The options by key, for ``make_config``.
+
+    Raises:
+        ConfigError: an item without ``=`` or without a key.
+    """
     out = {}
     for item in items:
         key, sep, value = item.partition("=")

@@ -58,12 +58,36 @@ def crossfit_ensemble(
     address: str | None = None,
 ) -> list[Ensemble]:
     """Cross-fit the best ``candidates`` trials (without pseudo-labels), then select ``k`` of
-    them on their out-of-fold predictions; returns the ensemble and, with ``session_smoothing``,
-    its session-smoothed variant (both saved, each scored out of fold).
+    them on their out-of-fold predictions.
 
-    ``time_budget_minutes``: take the candidates in rank order while their runs (estimated from
-    each trial's own time for its best epoch's share, with as many runs at once as the cluster
-    holds) fit; one that would not fit is passed over for the next."""
+    Each candidate's configuration is trained once per fold, for its trial's best number of
+    epochs, so every labelled clip is predicted by a model that never saw its session. Runs
+    that finished are kept, so a rerun continues.
+
+    Args:
+        experiment: an experiment folder with finished round-0 trials.
+        candidates: the best trials to cross-fit, in rank order.
+        method: ``topk`` or ``greedy`` (as ``build_ensemble``), on out-of-fold predictions.
+        k: members for ``topk``; selection steps for ``greedy``.
+        temperature: fit a temperature on the out-of-fold predictions.
+        session_smoothing: also save the session-smoothed variant.
+        cpus: CPUs per run.
+        gpus: GPUs per run.
+        time_budget_minutes: take the candidates in rank order while their runs (estimated
+            from each trial's own time for its best epoch's share, with as many runs at once
+            as the cluster holds) fit; one that would not fit is passed over for the next
+            (None: every candidate).
+        address: a Ray cluster to join (None: a local Ray).
+
+    Returns:
+        The ensemble and, with ``session_smoothing``, its smoothed variant (both saved, each
+        scored out of fold).
+
+    Raises:
+        ConfigError: ``candidates`` or ``k`` below 1.
+        RayscError: no finished trial without pseudo-labels, or none whose cross-fitting fits
+            in ``time_budget_minutes``.
+    """
     if candidates < 1 or k < 1:
         raise ConfigError(f"candidates and k must be >= 1, got {candidates} and {k}")
     exp = Experiment(experiment)

@@ -25,7 +25,20 @@ STORE_DIR = "store"
 
 @dataclass(frozen=True)
 class PreparedData:
-    """A prepared data folder: the Manifest, the FeatureStore and ``dataset.json``."""
+    """A prepared data folder: the Manifest, the FeatureStore and ``dataset.json``.
+
+    Open one with ``load_dataset``.
+
+    Attributes:
+        out: the folder.
+        manifest: one row per clip: ``filename, subset`` (labelled, unlabelled, eval,
+            pretrain), ``label, city, city_idx, record_time``, the time features, ``session,
+            fold, audio_path, session_label``.
+        store: the int16 waveforms, memory-mapped, by filename.
+        classes: the scene classes in label-index order.
+        cities: the development cities in city-index order (index 0 is ``<unk>``).
+        info: ``dataset.json``: the inputs, counts and store settings.
+    """
 
     out: Path
     manifest: pd.DataFrame
@@ -103,6 +116,9 @@ def load_dataset(data_dir: str | Path, *, repeat: int = 0) -> PreparedData:
             drew; n > 0, the same number of folds drawn again (grouped by session, stratified by
             scene, as prepare draws them) with the n-th seed after prepare's. Repeated
             cross-fitting trains on these (``raysc.crossfit``).
+
+    Returns:
+        The data folder, its manifest read and its folds those of ``repeat``.
 
     Raises:
         DataError: not a prepared data folder.

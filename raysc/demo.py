@@ -23,8 +23,23 @@ def run_demo(
     address: str | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> PipelineResult:
-    """Everything under ``out``: raw/ (audio + metadata), data/ (prepared), experiment/. A rerun
-    reuses what is there and continues the pipeline where it stopped."""
+    """The whole product on a small synthetic dataset (``raysc demo``).
+
+    Everything goes under ``out``: raw/ (audio + metadata), data/ (prepared), experiment/. A
+    rerun reuses what is there and continues the pipeline where it stopped.
+
+    Args:
+        out: the demo's folder.
+        clips: development clips to synthesise.
+        seed: the data's and the pipeline's seed.
+        time_budget_minutes: the pipeline's budget (None: no limit).
+        address: a Ray cluster to join (None: a local Ray).
+        progress: called with each progress line (None: the demo's own lines are not shown and
+            the pipeline's go to the log).
+
+    Returns:
+        The pipeline's result.
+    """
     out = Path(out)
     say = progress or (lambda _: None)
     raw = out / "raw"

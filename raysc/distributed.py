@@ -382,12 +382,30 @@ def train(
     keep_checkpoints: int = 2,
     storage_path: str | None = None,
 ) -> dict[str, Any]:
-    """Train ``cfg`` with Ray Train; returns ``out_dir/metrics.json`` (best epoch and history).
+    """Train ``cfg`` with Ray Train (``raysc train``): ``fit`` on every worker, DDP over several.
 
-    Checkpoints (model artefact + optimiser state) go to ``storage_path`` (default
-    ``out_dir/ray``; shared storage on a cluster), the ``keep_checkpoints`` best by validation
-    macro accuracy plus the latest. A worker that dies is replaced and resumes from the latest
-    checkpoint, up to ``max_failures`` times.
+    A worker that dies is replaced and resumes from the latest checkpoint, up to
+    ``max_failures`` times.
+
+    Args:
+        cfg: the training configuration.
+        data_dir: a prepared data folder, at the same path on every node.
+        out_dir: the run folder (``fit``'s files); must not hold another run.
+        workers: Ray Train workers (DDP ranks).
+        gpus_per_worker: GPUs each worker holds (0: train on CPUs).
+        cpus_per_worker: CPUs each worker holds.
+        address: a Ray cluster to join (None: a local Ray).
+        max_failures: restarts after a worker dies.
+        keep_checkpoints: the best checkpoints by validation score kept, plus the latest.
+        storage_path: where checkpoints go (default ``out_dir/ray``; shared storage on a
+            cluster).
+
+    Returns:
+        ``out_dir/metrics.json``: the best epoch and the history.
+
+    Raises:
+        RayscError: an unreachable cluster, a run folder in use, or training that failed after
+            its restarts (its root cause named).
     """
     import ray.train  # lazy: see init_ray
 

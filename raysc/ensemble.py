@@ -114,7 +114,25 @@ def build_ensemble(
 ) -> Ensemble:
     """Select members among the experiment's trials and score the ensemble on validation.
 
-    ``k``: members for ``topk``; selection steps (members with repeats) for ``greedy``.
+    Saved in ``ensembles/NAME/`` with its validation predictions.
+
+    Args:
+        experiment: an experiment folder with finished trials of one validation fold.
+        name: the ensemble's name (None: ``METHODk-rROUNDS``, ``-session`` when smoothed).
+        method: ``topk`` (the k best trials, equal weights) or ``greedy`` (Caruana's forward
+            selection with repeats, on validation).
+        k: members for ``topk``; selection steps (members with repeats) for ``greedy``.
+        rounds: take trials of these rounds only (None: every round).
+        temperature: fit the temperature T of softmax(log p / T) on validation (log loss).
+        session_smoothing: give clips of one recording session their mean probabilities.
+
+    Returns:
+        The saved ensemble, with its validation metrics.
+
+    Raises:
+        ConfigError: an unknown method or a k below 1.
+        RayscError: no finished trial, trials of several folds, or predictions that lack
+            validation clips.
     """
     if method not in METHODS:
         raise ConfigError(f"ensemble method {method!r} (valid: {', '.join(METHODS)})")

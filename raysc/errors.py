@@ -15,7 +15,14 @@ class RayscError(Exception):
 
 
 class DataError(RayscError):
-    """One or more problems found in input data; all of them are collected before raising."""
+    """One or more problems found in input data; all of them are collected before raising.
+
+    The message lists the first ``MAX_LISTED`` problems and counts the rest.
+
+    Args:
+        problems: each problem, as ``file:line: what is wrong, with the value``.
+        what: what the problems are in (``the inputs (nothing was written)``...).
+    """
 
     def __init__(self, problems: Sequence[str], *, what: str = "input data") -> None:
         self.problems = list(problems)
@@ -28,7 +35,8 @@ class DataError(RayscError):
 
 
 class ConfigError(RayscError):
-    """A configuration file or option is invalid."""
+    """A configuration file or option is invalid; the message names the file or flag, the key
+    and the valid values."""
 
 
 ANSI = re.compile(r"\x1b\[[0-9;]*m")

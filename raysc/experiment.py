@@ -68,23 +68,43 @@ def settings_changes(stored: dict[str, Any], current: dict[str, Any], defaults: 
 
 @dataclass(frozen=True)
 class TrialRecord:
-    """What a finished trial leaves behind (one row of the trials table)."""
+    """What a finished trial leaves behind (one row of the trials table).
+
+    Attributes:
+        trial_id: the trial's id in its round.
+        round: the search round (0 without pseudo-labels).
+        status: ``completed``, ``stopped`` (by ASHA) or ``failed``.
+        backbone: the trial's network.
+        params: the sampled values, as Optuna named them.
+        epochs: epochs trained.
+        best_epoch: the epoch of the best validation score, or None.
+        metrics: the validation metrics of the best epoch.
+        parameters: the network's parameters, or None.
+        macs: multiply-accumulates per 10-second clip, or None.
+        fit_seconds: wall-clock seconds of training.
+        started: the Unix time the trial started (orders a sequential search), or None.
+        predict_seconds: seconds of validation inference at the best epoch, or None.
+        fold: the validation fold.
+        model_path: the best epoch's model, relative to the experiment folder, or None.
+        predictions_path: its validation predictions, relative to the folder, or None.
+        error: why a failed trial failed, or None.
+    """
 
     trial_id: str
     round: int
-    status: str  # completed | stopped (by ASHA) | failed
+    status: str
     backbone: str
-    params: dict[str, Any]  # the sampled values, as Optuna named them
-    epochs: int  # epochs trained
+    params: dict[str, Any]
+    epochs: int
     best_epoch: int | None
-    metrics: dict[str, float | None]  # validation metrics of the best epoch
+    metrics: dict[str, float | None]
     parameters: int | None
-    macs: int | None  # multiply-accumulates per 10 s clip
+    macs: int | None
     fit_seconds: float
-    started: float | None  # unix time the trial started (orders a sequential search)
-    predict_seconds: float | None  # validation inference at the best epoch
+    started: float | None
+    predict_seconds: float | None
     fold: int
-    model_path: str | None  # relative to the experiment folder
+    model_path: str | None
     predictions_path: str | None
     error: str | None = None
 
@@ -109,15 +129,46 @@ def rank_key(r: TrialRecord) -> tuple:
 
 @dataclass(frozen=True)
 class Member:
+    """One model of an ensemble.
+
+    Attributes:
+        trial_id: the trial whose configuration it trained (refit and fold models keep it;
+            their ``model_path`` tells them apart).
+        round: the trial's search round.
+        backbone: its network.
+        model_path: its model file, relative to the experiment folder.
+        weight: its share of the ensemble's averaged probabilities.
+    """
+
     trial_id: str
     round: int
     backbone: str
-    model_path: str  # relative to the experiment folder
+    model_path: str
     weight: float
 
 
 @dataclass(frozen=True)
 class Ensemble:
+    """A weighted average of models' probabilities, saved in ``ensembles/NAME/``.
+
+    Attributes:
+        name: its folder name (``round0-topk5``, ``crossfit-topk5-session``...).
+        method: how its members were chosen: ``topk`` or ``greedy``.
+        members: its models and their weights.
+        fold: the validation fold, or ``OUT_OF_FOLD`` (-1) for a cross-fitted ensemble scored
+            on every labelled clip.
+        data: the prepared data folder it was built on.
+        temperature: T of softmax(log p / T) over its averaged probabilities p (1.0: none).
+        session_smoothing: whether clips of one recording session share their mean
+            probabilities.
+        metrics: the validation report of its predictions.
+        refit_of: the ensemble whose members this one retrained and which it replaces as the
+            final model: on every labelled clip (a refit: same weights, temperature and
+            smoothing; its metrics are that ensemble's validation, which a model trained on
+            the validation fold cannot have), or with pseudo-labels (``crossfit_pseudo_round``);
+            None for an ensemble chosen on validation.
+    """
+
     name: str
     method: str
     members: tuple[Member, ...]
@@ -125,11 +176,7 @@ class Ensemble:
     data: str
     temperature: float
     session_smoothing: bool
-    metrics: dict[str, Any]  # validation report of the ensemble's predictions
-    # The ensemble whose members this one retrained and which it replaces as the final model:
-    # on every labelled clip (a refit; same weights, temperature and smoothing; its metrics are
-    # that ensemble's validation, which a model trained on the validation fold cannot have), or
-    # with pseudo-labels (``crossfit_pseudo_round``).
+    metrics: dict[str, Any]
     refit_of: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -145,7 +192,14 @@ _HELD: dict[Path, tuple[IO[str], int]] = {}
 
 
 class Experiment:
-    """An experiment folder: its paths, records and ensembles."""
+    """An experiment folder: its paths, records and ensembles.
+
+    The one owner of the folder's layout (docs/architecture.md): every path in it comes from a
+    method here. Made without touching the disk; ``existing`` checks that it is there.
+
+    Args:
+        root: the folder.
+    """
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
@@ -153,6 +207,12 @@ class Experiment:
     @classmethod
     def existing(cls, root: str | Path) -> Experiment:
         """The experiment folder at ``root``, which must exist (commands that read one).
+
+        Args:
+            root: the folder.
+
+        Returns:
+            The experiment.
 
         Raises:
             RayscError: ``root`` is not a folder.
@@ -306,7 +366,11 @@ class Experiment:
         return TrialRecord(**json.loads(path.read_text())) if path.is_file() else None
 
     def records(self) -> list[TrialRecord]:
-        """Every TrialRecord of every round."""
+        """Every trial of every round, read from its ``record.json``.
+
+        Returns:
+            The records, in folder order (``rank_key`` sorts them best first).
+        """
         paths = sorted(self.root.glob("round-*/trials/*/record.json"))
         return [TrialRecord(**json.loads(p.read_text())) for p in paths]
 
@@ -342,11 +406,27 @@ class Experiment:
         write_json(self.ensemble_dir(ens.name) / "ensemble.json", ens.to_dict())
 
     def ensembles(self) -> list[Ensemble]:
+        """Every saved ensemble, read from its ``ensemble.json``.
+
+        Returns:
+            The ensembles, by name.
+        """
         paths = sorted(self.root.glob("ensembles/*/ensemble.json"))
         return [Ensemble.from_dict(json.loads(p.read_text())) for p in paths]
 
     def load_ensemble(self, name: str | None = None) -> Ensemble:
-        """An ensemble by name, or (no name) the final one: see ``final_ensemble``."""
+        """An ensemble by name, or the final one.
+
+        Args:
+            name: the ensemble's name (None: the final one, by ``final_ensemble``).
+
+        Returns:
+            The ensemble.
+
+        Raises:
+            RayscError: the folder holds no ensemble, or none of that name (those it holds
+                named).
+        """
         found = {e.name: e for e in self.ensembles()}
         if not found:
             raise RayscError(f"{self.root}: no ensemble yet (run `raysc ensemble` first)")
@@ -385,12 +465,20 @@ def train_run_name(trial_id: str) -> str:
 
 
 def final_ensemble(ensembles: list[Ensemble]) -> Ensemble:
-    """The one rule for the final model, shared by the pipeline and ``raysc submit``: the
-    cross-fitted ensembles when there are any (chosen on every labelled clip, out of fold; their
-    fold models between them trained on every label), else the single-fold ones; among those not
-    retrained from another, the best validation score (``score_of``; ties: the name); then its
-    retrained version when there is one (``refit_of``: on every labelled clip, or with the
-    pseudo-labels of a pseudo-label round), and that one's, down the chain."""
+    """The one rule for the final model, shared by the pipeline and ``raysc submit``.
+
+    The cross-fitted ensembles when there are any (chosen on every labelled clip, out of fold;
+    their fold models between them trained on every label), else the single-fold ones; among
+    those not retrained from another, the best validation score (``score_of``; ties: the
+    name); then its retrained version when there is one (``refit_of``: on every labelled clip,
+    or with the pseudo-labels of a pseudo-label round), and that one's, down the chain.
+
+    Args:
+        ensembles: an experiment's ensembles (at least one).
+
+    Returns:
+        The final ensemble.
+    """
     crossfitted = [e for e in ensembles if e.fold == OUT_OF_FOLD]
     pool = crossfitted or ensembles
     validated = [e for e in pool if e.refit_of is None] or pool

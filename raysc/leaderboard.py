@@ -43,7 +43,19 @@ def _short_params(params: dict) -> str:
 
 def leaderboard(experiment: str | Path, *, round: int | None = None) -> pd.DataFrame:
     """One row per trial (failed ones last) and per ensemble, best validation score first.
-    ``round``: trials of that round and ensembles whose members all come from it."""
+
+    Args:
+        experiment: an experiment folder.
+        round: only the trials of that round and the ensembles whose members all come from it
+            (None: everything).
+
+    Returns:
+        One row a trial or ensemble: its name, kind, round, backbone, parameters, validation
+        metrics, size and cost.
+
+    Raises:
+        RayscError: no experiment folder.
+    """
     exp = Experiment.existing(experiment)
     every = exp.records()
     records = [r for r in every if round is None or r.round == round]
@@ -121,7 +133,20 @@ def _sort_key(v: object) -> str:
 
 
 def render(table: pd.DataFrame, fmt: str, *, title: str = "raysc leaderboard") -> str:
-    """The table as csv, md or html (a self-contained page; click a header to sort)."""
+    """The leaderboard as text.
+
+    Args:
+        table: a ``leaderboard`` table.
+        fmt: ``csv``, ``md`` (a Markdown table) or ``html`` (a self-contained page; click a
+            header to sort).
+        title: the html page's title.
+
+    Returns:
+        The text.
+
+    Raises:
+        ConfigError: an unknown format.
+    """
     if fmt not in FORMATS:
         raise ConfigError(f"format {fmt!r} (valid: {', '.join(FORMATS)})")
     if fmt == "csv":

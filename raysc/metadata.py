@@ -133,8 +133,14 @@ def _unknown_label(value: str) -> str:
 def parse_metadata(path: str | Path, *, subset: Literal["dev", "eval"]) -> tuple[pd.DataFrame, list[str]]:
     """Read one official metadata CSV; return its rows and every problem found (not raised).
 
-    Rows get the columns ``filename, city, record_time, label, line`` (``label`` is None for
-    unlabelled rows; ``line`` is the 1-based line number in the file, the header being line 1).
+    Args:
+        path: the CSV (UTF-8, a BOM accepted; header ``filename,location,record_time,scene_label``).
+        subset: ``"dev"`` or ``"eval"``; an eval row with a label is a problem.
+
+    Returns:
+        The rows, with the columns ``filename, city, record_time, label, line`` (``label`` is
+        None for unlabelled rows; ``line`` is the 1-based line number in the file, the header
+        being line 1), and the problems, each as ``file:line: what is wrong, with the value``.
     """
     path = Path(path)
     problems: list[str] = []

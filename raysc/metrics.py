@@ -15,7 +15,19 @@ def per_class_accuracy(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -
 
 
 def macro_accuracy(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> float:
-    """Mean of per-class accuracy over the classes present in ``y_true``."""
+    """The challenge's metric: the mean of per-class accuracy over the classes in ``y_true``.
+
+    Args:
+        y_true: true class indices.
+        y_pred: predicted class indices.
+        n_classes: the number of classes.
+
+    Returns:
+        The macro accuracy, in [0, 1].
+
+    Raises:
+        ValueError: no clips.
+    """
     if len(y_true) == 0:
         raise ValueError("macro accuracy of an empty set is undefined")
     return float(np.nanmean(per_class_accuracy(y_true, y_pred, n_classes)))
@@ -57,11 +69,22 @@ def classification_report(
 ) -> dict:
     """Every metric raysc reports for one set of predictions.
 
-    ``macro_accuracy`` (the challenge metric), ``accuracy``, ``log_loss``, per class, per city
-    (accuracy and clip count), and macro accuracy over clips from cities seen / not seen in
-    training (None when there are none). ``unk_probs``: the same clips predicted with their city
-    as ``<unk>``; their macro accuracy is ``unk_city_macro_accuracy`` (a city-held-out score:
-    how the model does on a city it has never seen), mixed into ``score`` (see ``objective``).
+    Args:
+        probs: class probabilities, one row a clip.
+        y_true: true class indices.
+        classes: the class names, in index order.
+        cities: each clip's city.
+        seen: whether each clip's city was seen in training.
+        unk_probs: the same clips predicted with their city as ``<unk>``, or None.
+        unseen_weight: the share of ``unk_city_macro_accuracy`` in ``score`` (``objective``).
+
+    Returns:
+        ``macro_accuracy`` (the challenge metric), ``accuracy``, ``log_loss``, ``per_class``,
+        ``per_city`` (accuracy and clip count), ``seen_city_macro_accuracy`` and
+        ``unseen_city_macro_accuracy`` (None when there are no such clips),
+        ``unk_city_macro_accuracy`` (from ``unk_probs``: a city-held-out score, how the model
+        does on a city it has never seen; None without them), ``clips`` and ``score`` (what a
+        search maximises).
     """
     n = len(classes)
     y_true = np.asarray(y_true)

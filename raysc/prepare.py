@@ -90,7 +90,37 @@ def prepare(
     label_map: str | Path | None = None,
     overwrite: bool = False,
 ) -> PreparedData:
-    """Validate the inputs, then write ``out/manifest.csv``, ``out/dataset.json`` and ``out/store``."""
+    """Validate the inputs, then write ``out/manifest.csv``, ``out/dataset.json`` and ``out/store``.
+
+    Every row and every audio header is checked before any audio is decoded; all problems are
+    reported together and nothing is written. A rerun with the same inputs reuses the store.
+
+    Args:
+        dev_meta: the official development metadata CSV.
+        eval_meta: the official eval metadata CSV.
+        audio_dirs: folders searched (recursively) for ``<filename>.wav`` or ``.flac``.
+        out: the data folder to write.
+        sample_rate: Hz every clip is resampled to.
+        clip_seconds: every clip is zero-padded or trimmed to this length.
+        folds: cross-validation folds of the labelled clips.
+        split: ``"session"`` (folds grouped by recording session) or ``"city"`` (a fold per
+            city, for a city-held-out estimate).
+        seed: the seed of the fold assignment.
+        workers: decoding processes (None: one per CPU).
+        tau: a TAU Urban Acoustic Scenes folder for pretraining, or None.
+        cochlscene: a CochlScene folder for pretraining, or None.
+        label_map: a YAML file mapping the pretraining sets' labels to the ten classes (None:
+            the built-in map).
+        overwrite: replace a data folder prepared from other inputs or options.
+
+    Returns:
+        The prepared data folder, opened.
+
+    Raises:
+        DataError: problems in the metadata or the audio (each named by file, line and value).
+        RayscError: a sample rate or clip length out of range, or ``out`` prepared from other
+            inputs without ``overwrite``.
+    """
     out = Path(out)
     workers = workers or os.cpu_count() or 1
     if sample_rate < 1000 or clip_seconds <= 0:

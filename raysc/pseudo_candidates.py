@@ -30,13 +30,29 @@ def write_candidates(
     address: str | None = None,
 ) -> tuple[Path, pd.DataFrame]:
     """Score every unlabelled clip outside the ensemble's validation sessions with the ensemble
-    (Ray batch inference) and write ``candidates.csv`` (filename, one probability per class,
-    label, confidence) and ``summary.csv`` (per class: candidates, threshold, and what
-    ``selection`` would keep) into the experiment's pseudo-label folder of that ensemble.
-    ``without_session_label``: only the clips of sessions without any label (the only ones a run
-    with session labels takes pseudo-labels for). ``agree_with``: earlier candidates; only the
-    clips to which they gave the same label stay (ASCMamba's two-step pseudo-labelling). Returns
-    (candidates path, summary)."""
+    (Ray batch inference) and write the pseudo-label candidates.
+
+    ``candidates.csv`` (filename, one probability per class, label, confidence) and
+    ``summary.csv`` (per class: candidates, threshold, and what ``selection`` would keep) go to
+    the experiment's pseudo-label folder of that ensemble.
+
+    Args:
+        experiment: an experiment folder with ensembles.
+        ensemble: the ensemble that scores (None: the final one, ``final_ensemble``).
+        selection: the selection the summary reports (None: ``Selection()``, every clip).
+        without_session_label: only the clips of sessions without any label (the only ones a
+            run with session labels takes pseudo-labels for).
+        agree_with: earlier candidates; only the clips to which they gave the same label stay
+            (ASCMamba's two-step pseudo-labelling).
+        address: a Ray cluster to join (None: a local Ray).
+
+    Returns:
+        The path of ``candidates.csv`` and the per-class summary.
+
+    Raises:
+        RayscError: no experiment folder, or no such ensemble in it.
+        DataError: no unlabelled clip outside the validation fold.
+    """
     exp = Experiment.existing(experiment)
     ens = exp.load_ensemble(ensemble)
     data = load_dataset(ens.data)

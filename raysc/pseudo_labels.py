@@ -51,14 +51,24 @@ def read_candidates(path: str | Path, manifest: pd.DataFrame, classes: list[str]
 
 @dataclass(frozen=True)
 class Selection:
-    """How candidates become training targets."""
+    """How candidates become training targets.
 
-    threshold: float = 0.0  # minimum confidence (top probability)
-    weight: float = 1.0  # loss weight of a pseudo-labelled clip relative to a labelled one
-    adaptive: bool = False  # per-class thresholds: threshold x the class's mean confidence / the highest
-    balance: bool = False  # keep at most as many clips per class as the rarest kept class has
-    targets: str = "hard"  # hard (one-hot of the top class) or soft (the probabilities)
-    confidence_weight: bool = False  # multiply each clip's weight by its confidence
+    Attributes:
+        threshold: the minimum confidence (top probability) a clip needs.
+        weight: the loss weight of a pseudo-labelled clip relative to a labelled one.
+        adaptive: per-class thresholds: ``threshold`` times the class's mean confidence over
+            the highest class mean.
+        balance: keep at most as many clips per class as the rarest kept class has.
+        targets: ``hard`` (one-hot of the top class) or ``soft`` (the probabilities).
+        confidence_weight: multiply each clip's weight by its confidence (RM3).
+    """
+
+    threshold: float = 0.0
+    weight: float = 1.0
+    adaptive: bool = False
+    balance: bool = False
+    targets: str = "hard"
+    confidence_weight: bool = False
 
 
 def select(

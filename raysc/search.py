@@ -64,19 +64,36 @@ METRIC = RUNNING_BEST
 @dataclass(frozen=True)
 class SearchOptions:
     """How one search runs: the keyword options of ``search()``, the flags of ``raysc search``
-    (same names) and what the pipeline sets per round."""
+    (same names) and what the pipeline sets per round.
+
+    Attributes:
+        trials: trials to run.
+        max_epochs: epochs a trial trains at most (None: the space's).
+        time_budget_minutes: start no trial after this long (None: no limit).
+        fold: the validation fold of every trial.
+        round: 0 trains on labelled clips; 1 and up also on the pseudo-labels of
+            ``pseudo_candidates``.
+        pseudo_candidates: a ``candidates.csv`` (``write_candidates``), from round 1.
+        seed: the sampler's and every trial's.
+        max_concurrent: trials at once (None: what the cluster's CPUs and GPUs fit).
+        sampler: ``tpe`` or ``random``.
+        early_stopping: stop poor trials with ASHA; off, every trial runs ``max_epochs`` (or
+            to its ``patience_steps``).
+        ray_train: ``auto`` (one-worker trials train in their warm Tune process, DDP trials
+            as Ray Train runs) or ``always`` (every trial a Ray Train run).
+    """
 
     trials: int = 8
-    max_epochs: int | None = None  # default: the space's
-    time_budget_minutes: float | None = None  # start no trial after this long
-    fold: int = 0  # validation fold of every trial
-    round: int = 0  # 0: labelled clips; >= 1: + pseudo-labels from ``pseudo_candidates``
+    max_epochs: int | None = None
+    time_budget_minutes: float | None = None
+    fold: int = 0
+    round: int = 0
     pseudo_candidates: str | None = None
-    seed: int = 0  # the sampler's and every trial's
-    max_concurrent: int | None = None  # default: what the cluster's CPUs and GPUs fit
-    sampler: str = "tpe"  # tpe | random
-    early_stopping: bool = True  # ASHA; off: every trial runs max_epochs (or to its patience_steps)
-    ray_train: str = "auto"  # auto: one-worker trials train in their warm Tune process; always: Ray Train
+    seed: int = 0
+    max_concurrent: int | None = None
+    sampler: str = "tpe"
+    early_stopping: bool = True
+    ray_train: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -91,6 +108,15 @@ class SearchSettings(SearchOptions):
 
 @dataclass(frozen=True)
 class SearchResult:
+    """What ``search`` returns.
+
+    Attributes:
+        round_dir: the round's folder in the experiment.
+        records: the round's trial records, best validation score first.
+        best: the best trial, or None when every trial failed.
+        seconds: wall-clock seconds of the search.
+    """
+
     round_dir: Path
     records: list[TrialRecord]
     best: TrialRecord | None
@@ -108,17 +134,32 @@ def search(
     progress: Callable[[str], None] | None = None,
     **options: Any,
 ) -> SearchResult:
-    """Run (or resume) one round's search and return its trial records, best first.
-
-    ``options``: the fields of ``SearchOptions`` (``trials=16, max_epochs=12, round=1, ...``).
-
-    ``points_to_evaluate``: configurations to try first (Optuna names, e.g. a paper's settings
-    ``{"backbone": "setrans", "lr": 1e-4}``), before the space's own ``start`` points; what they
-    leave out is sampled.
+    """Run (or resume) one round's search: Ray Tune trials sampled by Optuna, stopped by ASHA.
 
     Everything is checked before Ray starts: the space, the data folder, the fold, the
     pseudo-label candidates (required from round 1), that one trial fits the cluster, and that
     no other raysc process is using the experiment (``Experiment.in_use``).
+
+    Args:
+        space: a search space file, a shipped space by name (``default``...), or a loaded one.
+        data: a prepared data folder.
+        experiment: the experiment folder (made if missing).
+        points_to_evaluate: configurations to try first (Optuna names, e.g. a paper's
+            settings ``{"backbone": "setrans", "lr": 1e-4}``), before the space's own
+            ``start`` points; what they leave out is sampled.
+        resume: continue the round's interrupted search with the same settings.
+        address: a Ray cluster to join (None: a local Ray).
+        progress: called with each progress line (default: the log).
+        **options: the fields of ``SearchOptions`` (``trials=16, max_epochs=12, round=1``...).
+
+    Returns:
+        The round's folder, its trial records best first, the best trial and the seconds.
+
+    Raises:
+        ConfigError: an unknown option, an invalid space or option, a fold the data lacks, or
+            a trial that does not fit the cluster.
+        RayscError: a resume without a search to resume or with other settings, or an
+            experiment in use by another process.
     """
     names = {f.name for f in dataclasses.fields(SearchOptions)}
     unknown = sorted(set(options) - names)

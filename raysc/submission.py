@@ -32,11 +32,21 @@ COLUMNS = ["filename", "location", "record_time", "scene_label"]
 
 @dataclass(frozen=True)
 class Submission:
+    """What ``make_submission`` wrote.
+
+    Attributes:
+        csv: the challenge file.
+        probabilities: every eval clip's class probabilities.
+        info: the ensemble, its members' settings and validation scores.
+        counts: predicted clips per class.
+        session_labelled: eval clips labelled by their development session.
+    """
+
     csv: Path
     probabilities: Path
     info: Path
-    counts: dict[str, int]  # predicted clips per class
-    session_labelled: int  # eval clips labelled by their development session
+    counts: dict[str, int]
+    session_labelled: int
 
 
 def validate_submission(
@@ -92,7 +102,18 @@ def validate_submission(
 
 
 def check_submission_file(path: str | Path, data_dir: str | Path) -> None:
-    """Validate a submission CSV on disk against a prepared data folder's eval clips."""
+    """Validate a submission CSV on disk against a prepared data folder's eval clips
+    (``raysc check-submission``).
+
+    Args:
+        path: the submission CSV.
+        data_dir: the prepared data folder whose eval clips it must hold.
+
+    Raises:
+        DataError: every problem found: not a readable CSV, a byte-order mark, the columns,
+            a clip missing, extra or out of order, a location or time unlike the metadata, a
+            label outside the classes.
+    """
     path = Path(path)
     if not path.is_file():
         raise DataError([f"{path}: no such file"], what="submission")
@@ -136,9 +157,27 @@ def make_submission(
     session_labels: bool = True,
     address: str | None = None,
 ) -> Submission:
-    """Predict every eval clip with an ensemble (default: the best by validation) and write
-    ``out`` (the challenge CSV), ``<out>_probabilities.csv`` and ``<out>_info.json``;
-    ``session_labels``: eval clips of labelled development sessions take their session's label."""
+    """Predict every eval clip with an ensemble and write the challenge file.
+
+    ``out`` (the challenge CSV), ``<out>_probabilities.csv`` and ``<out>_info.json``; the
+    challenge file is written last, so its name only ever holds a complete file. It is
+    validated (every eval clip once, in order, labels among the classes) before it is written.
+
+    Args:
+        experiment: an experiment folder with ensembles.
+        out: the challenge CSV to write.
+        ensemble: the ensemble that predicts (None: the final one, ``final_ensemble``).
+        session_labels: eval clips of labelled development sessions take their session's
+            label.
+        address: a Ray cluster to join (None: a local Ray).
+
+    Returns:
+        The files written and the predicted counts.
+
+    Raises:
+        RayscError: no experiment folder, or no such ensemble in it.
+        DataError: a data folder without eval clips, or predictions that fail validation.
+    """
     exp = Experiment.existing(experiment)
     ens = exp.load_ensemble(ensemble)
     data = load_dataset(ens.data)

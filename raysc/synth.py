@@ -482,6 +482,20 @@ def _metadata_text(rows: Sequence[tuple[str, str, str, str]]) -> str:
 
 @dataclass(frozen=True)
 class SynthSummary:
+    """What ``synthesize`` wrote.
+
+    Attributes:
+        out: the dataset folder.
+        dev_clips: development clips written.
+        eval_clips: eval clips written.
+        labelled: development clips that carry a label.
+        dev_sessions: recording sessions of the development clips.
+        eval_sessions: recording sessions of the eval clips.
+        dev_cities: the cities of the development clips.
+        eval_cities: the cities of the eval clips.
+        unseen_cities: the eval cities no development clip comes from.
+    """
+
     out: Path
     dev_clips: int
     eval_clips: int
@@ -508,7 +522,32 @@ def synthesize(
     seed: int = 0,
     workers: int = 1,
 ) -> SynthSummary:
-    """Write a challenge-format dataset under ``out`` (audio, both metadata CSVs, eval truth)."""
+    """Write a challenge-format dataset under ``out`` (audio, both metadata CSVs, eval truth).
+
+    Deterministic by ``seed``, whatever the number of ``workers``; the generative story is in
+    the ``raysc synth`` guide (docs/guides/synth.md).
+
+    Args:
+        out: the folder to write (``audio/{dev,eval}``, ``metadata/``, ``synth.json``).
+        clips: development clips.
+        eval_clips: eval clips.
+        labelled_fraction: the share of development clips that carry a label, in (0, 1].
+        sample_rate: Hz, at least 8000.
+        clip_seconds: the length of every clip.
+        cities: development cities (eval also holds up to six of them).
+        unseen_cities: cities that appear only in eval.
+        session_size: clips per recording session are 1 to ``2 * session_size - 1``.
+        pretrain_clips: also write this many clips in the TAU layout and as many in the
+            CochlScene layout under ``out/pretrain`` (0: none).
+        seed: the random seed of everything drawn.
+        workers: processes that render the audio.
+
+    Returns:
+        The counts, sessions and cities written.
+
+    Raises:
+        ConfigError: a count, fraction, rate or size out of range (every problem named).
+    """
     problems = []
     if clips < len(CLASSES) or eval_clips < 1:
         problems.append(f"need at least {len(CLASSES)} dev clips and 1 eval clip (got {clips}, {eval_clips})")

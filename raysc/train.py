@@ -257,8 +257,24 @@ def check_cache_use(cfg: TrainConfig, model: ASCModel) -> None:
 
 
 def check_inputs(cfg: TrainConfig, data_dir: str | Path) -> PreparedData:
-    """Everything a run needs, checked before any process starts: the data folder, the fold, the
-    network (front end at the data's rate, ``init_from`` and ``freeze``), the pseudo-labels."""
+    """Everything a run needs, checked before any process starts.
+
+    The data folder, the fold, the network (front end at the data's rate, ``init_from`` and
+    ``freeze``) and the pseudo-labels: a launcher calls it before it starts Ray.
+
+    Args:
+        cfg: the training configuration.
+        data_dir: a prepared data folder.
+
+    Returns:
+        The data folder, opened.
+
+    Raises:
+        DataError: not a prepared data folder, or pseudo-labels that are missing or do not
+            fit it.
+        ConfigError: a fold the data folder lacks, or a network that cannot be built as
+            configured.
+    """
     data = load_dataset(data_dir, repeat=cfg.repeat)
     data.check_fold(cfg.fold, subset=cfg.train_on)
     check_cache_use(cfg, build_model(cfg, data))
@@ -423,10 +439,20 @@ class TrainState:
 
 @dataclass(frozen=True)
 class FitResult:
-    best: dict[str, Any]  # validation report of the best epoch (empty without validation)
+    """What ``fit`` returns.
+
+    Attributes:
+        best: the validation report of the best epoch (``classification_report``; empty
+            without validation).
+        history: every epoch's metrics, in order.
+        model: the network with the best epoch's weights.
+        predictions: the best epoch's validation predictions, or None without validation.
+    """
+
+    best: dict[str, Any]
     history: list[dict[str, Any]]
-    model: ASCModel  # best weights
-    predictions: pd.DataFrame | None  # validation predictions of the best epoch
+    model: ASCModel
+    predictions: pd.DataFrame | None
 
 
 @dataclass
@@ -536,9 +562,27 @@ def fit(
 ) -> FitResult:
     """Train ``cfg`` on a prepared data folder; validate on fold ``cfg.fold`` every epoch.
 
-    ``out_dir`` (rank 0 writes it): config.json, model.pt (best), metrics.json,
-    val_predictions.csv. ``report`` receives each epoch's metrics and a checkpoint directory
-    (``checkpoint_dir``, default ``out_dir/checkpoint``); ``resume`` continues from one.
+    In one process, or as one rank of a DDP group (``torch.distributed`` initialised: Ray
+    Train's workers); the loop is the same.
+
+    Args:
+        cfg: the training configuration.
+        data_dir: a prepared data folder.
+        out_dir: where rank 0 writes config.json, model.pt (the best epoch), metrics.json and
+            val_predictions.csv; None writes nothing.
+        report: called after each epoch with its metrics and a checkpoint directory (Ray
+            Tune's and Ray Train's report).
+        resume: a checkpoint directory to continue from.
+        checkpoint_dir: where each epoch's checkpoint goes (default ``out_dir/checkpoint``).
+
+    Returns:
+        The best epoch's validation report, the history, the best weights and their
+        validation predictions.
+
+    Raises:
+        DataError: not a prepared data folder, or unreadable pseudo-labels.
+        ConfigError: a fold the data folder lacks, or a network that cannot be built as
+            configured.
     """
     rank, world = _rank_world()
     dev = device()

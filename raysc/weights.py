@@ -39,10 +39,19 @@ MIN_MATCHED = 0.8  # the share that must come from the file when pairing by orde
 
 @dataclass
 class ImportReport:
-    by_name: list[tuple[str, str]] = field(default_factory=list)  # (network tensor, file tensor)
+    """What ``import_weights`` copied.
+
+    Attributes:
+        by_name: (network tensor, file tensor) pairs matched by name.
+        by_shape: (network tensor, file tensor) pairs matched by order and shape.
+        missing: network tensors left as initialised.
+        unused: file tensors not copied.
+    """
+
+    by_name: list[tuple[str, str]] = field(default_factory=list)
     by_shape: list[tuple[str, str]] = field(default_factory=list)
-    missing: list[str] = field(default_factory=list)  # network tensors left as initialised
-    unused: list[str] = field(default_factory=list)  # file tensors not copied
+    missing: list[str] = field(default_factory=list)
+    unused: list[str] = field(default_factory=list)
 
     @property
     def matched(self) -> int:

@@ -3,7 +3,10 @@ link or anchor fails), the generated reference pages current, and the guide's co
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
 import importlib.util
+import inspect
 import os
 import re
 import shutil
@@ -107,3 +110,135 @@ def test_the_guides_metadata_snippet_writes_files_prepare_accepts(tmp_path, monk
 @pytest.mark.parametrize("page", sorted(p.relative_to(ROOT / "docs").as_posix() for p in (ROOT / "docs").rglob("*.md")))
 def test_every_page_is_in_the_sites_navigation(page):
     assert page in (ROOT / "mkdocs.yml").read_text()
+
+
+# ---- the Python API page: every object it renders documents exactly its parameters or fields
+
+API_PAGE = ROOT / "docs" / "reference" / "api.md"
+SECTIONS = ("Args", "Attributes", "Returns", "Yields", "Raises")
+
+
+def _docstring_sections(doc: str) -> dict[str, list[str]]:
+    """A Google-style docstring's sections, each with the names its entries document (``Args``:
+    ``name: ...`` or ``**name: ...`` lines at the section's indent plus four)."""
+    sections: dict[str, list[str]] = {}
+    current = None
+    for line in inspect.cleandoc(doc).splitlines():
+        if line.rstrip(":") in SECTIONS and line.endswith(":"):
+            current = sections.setdefault(line.rstrip(":"), [])
+        elif line and not line.startswith(" "):
+            current = None  # prose after a section ends it
+        elif current is not None and (entry := re.match(r" {4}\**(\w+)(?: \([^)]*\))?:", line)):
+            current.append(entry[1])
+    return sections
+
+
+def api_problems(obj: object, name: str) -> list[str]:
+    """What ``name``'s docstring lacks under the convention: a summary; for a function, ``Args``
+    naming every parameter in order and ``Returns`` when it returns something; for a dataclass,
+    ``Attributes`` naming every field; for another class with its own ``__init__``, ``Args``."""
+    doc = getattr(obj, "__doc__", None)
+    if not doc or not doc.strip():
+        return [f"{name}: no docstring"]
+    sections = _docstring_sections(doc)
+    problems = []
+
+    def documents(section: str, wanted: list[str], *, ordered: bool = True) -> None:
+        got = sections.get(section, [])
+        if (got if ordered else sorted(got)) != (wanted if ordered else sorted(wanted)):
+            problems.append(f"{name}: {section} documents {got}, the signature has {wanted}")
+
+    if inspect.isclass(obj):
+        if dataclasses.is_dataclass(obj):
+            fields = [f.name for f in dataclasses.fields(obj)]
+            documents("Attributes", fields, ordered=False)
+        elif "__init__" in vars(obj):
+            documents("Args", [p for p in inspect.signature(obj).parameters])
+        return problems
+    signature = inspect.signature(obj)
+    documents("Args", [p for p in signature.parameters if p not in ("self", "cls")])
+    returns = signature.return_annotation
+    if returns not in (None, "None", inspect.Signature.empty) and not {"Returns", "Yields"} & set(sections):
+        problems.append(f"{name}: returns {returns} but has no Returns section")
+    return problems
+
+
+def _api_objects() -> list[tuple[str, object]]:
+    """Every ``::: raysc.module.name[.member]`` entry of the API page, imported."""
+    objects = []
+    for path in re.findall(r"^::: (raysc[\w.]+)$", API_PAGE.read_text(), flags=re.M):
+        parts = path.split(".")
+        for cut in range(len(parts), 0, -1):  # the longest importable prefix, then attributes
+            try:
+                obj = importlib.import_module(".".join(parts[:cut]))
+            except ModuleNotFoundError:
+                continue
+            for attr in parts[cut:]:
+                obj = getattr(obj, attr)
+            objects.append((path, obj))
+            break
+    return objects
+
+
+def test_every_object_on_the_api_page_follows_the_docstring_convention():
+    objects = _api_objects()
+    assert len(objects) == API_PAGE.read_text().count("\n::: ") > 40
+    assert [p for path, obj in objects for p in api_problems(obj, path)] == []
+
+
+def test_the_convention_check_names_what_a_docstring_lacks():
+    def scale(x: float, *, by: float = 2.0) -> float:
+        """Multiply.
+
+        Args:
+            x: the number.
+        """
+        return x * by
+
+    @dataclasses.dataclass
+    class Pair:
+        """Two numbers.
+
+        Attributes:
+            left: the first.
+        """
+
+        left: int
+        right: int
+
+    def undocumented(x: int) -> None:
+        pass
+
+    assert api_problems(scale, "scale") == [
+        "scale: Args documents ['x'], the signature has ['x', 'by']",
+        "scale: returns float but has no Returns section",
+    ]
+    assert api_problems(Pair, "Pair") == ["Pair: Attributes documents ['left'], the signature has ['left', 'right']"]
+    assert api_problems(undocumented, "undocumented") == ["undocumented: no docstring"]
+
+
+def test_the_api_pages_example_calls_the_api_as_it_is(monkeypatch, capsys):
+    """The example runs against the real signatures: each call is bound to the function it
+    names (a renamed or removed keyword fails), without preparing data or training."""
+    import raysc.pipeline
+    import raysc.prepare
+    from raysc.experiment import Ensemble
+
+    (example,) = re.findall(r"```python\n(.*?)```", API_PAGE.read_text(), flags=re.S)
+    calls = []
+
+    def bound(real, result=None):
+        def call(*args, **kwargs):
+            calls.append(real.__name__)
+            inspect.signature(real).bind(*args, **kwargs)
+            return result
+
+        return call
+
+    final = Ensemble("e", "topk", (), -1, "data/mine", 1.0, True, {"macro_accuracy": 0.5})
+    result = raysc.pipeline.PipelineResult(final, Path("submission.csv"), pd.DataFrame(), [], 1.0)
+    monkeypatch.setattr(raysc.prepare, "prepare", bound(raysc.prepare.prepare))
+    monkeypatch.setattr(raysc.pipeline, "run_pipeline", bound(raysc.pipeline.run_pipeline, result))
+    exec(compile(example, "api.md", "exec"), {})
+    assert calls == ["prepare", "run_pipeline"]
+    assert capsys.readouterr().out == "submission.csv 0.5\n"

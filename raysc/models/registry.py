@@ -34,6 +34,11 @@ def register(name: str) -> Callable[[M], M]:
 
 
 def list_models() -> list[str]:
+    """Every registered backbone's name, sorted (the names ``create_model`` takes).
+
+    Returns:
+        The backbone names.
+    """
     return sorted(_REGISTRY)
 
 
@@ -44,14 +49,32 @@ def model_class(name: str) -> type[ASCModel]:
 
 
 def create_model(name: str, /, **overrides: Any) -> ASCModel:
-    """The paper-default network ``name`` with ``overrides`` (dotted keys or nested dicts)."""
+    """The paper-default network ``name`` with ``overrides``.
+
+    Args:
+        name: a backbone (``list_models``).
+        **overrides: fields of the backbone's config dataclass, as dotted keys
+            (``"frontend.n_mels"``) or nested mappings; ``width``, ``classes``, ``cities``...
+
+    Returns:
+        The network, untrained.
+
+    Raises:
+        ConfigError: an unknown backbone or an unknown or invalid override.
+    """
     cls = model_class(name)
     return cls(apply_overrides(cls.config_class(), overrides, where=name))
 
 
 def save_model(model: ASCModel, path: str | Path, **info: Any) -> None:
     """Write one self-describing file: backbone, config (front end, classes, cities included),
-    weights, ``info`` (e.g. ``metrics=``) and versions. Written atomically."""
+    weights and their SHA-256, ``info`` and versions. Written atomically.
+
+    Args:
+        model: the network.
+        path: the file to write.
+        **info: anything to keep with it; ``metrics=`` is kept apart (``model.artefact``).
+    """
     cfg = config_to_dict(model.cfg)
     payload = {
         "format": ARTEFACT_FORMAT,
@@ -103,8 +126,20 @@ def load_tensors(path: str | Path, *, what: str, map_location: str | torch.devic
 
 
 def load_model(path: str | Path, *, map_location: str | torch.device = "cpu") -> ASCModel:
-    """Rebuild the module saved by ``save_model`` (in eval mode); ``model.artefact`` holds the
-    rest of the file (metrics, info, versions). Loads with ``weights_only=True``."""
+    """Rebuild the network saved by ``save_model``, loaded with ``weights_only=True``.
+
+    Args:
+        path: a file ``save_model`` wrote.
+        map_location: where the tensors go (``torch.load``'s ``map_location``).
+
+    Returns:
+        The network in eval mode; its ``artefact`` holds the rest of the file (metrics, info,
+        versions).
+
+    Raises:
+        RayscError: not a raysc model file, one that lacks a part, damaged weights (their hash),
+            or weights that do not fit the network its config builds.
+    """
     payload = load_tensors(path, what="raysc model file", map_location=map_location)
     if not isinstance(payload, dict) or payload.get("format") != ARTEFACT_FORMAT:
         raise RayscError(f"{path}: not a raysc model file of format {ARTEFACT_FORMAT}")

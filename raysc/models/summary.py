@@ -13,10 +13,22 @@ from .registry import count_macs, count_parameters, create_model, list_models
 
 @dataclass(frozen=True)
 class ModelSummary:
+    """One backbone's size and cost (``raysc models``).
+
+    Attributes:
+        name: the backbone.
+        width: the channel width multiplier it was built at.
+        params: trainable and frozen parameters.
+        macs: multiply-accumulates of one forward pass over a clip of ``seconds``.
+        seconds: the clip length the cost is for.
+        train_clips_per_s: training clips per second on this machine (measured with
+            ``bench``), or None.
+    """
+
     name: str
     width: float
     params: int
-    macs: int  # per clip of `seconds`, forward pass
+    macs: int
     seconds: float
     train_clips_per_s: float | None = None
 
@@ -76,6 +88,18 @@ def summarize(
     bench: bool = False,
     batch: int = 8,
 ) -> list[ModelSummary]:
+    """Size and cost of backbones at paper-default settings and ``width``.
+
+    Args:
+        names: the backbones (None: every registered one).
+        width: the channel width multiplier.
+        seconds: the clip length the cost is computed for.
+        bench: also time training steps on this machine (slow).
+        batch: the batch size of the timed steps.
+
+    Returns:
+        One summary per backbone, in the order given.
+    """
     out = []
     for name in names or list_models():
         torch.manual_seed(0)

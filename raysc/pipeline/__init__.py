@@ -47,6 +47,16 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class PipelineResult:
+    """What ``run_pipeline`` returns.
+
+    Attributes:
+        final: the final ensemble (``final_ensemble``), the one the submission used.
+        submission: the challenge file.
+        leaderboard: every trial and ensemble (``leaderboard``).
+        plots: the pictures written.
+        seconds: wall-clock seconds of this run (not of earlier runs it continued).
+    """
+
     final: Ensemble
     submission: Path
     leaderboard: pd.DataFrame
@@ -59,7 +69,15 @@ RESULTS = Path("results")
 
 
 def default_experiment(data: str | Path, pipeline: str | Path | None) -> Path:
-    """``results/<data folder name>-<pipeline name>``: the experiment folder when none is given."""
+    """The experiment folder of a run given none: ``results/<data folder name>-<pipeline name>``.
+
+    Args:
+        data: the prepared data folder.
+        pipeline: the pipeline file or recipe name (None: ``default``).
+
+    Returns:
+        The folder, relative to the working directory.
+    """
     name = Path(pipeline).stem if pipeline is not None else "default"
     return RESULTS / f"{Path(data).resolve().name}-{name}"
 

@@ -96,8 +96,15 @@ def recipe_names() -> list[str]:
 
 
 def load_pipeline(path: str | Path | None) -> PipelineConfig:
-    """A pipeline file's settings, a built-in pipeline by name (``recipe_names``), or (no path)
-    the default.
+    """A pipeline file's settings, a built-in pipeline by name, or the default.
+
+    Args:
+        path: a pipeline file (docs/reference/pipeline-file.md), a recipe's name
+            (``recipe_names``: ``alps``, ``baseline``...), or None or ``default`` for the
+            default pipeline.
+
+    Returns:
+        The pipeline's settings.
 
     Raises:
         ConfigError: no such file or built-in, an unknown key, or a value out of range.
@@ -146,10 +153,19 @@ def load_pipeline(path: str | Path | None) -> PipelineConfig:
 
 
 def smoke_sized(cfg: PipelineConfig) -> PipelineConfig:
-    """The pipeline at a smoke test's size (``raysc pipeline --smoke-test``): its rounds, stages
-    and recipe as they are, with one trial of one epoch a round, networks at an eighth width, at
-    most two splits of repeated cross-fitting and one epoch of pretraining; a check, in minutes,
-    that it runs to a submission on your data and machine, not a model to submit."""
+    """The pipeline at a smoke test's size (``raysc pipeline --smoke-test``).
+
+    Its rounds, stages and recipe as they are, with one trial of one epoch a round, networks at
+    an eighth width, at most two splits of repeated cross-fitting and one epoch of pretraining:
+    a check, in minutes, that it runs to a submission on your data and machine, not a model to
+    submit.
+
+    Args:
+        cfg: the pipeline's settings.
+
+    Returns:
+        The same settings at a smoke test's size.
+    """
     pretrain = None if cfg.pretrain is None else {**cfg.pretrain, "epochs": 1}
     repeats = 1 if cfg.repeats == 1 else 2
     width = min(cfg.width or SMOKE_WIDTH, SMOKE_WIDTH)
