@@ -300,7 +300,7 @@ def _decode_chunk(
     np.load(waves_path, mmap_mode="r+")[start : start + len(paths)] = block
     # The content hash keys the feature caches built from this store. Every HASH_STRIDE-th
     # sample of every clip tells stores apart (another decoder or file changes nearly all of
-    # them) at a sixteenth of the cost: whole clips took 0.9 ms each, a seventh of decoding one.
+    # them) at a sixteenth of the cost (docs/notes/2026-12-06-budget-runs.md#defaults).
     digest = hashlib.blake2b(memoryview(np.ascontiguousarray(block[:, ::HASH_STRIDE]))).hexdigest()
     return _ChunkResult(start, digest, padded, trimmed, clipped, tuple(errors), tuple(notes))
 

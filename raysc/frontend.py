@@ -49,12 +49,20 @@ class FrontendConfig:
     # so an eval-only city reaches the head as the seen ones do. Applied where the feature cache
     # is read (feature_cache.FeatureCache), so the cache itself stays the trunk's.
     city_centred: bool = False
+    # Fine-tune the trunk end to end: its weights train with the rest of the network (its batch
+    # norms keep the statistics it was pretrained with), so the front end runs on every batch and
+    # no feature cache is read. Off: the trunk is frozen and its embedding cached once.
+    trunk_trainable: bool = False
 
     def __post_init__(self) -> None:
         if self.trunk is not None and self.trunk not in TRUNKS:
             raise ConfigError(f"unknown trunk {self.trunk!r} (valid: {', '.join(TRUNKS)})")
         if self.city_centred and self.trunk is None:
             raise ConfigError("city_centred applies to a trunk's embedding: the front end has no trunk")
+        if self.trunk_trainable and self.trunk is None:
+            raise ConfigError("trunk_trainable fine-tunes a trunk: the front end has no trunk")
+        if self.trunk_trainable and self.city_centred:
+            raise ConfigError("city_centred is applied to a cached embedding; a trainable trunk's is never cached")
 
     def at_rate(self, sample_rate: int) -> FrontendConfig:
         """The same front end for audio at ``sample_rate``: window and hop keep their duration,
@@ -77,7 +85,9 @@ class FrontendConfig:
     def cache_key(self) -> dict:
         """What the features depend on (SpecAugment's settings do not change them; a trunk's
         pinned weights do)."""
-        skip = ("freq_mask", "time_mask", "city_centred")  # the last is applied on reading
+        # city_centred is applied on reading; a trainable trunk's output is never cached (and
+        # leaving the flag out keeps the keys of caches made before it existed).
+        skip = ("freq_mask", "time_mask", "city_centred", "trunk_trainable")
         key = {k: v for k, v in asdict(self).items() if not k.startswith(skip)}
         return key | ({"trunk_sha256": TRUNKS[self.trunk].sha256} if self.trunk else {})
 
@@ -141,8 +151,9 @@ def frontend_preset(name: str, **overrides) -> FrontendConfig:
 
 class Frontend(nn.Module):
     """The network's front end. With a trunk, the trunk is built with random weights (a saved
-    model brings its own); ``load_pretrained`` gives it the published ones, and it stays frozen
-    and in eval mode whatever mode the network is in."""
+    model brings its own); ``load_pretrained`` gives it the published ones. Its batch norms stay
+    in eval mode whatever mode the network is in; its weights stay frozen unless the config makes
+    it trainable (``trunk_trainable``: fine-tuned end to end)."""
 
     def __init__(self, cfg: FrontendConfig) -> None:
         super().__init__()
@@ -150,7 +161,7 @@ class Frontend(nn.Module):
             raise ValueError(f"front end log must be 'db' or 'eps', got {cfg.log!r}")
         self.cfg = cfg
         if cfg.trunk:
-            self.trunk = TRUNKS[cfg.trunk].build(cfg.sample_rate).eval().requires_grad_(False)
+            self.trunk = TRUNKS[cfg.trunk].build(cfg.sample_rate).eval().requires_grad_(cfg.trunk_trainable)
             return
         self.mel = torchaudio.transforms.MelSpectrogram(
             sample_rate=cfg.sample_rate,
@@ -170,7 +181,9 @@ class Frontend(nn.Module):
     def train(self, mode: bool = True) -> Frontend:
         super().train(mode)
         if self.cfg.trunk:
-            self.trunk.eval()  # frozen: its batch norms keep the statistics it was trained with
+            # Frozen or fine-tuned, its batch norms keep the statistics it was pretrained with: a
+            # few hundred clips would give worse ones.
+            self.trunk.eval()
         return self
 
     def load_pretrained(self) -> None:
@@ -194,7 +207,7 @@ class Frontend(nn.Module):
         trunk's clip embedding; never augmented: what a feature cache stores."""
         cfg = self.cfg
         if cfg.trunk:
-            with torch.no_grad():
+            with torch.set_grad_enabled(cfg.trunk_trainable and torch.is_grad_enabled()):
                 return self.trunk(wave)[:, None, None, :]
         # The STFT runs in fp32 even under autocast: bf16 spectra lose the quiet bands.
         with torch.autocast(device_type=wave.device.type, enabled=False):

@@ -11,9 +11,8 @@ ends. A backbone whose schedule in that time would not reach twice ASHA's grace 
 rung with room past it) is shrunk (``model.width``) first, and left out only if even the
 narrowest width does not fit: it is never started just to be stopped by the clock.
 
-Measured (``benchmarks/budget.py``, 2 CPUs, 60 minutes): with a quarter of the round per trial,
-full-width networks took 18-22 minutes a trial, a round held six trials, and the submission fell
-below the logistic-regression floor.
+Why an eighth and not a quarter (measured with ``benchmarks/budget.py``):
+docs/notes/2026-12-06-budget-runs.md#defaults.
 """
 
 from __future__ import annotations

@@ -133,7 +133,7 @@ def test_bad_arguments_exit_with_usage(capsys):
 
 def test_models_and_train_argument_errors(tmp_path, caplog):
     assert main(["models", "resnet"]) == 2
-    assert "unknown backbone(s) ['resnet'] (valid: aisfx, ascmamba" in caplog.text
+    assert "unknown backbone(s) ['resnet'] (valid: aisfx, aisfx_ft, ascmamba" in caplog.text
     cfg = tmp_path / "c.yaml"
     cfg.write_text("epochs: 2\n")
     assert main(["train", "--data", str(tmp_path), "--out", str(tmp_path / "run"), "--config", str(cfg)]) == 2

@@ -20,12 +20,13 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 def test_one_space_per_backbone_and_one_over_all():
     seeds = {"setrans", "resnet_cbam", "mobileascnet", "ascmamba", "rm3", "stats"}  # the seed systems' and stats
-    backbones = seeds | {"cnn10", "cnn14", "aisfx"}  # and PANNs, and the aisfx trunk's head
+    trunks = {"aisfx", "aisfx_ft"}  # the aisfx trunk's head on its frozen embedding, and fine-tuned
+    backbones = seeds | {"cnn10", "cnn14"} | trunks  # and PANNs
     assert backbones == set(list_models())
     assert {p.stem for p in SPACES} == backbones | {"all_backbones", "default", "demo", "gpu"}
     assert set(load_search_space(SPACES_DIR / "all_backbones.yaml").backbones) == backbones
-    # The GPU recipe: every seed CNN, stats and the trunk's head.
-    assert set(load_search_space(SPACES_DIR / "gpu.yaml").backbones) == seeds | {"aisfx"}
+    # The GPU recipe: every seed CNN, stats and both uses of the trunk.
+    assert set(load_search_space(SPACES_DIR / "gpu.yaml").backbones) == seeds | trunks
 
 
 @pytest.mark.parametrize("path", SPACES, ids=lambda p: p.stem)
@@ -40,7 +41,7 @@ def test_shipped_spaces_load_and_sample_valid_configs(path):
             assert cfg.backbone in space.backbones and cfg.epochs == space.scheduler.max_epochs
             study.tell(trial, 0.5)
     required = {"lr", "weight_decay", "mixup_alpha", "spec_augment", "city_dropout", "model.fusion", "batch_size"}
-    if space.name == "aisfx":  # a head on a trunk's embedding: SpecAugment has no spectrogram to mask
+    if space.name in ("aisfx", "aisfx_ft"):  # a trunk's input: SpecAugment has no spectrogram to mask
         required.discard("spec_augment")
     assert required <= set(space.params)
     assert {"pseudo_threshold", "pseudo_weight"} <= set(space.rounds)
@@ -157,7 +158,7 @@ def test_errors_name_the_file_and_key(tmp_path, text, message):
 def test_unknown_or_missing_backbones(tmp_path):
     path = tmp_path / "space.yaml"
     path.write_text("backbones:\n  resnet50: {}\n")
-    with pytest.raises(ConfigError, match=re.escape("backbones.resnet50: unknown backbone (valid: aisfx, ascmamba,")):
+    with pytest.raises(ConfigError, match=re.escape("backbones.resnet50: unknown backbone (valid: aisfx, aisfx_ft,")):
         load_search_space(path)
     path.write_text("params: {}\n")
     with pytest.raises(ConfigError, match="'backbones' must map at least one backbone"):

@@ -174,6 +174,51 @@ def test_a_trunk_member_trains_its_head_on_the_cached_embedding_with_the_trunk_f
     torch.testing.assert_close(from_wave, from_cache, rtol=1e-4, atol=1e-4)
 
 
+def test_a_fine_tuned_trunk_trains_from_the_published_weights_on_waveforms(prepared_with_aisfx, tmp_path):
+    prepared = prepared_with_aisfx
+    cfg = tiny_config(backbone="aisfx_ft", model={}, epochs=1, lr=1e-2, trunk_lr_scale=0.1, time_shift=0.1)
+    out = tmp_path / "run"
+    fit(cfg, prepared.out, out_dir=out)
+    model = load_model(out / "model.pt")
+    published = AisfxEmbedding(prepared.store.spec.sample_rate)
+    trunks.load_pretrained(published, "aisfx")
+    trained, start = model.frontend.trunk.state_dict(), published.state_dict()
+    # It started from the published weights and moved from them (a random start would be far
+    # off; a frozen trunk, equal), while its batch norms kept their pretrained statistics.
+    for name in ("net.conv_block1.conv1.weight", "net.conv_block4.conv2.weight"):
+        moved = (trained[name] - start[name]).norm() / start[name].norm()
+        assert 0 < moved < 0.5, (name, float(moved))
+    for name in ("net.conv_block1.bn1.running_mean", "net.conv_block4.bn2.running_var"):
+        assert torch.equal(trained[name], start[name]), name
+    # Its input is the waveform: the cached (frozen) embedding gives other probabilities.
+    cache = FeatureCache.existing(
+        prepared.out, prepared.store, FRONTENDS["aisfx"].at_rate(prepared.store.spec.sample_rate)
+    )
+    names = prepared.store.filenames[:6]
+    wave = torch.from_numpy(prepared.store.load(names))
+    city, time = torch.zeros(len(names), dtype=torch.long), torch.zeros(len(names), 7)
+    with torch.no_grad():
+        from_wave = model(wave, city, time)
+        from_frozen = model(wave, city, time, spec=torch.from_numpy(cache.load(names)))
+    assert not torch.allclose(from_wave, from_frozen, atol=1e-4)
+
+
+def test_the_trunks_stage_makes_a_fine_tuned_member_ready_without_embedding_a_clip(prepared, tmp_path):
+    # A copy of the data folder without feature caches: the stage must not build one.
+    shutil.copytree(prepared.out, tmp_path / "data", ignore=shutil.ignore_patterns(CACHE_DIR))
+    prepared = load_dataset(tmp_path / "data")
+    lines = []
+    ctx = _context(prepared, tmp_path / "exp", lines, Budget(None))
+    ctx.space = load_search_space("aisfx_ft")
+    assert trunk_members(ctx.space) == {"aisfx_ft": "aisfx"}
+    stage = Trunks()
+    record = stage.run(ctx)
+    stage.apply(ctx, record)
+    assert record == {"kept": ["aisfx_ft"], "left_out": {}} and set(ctx.space.backbones) == {"aisfx_ft"}
+    assert "[pipeline] trunks: aisfx_ft: fine-tunes the aisfx trunk; its weights are here" in lines
+    assert not (prepared.out / CACHE_DIR).exists() or not any((prepared.out / CACHE_DIR).iterdir())
+
+
 def test_a_trunk_whose_embedding_would_take_too_much_of_the_budget_is_left_out(local_ray, prepared, tmp_path):
     # A copy of the data folder without feature caches (another test may have embedded its clips).
     shutil.copytree(prepared.out, tmp_path / "data", ignore=shutil.ignore_patterns(CACHE_DIR))
@@ -204,6 +249,12 @@ def test_an_unknown_trunk_or_a_head_without_one_is_refused_by_name():
         FrontendConfig(trunk="panns")
     with pytest.raises(ConfigError, match=r"aisfx: a trunk head needs a front end with a trunk \(frontend.trunk\)"):
         create_model("aisfx", frontend={"trunk": None})
+    with pytest.raises(ConfigError, match=r"^trunk_trainable fine-tunes a trunk: the front end has no trunk$"):
+        FrontendConfig(trunk_trainable=True)
+    with pytest.raises(
+        ConfigError, match=r"aisfx_ft.frontend: city_centred is applied to a cached embedding; a trainable trunk.s is"
+    ):
+        create_model("aisfx_ft", frontend={"city_centred": True})
 
 
 def test_a_city_centred_embedding_takes_out_each_citys_own_mean_and_inference_reads_it(prepared_with_aisfx, tmp_path):

@@ -3,7 +3,17 @@
 Importing this package registers every backbone.
 """
 
-from . import ascmamba, mobileascnet, panns, resnet_cbam, rm3, setrans, stats, trunk_head  # noqa: F401  (registration)
+from . import (  # noqa: F401  (registration)
+    ascmamba,
+    mobileascnet,
+    panns,
+    resnet_cbam,
+    rm3,
+    setrans,
+    stats,
+    trunk_finetune,
+    trunk_head,
+)
 from .base import ASCModel, ModelConfig, apply_overrides
 from .layers import FUSIONS, MetaConfig
 from .registry import (

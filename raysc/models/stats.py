@@ -136,8 +136,8 @@ def _std(x: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
 
 def _sort_frames(x: torch.Tensor) -> torch.Tensor:
     if x.device.type == "cpu" and not x.requires_grad:
-        # numpy's SIMD sort is about 10x faster than torch's CPU sort on these rows; the
-        # quantiles were most of a training step's time.
+        # numpy's SIMD sort is much faster than torch's CPU sort on these rows, and the
+        # quantiles were most of a training step's time (docs/notes/2026-12-06-budget-runs.md#defaults).
         return torch.from_numpy(np.sort(x.numpy(), axis=2))
     return x.sort(dim=2).values
 

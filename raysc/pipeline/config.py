@@ -14,9 +14,8 @@ from ..errors import ConfigError
 from ..fileio import read_yaml_mapping
 from ..search_space import parse_section, space_path
 
-# Cross-fitting candidates with a time budget, by default. Measured on a 30-minute run's own trials
-# (benchmarks/crossfit.py): 0.744 eval macro accuracy against its final ensemble's 0.718, and 0.553
-# against 0.412 on eval-only cities, in 7 of the 11 minutes the run had left.
+# Cross-fitting candidates with a time budget, by default: why 10, measured with
+# benchmarks/crossfit.py, is in docs/notes/2026-12-06-budget-runs.md#defaults.
 CROSSFIT_CANDIDATES = 10
 # Splits of repeated cross-fitting with a time budget, at most (each must also raise the estimate).
 MAX_REPEATS = 10

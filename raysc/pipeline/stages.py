@@ -26,6 +26,7 @@ from ..distributed import build_features, init_ray, largest_node_cpus, measure_p
 from ..ensemble import build_ensemble
 from ..errors import ConfigError, RayscError
 from ..experiment import OUT_OF_FOLD, Ensemble, Experiment, final_ensemble
+from ..frontend import FrontendConfig
 from ..models import apply_overrides, model_class
 from ..plan import describe, kept, restore_space
 from ..plots import write_plots
@@ -200,15 +201,20 @@ def stage_sequence(ctx: Context) -> Iterator[Stage]:
     yield Plots()
 
 
-def trunk_members(space: SearchSpace) -> dict[str, str]:
-    """Backbone -> trunk, for the space's members whose front end is a pretrained trunk."""
+def trunk_frontends(space: SearchSpace) -> dict[str, FrontendConfig]:
+    """Backbone -> its front end, for the space's members whose front end is a pretrained trunk."""
     out = {}
     for name, (own_fixed, _) in space.backbones.items():
         cfg = make_config({**space.fixed, **dict(own_fixed), "backbone": name}, where=f"{space.path} {name}")
         frontend = apply_overrides(model_class(name).config_class(), dict(cfg.model), where=name).frontend
         if frontend.trunk:
-            out[name] = frontend.trunk
+            out[name] = frontend
     return out
+
+
+def trunk_members(space: SearchSpace) -> dict[str, str]:
+    """Backbone -> trunk, for the space's members whose front end is a pretrained trunk."""
+    return {name: frontend.trunk for name, frontend in trunk_frontends(space).items()}
 
 
 TRUNK_SHARE = 0.25  # of the budget left, for a trunk's embedding of every clip
@@ -228,11 +234,16 @@ class Trunks(Stage):
         sp = ctx.space
         _, res = ctx.cluster()
         kept, left_out = [], {}
-        for name, trunk in trunk_members(sp).items():
+        for name, frontend in trunk_frontends(sp).items():
+            trunk = frontend.trunk
             why = trunk_unavailable(trunk, progress=lambda line: ctx.say(f"[pipeline] trunks: {line}"))
             if why:
                 ctx.say(f"[pipeline] trunks: {why}; the pipeline runs without {name}")
                 left_out[name] = why
+                continue
+            if frontend.trunk_trainable:  # fine-tuned: it reads waveforms, there is nothing to cache
+                ctx.say(f"[pipeline] trunks: {name}: fine-tunes the {trunk} trunk; its weights are here")
+                kept.append(name)
                 continue
             values = {**sp.fixed, **dict(sp.backbones[name][0]), "backbone": name}
             train_cfg = make_config(values, where=f"{sp.path} {name}")
