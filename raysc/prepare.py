@@ -14,11 +14,12 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
 from . import __version__
-from .audio import build_store, check_audio_header, decoding_pool, index_audio
+from .audio import FeatureStore, build_store, check_audio_header, decoding_pool, index_audio
 from .datafolder import INFO_FILE, MANIFEST_FILE, STORE_DIR, PreparedData
 from .errors import DataError, RayscError
 from .fileio import write_csv, write_json
@@ -71,6 +72,69 @@ def _pretraining_rows(
     if dropped:
         log.info("pretraining clips dropped (label not in the mapping): %s", dict(dropped))
     return pd.concat(parts, ignore_index=True), dropped
+
+
+def _read_metadata_and_audio(
+    dev_meta: Path, eval_meta: Path, audio_dirs: list[str | Path]
+) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Path], list[str], list[str]]:
+    """Both metadata files and the audio index: (dev rows, eval rows, audio by clip name, audio
+    without a metadata row, every problem found). Warnings are logged, nothing is raised."""
+    dev, problems = parse_metadata(dev_meta, subset="dev")
+    ev, eval_problems = parse_metadata(eval_meta, subset="eval")
+    problems += eval_problems
+    dev_lines = dict(zip(dev["filename"], dev["line"], strict=True))
+    problems += [
+        f"{eval_meta}:{line}: filename {name!r} is also in {dev_meta} (line {dev_lines[name]})"
+        for name, line in zip(ev["filename"], ev["line"], strict=True)
+        if name in dev_lines
+    ]
+    for warning in city_warnings([(dev_meta, dev), (eval_meta, ev)]):
+        log.warning("%s", warning)
+    audio, audio_problems = index_audio(audio_dirs)
+    problems += audio_problems
+    for meta, rows in ((dev_meta, dev), (eval_meta, ev)):
+        problems += [
+            f"{meta}:{line}: no audio file {name}.wav under {', '.join(map(str, audio_dirs))}"
+            for name, line in zip(rows["filename"], rows["line"], strict=True)
+            if name not in audio
+        ]
+    extra = sorted(set(audio) - set(dev["filename"]) - set(ev["filename"]))
+    if extra:
+        log.warning(
+            "%d audio file(s) have no metadata row and are ignored, e.g. %s",
+            len(extra),
+            [str(audio[n]) for n in extra[:MAX_EXTRA_LISTED]],
+        )
+    return dev, ev, audio, extra, problems
+
+
+def _dataset_info(
+    manifest: pd.DataFrame,
+    cities: list[str],
+    ev: pd.DataFrame,
+    *,
+    inputs: dict[str, Any],
+    store: FeatureStore,
+    extra: int,
+    dropped: dict[str, int],
+) -> dict[str, Any]:
+    """``dataset.json``: what was prepared from what, with the counts a user checks first."""
+    unseen = sorted(set(ev["city"]) - set(cities))
+    labelled = manifest[manifest["subset"] == "labelled"]
+    return {
+        "raysc_version": __version__,
+        "inputs": inputs,
+        "classes": list(CLASSES),
+        "cities": cities,
+        "eval_cities_not_in_dev": unseen,
+        "counts": manifest["subset"].value_counts().to_dict(),
+        "labelled_per_class": {c: int((labelled["label"] == c).sum()) for c in CLASSES},
+        "sessions": int(manifest.loc[manifest["subset"] != "pretrain", "session"].nunique()),
+        "session_labels": int(manifest["session_label"].notna().sum()),
+        "audio_without_metadata": extra,
+        "pretrain_dropped": dict(dropped),
+        "store": asdict(store.spec),
+    }
 
 
 def prepare(
@@ -128,33 +192,7 @@ def prepare(
     dev_meta, eval_meta = Path(dev_meta), Path(eval_meta)
 
     # 1. Metadata, audio index, pretraining sources: collect every problem before deciding.
-    dev, problems = parse_metadata(dev_meta, subset="dev")
-    ev, eval_problems = parse_metadata(eval_meta, subset="eval")
-    problems += eval_problems
-    dev_lines = dict(zip(dev["filename"], dev["line"], strict=True))
-    problems += [
-        f"{eval_meta}:{line}: filename {name!r} is also in {dev_meta} (line {dev_lines[name]})"
-        for name, line in zip(ev["filename"], ev["line"], strict=True)
-        if name in dev_lines
-    ]
-    for warning in city_warnings([(dev_meta, dev), (eval_meta, ev)]):
-        log.warning("%s", warning)
-    audio, audio_problems = index_audio(audio_dirs)
-    problems += audio_problems
-    for meta, rows in ((dev_meta, dev), (eval_meta, ev)):
-        problems += [
-            f"{meta}:{line}: no audio file {name}.wav under {', '.join(map(str, audio_dirs))}"
-            for name, line in zip(rows["filename"], rows["line"], strict=True)
-            if name not in audio
-        ]
-    extra = sorted(set(audio) - set(dev["filename"]) - set(ev["filename"]))
-    if extra:
-        log.warning(
-            "%d audio file(s) have no metadata row and are ignored, e.g. %s",
-            len(extra),
-            [str(audio[n]) for n in extra[:MAX_EXTRA_LISTED]],
-        )
-
+    dev, ev, audio, extra, problems = _read_metadata_and_audio(dev_meta, eval_meta, audio_dirs)
     pretrain, dropped = _pretraining_rows(tau, cochlscene, label_map, problems)
 
     # A new store's decoding processes start now and import torch (1-2 s each) while the
@@ -199,22 +237,7 @@ def prepare(
             out / STORE_DIR, files, sample_rate=sample_rate, num_samples=num_samples, workers=workers, pool=decoders
         )
 
-    unseen = sorted(set(ev["city"]) - set(cities))
-    labelled = manifest[manifest["subset"] == "labelled"]
-    info = {
-        "raysc_version": __version__,
-        "inputs": inputs,
-        "classes": list(CLASSES),
-        "cities": cities,
-        "eval_cities_not_in_dev": unseen,
-        "counts": manifest["subset"].value_counts().to_dict(),
-        "labelled_per_class": {c: int((labelled["label"] == c).sum()) for c in CLASSES},
-        "sessions": int(manifest.loc[manifest["subset"] != "pretrain", "session"].nunique()),
-        "session_labels": int(manifest["session_label"].notna().sum()),
-        "audio_without_metadata": len(extra),
-        "pretrain_dropped": dict(dropped),
-        "store": asdict(store.spec),
-    }
+    info = _dataset_info(manifest, cities, ev, inputs=inputs, store=store, extra=len(extra), dropped=dropped)
     write_json(info_path, info)
     write_csv(out / MANIFEST_FILE, manifest)
     return PreparedData(out=out, manifest=manifest, store=store, classes=list(CLASSES), cities=cities, info=info)

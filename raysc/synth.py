@@ -507,6 +507,59 @@ class SynthSummary:
     unseen_cities: list[str]
 
 
+def _check_options(
+    clips: int,
+    eval_clips: int,
+    labelled_fraction: float,
+    cities: int,
+    unseen_cities: int,
+    sample_rate: int,
+    clip_seconds: float,
+    session_size: int,
+) -> None:
+    """``synthesize``'s options, every problem named in one ConfigError."""
+    problems = []
+    if clips < len(CLASSES) or eval_clips < 1:
+        problems.append(f"need at least {len(CLASSES)} dev clips and 1 eval clip (got {clips}, {eval_clips})")
+    if not 0 < labelled_fraction <= 1:
+        problems.append(f"labelled fraction must be in (0, 1], got {labelled_fraction}")
+    if cities < 1 or unseen_cities < 0 or cities + unseen_cities > len(OFFICIAL_CITIES):
+        problems.append(
+            f"need 1 <= cities and cities + unseen cities <= {len(OFFICIAL_CITIES)} (got {cities} + {unseen_cities})"
+        )
+    if sample_rate < 8000 or clip_seconds <= 0:
+        problems.append(f"sample rate must be >= 8000 and clip length > 0 (got {sample_rate}, {clip_seconds})")
+    if session_size < 1:
+        problems.append(f"session size must be >= 1, got {session_size}")
+    if problems:
+        raise ConfigError("; ".join(problems))
+
+
+def _eval_sessions(
+    dev_sessions: list[Session],
+    seen_in_eval: list[City],
+    new_cities: list[City],
+    eval_clips: int,
+    start: datetime,
+    rng: np.random.Generator,
+    session_size: int,
+) -> list[Session]:
+    """The eval sessions: about a third from cities no dev clip has, and, as in the real data,
+    some of the seen cities' continuing a dev session (same city, time and scene)."""
+    unseen_share = 0.36 if new_cities else 0.0
+    n_unseen = round(eval_clips * unseen_share)
+    eval_sessions = _draw_sessions(seen_in_eval, eval_clips - n_unseen, start, 90, rng, session_size)
+    if n_unseen:
+        eval_sessions += _draw_sessions(new_cities, n_unseen, start, 90, rng, session_size)
+    seen_names = {c.name for c in seen_in_eval}
+    donors = [s for s in dev_sessions if s.city.name in seen_names]
+    for i, s in enumerate(eval_sessions):
+        if s.city.name in seen_names and donors and rng.random() < 0.35:
+            d = donors[int(rng.integers(len(donors)))]
+            eval_sessions[i] = Session(d.city, d.when, d.scene, s.size, d.params, s.seed)
+    return eval_sessions
+
+
 def synthesize(
     out: str | Path,
     *,
@@ -548,21 +601,7 @@ def synthesize(
     Raises:
         ConfigError: a count, fraction, rate or size out of range (every problem named).
     """
-    problems = []
-    if clips < len(CLASSES) or eval_clips < 1:
-        problems.append(f"need at least {len(CLASSES)} dev clips and 1 eval clip (got {clips}, {eval_clips})")
-    if not 0 < labelled_fraction <= 1:
-        problems.append(f"labelled fraction must be in (0, 1], got {labelled_fraction}")
-    if cities < 1 or unseen_cities < 0 or cities + unseen_cities > len(OFFICIAL_CITIES):
-        problems.append(
-            f"need 1 <= cities and cities + unseen cities <= {len(OFFICIAL_CITIES)} (got {cities} + {unseen_cities})"
-        )
-    if sample_rate < 8000 or clip_seconds <= 0:
-        problems.append(f"sample rate must be >= 8000 and clip length > 0 (got {sample_rate}, {clip_seconds})")
-    if session_size < 1:
-        problems.append(f"session size must be >= 1, got {session_size}")
-    if problems:
-        raise ConfigError("; ".join(problems))
+    _check_options(clips, eval_clips, labelled_fraction, cities, unseen_cities, sample_rate, clip_seconds, session_size)
 
     out = Path(out)
     rng = np.random.default_rng(seed)
@@ -575,18 +614,7 @@ def synthesize(
     start = datetime(2023, 5, 1)
 
     dev_sessions = _draw_sessions(dev_cities, clips, start, 90, rng, session_size)
-    unseen_share = 0.36 if new_cities else 0.0
-    n_unseen = round(eval_clips * unseen_share)
-    eval_sessions = _draw_sessions(seen_in_eval, eval_clips - n_unseen, start, 90, rng, session_size)
-    if n_unseen:
-        eval_sessions += _draw_sessions(new_cities, n_unseen, start, 90, rng, session_size)
-    # As in the real data, some eval sessions continue a dev session (same city, time, scene).
-    seen_names = {c.name for c in seen_in_eval}
-    donors = [s for s in dev_sessions if s.city.name in seen_names]
-    for i, s in enumerate(eval_sessions):
-        if s.city.name in seen_names and donors and rng.random() < 0.35:
-            d = donors[int(rng.integers(len(donors)))]
-            eval_sessions[i] = Session(d.city, d.when, d.scene, s.size, d.params, s.seed)
+    eval_sessions = _eval_sessions(dev_sessions, seen_in_eval, new_cities, eval_clips, start, rng, session_size)
 
     taken: set[str] = set()
     jobs: list[ClipJob] = []

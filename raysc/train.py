@@ -551,6 +551,51 @@ def _build(
     return model, cache, step, per_rank_batch
 
 
+def _said(metrics: dict[str, Any]) -> str:
+    """An epoch's float metrics as one log line's ``key=value`` pairs."""
+    return " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float) and k != "finished_at")
+
+
+def _trunk_info(cfg: TrainConfig, data: PreparedData, train_rows: pd.DataFrame) -> dict[str, Any] | None:
+    """What a fine-tuning run needs to know about a pretrained trunk: the pretraining classes and
+    clips it trained on (None for a run that is not pretraining)."""
+    if cfg.train_on != "pretrain":
+        return None
+    trained = sorted(set(train_rows["label"]), key=data.classes.index)
+    return {"subset": "pretrain", "classes": trained, "clips": len(train_rows)}
+
+
+def _start_state(
+    resume: str | Path | None, model: ASCModel, opt: torch.optim.Optimizer, sched: Any, dev: torch.device
+) -> TrainState:
+    """A new run's state, or the state of the checkpoint it resumes from (loaded into ``model``,
+    ``opt`` and ``sched``)."""
+    if not resume:
+        return TrainState(epoch=0, best={}, best_weights=_copy(model.state_dict()), best_predictions=None, history=[])
+    state = TrainState.load(Path(resume), model, opt, sched, dev)
+    log.info("resuming at epoch %d from %s", state.epoch + 1, resume)
+    return state
+
+
+def _best_predictions(
+    state: TrainState,
+    net: torch.nn.Module,
+    val: ClipTable,
+    val_rows: pd.DataFrame,
+    data: PreparedData,
+    *,
+    evaluate_again: bool,
+    **eval_kw: Any,
+) -> None:
+    """The best epoch's validation predictions (evaluated again, with the best weights loaded,
+    for a resumed run whose checkpoint did not keep them) and its confusion matrix, in ``state``."""
+    if state.best_predictions is None and evaluate_again:
+        state.best_predictions, _ = evaluate(net, val, val_rows, data, **eval_kw)
+    if state.best_predictions is not None:
+        pred = state.best_predictions.set_index("filename").loc[val_rows["filename"], data.classes].to_numpy()
+        state.best["confusion"] = confusion_matrix(data.labels(val_rows), pred.argmax(1), len(data.classes)).tolist()
+
+
 def fit(
     cfg: TrainConfig,
     data_dir: str | Path,
@@ -560,10 +605,8 @@ def fit(
     resume: str | Path | None = None,
     checkpoint_dir: str | Path | None = None,
 ) -> FitResult:
-    """Train ``cfg`` on a prepared data folder; validate on fold ``cfg.fold`` every epoch.
-
-    In one process, or as one rank of a DDP group (``torch.distributed`` initialised: Ray
-    Train's workers); the loop is the same.
+    """Train ``cfg`` on a prepared data folder; validate on fold ``cfg.fold`` every epoch (in one
+    process, or as one rank of a DDP group: the loop is the same).
 
     Args:
         cfg: the training configuration.
@@ -576,13 +619,11 @@ def fit(
         checkpoint_dir: where each epoch's checkpoint goes (default ``out_dir/checkpoint``).
 
     Returns:
-        The best epoch's validation report, the history, the best weights and their
-        validation predictions.
+        The best epoch's validation report, the history, its weights and its predictions.
 
     Raises:
         DataError: not a prepared data folder, or unreadable pseudo-labels.
-        ConfigError: a fold the data folder lacks, or a network that cannot be built as
-            configured.
+        ConfigError: a fold the data folder lacks, or a network it cannot build.
     """
     rank, world = _rank_world()
     dev = device()
@@ -608,11 +649,7 @@ def fit(
     )
     net, opt, sched = step.net, step.opt, step.sched
 
-    if resume:
-        state = TrainState.load(Path(resume), model, opt, sched, dev)
-        log.info("resuming at epoch %d from %s", state.epoch + 1, resume)
-    else:
-        state = TrainState(epoch=0, best={}, best_weights=_copy(model.state_dict()), best_predictions=None, history=[])
+    state = _start_state(resume, model, opt, sched, dev)
     out_dir = Path(out_dir) if out_dir else None
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir else (out_dir / "checkpoint" if out_dir else None)
 
@@ -656,12 +693,7 @@ def fit(
         metrics["finished_at"] = time.time()  # successive epochs' difference: the loop's whole cost per epoch
         state.history.append(metrics)
         curves.epoch(sched.last_epoch, metrics)
-        log.info(
-            "epoch %d/%d %s",
-            epoch + 1,
-            cfg.epochs,
-            " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float) and k != "finished_at"),
-        )
+        log.info("epoch %d/%d %s", epoch + 1, cfg.epochs, _said(metrics))
 
         stop = val is not None and 0 < cfg.patience_steps <= sched.last_epoch - state.best_step
         metrics["final"] = stop or epoch + 1 == cfg.epochs  # the run ends here (a scheduler's stop is not final)
@@ -677,17 +709,12 @@ def fit(
     # ---- the result: the best epoch's weights, its predictions and confusion matrix
     curves.close()
     model.load_state_dict(state.best_weights)
-    if state.best_predictions is None and val is not None and resume:
-        state.best_predictions, _ = evaluate(net, val, val_rows, data, **eval_kw)
-    if val is not None and state.best_predictions is not None:
-        pred = state.best_predictions.set_index("filename").loc[val_rows["filename"], data.classes].to_numpy()
-        state.best["confusion"] = confusion_matrix(data.labels(val_rows), pred.argmax(1), len(data.classes)).tolist()
+    if val is not None:
+        _best_predictions(state, net, val, val_rows, data, evaluate_again=bool(resume), **eval_kw)
     if rank == 0 and out_dir is not None:
-        trunk = None
-        if cfg.train_on == "pretrain":  # what a fine-tuning run needs to know about this trunk
-            trained = sorted(set(train_rows["label"]), key=data.classes.index)
-            trunk = {"subset": "pretrain", "classes": trained, "clips": len(train_rows)}
-        _write_outputs(out_dir, cfg, model, state.metrics(), state.best_predictions, pretrained=trunk)
+        _write_outputs(
+            out_dir, cfg, model, state.metrics(), state.best_predictions, pretrained=_trunk_info(cfg, data, train_rows)
+        )
     return FitResult(best=state.best, history=state.history, model=model.eval(), predictions=state.best_predictions)
 
 

@@ -148,6 +148,16 @@ def test_without_the_index_the_pipeline_leaves_the_trunk_member_out_and_says_why
     assert all(p.get("backbone") != "aisfx" for p in ctx.space.start)
 
 
+def _from_wave_and_cache(model, prepared: PreparedData, cache: FeatureCache) -> tuple[torch.Tensor, torch.Tensor]:
+    """A saved trunk member's logits for six clips, computed from their waveforms and read from
+    the trunk's cached embedding."""
+    names = prepared.store.filenames[:6]
+    wave = torch.from_numpy(prepared.store.load(names))
+    city, time = torch.zeros(len(names), dtype=torch.long), torch.zeros(len(names), len(TIME_FEATURES))
+    with torch.no_grad():
+        return model(wave, city, time), model(wave, city, time, spec=torch.from_numpy(cache.load(names)))
+
+
 def test_a_trunk_member_trains_its_head_on_the_cached_embedding_with_the_trunk_frozen(prepared_with_aisfx, tmp_path):
     prepared = prepared_with_aisfx
     cfg = dataclasses.replace(
@@ -165,12 +175,7 @@ def test_a_trunk_member_trains_its_head_on_the_cached_embedding_with_the_trunk_f
     # trunk included) gives the same probabilities from the waveform as from the cache.
     cache = FeatureCache.existing(prepared.out, prepared.store, model.cfg.frontend)
     assert cache is not None and cache.features.shape == (len(prepared.store), 1, 1024)
-    names = prepared.store.filenames[:6]
-    wave = torch.from_numpy(prepared.store.load(names))
-    city, time = torch.zeros(len(names), dtype=torch.long), torch.zeros(len(names), 7)
-    with torch.no_grad():
-        from_wave = model(wave, city, time)
-        from_cache = model(wave, city, time, spec=torch.from_numpy(cache.load(names)))
+    from_wave, from_cache = _from_wave_and_cache(model, prepared, cache)
     torch.testing.assert_close(from_wave, from_cache, rtol=1e-4, atol=1e-4)
 
 
@@ -194,12 +199,7 @@ def test_a_fine_tuned_trunk_trains_from_the_published_weights_on_waveforms(prepa
     cache = FeatureCache.existing(
         prepared.out, prepared.store, FRONTENDS["aisfx"].at_rate(prepared.store.spec.sample_rate)
     )
-    names = prepared.store.filenames[:6]
-    wave = torch.from_numpy(prepared.store.load(names))
-    city, time = torch.zeros(len(names), dtype=torch.long), torch.zeros(len(names), 7)
-    with torch.no_grad():
-        from_wave = model(wave, city, time)
-        from_frozen = model(wave, city, time, spec=torch.from_numpy(cache.load(names)))
+    from_wave, from_frozen = _from_wave_and_cache(model, prepared, cache)
     assert not torch.allclose(from_wave, from_frozen, atol=1e-4)
 
 
@@ -251,6 +251,10 @@ def test_an_unknown_trunk_or_a_head_without_one_is_refused_by_name():
         create_model("aisfx", frontend={"trunk": None})
     with pytest.raises(ConfigError, match=r"^trunk_trainable fine-tunes a trunk: the front end has no trunk$"):
         FrontendConfig(trunk_trainable=True)
+    with pytest.raises(ConfigError, match=r"aisfx: fine-tuning the trunk is aisfx_ft; aisfx reads its frozen, cached"):
+        create_model("aisfx", frontend={"trunk_trainable": True})
+    with pytest.raises(ConfigError, match=r"aisfx_ft: aisfx_ft fine-tunes its trunk \(frontend.trunk_trainable\); the"):
+        create_model("aisfx_ft", frontend={"trunk_trainable": False})
     with pytest.raises(
         ConfigError, match=r"aisfx_ft.frontend: city_centred is applied to a cached embedding; a trainable trunk.s is"
     ):

@@ -11,6 +11,7 @@ cost next to nothing.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -28,11 +29,21 @@ class TrunkHeadConfig(ModelConfig):
     hidden: int = 256
     dropout: float = 0.3
     input_dropout: float = 0.1  # of embedding values, before the hidden layer
+    # Whether the backbone trains its trunk (``aisfx_ft``) or reads its frozen, cached embedding
+    # (``aisfx``): the front end must say the same, or a frozen member would hold trainable
+    # weights no step reaches, and a fine-tuned one would read the frozen cache.
+    trunk_trainable: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if not self.frontend.trunk:
             raise ConfigError("a trunk head needs a front end with a trunk (frontend.trunk)")
+        if self.frontend.trunk_trainable != self.trunk_trainable:
+            raise ConfigError(
+                "fine-tuning the trunk is aisfx_ft; aisfx reads its frozen, cached embedding"
+                if self.frontend.trunk_trainable
+                else "aisfx_ft fine-tunes its trunk (frontend.trunk_trainable); the frozen trunk's head is aisfx"
+            )
         if self.unseen_rooms:
             raise ConfigError("unseen_rooms acts on a log-mel; a trunk head's input is the trunk's embedding")
         for name in ("dropout", "input_dropout"):
