@@ -159,7 +159,7 @@ def score_pipeline(
 # embedding; the CNNs learn from the log-mel; `stats` (the log-mel statistics MLP) stays in each.
 FAMILIES = {"trunks": ("aisfx",), "cnns": ("mobileascnet", "setrans")}
 # Stages that an ablation can turn off, by the pipeline file's settings that do it.
-STAGES = {"repeats": {"repeats": 1}}
+STAGES = {"repeats": {"repeats": 1}, "blend": {"per_backbone": False}}
 
 
 def variant(work: Path, name: str, *, space: dict | None = None, **settings) -> Path:

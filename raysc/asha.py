@@ -10,10 +10,16 @@ the Train run has no retries to take (search.py: Tune retries failed trials inst
 
 The rungs count optimiser steps (every epoch reports ``steps``), not epochs: on 192 clips an epoch
 is 6 steps, on 8,700 it is 136, and a trial is judged after as much training either way.
+
+With ``group_by`` (the pipeline's per-backbone search), a trial is compared only with trials of
+its own backbone: a head on a pretrained trunk scores higher on a validation fold of the
+development cities than a log-mel model at every rung, and one shared rung would stop every
+log-mel trial early, leaving that member of the blend untrained.
 """
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 from ray.tune.schedulers import ASHAScheduler, TrialScheduler
@@ -22,17 +28,35 @@ from .search_space import Scheduler
 
 
 class LastEpochASHA(ASHAScheduler):
-    """``ASHAScheduler`` that never stops a trial on the result of its last epoch (``final``)."""
+    """``ASHAScheduler`` that never stops a trial on the result of its last epoch (``final``) and,
+    with ``group_by``, keeps one set of rungs per value of that config key."""
+
+    def __init__(self, *args: Any, group_by: str | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._group_by = group_by
+        self._empty_bracket = copy.deepcopy(self._brackets[0])  # no trial yet: a template
+        self._group_brackets: dict[Any, Any] = {}
+
+    def on_trial_add(self, tune_controller: Any, trial: Any) -> None:
+        super().on_trial_add(tune_controller, trial)  # checks the metric, assigns the shared rungs
+        group_by = getattr(self, "_group_by", None)  # a scheduler saved before groups existed has none
+        if group_by is not None:
+            key = trial.config.get(group_by)
+            if key not in self._group_brackets:
+                self._group_brackets[key] = copy.deepcopy(self._empty_bracket)
+            self._trial_info[trial.trial_id] = self._group_brackets[key]
 
     def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
         decision = super().on_trial_result(tune_controller, trial, result)  # records the rung result
         return TrialScheduler.CONTINUE if result.get("final") else decision
 
 
-def step_asha(scheduler: Scheduler, *, metric: str) -> LastEpochASHA:
-    """The search's ASHA: rungs at ``grace_steps`` x ``reduction_factor``^k optimiser steps. A
-    trial ends by itself after its epochs, so ``max_t`` only bounds the number of rungs."""
+def step_asha(scheduler: Scheduler, *, metric: str, group_by: str | None = None) -> LastEpochASHA:
+    """The search's ASHA: rungs at ``grace_steps`` x ``reduction_factor``^k optimiser steps (a
+    set per value of the trial config's ``group_by`` key when given). A trial ends by itself
+    after its epochs, so ``max_t`` only bounds the number of rungs."""
     return LastEpochASHA(
+        group_by=group_by,
         time_attr="steps",
         metric=metric,
         mode="max",

@@ -362,6 +362,12 @@ def _add_search(sub: Any) -> None:
         help="auto (default): a one-worker trial trains in its own, reused Tune process; always: every trial "
         "through a Ray Train TorchTrainer (multi-worker trials always are)",
     )
+    p.add_argument(
+        "--backbone-turns",
+        action="store_true",
+        help="the space's backbones take turns (trial i trains the i-th in turn) and ASHA compares a trial only "
+        "with its own backbone's: each backbone gets its share of the trials",
+    )
     p.add_argument("--resume", action="store_true", help="continue an interrupted search in --experiment")
     _add_address(p)
     p.set_defaults(func=_cmd_search)
@@ -373,6 +379,8 @@ def _cmd_ensemble(args: argparse.Namespace) -> int:
 
     if args.repeats > 1 and not args.crossfit:
         raise RayscError("--repeats repeats cross-fitting: give --crossfit N too")
+    if args.per_backbone and not args.crossfit:
+        raise RayscError("--per-backbone blends cross-fitted configurations: give --crossfit N too")
     if args.crossfit:
         from .crossfit import crossfit_ensemble, crossfit_repeats
 
@@ -387,6 +395,7 @@ def _cmd_ensemble(args: argparse.Namespace) -> int:
             session_smoothing=args.session_smoothing,
             cpus=args.cpus,
             time_budget_minutes=args.time_budget,
+            per_backbone=args.per_backbone,
             address=args.address,
         )
         if args.repeats > 1:
@@ -455,6 +464,12 @@ def _add_ensemble(sub: Any) -> None:
         metavar="N",
         help="with --crossfit: also train the chosen configurations on N - 1 redrawn splits of the sessions into "
         "folds, and save the ensemble of all N splits (ENSEMBLE-xN); default 1",
+    )
+    p.add_argument(
+        "--per-backbone",
+        action="store_true",
+        help="with --crossfit: candidates from each backbone in turn, the members chosen within each backbone, "
+        "and an equal share of the weight for each backbone within 0.1 of the best one out of fold",
     )
     p.add_argument("--cpus", type=POSITIVE, default=1.0, help="CPUs per cross-fitting run (default 1)")
     p.add_argument(

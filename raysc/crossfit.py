@@ -42,6 +42,10 @@ log = logging.getLogger(__name__)
 
 # The pseudo-label round's selection (benchmarks/semi_supervised.py): hard labels above 0.7.
 DEFAULT_SELECTION = Selection(threshold=0.7, targets="hard")
+# A per-backbone blend leaves out a backbone whose best configuration scores this far below the
+# best backbone's out of fold (a network its budget did not train); why 0.1 is in
+# docs/notes/2026-12-06-budget-runs.md#defaults.
+BLEND_MARGIN = 0.1
 
 
 def crossfit_ensemble(
@@ -55,6 +59,7 @@ def crossfit_ensemble(
     cpus: float = 1.0,
     gpus: float = 0.0,
     time_budget_minutes: float | None = None,
+    per_backbone: bool = False,
     address: str | None = None,
 ) -> list[Ensemble]:
     """Cross-fit the best ``candidates`` trials (without pseudo-labels), then select ``k`` of
@@ -63,6 +68,14 @@ def crossfit_ensemble(
     Each candidate's configuration is trained once per fold, for its trial's best number of
     epochs, so every labelled clip is predicted by a model that never saw its session. Runs
     that finished are kept, so a rerun continues.
+
+    With ``per_backbone``, the ensemble is a blend of backbones: the candidates are taken from
+    each backbone in turn (its best first), the selection runs within each backbone (``k``
+    shared out among them, rounded up), and each backbone gets an equal share of the weight,
+    leaving out one whose best out-of-fold score is more than ``BLEND_MARGIN`` below the best
+    backbone's. Out-of-fold scores come from folds of the development cities, which favour a
+    member that learns those cities' rooms and devices (a head on a pretrained trunk) over one
+    that carries to other cities; an equal blend hedges against that.
 
     Args:
         experiment: an experiment folder with finished round-0 trials.
@@ -77,11 +90,12 @@ def crossfit_ensemble(
             from each trial's own time for its best epoch's share, with as many runs at once
             as the cluster holds) fit; one that would not fit is passed over for the next
             (None: every candidate).
+        per_backbone: blend the backbones with equal weights (above).
         address: a Ray cluster to join (None: a local Ray).
 
     Returns:
         The ensemble and, with ``session_smoothing``, its smoothed variant (both saved, each
-        scored out of fold).
+        scored out of fold; ``metrics["backbones"]`` holds each backbone's share).
 
     Raises:
         ConfigError: ``candidates`` or ``k`` below 1.
@@ -100,7 +114,8 @@ def crossfit_ensemble(
         folds = data.folds()
         slots = parallel_slots(cpus, gpus, address) if time_budget_minutes is not None else 1
         top, spent = [], 0.0
-        for r in sorted(records, key=rank_key):
+        ranked = sorted(records, key=rank_key)
+        for r in backbones_in_turn(ranked) if per_backbone else ranked:
             cost = crossfit_minutes(r, len(folds), slots)
             if len(top) < candidates and (time_budget_minutes is None or spent + cost <= time_budget_minutes):
                 top.append(r)
@@ -125,10 +140,18 @@ def crossfit_ensemble(
             )
             for p, u in zip(probs, unk, strict=True)
         ]
-        picks = top_k(scores, k) if method == "topk" else greedy_selection(probs, y, steps=k)
-        counts = Counter(picks)
-        total = sum(counts.values())
-        chosen = [(top[i], c / total) for i, c in sorted(counts.items(), key=lambda ic: (-ic[1], ic[0]))]
+        groups = _blended_backbones(top, scores) if per_backbone else [list(range(len(top)))]
+        chosen = []
+        for group in groups:
+            k_group = -(-k // len(groups))  # k shared out, rounded up
+            picks = (
+                top_k([scores[i] for i in group], k_group)
+                if method == "topk"
+                else greedy_selection([probs[i] for i in group], y, steps=k_group)
+            )
+            counts = Counter(group[i] for i in picks)
+            total = sum(counts.values()) * len(groups)
+            chosen += [(top[i], c / total) for i, c in sorted(counts.items(), key=lambda ic: (-ic[1], ic[0]))]
         return _bagged_ensembles(
             exp,
             data,
@@ -139,6 +162,26 @@ def crossfit_ensemble(
             temperature=temperature,
             session_smoothing=session_smoothing,
         )
+
+
+def backbones_in_turn(ranked: list[TrialRecord]) -> list[TrialRecord]:
+    """Trial records in rank order re-ordered so that backbones take turns: each one's best,
+    then each one's second, and so on (backbones in the order of their best trial)."""
+    by_backbone: dict[str, list[TrialRecord]] = {}
+    for r in ranked:
+        by_backbone.setdefault(r.backbone, []).append(r)
+    queues = list(by_backbone.values())
+    return [q[i] for i in range(max(map(len, queues), default=0)) for q in queues if i < len(q)]
+
+
+def _blended_backbones(top: list[TrialRecord], scores: list[float]) -> list[list[int]]:
+    """The indices into ``top`` of each backbone that enters the blend: those whose best
+    out-of-fold score is within ``BLEND_MARGIN`` of the best backbone's."""
+    groups: dict[str, list[int]] = {}
+    for i, r in enumerate(top):
+        groups.setdefault(r.backbone, []).append(i)
+    best = max(scores)
+    return [g for g in groups.values() if max(scores[i] for i in g) >= best - BLEND_MARGIN]
 
 
 def crossfit_repeats(
@@ -303,6 +346,9 @@ def _bagged_ensembles(
     weight = data.unseen_weight(exp.train_config(chosen[0][0]).get("unseen_weight"))
     # A run key's weight: its configuration's, shared by the splits (then by the folds).
     runs = {run_key(r.trial_id, n): (w / repeats, n) for r, w in chosen for n in range(repeats)}
+    shares: dict[str, float] = {}
+    for r, w in chosen:
+        shares[r.backbone] = round(shares.get(r.backbone, 0.0) + w, 4)
     redrawn = {key: (w * repeats / (repeats - 1), n) for key, (w, n) in runs.items() if n} if replaces else {}
     mean, unk_mean = _weighted_out_of_fold(exp, runs, folds, rows, classes)
     t = fit_temperature(mean, y) if temperature else 1.0
@@ -333,6 +379,7 @@ def _bagged_ensembles(
     for smooth in (False, True) if session_smoothing else (False,):
         final, report = scored(runs, smooth)
         report["splits"] = repeats
+        report["backbones"] = shares
         suffix = "-session" if smooth else ""
         if redrawn:
             report["redrawn_score"] = scored(redrawn, smooth)[1]["score"]

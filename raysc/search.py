@@ -81,6 +81,10 @@ class SearchOptions:
             to its ``patience_steps``).
         ray_train: ``auto`` (one-worker trials train in their warm Tune process, DDP trials
             as Ray Train runs) or ``always`` (every trial a Ray Train run).
+        backbone_turns: the space's backbones take turns (trial i trains the i-th in turn,
+            ``backbone_turns``; the sampler draws the rest of its values) and ASHA compares a
+            trial only with trials of its own backbone: each backbone gets its share of the
+            trials however their validation scores compare (the pipeline's per-backbone blend).
     """
 
     trials: int = 8
@@ -94,6 +98,7 @@ class SearchOptions:
     sampler: str = "tpe"
     early_stopping: bool = True
     ray_train: str = "auto"
+    backbone_turns: bool = False
 
 
 @dataclass(frozen=True)
@@ -186,7 +191,8 @@ def search(
         if resume:
             if not settings_path.is_file():
                 raise RayscError(f"{rdir}: no search to resume (no search.json); run without --resume")
-            changes = settings_changes(json.loads(settings_path.read_text()), dataclasses.asdict(settings))
+            stored = json.loads(settings_path.read_text())  # a setting it lacks counts as its default
+            changes = settings_changes(stored, dataclasses.asdict(settings), dataclasses.asdict(SearchSettings()))
             if changes:
                 raise RayscError(f"{rdir}: --resume with different settings ({changes}); give the original ones")
         elif rdir.exists() and any(rdir.iterdir()):
@@ -198,16 +204,11 @@ def search(
         if not exp.space_copy(opts.round).exists():
             shutil.copyfile(sp.path, exp.space_copy(opts.round))
 
+        points = [*(points_to_evaluate or []), *sp.start_points(round=opts.round)]
+        if opts.backbone_turns:
+            points = backbone_turns(points, list(sp.backbones), opts.trials)
         t0 = time.perf_counter()
-        _run_tune(
-            sp,
-            settings,
-            exp,
-            resume=resume,
-            address=address,
-            points=[*(points_to_evaluate or []), *sp.start_points(round=opts.round)],
-            progress=progress or log.info,
-        )
+        _run_tune(sp, settings, exp, resume=resume, address=address, points=points, progress=progress or log.info)
         records = collect_records(exp, sp, settings)
         exp.write_trials_table()
         done = [r for r in records if r.status != "failed"]
@@ -306,6 +307,18 @@ def _flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[f"{prefix}{k}"] = v
     return out
+
+
+def backbone_turns(points: list[dict[str, Any]], backbones: list[str], trials: int) -> list[dict[str, Any]]:
+    """The first ``trials`` points of a search whose backbones take turns: trial i trains
+    ``backbones[i % len(backbones)]``, from the first unused given point of that backbone when
+    there is one (a space's ``start`` point, a paper's settings), else from the backbone alone
+    (the sampler draws the rest). With one backbone, ``points`` as they are."""
+    if len(backbones) < 2:
+        return points
+    given = {b: [p for p in points if p.get("backbone") == b] for b in backbones}
+    turns = (backbones[i % len(backbones)] for i in range(trials))
+    return [given[b].pop(0) if given[b] else {"backbone": b} for b in turns]
 
 
 def _define_by_run(trial: Any, *, space: SearchSpace, round: int) -> None:
@@ -505,7 +518,7 @@ def _run_tune(
             points_to_evaluate=points,
             startup_gate=s.startup_trials if s.sampler == "tpe" else 0,
         )
-        asha = step_asha(space.scheduler, metric=METRIC)
+        asha = step_asha(space.scheduler, metric=METRIC, group_by="backbone" if s.backbone_turns else None)
         tuner = ray.tune.Tuner(
             trainable,
             tune_config=ray.tune.TuneConfig(

@@ -43,3 +43,28 @@ def test_rungs_count_optimiser_steps_not_epochs():
     ]
     assert early == [TrialScheduler.CONTINUE] * 3  # 18 steps: not judged yet, however bad
     assert sched.on_trial_result(None, small, {"epoch": 4, "steps": 24, "acc": 0.1, "final": False}) == "STOP"
+
+
+def _rung_stops(group_by: str | None) -> list[str]:
+    """A log-mel trial judged at the first rung after two trunk-head trials scored higher there."""
+    sched = step_asha(Scheduler(grace_steps=10, reduction_factor=2, max_epochs=10), metric="acc", group_by=group_by)
+    trials = {
+        name: SimpleNamespace(trial_id=name, config={"backbone": backbone})
+        for name, backbone in (("head1", "aisfx"), ("head2", "aisfx"), ("logmel1", "stats"), ("logmel2", "stats"))
+    }
+    for t in trials.values():
+        sched.on_trial_add(None, t)
+    said = {
+        name: sched.on_trial_result(None, trials[name], {"steps": 10, "acc": acc, "final": False})
+        for name, acc in (("head1", 0.9), ("head2", 0.8), ("logmel1", 0.6), ("logmel2", 0.5))
+    }
+    return [said[name] for name in ("head1", "head2", "logmel1", "logmel2")]
+
+
+def test_with_group_by_a_trial_is_judged_only_against_its_own_backbone():
+    C, S = TrialScheduler.CONTINUE, TrialScheduler.STOP
+    # One set of rungs: each trial below the best half so far stops, so both log-mel trials do.
+    assert _rung_stops(None) == [C, S, S, S]
+    # Rungs per backbone: the first log-mel trial is the best of its own rung and goes on; the
+    # second is below its own backbone's cutoff, as the second head is below the first.
+    assert _rung_stops("backbone") == [C, S, C, S]

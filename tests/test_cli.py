@@ -147,6 +147,9 @@ def test_repeats_without_cross_fitting_is_refused(tmp_path, caplog):
     assert main(["ensemble", str(tmp_path / "exp"), "--repeats", "3"]) == 2
     assert "--repeats repeats cross-fitting: give --crossfit N too" in caplog.text
     assert not (tmp_path / "exp").exists()
+    assert main(["ensemble", str(tmp_path / "exp"), "--per-backbone"]) == 2
+    assert "--per-backbone blends cross-fitted configurations: give --crossfit N too" in caplog.text
+    assert not (tmp_path / "exp").exists()
 
 
 def test_search_errors_exit_2_with_the_message(prepared, tmp_path, caplog):

@@ -10,7 +10,14 @@ import pytest
 from conftest import FRONTEND
 
 from raysc.config import make_config
-from raysc.crossfit import crossfit_ensemble, crossfit_pseudo_round, crossfit_repeats, run_key
+from raysc.crossfit import (
+    BLEND_MARGIN,
+    backbones_in_turn,
+    crossfit_ensemble,
+    crossfit_pseudo_round,
+    crossfit_repeats,
+    run_key,
+)
 from raysc.datafolder import load_dataset
 from raysc.ensemble import apply_temperature, build_ensemble
 from raysc.errors import ConfigError, RayscError
@@ -24,14 +31,15 @@ from raysc.train import fit
 pytestmark = pytest.mark.slow
 
 
-def _trial(exp: Experiment, data, trial_id: str, **values) -> None:
+def _trial(exp: Experiment, data, trial_id: str, backbone: str = "stats", **values) -> None:
     """A finished round-0 trial, as a search leaves it: its run folder and its record."""
-    cfg = make_config({"backbone": "stats", "model": {"frontend": FRONTEND}, "epochs": 2, "batch_size": 16, **values})
+    model = {"frontend": FRONTEND} | ({"width": 0.125} if backbone != "stats" else {})
+    cfg = make_config({"backbone": backbone, "model": model, "epochs": 2, "batch_size": 16, **values})
     out = exp.trial_dir(0, trial_id)
     result = fit(cfg, data.out, out_dir=out)
     best = result.best
     record = TrialRecord(
-        trial_id, 0, "completed", "stats", {}, 2, best["epoch"], {"macro_accuracy": best["macro_accuracy"]},
+        trial_id, 0, "completed", backbone, {}, 2, best["epoch"], {"macro_accuracy": best["macro_accuracy"]},
         1, 1, 1.0, None, 0.1, 0, exp.relative(out / "model.pt"), exp.relative(out / "val_predictions.csv"),
     )  # fmt: skip
     exp.write_record(record)
@@ -205,3 +213,55 @@ def test_crossfitted_ensembles_are_chosen_out_of_fold_on_every_labelled_clip(loc
     # A budget that holds no candidate's runs: refused by name before anything trains.
     with pytest.raises(RayscError, match=r"no trial's cross-fitting fits in 0\.0 min"):
         crossfit_ensemble(exp.root, candidates=3, k=2, time_budget_minutes=0.0001, address=address)
+
+
+def _record(trial_id: str, backbone: str, score: float) -> TrialRecord:
+    return TrialRecord(
+        trial_id, 0, "completed", backbone, {}, 2, 2, {"macro_accuracy": score}, 1, 1, 1.0, None, 0.1, 0, None, None
+    )  # fmt: skip
+
+
+def test_backbones_take_turns_in_the_candidates_each_from_its_best():
+    ranked = [_record(f"h{i}", "aisfx", 0.9 - i / 100) for i in range(4)] + [_record("s0", "stats", 0.6)]
+    ranked += [_record("s1", "stats", 0.5), _record("m0", "mobileascnet", 0.4)]
+    order = [r.trial_id for r in backbones_in_turn(ranked)]
+    assert order == ["h0", "s0", "m0", "h1", "s1", "h2", "h3"]
+    assert backbones_in_turn([]) == []
+
+
+def test_a_per_backbone_ensemble_blends_its_backbones_in_equal_shares(local_ray, prepared, tmp_path):
+    exp = Experiment(tmp_path / "exp")
+    write_json(exp.search_settings(0), {"data": str(prepared.out)})
+    _trial(exp, prepared, "aaaa0000", lr=3e-3)
+    _trial(exp, prepared, "bbbb1111", lr=1e-2, weight_decay=1e-2)
+    _trial(exp, prepared, "cccc2222", backbone="mobileascnet", lr=3e-3)
+    address = local_ray.get_runtime_context().gcs_address
+
+    plain, smoothed = crossfit_ensemble(exp.root, candidates=2, k=2, per_backbone=True, address=address)
+
+    # Two candidates, one per backbone, whatever their ranks: the best stats trial and the network.
+    stats_best = max(
+        (r for r in exp.records() if r.backbone == "stats"), key=lambda r: r.metrics["macro_accuracy"]
+    ).trial_id
+    assert sorted(p.name for p in (exp.root / "crossfit").iterdir()) == sorted([stats_best, "cccc2222"])
+    for ens in (plain, smoothed):
+        trials = {m.trial_id: 0.0 for m in ens.members}
+        for m in ens.members:
+            trials[m.trial_id] += m.weight
+        shares = ens.metrics["backbones"]
+        assert abs(sum(shares.values()) - 1) < 1e-3 and abs(sum(trials.values()) - 1) < 1e-6
+        # Each backbone in the blend holds an equal share; one is left out only when its best
+        # out-of-fold score is more than the margin below the other's.
+        assert set(shares.values()) == {round(1 / len(shares), 4)}
+    scores = {}
+    folds = prepared.folds()
+    labelled = prepared.rows("labelled")
+    for trial_id in (stats_best, "cccc2222"):
+        parts = pd.concat([pd.read_csv(exp.crossfit_dir(trial_id, f) / "val_predictions.csv") for f in folds])
+        parts = parts.set_index("filename").loc[labelled["filename"]]
+        y = prepared.labels(labelled)
+        plain_acc = macro_accuracy(y, parts[prepared.classes].to_numpy().argmax(1), len(prepared.classes))
+        unk_acc = macro_accuracy(y, parts[unk_columns(prepared.classes)].to_numpy().argmax(1), len(prepared.classes))
+        scores[trial_id] = objective(plain_acc, unk_acc, prepared.unseen_weight())
+    both = abs(scores[stats_best] - scores["cccc2222"]) <= BLEND_MARGIN
+    assert len(plain.metrics["backbones"]) == (2 if both else 1), (scores, plain.metrics["backbones"])

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 
 import pandas as pd
 import pytest
@@ -224,6 +225,13 @@ def test_a_wheel_installed_pipeline_whose_budget_runs_out_in_round_one_still_end
     check_submission_file(exp / "submission" / "submission.csv", prepared.out)
     records = Experiment(exp).records()
     assert {r.round for r in records} == {0} and len(records) < 50, out  # the clock ended it
+    # The default's backbones (those the plan kept) take turns in the search and share the
+    # cross-fitted ensemble equally.
+    counts = Counter(r.backbone for r in records)
+    assert {"stats", "aisfx"} <= set(counts) and max(counts.values()) - min(counts.values()) <= 1, counts
+    blend = [line for line in lines if line.startswith("[pipeline] ensemble crossfit-topk2: ")]
+    shares = re.search(r"configuration\(s\) \(([^)]*)\)", blend[0]).group(1).split(", ") if blend else []
+    assert shares and len({share.split()[1] for share in shares}) == 1, out
     # The final model: the cross-fitted ensemble, its fold models retrained with its pseudo-labels
     # when the budget left time for that; otherwise the pipeline said why it skipped the round.
     final = final_ensemble(Experiment(exp).ensembles())

@@ -241,8 +241,12 @@ def test_search_input_errors_stop_before_ray_starts(prepared, tmp_path):
     (exp / "round-0" / "search.json").write_text(json.dumps({"trials": 8}))
     with pytest.raises(RayscError, match="already holds a search; pass --resume"):
         search(space, data=prepared.out, experiment=exp)
-    with pytest.raises(RayscError, match=r"different settings \(.*trials: was 8, now 5"):
+    with pytest.raises(RayscError, match=r"different settings \(.*trials: was 8, now 5") as refused:
         search(space, data=prepared.out, experiment=exp, trials=5, resume=True)
+    # A setting the stored search lacks (one a newer raysc added) counts as its default.
+    assert "backbone_turns" not in str(refused.value)
+    with pytest.raises(RayscError, match=r"backbone_turns: was False, now True"):
+        search(space, data=prepared.out, experiment=exp, trials=8, backbone_turns=True, resume=True)
     rate = write_space(tmp_path / "r.yaml", fixed={"model.width": 0.25, "model.frontend.sample_rate": 44100})
     with pytest.raises(RayscError, match="mobileascnet front end expects 44100 Hz audio but the data is at 8000 Hz"):
         search(rate, data=prepared.out, experiment=tmp_path / "exp2")

@@ -256,3 +256,26 @@ def test_the_default_space_starts_from_its_known_good_member():
     values = space.suggest(study.ask())
     assert {k: values[k] for k in space.start[0]} == dict(space.start[0])
     assert values["backbone"] == "stats" and values["spec_augment"] == 0 and values["mixup_alpha"] == 0.0
+
+
+def test_backbones_take_turns_from_their_start_points_then_with_the_rest_sampled():
+    from raysc.search import backbone_turns
+
+    space = load_search_space("default")
+    planned = dataclasses.replace(space, backbones={k: space.backbones[k] for k in ("stats", "aisfx")})
+    points = backbone_turns(planned.start_points(), list(planned.backbones), 7)
+    study = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=0, n_startup_trials=2))
+    for point in points:
+        study.enqueue_trial(point)
+    trials = []
+    for _ in range(7):
+        trial = study.ask()
+        trials.append(planned.suggest(trial))
+        study.tell(trial, 0.9 if trials[-1]["backbone"] == "aisfx" else 0.5)  # TPE would favour aisfx
+    assert [t["backbone"] for t in trials] == ["stats", "aisfx"] * 3 + ["stats"]
+    # Each backbone's start point is its first turn; its later turns are drawn.
+    assert trials[0]["lr"] == 3e-3 and trials[1]["model.input_dropout"] == 0.1
+    assert len({t["lr"] for t in trials[2:]} - {3e-3}) == 5
+    # One backbone: no turns to take, the points as given.
+    alone = dataclasses.replace(space, backbones={"stats": space.backbones["stats"]})
+    assert backbone_turns(alone.start_points(), ["stats"], 7) == alone.start_points()

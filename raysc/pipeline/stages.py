@@ -438,8 +438,10 @@ class Search(Stage):
     def run(self, ctx: Context) -> dict[str, Any]:
         r, cfg, exp = self.round, ctx.cfg, ctx.exp
         started = self._started(ctx)
-        if started:  # continuing: the same settings as when it started
-            minutes = exp.read_search_settings(r)["time_budget_minutes"]
+        turns = cfg.per_backbone and ctx.crossfit > 0
+        if started:  # continuing: the same settings as when it started (before turns existed: none)
+            stored = exp.read_search_settings(r)
+            minutes, turns = stored["time_budget_minutes"], stored.get("backbone_turns", False)
         else:
             minutes = ctx.budget.share(
                 cfg.rounds - r, reserve=ctx.reserve(cfg.rounds - r - 1), floor=MIN_SEARCH_MINUTES
@@ -457,6 +459,7 @@ class Search(Stage):
             pseudo_candidates=str(exp.root / candidates) if candidates else None,
             seed=cfg.seed + r,
             max_concurrent=cfg.max_concurrent,
+            backbone_turns=turns,
             resume=started,
             address=ctx.address,
             progress=ctx.say,
@@ -561,14 +564,16 @@ class Crossfit(Stage):
                 cpus=res.cpus_per_worker,
                 gpus=res.gpus_per_worker,
                 time_budget_minutes=minutes,
+                per_backbone=cfg.per_backbone,
                 address=ctx.address,
             )
         except RayscError as exc:
             ctx.say(f"[pipeline] cross-fitting skipped: {exc}")
             return []
         for e in built:
+            shares = ", ".join(f"{b} {w:.0%}" for b, w in e.metrics["backbones"].items())
             ctx.say(
-                f"[pipeline] ensemble {e.name}: {len({m.trial_id for m in e.members})} configuration(s) x "
+                f"[pipeline] ensemble {e.name}: {len({m.trial_id for m in e.members})} configuration(s) ({shares}) x "
                 f"{len(ctx.dataset.folds())} folds, out-of-fold macro accuracy {e.metrics['macro_accuracy']:.4f} on "
                 f"every labelled clip (+- {e.metrics['fold_macro_accuracy_std']:.4f} over folds)"
             )
