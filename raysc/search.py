@@ -312,13 +312,17 @@ def _flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 def backbone_turns(points: list[dict[str, Any]], backbones: list[str], trials: int) -> list[dict[str, Any]]:
     """The first ``trials`` points of a search whose backbones take turns: trial i trains
     ``backbones[i % len(backbones)]``, from the first unused given point of that backbone when
-    there is one (a space's ``start`` point, a paper's settings), else from the backbone alone
-    (the sampler draws the rest). With one backbone, ``points`` as they are."""
+    there is one (a space's ``start`` point, a paper's settings), else from the next given point
+    that names no backbone, else from the backbone alone (the sampler draws the rest). With one
+    backbone, ``points`` as they are."""
     if len(backbones) < 2:
         return points
     given = {b: [p for p in points if p.get("backbone") == b] for b in backbones}
+    open_points = [p for p in points if "backbone" not in p]
     turns = (backbones[i % len(backbones)] for i in range(trials))
-    return [given[b].pop(0) if given[b] else {"backbone": b} for b in turns]
+    return [
+        given[b].pop(0) if given[b] else {**(open_points.pop(0) if open_points else {}), "backbone": b} for b in turns
+    ]
 
 
 def _define_by_run(trial: Any, *, space: SearchSpace, round: int) -> None:

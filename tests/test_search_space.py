@@ -276,6 +276,13 @@ def test_backbones_take_turns_from_their_start_points_then_with_the_rest_sampled
     # Each backbone's start point is its first turn; its later turns are drawn.
     assert trials[0]["lr"] == 3e-3 and trials[1]["model.input_dropout"] == 0.1
     assert len({t["lr"] for t in trials[2:]} - {3e-3}) == 5
+    # A given point that names no backbone is not lost: it takes the next turn without a point.
+    stats_start = planned.start_points()[0]
+    assert backbone_turns([stats_start, {"lr": 1e-3}], ["stats", "aisfx"], 3) == [
+        stats_start,
+        {"lr": 1e-3, "backbone": "aisfx"},
+        {"backbone": "stats"},
+    ]
     # One backbone: no turns to take, the points as given.
     alone = dataclasses.replace(space, backbones={"stats": space.backbones["stats"]})
     assert backbone_turns(alone.start_points(), ["stats"], 7) == alone.start_points()

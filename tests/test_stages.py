@@ -14,6 +14,7 @@ import pytest
 from raysc.budget import Budget
 from raysc.errors import RayscError
 from raysc.experiment import Ensemble, Experiment, Member
+from raysc.fileio import write_json
 from raysc.pipeline import PipelineConfig
 from raysc.pipeline import stages as stages_module
 from raysc.pipeline.stages import Context, Plots, Refit, Repeats, Search, Submit, execute
@@ -227,3 +228,23 @@ def test_a_round_0_without_a_finished_epoch_says_how_its_trials_ended(tmp_path, 
         assert str(raised.value) == (
             f"round 0: no trial finished an epoch ({how}); see {exp.trials_dir(0)} and {exp.search_log(0)}"
         )
+
+
+def test_backbones_take_turns_with_cross_fitting_and_a_resumed_search_keeps_its_own_setting(tmp_path, monkeypatch):
+    exp = Experiment(tmp_path / "exp")
+    exp.root.mkdir()
+    asked = []
+
+    def fake_search(space, **kw):
+        asked.append((kw["backbone_turns"], kw["resume"]))
+        return SimpleNamespace(records=[], best=SimpleNamespace(trial_id="t0"))
+
+    monkeypatch.setattr(stages_module, "search", fake_search)
+    ctx = _context(exp, [])
+    Search(0).run(dataclasses.replace(ctx, crossfit=10))  # the default with cross-fitting: turns
+    Search(0).run(ctx)  # no cross-fitting, no blend: no turns
+    Search(0).run(dataclasses.replace(ctx, crossfit=10, cfg=PipelineConfig(per_backbone=False)))
+    # A round-0 search started by a version without turns continues without them.
+    write_json(exp.search_settings(0), {"time_budget_minutes": 5.0})
+    Search(0).run(dataclasses.replace(ctx, crossfit=10))
+    assert asked == [(True, False), (False, False), (False, False), (False, True)]
