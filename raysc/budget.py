@@ -3,7 +3,9 @@
 A budget of ``total`` minutes starts when it is made. The searches, cross-fitting and pseudo-label
 rounds share what is ``left`` after a ``reserve`` kept for what must follow them (inference on the
 eval and unlabelled clips, the ensembles, the submission). ``share`` splits what is left between
-the parts of work still to come. No number it gives is ever negative.
+the parts of work still to come. No number it gives is ever negative. The reserve is estimated
+from the trials' validation inference until a cross-fitted member's inference has been timed as
+the submission runs it (``measured_reserve``).
 
 Without a budget (``total`` is None) nothing is limited: ``limited`` is False, the reserve is 0,
 and a share is None (the search runs its trials and epochs to the end).
@@ -11,6 +13,7 @@ and a share is None (the search runs its trials and epochs to the end).
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -24,6 +27,10 @@ FIRST_RESERVE_SHARE = 0.1
 # The inference estimate is doubled: a member scored once on the validation clips is the only
 # measurement, and the eval and unlabelled clips are many times more.
 RESERVE_SAFETY = 2.0
+# Kept for the ensembles' files, the submission and the plots once a cross-fitted member's
+# inference is measured: the submit and plots stages took 0.24-0.40 min together, inference
+# included, in the 10-minute budget runs of docs/notes/2026-12-06-budget-runs.md.
+SUBMIT_MINUTES = 0.5
 # The least search time a round gets: less cannot finish one epoch of the smallest member.
 MIN_SEARCH_MINUTES = 0.5
 
@@ -110,6 +117,22 @@ class Budget:
         if not per_clip_seconds:
             return max(FIXED_RESERVE_MINUTES, FIRST_RESERVE_SHARE * self.total)
         return FIXED_RESERVE_MINUTES + RESERVE_SAFETY * sum(per_clip_seconds) * clips / 60
+
+    def measured_reserve(self, task_seconds: float, tasks: int, slots: int) -> float:
+        """Minutes to keep for ``tasks`` inference tasks of a measured ``task_seconds`` each, run
+        ``slots`` at once: doubled, as ``reserve``, plus ``SUBMIT_MINUTES``.
+
+        Args:
+            task_seconds: one task's measured seconds (model and data loading included).
+            tasks: the tasks still to run.
+            slots: how many run at once.
+
+        Returns:
+            The minutes, 0 without a budget.
+        """
+        if self.total is None:
+            return 0.0
+        return SUBMIT_MINUTES + RESERVE_SAFETY * task_seconds * math.ceil(tasks / max(1, slots)) / 60
 
 
 def smallest_budget(rounds: int) -> float:

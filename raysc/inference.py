@@ -3,7 +3,9 @@ unlabelled), one Ray task per member and chunk of clips, on GPUs when the cluste
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -68,6 +70,45 @@ def check_members(ens: Ensemble, exp: Experiment) -> None:
             raise RayscError(f"ensemble {ens.name}: member {m.trial_id}: {exc}") from None
 
 
+INFERENCE_GPUS = 0.25  # a member's inference task's share of a GPU: inference is light
+
+
+def _member_task() -> Any:
+    """``predict_clips`` as the Ray task that scores one member's clips: one CPU, and a share of a
+    GPU where the cluster has them."""
+    import ray  # lazy: see predict_ensemble
+
+    gpu = INFERENCE_GPUS if ray.cluster_resources().get("GPU") else 0
+    return ray.remote(predict_clips).options(num_cpus=1, num_gpus=gpu)
+
+
+def member_seconds(ens: Ensemble, experiment: str | Path, filenames: list[str], *, address: str | None = None) -> float:
+    """Seconds one Ray task takes to score ``filenames`` with the ensemble's first member, as
+    ``predict_ensemble`` scores each member: the faster of two runs (the first may wait for a
+    worker process to start).
+
+    Args:
+        ens: the ensemble.
+        experiment: its experiment folder.
+        filenames: clips of its data folder.
+        address: a Ray cluster to join (None: a local Ray).
+
+    Returns:
+        The seconds, model and data loading included.
+    """
+    import ray  # lazy: see predict_ensemble
+
+    exp = Experiment(Path(experiment).resolve())
+    init_ray(address)
+    task, model = _member_task(), str(exp.root / ens.members[0].model_path)
+    times = []
+    for _ in range(2):
+        t0 = time.perf_counter()
+        ray.get(task.remote(model, ens.data, filenames))
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
 def predict_ensemble(
     ens: Ensemble,
     experiment: str | Path,
@@ -85,8 +126,7 @@ def predict_ensemble(
     exp = Experiment(Path(experiment).resolve())
     check_members(ens, exp)
     init_ray(address)
-    gpu = 0.25 if ray.cluster_resources().get("GPU") else 0  # inference is light: share a GPU
-    task = ray.remote(predict_clips).options(num_cpus=1, num_gpus=gpu)
+    task = _member_task()
     # Keyed by member position: a cross-fitted ensemble holds one member per trial and fold.
     refs = [
         (

@@ -47,6 +47,16 @@ def test_the_reserve_grows_with_the_members_inference_and_the_clips_to_score():
     assert budget.reserve([0.01, 0.02], clips=1200) == pytest.approx(2.2)
 
 
+def test_a_measured_reserve_counts_the_inference_tasks_that_run_at_once_and_the_submission():
+    budget = Budget(60.0, clock=Clock())
+    # 30 tasks of 4 s, 2 at once: 15 rounds of 4 s is 1 min, doubled, plus the submission's half minute.
+    assert budget.measured_reserve(4.0, tasks=30, slots=2) == pytest.approx(2.5)
+    assert budget.measured_reserve(4.0, tasks=31, slots=2) == pytest.approx(0.5 + 2 * 16 * 4 / 60)  # one more round
+    assert budget.measured_reserve(4.0, tasks=30, slots=30) == pytest.approx(0.5 + 2 * 4 / 60)
+    assert budget.measured_reserve(4.0, tasks=0, slots=2) == pytest.approx(0.5)
+    assert Budget(None).measured_reserve(4.0, tasks=30, slots=2) == 0.0
+
+
 @pytest.mark.parametrize("minutes", [0.0, -1.0, float("nan")])
 def test_a_budget_that_is_not_a_positive_number_is_refused(minutes):
     with pytest.raises(ConfigError, match=r"a time budget must be a positive number of minutes, got"):

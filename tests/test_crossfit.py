@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 import pandas as pd
@@ -23,7 +24,7 @@ from raysc.ensemble import apply_temperature, build_ensemble
 from raysc.errors import ConfigError, RayscError
 from raysc.experiment import OUT_OF_FOLD, Experiment, TrialRecord, final_ensemble
 from raysc.fileio import write_json
-from raysc.inference import predict_clips, predict_ensemble
+from raysc.inference import member_seconds, predict_clips, predict_ensemble
 from raysc.metrics import macro_accuracy, objective, unk_columns
 from raysc.pseudo_labels import Selection
 from raysc.train import fit
@@ -106,6 +107,10 @@ def test_crossfitted_ensembles_are_chosen_out_of_fold_on_every_labelled_clip(loc
     np.testing.assert_allclose(withheld[prepared.classes].to_numpy(), expected, atol=1e-5)
     as_given = predict_ensemble(plain, exp.root, names, address=address)
     assert not np.allclose(as_given[prepared.classes].to_numpy(), expected, atol=1e-4)
+    # The pipeline's inference reserve: one member's task timed twice, the faster kept.
+    t0 = time.perf_counter()
+    seconds = member_seconds(plain, exp.root, names, address=address)
+    assert 0 < seconds <= (time.perf_counter() - t0) / 2
     # Smoothing is scored over whole sessions, as on the eval clips: every development clip of a
     # fold predicted by the fold model that held it out, and one prediction per session.
     dev = m[m["subset"].isin(["labelled", "unlabelled"])]

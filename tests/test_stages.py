@@ -131,9 +131,13 @@ def test_a_run_that_ends_with_most_of_its_budget_left_says_which_caps_ended_it(t
 
 
 def _repeats_context(exp: Experiment, lines: list[str], budget: Budget, **cfg) -> Context:
-    """A context after cross-fitting: a plain and a smoothed ensemble of one split (0.80 and 0.78)."""
+    """A context after cross-fitting: a plain and a smoothed ensemble of one split (0.80 and 0.78)
+    of 2 configurations x 5 folds, whose member took 3 s to score the 100 eval clips."""
+    members = tuple(
+        Member(t, 0, "stats", f"crossfit/{t}/fold-{f}/model.pt", 0.1) for t in ("t0", "t1") for f in range(5)
+    )
     for name, score in (("crossfit-topk5", 0.80), ("crossfit-topk5-session", 0.78)):
-        ens = Ensemble(name, "topk", (), -1, "data", 1.0, False, {"macro_accuracy": score, "score": score})
+        ens = Ensemble(name, "topk", members, -1, "data", 1.0, False, {"macro_accuracy": score, "score": score})
         exp.save_ensemble(ens, pd.DataFrame({"filename": ["a.wav"]}))
     _record(exp, "t0", 0)
     dataset = SimpleNamespace(
@@ -141,12 +145,48 @@ def _repeats_context(exp: Experiment, lines: list[str], budget: Budget, **cfg) -
         split_by="session",
         folds=lambda: [0, 1, 2, 3, 4],
         split=lambda fold: (None, [None] * 40),
-        rows=lambda subset: [None] * 100,
+        rows=lambda subset: pd.DataFrame({"filename": [f"{subset}-{i}.wav" for i in range(100)]}),
     )
     ctx = dataclasses.replace(_context(exp, lines), cfg=PipelineConfig(**cfg), dataset=dataset, budget=budget)
     ctx._cluster = ({}, SimpleNamespace(cpus_per_worker=1, gpus_per_worker=0))
     ctx.outputs = {"crossfit": ["crossfit-topk5", "crossfit-topk5-session"]}
+    ctx._member_seconds = 3.0
     return ctx
+
+
+def test_after_cross_fitting_the_inference_reserve_comes_from_a_member_timed_once(tmp_path, monkeypatch):
+    exp = Experiment(tmp_path / "exp")
+    exp.root.mkdir()
+    timed = []
+
+    def fake_member_seconds(ens, root, clips, *, address):
+        timed.append((ens.name, len(clips)))
+        return 3.0
+
+    monkeypatch.setattr(stages_module, "member_seconds", fake_member_seconds)
+    monkeypatch.setattr(stages_module, "parallel_slots", lambda cpus, gpus, address: 2)
+    now = [0.0]
+    lines: list[str] = []
+    ctx = _repeats_context(exp, lines, Budget(60.0, clock=lambda: now[0]))
+    ctx._member_seconds = None
+    now[0] = 10 * 60.0  # 10 of 60 minutes used
+    # 10 fold models a split, 2 at once, 3 s each on the eval clips, doubled, plus the submission's
+    # half minute: 1 split keeps 0.5 + 2 x 3 x 5 / 60 = 1.0 min of the 50 left.
+    assert ctx.after_crossfit_minutes(1) == pytest.approx(49.0)
+    assert ctx.after_crossfit_minutes(3) == pytest.approx(50 - 0.5 - 2 * 3 * 15 / 60)
+    # A pseudo-label round left scores the 100 unlabelled clips too (as many as the eval clips here).
+    assert ctx.after_crossfit_minutes(1, pseudo_rounds=1) == pytest.approx(50 - 0.5 - 2 * 6 * 5 / 60)
+    assert timed == [("crossfit-topk5", 100)]  # measured once, on the eval clips
+    assert [line for line in lines if "inference" in line] == [
+        "[pipeline] inference: one fold model scores the 100 eval clips in 3.00 s (measured); "
+        "the inference reserve is kept from it"
+    ]
+    # Before cross-fitting: estimated from the trials' validation inference (the fixed minute,
+    # and the estimate for the members scaled to their 5 fold models), nothing timed.
+    ctx.outputs = {}
+    estimate = ctx.reserve(0)
+    assert estimate > 1.0 and ctx.after_crossfit_minutes(1) == pytest.approx(50 - 1 - (estimate - 1) * 5)
+    assert len(timed) == 1
 
 
 def test_repeated_cross_fitting_adds_splits_while_the_estimate_rises_and_says_what_stopped_it(tmp_path, monkeypatch):

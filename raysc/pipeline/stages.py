@@ -27,6 +27,7 @@ from ..ensemble import build_ensemble
 from ..errors import ConfigError, RayscError
 from ..experiment import OUT_OF_FOLD, Ensemble, Experiment, final_ensemble
 from ..frontend import FrontendConfig
+from ..inference import INFERENCE_GPUS, member_seconds
 from ..models import apply_overrides, model_class
 from ..plan import describe, kept, restore_space
 from ..plots import write_plots
@@ -57,6 +58,7 @@ class Context:
     crossfit: int  # candidates to cross-fit; 0: off
     outputs: dict[str, Any] = field(default_factory=dict)  # stage name -> its record, this run
     _cluster: tuple[dict[str, float], Resources] | None = None
+    _member_seconds: float | None = None
 
     @property
     def searched_rounds(self) -> int:
@@ -87,11 +89,35 @@ class Context:
         clips = len(self.dataset.rows("eval")) + len(self.dataset.rows("unlabelled")) * min(1, rounds_left)
         return self.budget.reserve(per_clip, clips)
 
-    def after_crossfit_minutes(self, splits: int = 1) -> float:
-        """What the budget leaves for fold-model training: its ensemble predicts with every
-        fold's model of every split, so the inference reserve grows with them."""
-        reserve = self.reserve(0)
-        return self.budget.left(reserve + (reserve - 1) * (len(self.dataset.folds()) * splits - 1))
+    def after_crossfit_minutes(self, splits: int = 1, *, pseudo_rounds: int = 0) -> float:
+        """What the budget leaves for fold-model training: every fold model of every split scores
+        the eval clips, and the unlabelled clips in each of ``pseudo_rounds`` pseudo-label rounds,
+        so the inference reserve grows with them. Once there is a cross-fitted ensemble, the
+        reserve comes from one of its members timed as the submission runs it; before, from the
+        trials' validation inference (a pass over a few dozen clips, which overstates the time a
+        clip by several times)."""
+        crossfitted = self.outputs.get("crossfit")
+        if not self.budget.limited or not crossfitted:
+            reserve = self.reserve(0)
+            return self.budget.left(reserve + (reserve - 1) * (len(self.dataset.folds()) * splits - 1))
+        ens = self.exp.load_ensemble(crossfitted[0])
+        eval_clips = max(1, len(self.dataset.rows("eval")))
+        per_eval_pass = self.member_seconds(ens)
+        seconds = per_eval_pass * (1 + pseudo_rounds * len(self.dataset.rows("unlabelled")) / eval_clips)
+        slots = parallel_slots(1.0, INFERENCE_GPUS if self.cluster()[0].get("GPU") else 0.0, self.address)
+        return self.budget.left(self.budget.measured_reserve(seconds, len(ens.members) * splits, slots))
+
+    def member_seconds(self, ens: Ensemble) -> float:
+        """Seconds one member of ``ens`` takes to score the eval clips as the submission scores
+        them, measured once a run (said once)."""
+        if self._member_seconds is None:
+            clips = self.dataset.rows("eval")["filename"].tolist()
+            self._member_seconds = member_seconds(ens, self.exp.root, clips, address=self.address)
+            self.say(
+                f"[pipeline] inference: one fold model scores the {len(clips)} eval clips in "
+                f"{self._member_seconds:.2f} s (measured); the inference reserve is kept from it"
+            )
+        return self._member_seconds
 
     def final(self, *, without: str | None = None) -> Ensemble:
         """The final model by the one rule (``experiment.final_ensemble``), leaving out the
@@ -622,7 +648,7 @@ class Repeats(Stage):
             if ctx.budget.limited:
                 # This split, then each pseudo-label round retraining every fold model of n splits.
                 need = cost * (1 + n * (cfg.rounds - 1))
-                left = ctx.after_crossfit_minutes(n)
+                left = ctx.after_crossfit_minutes(n, pseudo_rounds=cfg.rounds - 1)
                 if need > left:
                     why = f"split {n} and the pseudo-label rounds after it need about {need:.1f} min, {left:.1f} left"
                     break
@@ -666,7 +692,8 @@ class PseudoRound(Stage):
         teacher = ctx.final()  # the final rule: the best cross-fitted one, or its last round
         _, res = ctx.cluster()
         splits = teacher.metrics.get("splits", 1)
-        minutes = ctx.after_crossfit_minutes(splits) / (cfg.rounds - r) if ctx.budget.limited else None
+        left = ctx.after_crossfit_minutes(splits, pseudo_rounds=cfg.rounds - r) if ctx.budget.limited else None
+        minutes = None if left is None else left / (cfg.rounds - r)
         try:
             built = crossfit_pseudo_round(
                 ctx.exp.root,
