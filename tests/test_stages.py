@@ -232,6 +232,25 @@ def test_repeated_cross_fitting_adds_splits_while_the_estimate_rises_and_says_wh
         r"split 2 and the pseudo-label rounds after it need about 60\.0 min, [0-9.]+ left", record["stopped"]
     )
 
+    # The estimate (1 min a split here) counts epochs only: once a split has taken 10 min, the
+    # next is estimated at that, with its pseudo-label round: 10 x (1 + 3) min, more than is left.
+    asked.clear()
+    monkeypatch.setattr(stages_module, "repeat_minutes", lambda root, base, slots: 2.0 / slots)
+
+    def slow_repeats(*args, **kw):
+        now[0] += 10 * 60.0
+        return fake_repeats(*args, **kw)
+
+    monkeypatch.setattr(stages_module, "crossfit_repeats", slow_repeats)
+    now[0] = 0.0
+    ctx = _repeats_context(Experiment(tmp_path / "exp7"), lines, Budget(60.0, clock=lambda: now[0]), rounds=2)
+    now[0] = 10 * 60.0  # 10 of 60 minutes used; 20 after split 2
+    record = execute(ctx, Repeats())
+    assert asked == [("crossfit-topk5", 2)] and record["splits"] == 2
+    assert re.fullmatch(
+        r"split 3 and the pseudo-label rounds after it need about 40\.0 min, 3[0-9]\.[0-9] left", record["stopped"]
+    ), record
+
     # Without a budget: prepare's split only, unless the pipeline file asks for more.
     ctx = _repeats_context(Experiment(tmp_path / "exp3"), lines, Budget(None))
     assert execute(ctx, Repeats()) is None

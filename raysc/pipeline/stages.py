@@ -612,6 +612,9 @@ class Repeats(Stage):
     holds it (and the pseudo-label rounds of the larger ensemble) and the estimate rises; says
     which of the two stopped it.
 
+    A split's time is estimated from the fold runs' epoch times, or, once a split has run, from
+    the longest a split took when that is longer (each run's process start-up and data loading).
+
     The estimate is the bagged ensemble's score on the redrawn splits alone: split 0's out-of-fold
     predictions chose the configurations, so they flatter them, and an estimate that includes them
     would fall as splits are added whether or not accuracy did. The second split is added without
@@ -652,6 +655,7 @@ class Repeats(Stage):
                 if need > left:
                     why = f"split {n} and the pseudo-label rounds after it need about {need:.1f} min, {left:.1f} left"
                     break
+            before = ctx.budget.elapsed()
             ensembles = crossfit_repeats(
                 exp.root,
                 base,
@@ -662,6 +666,9 @@ class Repeats(Stage):
                 gpus=res.gpus_per_worker,
                 address=ctx.address,
             )
+            # The estimate counts the fold runs' epochs only; a split also starts a process and
+            # loads the data for each run, so what this split took is the better estimate of the next.
+            cost = max(cost, ctx.budget.elapsed() - before)
             built += [e.name for e in ensembles]
             splits, previous = n, estimate
             estimate = max(e.metrics["redrawn_score"] for e in ensembles)
