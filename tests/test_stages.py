@@ -150,7 +150,7 @@ def _repeats_context(exp: Experiment, lines: list[str], budget: Budget, **cfg) -
     ctx = dataclasses.replace(_context(exp, lines), cfg=PipelineConfig(**cfg), dataset=dataset, budget=budget)
     ctx._cluster = ({}, SimpleNamespace(cpus_per_worker=1, gpus_per_worker=0))
     ctx.outputs = {"crossfit": ["crossfit-topk5", "crossfit-topk5-session"]}
-    ctx._member_seconds = 3.0
+    ctx._eval_pass_seconds = 3.0
     return ctx
 
 
@@ -168,7 +168,7 @@ def test_after_cross_fitting_the_inference_reserve_comes_from_a_member_timed_onc
     now = [0.0]
     lines: list[str] = []
     ctx = _repeats_context(exp, lines, Budget(60.0, clock=lambda: now[0]))
-    ctx._member_seconds = None
+    ctx._eval_pass_seconds = None
     now[0] = 10 * 60.0  # 10 of 60 minutes used
     # 10 fold models a split, 2 at once, 3 s each on the eval clips, doubled, plus the submission's
     # half minute: 1 split keeps 0.5 + 2 x 3 x 5 / 60 = 1.0 min of the 50 left.

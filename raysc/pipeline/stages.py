@@ -58,7 +58,7 @@ class Context:
     crossfit: int  # candidates to cross-fit; 0: off
     outputs: dict[str, Any] = field(default_factory=dict)  # stage name -> its record, this run
     _cluster: tuple[dict[str, float], Resources] | None = None
-    _member_seconds: float | None = None
+    _eval_pass_seconds: float | None = None
 
     @property
     def searched_rounds(self) -> int:
@@ -101,23 +101,22 @@ class Context:
             reserve = self.reserve(0)
             return self.budget.left(reserve + (reserve - 1) * (len(self.dataset.folds()) * splits - 1))
         ens = self.exp.load_ensemble(crossfitted[0])
-        eval_clips = max(1, len(self.dataset.rows("eval")))
-        per_eval_pass = self.member_seconds(ens)
-        seconds = per_eval_pass * (1 + pseudo_rounds * len(self.dataset.rows("unlabelled")) / eval_clips)
+        unlabelled_passes = len(self.dataset.rows("unlabelled")) / max(1, len(self.dataset.rows("eval")))
+        seconds = self.eval_pass_seconds(ens) * (1 + pseudo_rounds * unlabelled_passes)
         slots = parallel_slots(1.0, INFERENCE_GPUS if self.cluster()[0].get("GPU") else 0.0, self.address)
         return self.budget.left(self.budget.measured_reserve(seconds, len(ens.members) * splits, slots))
 
-    def member_seconds(self, ens: Ensemble) -> float:
+    def eval_pass_seconds(self, ens: Ensemble) -> float:
         """Seconds one member of ``ens`` takes to score the eval clips as the submission scores
-        them, measured once a run (said once)."""
-        if self._member_seconds is None:
+        them (``inference.member_seconds``), measured once a run and said once."""
+        if self._eval_pass_seconds is None:
             clips = self.dataset.rows("eval")["filename"].tolist()
-            self._member_seconds = member_seconds(ens, self.exp.root, clips, address=self.address)
+            self._eval_pass_seconds = member_seconds(ens, self.exp.root, clips, address=self.address)
             self.say(
                 f"[pipeline] inference: one fold model scores the {len(clips)} eval clips in "
-                f"{self._member_seconds:.2f} s (measured); the inference reserve is kept from it"
+                f"{self._eval_pass_seconds:.2f} s (measured); the inference reserve is kept from it"
             )
-        return self._member_seconds
+        return self._eval_pass_seconds
 
     def final(self, *, without: str | None = None) -> Ensemble:
         """The final model by the one rule (``experiment.final_ensemble``), leaving out the
